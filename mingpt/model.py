@@ -1,0 +1,232 @@
+"""A GPT language model, readable top to bottom: config, attention, block, model.
+
+The public interface follows minGPT (`GPT.get_default_config()`, `model_type='gpt-nano'`,
+`model(idx, targets) -> (logits, loss)`, `generate`, `configure_optimizers`), with two additions:
+`output_size`, the width of the output head (1 for a reward model), and `attention_maps`.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mingpt.utils import CfgNode
+
+# (n_layer, n_head, n_embd) of the named model sizes, as in minGPT.
+PRESETS = {
+    'openai-gpt': (12, 12, 768),
+    'gpt2': (12, 12, 768),
+    'gpt2-medium': (24, 16, 1024),
+    'gpt2-large': (36, 20, 1280),
+    'gpt2-xl': (48, 25, 1600),
+    'gopher-44m': (8, 16, 512),
+    'gpt-mini': (6, 6, 192),
+    'gpt-micro': (4, 4, 128),
+    'gpt-nano': (3, 3, 48),
+}
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention in which each position sees only itself and earlier positions."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.attn_pdrop = config.attn_pdrop
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def _heads(self, x):
+        """x: (B, T, C) -> queries, keys and values, each (B, n_head, T, C // n_head)."""
+        B, T, C = x.shape
+        return (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                for t in self.qkv(x).split(C, dim=2))
+
+    def forward(self, x):
+        """x: (B, T, C) -> (B, T, C)."""
+        q, k, v = self._heads(x)
+        # The fused kernel is several times faster than softmax(q k^T) v written out on the CPU.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.attn_pdrop if self.training else 0.0)
+        return self.resid_dropout(self.proj(y.transpose(1, 2).flatten(2)))
+
+    def weights(self, x):
+        """The attention weights the forward pass uses (without dropout): x (B, T, C) -> (B, n_head, T, T)."""
+        q, k, _ = self._heads(x)
+        T = x.size(1)
+        future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(diagonal=1)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))
+        return scores.masked_fill(future, float('-inf')).softmax(dim=-1)
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: attention then an MLP, each added to the residual stream."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = nn.Sequential(
+            nn.Linear(config.n_embd, 4 * config.n_embd),
+            nn.GELU(approximate='tanh'),
+            nn.Linear(4 * config.n_embd, config.n_embd),
+            nn.Dropout(config.resid_pdrop),
+        )
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """A decoder-only transformer over token ids in [0, vocab_size)."""
+
+    @staticmethod
+    def get_default_config():
+        C = CfgNode()
+        # Either a named size (model_type) or explicit n_layer/n_head/n_embd, never both.
+        C.model_type = 'gpt'
+        C.n_layer = None
+        C.n_head = None
+        C.n_embd = None
+        # These must be set by the user.
+        C.vocab_size = None
+        C.block_size = None
+        # Width of the output head; None means vocab_size (a language model). A reward model uses 1.
+        C.output_size = None
+        C.embd_pdrop = 0.1
+        C.resid_pdrop = 0.1
+        C.attn_pdrop = 0.1
+        return C
+
+    def __init__(self, config):
+        super().__init__()
+        config = _resolved(config)
+        self.config = config
+        self.block_size = config.block_size
+        self.vocab_size = config.vocab_size
+        self.output_size = config.output_size or config.vocab_size
+
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.head = nn.Linear(config.n_embd, self.output_size, bias=False)
+
+        self.apply(self._init_weights)
+        # GPT-2: scale the projections into the residual stream so its variance does not grow with depth.
+        for block in self.blocks:
+            for layer in (block.attn.proj, block.mlp[2]):
+                nn.init.normal_(layer.weight, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def _check_input(self, idx):
+        if idx.dim() != 2:
+            raise ValueError(f'idx must have shape (batch, length), got {tuple(idx.shape)}')
+        length = idx.size(1)
+        if length > self.block_size:
+            raise ValueError(f'sequence length {length} exceeds block_size {self.block_size}')
+        if idx.numel():
+            low, high = idx.min().item(), idx.max().item()
+            if low < 0 or high >= self.vocab_size:
+                bad = low if low < 0 else high
+                raise ValueError(f'token id {bad} is outside [0, {self.vocab_size})')
+
+    def _embed(self, idx):
+        """idx: (B, T) -> the residual stream's input (B, T, C)."""
+        self._check_input(idx)
+        positions = torch.arange(idx.size(1), device=idx.device)
+        return self.drop(self.wte(idx) + self.wpe(positions))
+
+    def forward(self, idx, targets=None):
+        """idx: (B, T) token ids -> logits (B, T, output_size) and the mean cross-entropy over
+        positions whose target is not -1 (None when targets is None)."""
+        x = self._embed(idx)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def attention_maps(self, idx):
+        """idx: (B, T) -> softmax attention weights (n_layer, B, n_head, T, T), causal mask applied,
+        computed without dropout whatever the module's mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            x = self._embed(idx)
+            maps = []
+            for block in self.blocks:
+                maps.append(block.attn.weights(block.ln_1(x)))
+                x = block(x)
+        finally:
+            self.train(was_training)
+        return torch.stack(maps)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, do_sample=False, top_k=None,
+                 generator=None):
+        """Append max_new_tokens tokens to idx (B, T), each predicted from at most block_size
+        previous tokens: sampled if do_sample (from `generator`, a torch.Generator, if given), else
+        the most likely one."""
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.block_size:]
+            logits, _ = self(context)
+            logits = logits[:, -1, :] / temperature
+            if top_k is not None:
+                kth_largest = torch.topk(logits, top_k).values[:, [-1]]
+                logits = logits.masked_fill(logits < kth_largest, float('-inf'))
+            if do_sample:
+                next_token = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+            else:
+                next_token = logits.argmax(dim=-1, keepdim=True)
+            idx = torch.cat((idx, next_token), dim=1)
+        return idx
+
+    def configure_optimizers(self, train_config):
+        """AdamW with weight decay on the weights of Linear layers only (not on biases,
+        LayerNorm or embeddings)."""
+        decayed = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear)}
+        params = list(self.parameters())
+        groups = [
+            {'params': [p for p in params if id(p) in decayed], 'weight_decay': train_config.weight_decay},
+            {'params': [p for p in params if id(p) not in decayed], 'weight_decay': 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=train_config.learning_rate, betas=train_config.betas)
+
+
+def _resolved(config):
+    """A checked copy of config with n_layer/n_head/n_embd filled in from the preset if one is named."""
+    config = CfgNode(**config.to_dict())
+    sizes = (config.n_layer, config.n_head, config.n_embd)
+    has_preset = config.model_type is not None
+    has_sizes = any(s is not None for s in sizes)
+    if has_preset and has_sizes:
+        raise ValueError(f"give either model_type ({config.model_type!r}) or n_layer/n_head/n_embd, "
+                         "not both (set model_type=None to use explicit sizes)")
+    if has_preset:
+        if config.model_type not in PRESETS:
+            raise ValueError(f'unknown model_type {config.model_type!r}; '
+                             f"choose one of {', '.join(PRESETS)} or set explicit sizes")
+        config.n_layer, config.n_head, config.n_embd = PRESETS[config.model_type]
+    elif not all(s is not None for s in sizes):
+        raise ValueError('give a model_type or all of n_layer, n_head and n_embd')
+    if config.n_embd % config.n_head:
+        raise ValueError(f'n_embd ({config.n_embd}) must be a multiple of n_head ({config.n_head})')
+    for name in ('vocab_size', 'block_size'):
+        if not isinstance(getattr(config, name), int) or getattr(config, name) <= 0:
+            raise ValueError(f'{name} must be a positive integer, got {getattr(config, name)!r}')
+    return config

@@ -1,0 +1,1 @@
+"""toy-rlhf: SFT, a reward model and PPO with a KL penalty on a digit language known exactly."""

@@ -1,0 +1,119 @@
+"""Checkpoints: plain dicts of tensors and settings, written atomically, read without unpickling code.
+
+    {format_version, kind ('policy' | 'reward'), model_config, train_config, metrics, state_dict}
+
+Writing goes to a temporary file in the same folder that is then renamed over the final name, so an
+interrupted write never leaves a half-written checkpoint under the final name. Reading uses
+torch.load(weights_only=True), which refuses any pickle that would run code.
+"""
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from mingpt.model import GPT
+from toy_rlhf.language import SEQUENCE_LENGTH, VOCAB_SIZE
+
+FORMAT_VERSION = 1
+KINDS = ('policy', 'reward')
+# What each kind of model must be able to read: (vocab_size, smallest block_size, output_size).
+EXPECTED_SHAPE = {'policy': (VOCAB_SIZE, SEQUENCE_LENGTH - 1, VOCAB_SIZE),
+                  'reward': (VOCAB_SIZE + 1, SEQUENCE_LENGTH + 1, 1)}
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message is one line naming the file and what to run."""
+
+
+def save_checkpoint(path, model, kind, train_config, metrics):
+    """Write `model` and its provenance to `path` atomically. train_config and metrics: plain dicts."""
+    if kind not in KINDS:
+        raise ValueError(f'kind must be one of {KINDS}, got {kind!r}')
+    payload = {
+        'format_version': FORMAT_VERSION,
+        'kind': kind,
+        'model_config': model.config.to_dict(),
+        'train_config': dict(train_config),
+        'metrics': dict(metrics),
+        'state_dict': {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
+    }
+    atomic_write(path, lambda file: torch.save(payload, file))
+
+
+def atomic_write(path, write):
+    """Call write(file) on a temporary file beside `path`, then rename it to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try:
+        with os.fdopen(descriptor, 'wb') as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary file
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path, kind=None):
+    """The checkpoint dict at `path`, checked to be complete and (if given) of `kind`."""
+    path = Path(path)
+    run = how_to_make(path, kind)
+    if not path.is_file():
+        raise CheckpointError(f'{path}: no such checkpoint; run `{run}` first')
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception:
+        raise CheckpointError(f'{path}: not a readable checkpoint (truncated, corrupt or not made '
+                              f'by toy-rlhf); run `{run}` to make it again') from None
+    required = {'format_version', 'kind', 'model_config', 'train_config', 'metrics', 'state_dict'}
+    if not isinstance(checkpoint, dict) or not required <= checkpoint.keys():
+        raise CheckpointError(f'{path}: not a toy-rlhf checkpoint; run `{run}` to make one')
+    if checkpoint['format_version'] != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {checkpoint['format_version']}, this "
+                              f'version reads {FORMAT_VERSION}; run `{run}` to make it again')
+    if kind is not None and checkpoint['kind'] != kind:
+        raise CheckpointError(f"{path}: a {checkpoint['kind']} checkpoint where a {kind} "
+                              f'checkpoint is needed; run `{run}` to make one')
+    return checkpoint
+
+
+def load_model(path, kind=None, device='cpu'):
+    """The GPT stored at `path` (in eval mode, on `device`), checked to be of `kind` if given and to
+    fit the language (vocabulary and context length of its kind)."""
+    checkpoint = load_checkpoint(path, kind)
+    config = GPT.get_default_config()
+    config.merge_from_dict(checkpoint['model_config'])
+    config.model_type = None  # the sizes are stored explicitly
+    run = how_to_make(path, checkpoint['kind'])
+    vocab_size, min_block_size, output_size = EXPECTED_SHAPE[checkpoint['kind']]
+    if (config.vocab_size, config.output_size or config.vocab_size) != (vocab_size, output_size) \
+            or config.block_size < min_block_size:
+        raise CheckpointError(f"{path}: a {checkpoint['kind']} model with vocabulary "
+                              f'{config.vocab_size} and block size {config.block_size} does not fit '
+                              f'this language (needs {vocab_size} and >= {min_block_size}); run `{run}`')
+    try:
+        model = GPT(config)
+        model.load_state_dict(checkpoint['state_dict'])
+    except (ValueError, RuntimeError, TypeError):
+        raise CheckpointError(f'{path}: the weights do not match the stored model settings; '
+                              f'run `{run}` to make it again') from None
+    return model.to(device).eval()
+
+
+def how_to_make(path, kind=None):
+    """The command that makes the checkpoint at `path`, guessed from its name (for error messages)."""
+    name = Path(path).name
+    run_dir = Path(path).parent
+    run = f' --run {run_dir.name}' if run_dir.parent.name == 'runs' and run_dir.name != 'default' else ''
+    if name == 'sft.pt':
+        return f'python scripts/train_sft.py{run}'
+    if name == 'reward.pt' or (kind == 'reward' and name != 'sft.pt'):
+        return f'python scripts/train_reward.py{run}'
+    if name.startswith('ppo_beta'):
+        beta = name[len('ppo_beta'):-len('.pt')]
+        return f'python scripts/train_ppo.py --beta {beta}{run}'
+    return f'python scripts/run_all.py{run}'

@@ -1,0 +1,38 @@
+"""The policy: a GPT over digits and SEP that writes a response after prompt + SEP."""
+import torch
+
+from mingpt.model import GPT
+from toy_rlhf.language import PROMPT_LENGTH, RESPONSE_LENGTH, SEQUENCE_LENGTH, VOCAB_SIZE, join
+
+
+def policy_config(model_type='gpt-nano'):
+    """A GPT config for the policy: vocabulary of digits and SEP, context of a sentence minus its
+    last token. Dropout is off: the data is unlimited (nothing to overfit) and RL needs the network
+    that samples to be the one that scores (same log-probs, deterministic)."""
+    config = GPT.get_default_config()
+    config.model_type = model_type
+    config.vocab_size = VOCAB_SIZE
+    config.block_size = SEQUENCE_LENGTH - 1
+    config.embd_pdrop = config.resid_pdrop = config.attn_pdrop = 0.0
+    return config
+
+
+def response_log_probs(model, sequences):
+    """Log-probabilities of the next token at each response position, by teacher forcing.
+
+    sequences: (B, 9) prompt + SEP + 4 digits -> (B, 4, vocab): row t is log pi(. | prefix of y_t).
+    """
+    logits, _ = model(sequences[:, :-1])
+    return logits[:, PROMPT_LENGTH:].log_softmax(dim=-1)
+
+
+def token_log_probs(model, sequences):
+    """Log-probabilities of the response tokens actually in `sequences` (B, 9) -> (B, 4)."""
+    log_probs = response_log_probs(model, sequences)
+    return log_probs.gather(2, sequences[:, PROMPT_LENGTH + 1:].unsqueeze(2)).squeeze(2)
+
+
+@torch.no_grad()
+def generate_responses(model, prompts, generator=None):
+    """Sample a response at temperature 1 (no top-k) for each prompt (B, 4) -> sentences (B, 9)."""
+    return model.generate(join(prompts), RESPONSE_LENGTH, do_sample=True, generator=generator)

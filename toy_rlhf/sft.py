@@ -1,0 +1,63 @@
+"""Supervised fine-tuning: teach a GPT the digit language by next-token prediction on its sentences."""
+from dataclasses import dataclass
+
+from mingpt.model import GPT
+from mingpt.trainer import Trainer
+from mingpt.utils import set_seed
+from toy_rlhf.data import SupervisedDataset
+from toy_rlhf.policy import policy_config
+from toy_rlhf.training import check_finite, learning_rate_at, progress_bar, set_learning_rate
+
+
+@dataclass
+class SFTConfig:
+    iters: int = 600  # optimizer steps
+    batch_size: int = 256  # sentences per step
+    learning_rate: float = 3e-3  # peak, reached after warm-up, then cosine-decayed to 0
+    warmup_iters: int = 50
+    weight_decay: float = 0.1  # on Linear weights only
+    model_type: str = 'gpt-nano'
+    seed: int = 0
+    device: str = 'cpu'
+    log_every: int = 10  # iterations between rows of the loss log
+
+
+def train_sft(config, progress=True):
+    """Train a policy on fresh language sentences with minGPT's Trainer.
+
+    Returns the model (eval mode) and the loss log: a list of {'iter', 'loss', 'lr'}.
+    """
+    set_seed(config.seed)
+    model = GPT(policy_config(config.model_type))
+    # As many sentences as training reads, so each is seen about once: no memorising of sampling noise.
+    dataset = SupervisedDataset(config.iters * config.batch_size, seed=config.seed)
+
+    trainer_config = Trainer.get_default_config()
+    trainer_config.merge_from_dict({
+        'device': config.device, 'num_workers': 0, 'max_iters': config.iters,
+        'batch_size': config.batch_size,
+        'learning_rate': learning_rate_at(0, config.iters, config.learning_rate, config.warmup_iters),
+        'weight_decay': config.weight_decay,
+    })
+    trainer = Trainer(trainer_config, model, dataset)
+    history = []
+    bar = progress_bar(config.iters, 'SFT', progress)
+
+    def on_batch_end(trainer):
+        step = trainer.iter_num
+        check_finite('sft', step, loss=trainer.loss.detach())
+        learning_rate = trainer.optimizer.param_groups[0]['lr']
+        set_learning_rate(trainer.optimizer, learning_rate_at(
+            step + 1, config.iters, config.learning_rate, config.warmup_iters))
+        if step % config.log_every == 0 or step == config.iters - 1:
+            loss = trainer.loss.item()
+            history.append({'iter': step, 'loss': loss, 'lr': learning_rate})
+            bar.set_postfix(loss=f'{loss:.4f}')
+        bar.update(1)
+
+    trainer.set_callback('on_batch_end', on_batch_end)
+    try:
+        trainer.run()
+    finally:
+        bar.close()
+    return model.eval(), history

@@ -1,0 +1,48 @@
+"""What every training stage shares: the learning-rate schedule, progress bars, finite checks, logs."""
+import json
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from toy_rlhf.checkpoint import atomic_write
+
+
+class TrainingError(Exception):
+    """A stage that cannot go on (a NaN or inf); the message is one line naming stage, iteration, quantity."""
+
+
+def learning_rate_at(step, total_steps, peak, warmup_steps):
+    """Linear warm-up to `peak` over warmup_steps, then a cosine decay to 0 at total_steps.
+
+    Ending at 0 lets the last steps average out gradient noise, which is what brings the SFT model's
+    KL to the true language down to the 0.01 nats range in a few hundred steps.
+    """
+    warmup = min(1.0, (step + 1) / max(1, warmup_steps))
+    progress = min(1.0, step / max(1, total_steps))
+    return peak * warmup * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_learning_rate(optimizer, learning_rate):
+    for group in optimizer.param_groups:
+        group['lr'] = learning_rate
+
+
+def check_finite(stage, iteration, **quantities):
+    """Raise TrainingError naming the first quantity (tensor or number) that holds a NaN or inf."""
+    for name, value in quantities.items():
+        value = torch.as_tensor(value)
+        if not torch.isfinite(value).all():
+            bad = value[~torch.isfinite(value)].flatten()[0].item()
+            raise TrainingError(f'{stage}: iteration {iteration}: {name} is {bad}; stopped, nothing saved')
+
+
+def progress_bar(total, description, enabled=True):
+    """A tqdm bar for a stage; disabled (silent) in tests and with --quiet."""
+    return tqdm(total=total, desc=description, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def write_jsonl(path, rows):
+    """Write one JSON object per line, atomically."""
+    text = ''.join(json.dumps(row, sort_keys=True) + '\n' for row in rows)
+    atomic_write(path, lambda file: file.write(text.encode()))
