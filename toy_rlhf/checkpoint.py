@@ -70,7 +70,8 @@ def load_checkpoint(path, kind=None):
         raise CheckpointError(f'{path}: not a readable checkpoint (truncated, corrupt or not made '
                               f'by toy-rlhf); run `{run}` to make it again') from None
     required = {'format_version', 'kind', 'model_config', 'train_config', 'metrics', 'state_dict'}
-    if not isinstance(checkpoint, dict) or not required <= checkpoint.keys():
+    if not isinstance(checkpoint, dict) or not required <= checkpoint.keys() \
+            or checkpoint['kind'] not in KINDS or not isinstance(checkpoint['model_config'], dict):
         raise CheckpointError(f'{path}: not a toy-rlhf checkpoint; run `{run}` to make one')
     if checkpoint['format_version'] != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {checkpoint['format_version']}, this "
@@ -91,14 +92,14 @@ def load_model(path, kind=None, device='cpu'):
     run = how_to_make(path, checkpoint['kind'])
     vocab_size, min_block_size, output_size = EXPECTED_SHAPE[checkpoint['kind']]
     if (config.vocab_size, config.output_size or config.vocab_size) != (vocab_size, output_size) \
-            or config.block_size < min_block_size:
+            or not isinstance(config.block_size, int) or config.block_size < min_block_size:
         raise CheckpointError(f"{path}: a {checkpoint['kind']} model with vocabulary "
                               f'{config.vocab_size} and block size {config.block_size} does not fit '
                               f'this language (needs {vocab_size} and >= {min_block_size}); run `{run}`')
     try:
         model = GPT(config)
         model.load_state_dict(checkpoint['state_dict'])
-    except (ValueError, RuntimeError, TypeError):
+    except (ValueError, RuntimeError, TypeError, KeyError, AttributeError):
         raise CheckpointError(f'{path}: the weights do not match the stored model settings; '
                               f'run `{run}` to make it again') from None
     return model.to(device).eval()

@@ -81,6 +81,12 @@ class PreferenceDataset(Dataset):
     def __getitem__(self, i):
         return self.context[i], self.accepted[i], self.rejected[i]
 
+    def sequences(self, index=slice(None)):
+        """The accepted and rejected sequences of the indexed pairs, each prompt + SEP + response +
+        CLS: two (B, 10) tensors."""
+        context = self.context[index]
+        return torch.cat([context, self.accepted[index]], 1), torch.cat([context, self.rejected[index]], 1)
+
 
 def _pairable_prompts(n, generator):
     """n uniform prompts, redrawn where all four digits are equal (no valid rejected response)."""

@@ -16,7 +16,7 @@ from toy_rlhf.training import write_jsonl
 
 def versions():
     """The library versions a result was made with, stored beside it."""
-    return {'python': platform.python_version(), 'torch': torch.__version__, 'numpy': numpy.__version__}
+    return {'python': platform.python_version(), 'torch': str(torch.__version__), 'numpy': numpy.__version__}
 
 
 def sft_stage(run_dir, config, progress=True):

@@ -1,0 +1,290 @@
+"""Checkpoints: round trips, atomic writes, and one-line errors that say what to run."""
+import os
+import pickle
+
+import pytest
+import torch
+
+from mingpt.model import GPT
+from toy_rlhf import checkpoint
+from toy_rlhf.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from toy_rlhf.policy import policy_config
+
+# The models here are tiny: a second thread only adds overhead, and on a shared machine whose other
+# core is busy it makes every step wait for it (tens of times slower).
+torch.set_num_threads(1)
+
+REQUIRED_KEYS = {'format_version', 'kind', 'model_config', 'train_config', 'metrics', 'state_dict'}
+TRAIN_CONFIG = {'learning_rate': 3e-4, 'betas': (0.9, 0.95), 'steps': 10}
+METRICS = {'loss': 1.25, 'valid_fraction': 0.5}
+
+
+def policy_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = policy_config()
+    config.merge_from_dict(overrides)
+    return GPT(config)
+
+
+def reward_model(seed=0):
+    torch.manual_seed(seed)
+    config = GPT.get_default_config()
+    config.model_type = 'gpt-nano'
+    config.vocab_size, config.block_size, config.output_size = 12, 10, 1
+    config.embd_pdrop = config.resid_pdrop = config.attn_pdrop = 0.0
+    return GPT(config)
+
+
+def logits_of(model, vocab_size, length):
+    idx = torch.randint(vocab_size, (4, length), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model.eval()(idx)[0]
+
+
+def saved_policy(path, seed=0):
+    save_checkpoint(path, policy_model(seed), 'policy', TRAIN_CONFIG, METRICS)
+    return path
+
+
+def assert_one_line_naming_file_and_fix(error, path):
+    message = str(error.value)
+    assert '\n' not in message
+    assert str(path) in message
+    assert 'run' in message and 'scripts/' in message
+
+
+# --- round trips ----------------------------------------------------------------------------------
+
+def test_a_saved_policy_loads_with_identical_logits_in_eval_mode(tmp_path):
+    model = policy_model()
+    path = tmp_path / 'sft.pt'
+    save_checkpoint(path, model, 'policy', TRAIN_CONFIG, METRICS)
+    loaded = load_model(path, kind='policy')
+    assert not loaded.training
+    assert torch.equal(logits_of(loaded, 11, 8), logits_of(model, 11, 8))
+
+
+def test_a_saved_reward_model_loads_with_identical_scores(tmp_path):
+    model = reward_model()
+    path = tmp_path / 'reward.pt'
+    save_checkpoint(path, model, 'reward', TRAIN_CONFIG, METRICS)
+    loaded = load_model(path, kind='reward')
+    assert torch.equal(logits_of(loaded, 12, 10), logits_of(model, 12, 10))
+
+
+def test_a_checkpoint_is_a_plain_dict_of_settings_and_tensors(tmp_path):
+    model = policy_model()
+    path = tmp_path / 'sft.pt'
+    save_checkpoint(path, model, 'policy', TRAIN_CONFIG, METRICS)
+    stored = torch.load(path, weights_only=True)
+    assert set(stored) == REQUIRED_KEYS
+    assert stored['kind'] == 'policy'
+    assert isinstance(stored['format_version'], int)
+    assert stored['model_config'] == model.config.to_dict()
+    assert stored['train_config'] == TRAIN_CONFIG
+    assert stored['metrics'] == METRICS
+    assert stored['state_dict'].keys() == model.state_dict().keys()
+    assert all(torch.equal(stored['state_dict'][name], tensor)
+               for name, tensor in model.state_dict().items())
+    assert load_checkpoint(path, kind='policy')['metrics'] == METRICS
+
+
+# --- atomic writes --------------------------------------------------------------------------------
+
+def test_saving_leaves_no_temporary_files(tmp_path):
+    saved_policy(tmp_path / 'sft.pt')
+    assert os.listdir(tmp_path) == ['sft.pt']
+
+
+def test_saving_over_a_checkpoint_replaces_it(tmp_path):
+    path = tmp_path / 'sft.pt'
+    saved_policy(path, seed=0)
+    saved_policy(path, seed=1)
+    assert os.listdir(tmp_path) == ['sft.pt']
+    loaded = logits_of(load_model(path), 11, 8)
+    assert torch.equal(loaded, logits_of(policy_model(seed=1), 11, 8))
+    assert not torch.equal(loaded, logits_of(policy_model(seed=0), 11, 8))
+
+
+@pytest.mark.parametrize('failure', [OSError('No space left on device'), KeyboardInterrupt()])
+def test_a_write_that_fails_midway_leaves_the_previous_checkpoint_untouched(tmp_path, monkeypatch,
+                                                                             failure):
+    path = saved_policy(tmp_path / 'sft.pt')
+    before = path.read_bytes()
+
+    def write_half_then_fail(payload, file):
+        file.write(before[:len(before) // 2])
+        raise failure
+
+    monkeypatch.setattr(checkpoint.torch, 'save', write_half_then_fail)
+    with pytest.raises(type(failure)):
+        save_checkpoint(path, policy_model(seed=1), 'policy', TRAIN_CONFIG, METRICS)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ['sft.pt']
+
+
+# --- unusable files -------------------------------------------------------------------------------
+
+LOADERS = [load_checkpoint, load_model]
+
+
+@pytest.mark.parametrize('load', LOADERS)
+def test_a_missing_file_is_reported_with_what_to_run(tmp_path, load):
+    path = tmp_path / 'sft.pt'
+    with pytest.raises(CheckpointError) as error:
+        load(path)
+    assert_one_line_naming_file_and_fix(error, path)
+
+
+def test_the_fix_names_the_script_that_makes_that_file(tmp_path):
+    path = tmp_path / 'runs' / 'exp1' / 'reward.pt'
+    with pytest.raises(CheckpointError, match='scripts/train_reward.py --run exp1'):
+        load_model(path)
+
+
+@pytest.mark.parametrize('load', LOADERS)
+def test_a_truncated_file_is_reported_with_what_to_run(tmp_path, load):
+    path = saved_policy(tmp_path / 'sft.pt')
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    with pytest.raises(CheckpointError) as error:
+        load(path)
+    assert_one_line_naming_file_and_fix(error, path)
+
+
+@pytest.mark.parametrize('load', LOADERS)
+def test_random_bytes_are_reported_with_what_to_run(tmp_path, load):
+    path = tmp_path / 'sft.pt'
+    path.write_bytes(torch.randint(256, (4096,), dtype=torch.uint8,
+                                   generator=torch.Generator().manual_seed(0)).numpy().tobytes())
+    with pytest.raises(CheckpointError) as error:
+        load(path)
+    assert_one_line_naming_file_and_fix(error, path)
+
+
+class MakesMarker:
+    """Unpickling this object calls os.mkdir(marker): harmless, but visible if it ever runs."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def write_plain_pickle(path, payload):
+    path.write_bytes(pickle.dumps(payload, protocol=2))
+
+
+def write_torch_zip(path, payload):
+    torch.save(payload, path)
+
+
+@pytest.mark.parametrize('write, load_unrestricted', [
+    (write_plain_pickle, lambda path: pickle.loads(path.read_bytes())),
+    (write_torch_zip, lambda path: torch.load(path, weights_only=False)),
+])
+def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path, write,
+                                                                    load_unrestricted):
+    marker = tmp_path / 'code_ran'
+    path = tmp_path / 'sft.pt'
+    write(path, {'kind': 'policy', 'state_dict': MakesMarker(marker)})
+    with pytest.raises(CheckpointError) as error:
+        load_model(path)
+    assert_one_line_naming_file_and_fix(error, path)
+    assert not marker.exists()
+    # The payload is live: an unrestricted load does run it (so the check above can fail).
+    load_unrestricted(path)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize('missing', sorted(REQUIRED_KEYS))
+def test_a_dict_missing_a_key_is_reported_with_what_to_run(tmp_path, missing):
+    path = saved_policy(tmp_path / 'sft.pt')
+    stored = torch.load(path, weights_only=True)
+    del stored[missing]
+    torch.save(stored, path)
+    with pytest.raises(CheckpointError) as error:
+        load_model(path)
+    assert_one_line_naming_file_and_fix(error, path)
+
+
+def test_a_file_holding_something_other_than_a_dict_is_reported(tmp_path):
+    path = tmp_path / 'sft.pt'
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(CheckpointError) as error:
+        load_model(path)
+    assert_one_line_naming_file_and_fix(error, path)
+
+
+def test_another_format_version_is_reported_with_what_to_run(tmp_path):
+    path = saved_policy(tmp_path / 'sft.pt')
+    stored = torch.load(path, weights_only=True)
+    stored['format_version'] += 1
+    torch.save(stored, path)
+    with pytest.raises(CheckpointError) as error:
+        load_model(path)
+    assert_one_line_naming_file_and_fix(error, path)
+
+
+@pytest.mark.parametrize('load', LOADERS)
+def test_a_reward_checkpoint_asked_for_as_a_policy_is_reported(tmp_path, load):
+    path = tmp_path / 'reward.pt'
+    save_checkpoint(path, reward_model(), 'reward', TRAIN_CONFIG, METRICS)
+    with pytest.raises(CheckpointError, match='reward') as error:
+        load(path, kind='policy')
+    assert_one_line_naming_file_and_fix(error, path)
+
+
+@pytest.mark.parametrize('load', LOADERS)
+def test_a_policy_checkpoint_asked_for_as_a_reward_model_is_reported(tmp_path, load):
+    path = saved_policy(tmp_path / 'sft.pt')
+    with pytest.raises(CheckpointError, match='policy') as error:
+        load(path, kind='reward')
+    assert_one_line_naming_file_and_fix(error, path)
+
+
+@pytest.mark.parametrize('overrides, kind', [
+    ({'vocab_size': 12}, 'policy'),  # reads CLS, which a policy never sees
+    ({'block_size': 7}, 'policy'),  # cannot read a whole prompt + SEP + 3 digits
+    ({'vocab_size': 12, 'block_size': 10}, 'reward'),  # a language model head, not one score
+])
+def test_a_model_that_does_not_fit_the_language_is_reported(tmp_path, overrides, kind):
+    path = tmp_path / 'model.pt'
+    save_checkpoint(path, policy_model(**overrides), kind, TRAIN_CONFIG, METRICS)
+    with pytest.raises(CheckpointError) as error:
+        load_model(path)
+    assert_one_line_naming_file_and_fix(error, path)
+
+
+def test_weights_that_do_not_match_the_stored_settings_are_reported(tmp_path):
+    path = saved_policy(tmp_path / 'sft.pt')
+    stored = torch.load(path, weights_only=True)
+    stored['model_config']['n_embd'] = 24
+    stored['model_config']['n_head'] = 2
+    torch.save(stored, path)
+    with pytest.raises(CheckpointError) as error:
+        load_model(path)
+    assert_one_line_naming_file_and_fix(error, path)
+
+
+def _set_unknown_kind(stored):
+    stored['kind'] = 'value'
+
+
+def _drop_block_size(stored):
+    del stored['model_config']['block_size']
+
+
+def _replace_model_config(stored):
+    stored['model_config'] = None
+
+
+@pytest.mark.parametrize('corrupt', [_set_unknown_kind, _drop_block_size, _replace_model_config])
+def test_malformed_contents_are_reported_as_checkpoint_errors(tmp_path, corrupt):
+    path = saved_policy(tmp_path / 'sft.pt')
+    stored = torch.load(path, weights_only=True)
+    corrupt(stored)
+    torch.save(stored, path)
+    with pytest.raises(CheckpointError) as error:
+        load_model(path)
+    assert_one_line_naming_file_and_fix(error, path)
