@@ -4,7 +4,9 @@ Every failure a user can cause (a bad flag, a missing or broken checkpoint, an u
 a NaN during training) ends with one line on stderr and exit status 2, never a traceback.
 """
 import argparse
+import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -39,6 +41,20 @@ def positive_float(text):
     return value
 
 
+def at_least_two(text):
+    value = _number(text, int)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f'must be an integer >= 2, got {text}')
+    return value
+
+
+def unit_interval(text):
+    value = _number(text, float)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f'must be between 0 and 1, got {text}')
+    return value
+
+
 def non_negative_float(text):
     value = _number(text, float)
     if not value >= 0:
@@ -68,34 +84,104 @@ def add_common_arguments(parser):
     parser.add_argument('--quiet', action='store_true', help='no progress bars')
 
 
+def _flag(parser, name, config, field, kind, help_text, **extra):
+    """A flag whose default and destination are a config dataclass field."""
+    default = getattr(config, field)
+    parser.add_argument(name, dest=field, type=kind, default=default, metavar=name.lstrip('-').upper(),
+                        help=f'{help_text} (default: {default})', **extra)
+
+
 def add_sft_arguments(parser):
-    defaults = pipeline.SFTConfig()
-    parser.add_argument('--iters', type=positive_int, default=defaults.iters,
-                        help=f'optimizer steps (default: {defaults.iters})')
-    parser.add_argument('--batch-size', type=positive_int, default=defaults.batch_size,
-                        help=f'sentences per step (default: {defaults.batch_size})')
-    parser.add_argument('--lr', type=positive_float, default=defaults.learning_rate,
-                        help=f'peak learning rate, cosine-decayed to 0 (default: {defaults.learning_rate})')
-    parser.add_argument('--model-type', choices=('gpt-nano', 'gpt-micro', 'gpt-mini'),
-                        default=defaults.model_type, help=f'model size (default: {defaults.model_type})')
+    config = pipeline.SFTConfig()
+    _flag(parser, '--iters', config, 'iters', positive_int, 'optimizer steps')
+    _flag(parser, '--batch-size', config, 'batch_size', positive_int, 'sentences per step')
+    _flag(parser, '--lr', config, 'learning_rate', positive_float, 'peak learning rate, cosine-decayed to 0')
+    _add_model_type(parser, config)
 
 
-def sft_config(args):
-    return pipeline.SFTConfig(iters=args.iters, batch_size=args.batch_size, learning_rate=args.lr,
-                              model_type=args.model_type, seed=args.seed, device=args.device)
+def add_reward_arguments(parser):
+    config = pipeline.RewardConfig()
+    _flag(parser, '--pairs', config, 'pairs', positive_int, 'labelled preference pairs to train on')
+    _flag(parser, '--iters', config, 'iters', positive_int, 'optimizer steps')
+    _flag(parser, '--batch-size', config, 'batch_size', positive_int, 'pairs per step')
+    _flag(parser, '--lr', config, 'learning_rate', positive_float, 'peak learning rate, cosine-decayed to 0')
+    _flag(parser, '--gold-margin', config, 'gold_margin', positive_float,
+          'gold reward of the preferred first digit; the labeler picks a response with probability '
+          'sigmoid(reward difference), so smaller means noisier labels')
+    _add_model_type(parser, config)
+
+
+def add_ppo_arguments(parser):
+    config = pipeline.PPOConfig()
+    _flag(parser, '--beta', config, 'beta', non_negative_float,
+          'KL penalty strength; 0 removes the leash to the SFT model')
+    _flag(parser, '--iters', config, 'iters', positive_int, 'rollout-and-update iterations')
+    _flag(parser, '--prompts', config, 'prompts_per_iter', positive_int, 'prompts per rollout')
+    _flag(parser, '--samples-per-prompt', config, 'samples_per_prompt', at_least_two,
+          'responses per prompt (each is baselined by the others)')
+    _flag(parser, '--epochs', config, 'epochs', positive_int, 'passes of the PPO update over a rollout')
+    _flag(parser, '--minibatches', config, 'minibatches', positive_int, 'minibatches per epoch')
+    _flag(parser, '--lr', config, 'learning_rate', positive_float, 'Adam learning rate')
+    _flag(parser, '--clip', config, 'clip_epsilon', positive_float, 'PPO ratio clip epsilon')
+    parser.add_argument('--critic', action='store_true',
+                        help='learn a value function and use GAE instead of the leave-one-out baseline')
+    _flag(parser, '--gae-lambda', config, 'gae_lambda', unit_interval, 'GAE lambda (with --critic)')
+
+
+def add_evaluate_arguments(parser):
+    parser.add_argument('checkpoint', help='policy checkpoint to evaluate, e.g. runs/default/ppo_beta1.pt')
+    parser.add_argument('--reference', default=None,
+                        help='reference policy for the KL (default: sft.pt beside the checkpoint)')
+    parser.add_argument('--prompts', type=positive_int, default=pipeline.EVALUATION_PROMPTS,
+                        help=f'prompts to evaluate on (default: {pipeline.EVALUATION_PROMPTS})')
+    parser.add_argument('--json', action='store_true', help='print the metrics as JSON')
+
+
+def _add_model_type(parser, config):
+    parser.add_argument('--model-type', dest='model_type', choices=('gpt-nano', 'gpt-micro', 'gpt-mini'),
+                        default=config.model_type, help=f'model size (default: {config.model_type})')
+
+
+def config_from(args, config_class):
+    """A config dataclass filled from the parsed flags of the same names (the rest defaults)."""
+    names = {field.name for field in fields(config_class)}
+    return config_class(**{name: value for name, value in vars(args).items() if name in names})
+
+
+def evaluate(args):
+    path = Path(args.checkpoint)
+    reference = Path(args.reference) if args.reference else path.parent / 'sft.pt'
+    metrics = pipeline.evaluate_checkpoint(path, reference, args.prompts, args.seed)
+    if args.json:
+        print(json.dumps(metrics, indent=2, sort_keys=True))
+        return
+    print(f'{path} against {reference}, {args.prompts} prompts (seed {args.seed}):')
+    for name, value in metrics.items():
+        print(f'  {name:<16} {value:.4f}')
 
 
 COMMANDS = {
     # name: (script, description, add_arguments, run)
-    'sft': ('train_sft.py', 'Supervised fine-tuning: teach a GPT the digit language.',
-            add_sft_arguments, lambda args: pipeline.sft_stage(args.run_dir, sft_config(args), args.progress)),
+    'sft': ('train_sft.py', 'Supervised fine-tuning: teach a GPT the digit language; writes '
+            'runs/RUN/sft.pt and sft.jsonl.', add_sft_arguments,
+            lambda args: pipeline.sft_stage(args.run_dir, config_from(args, pipeline.SFTConfig), args.progress)),
+    'reward': ('train_reward.py', 'Train the reward model on labelled preference pairs; writes '
+               'runs/RUN/reward.pt and reward.jsonl.', add_reward_arguments,
+               lambda args: pipeline.reward_stage(args.run_dir, config_from(args, pipeline.RewardConfig),
+                                                  args.progress)),
+    'ppo': ('train_ppo.py', 'Fine-tune the SFT policy against the reward model with PPO and a KL penalty '
+            'of strength beta; needs runs/RUN/sft.pt and reward.pt; writes runs/RUN/ppo_beta<B>.pt and '
+            '.jsonl.', add_ppo_arguments,
+            lambda args: pipeline.ppo_stage(args.run_dir, config_from(args, pipeline.PPOConfig), args.progress)),
+    'evaluate': ('evaluate.py', 'Exact gold metrics of a policy checkpoint: preference rate, '
+                 'fidelity, gold rate, KL to the reference and to the aligned language.',
+                 add_evaluate_arguments, evaluate),
 }
 
 
 def build_parser(command, prog):
     _, description, add_arguments, _ = COMMANDS[command]
-    parser = Parser(prog=prog, description=description,
-                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = Parser(prog=prog, description=description)
     add_common_arguments(parser)
     add_arguments(parser)
     return parser

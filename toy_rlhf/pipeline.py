@@ -1,4 +1,9 @@
-"""The stages of the pipeline as the command line runs them: train, measure, save, summarise."""
+"""The stages as the command line runs them: train, measure, save, summarise in one line.
+
+Each stage writes its checkpoint (atomically) only after training finished and its numbers were
+checked to be finite, so an interrupted or broken stage leaves every earlier checkpoint as it was.
+"""
+import hashlib
 import platform
 import time
 from dataclasses import asdict
@@ -7,28 +12,105 @@ from pathlib import Path
 import numpy
 import torch
 
-from toy_rlhf.checkpoint import save_checkpoint
+from toy_rlhf.checkpoint import load_checkpoint, load_model, save_checkpoint
+from toy_rlhf.data import PreferenceDataset
 from toy_rlhf.language import entropy_floor
-from toy_rlhf.metrics import language_kl
+from toy_rlhf.metrics import evaluate_policy, language_kl
+from toy_rlhf.ppo import PPOConfig, train_ppo
+from toy_rlhf.reward import RewardConfig, pairwise_accuracy, rank_rate, train_reward
 from toy_rlhf.sft import SFTConfig, train_sft
 from toy_rlhf.training import write_jsonl
+
+__all__ = ['SFTConfig', 'RewardConfig', 'PPOConfig', 'sft_stage', 'reward_stage', 'ppo_stage',
+           'evaluate_checkpoint', 'ppo_name', 'stage_is_current']
+
+EVALUATION_PROMPTS = 2000
 
 
 def versions():
     """The library versions a result was made with, stored beside it."""
-    return {'python': platform.python_version(), 'torch': str(torch.__version__), 'numpy': numpy.__version__}
+    return {'python': platform.python_version(), 'torch': str(torch.__version__),
+            'numpy': numpy.__version__}
+
+
+def fingerprint(path):
+    """A short hash of a file's bytes: which upstream checkpoint a later stage was trained from."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def ppo_name(beta):
+    """File stem of the PPO run at beta: ppo_beta1, ppo_beta0, ppo_beta0.1."""
+    return f'ppo_beta{beta:g}'
+
+
+def _save(run_dir, name, model, kind, config, metrics, history, inputs=()):
+    run_dir = Path(run_dir)
+    provenance = {**asdict(config), 'versions': versions(),
+                  'inputs': {Path(path).name: fingerprint(path) for path in inputs}}
+    write_jsonl(run_dir / f'{name}.jsonl', history)
+    save_checkpoint(run_dir / f'{name}.pt', model, kind, provenance, metrics)
+
+
+def stage_is_current(path, config, inputs=()):
+    """Whether the checkpoint at path was made with these settings from these input checkpoints."""
+    try:
+        stored = load_checkpoint(path)['train_config']
+    except Exception:
+        return False
+    same_settings = all(stored.get(key) == value for key, value in asdict(config).items())
+    same_inputs = stored.get('inputs') == {Path(p).name: fingerprint(p) for p in inputs}
+    return same_settings and same_inputs
 
 
 def sft_stage(run_dir, config, progress=True):
-    """Train the SFT policy, measure it, write sft.pt and sft.jsonl to run_dir; returns its metrics."""
-    run_dir = Path(run_dir)
+    """Train the SFT policy, measure it, write sft.pt and sft.jsonl; returns its metrics."""
     start = time.perf_counter()
     model, history = train_sft(config, progress)
     metrics = {'language_kl': language_kl(model, seed=config.seed), 'final_loss': history[-1]['loss'],
                'entropy_floor': entropy_floor(), 'seconds': time.perf_counter() - start}
-    write_jsonl(run_dir / 'sft.jsonl', history)
-    save_checkpoint(run_dir / 'sft.pt', model, 'policy', {**asdict(config), 'versions': versions()}, metrics)
+    _save(run_dir, 'sft', model, 'policy', config, metrics, history)
     print(f"SFT: KL(true || model) {metrics['language_kl']:.4f} nats per token; loss "
           f"{metrics['final_loss']:.4f} (floor {metrics['entropy_floor']:.4f}); "
-          f"{metrics['seconds']:.1f} s -> {run_dir / 'sft.pt'}")
+          f"{metrics['seconds']:.1f} s -> {Path(run_dir) / 'sft.pt'}")
     return metrics
+
+
+def reward_stage(run_dir, config, progress=True):
+    """Train the reward model, measure it on fresh pairs and prompts, write reward.pt and
+    reward.jsonl; returns its metrics."""
+    start = time.perf_counter()
+    model, history = train_reward(config, progress)
+    held_out = PreferenceDataset(config.held_out_pairs, config.gold_margin, seed=config.seed + 1)
+    metrics = {'pairwise_accuracy': pairwise_accuracy(model, held_out),
+               'rank_rate': rank_rate(model, seed=config.seed + 2),
+               'seconds': time.perf_counter() - start}
+    _save(run_dir, 'reward', model, 'reward', config, metrics, history)
+    print(f"Reward model: held-out pairwise accuracy {metrics['pairwise_accuracy']:.2%}, rank rate "
+          f"{metrics['rank_rate']:.2%}; {metrics['seconds']:.1f} s -> {Path(run_dir) / 'reward.pt'}")
+    return metrics
+
+
+def ppo_stage(run_dir, config, progress=True):
+    """Fine-tune the run's SFT policy against its reward model with PPO at config.beta, evaluate it
+    exactly, write ppo_beta<B>.pt and .jsonl; returns its metrics."""
+    run_dir = Path(run_dir)
+    inputs = (run_dir / 'sft.pt', run_dir / 'reward.pt')
+    reference = load_model(inputs[0], 'policy')
+    reward_model = load_model(inputs[1], 'reward')
+    start = time.perf_counter()
+    actor, history = train_ppo(reference, reward_model, config, progress)
+    metrics = {**evaluate_policy(actor, reference, EVALUATION_PROMPTS, seed=config.seed),
+               'seconds': time.perf_counter() - start}
+    name = ppo_name(config.beta)
+    _save(run_dir, name, actor, 'policy', config, metrics, history, inputs)
+    print(f"PPO beta={config.beta:g}: preference {metrics['preference_rate']:.2%}, fidelity "
+          f"{metrics['fidelity']:.2%}, gold {metrics['gold_rate']:.2%}, KL to reference "
+          f"{metrics['kl_to_reference']:.3f} nats; {metrics['seconds']:.1f} s -> {run_dir / name}.pt")
+    return metrics
+
+
+def evaluate_checkpoint(policy_path, reference_path, n_prompts=EVALUATION_PROMPTS, seed=0):
+    """The exact gold metrics of the policy at policy_path against the reference at reference_path."""
+    policy = load_model(policy_path, 'policy')
+    reference = load_model(reference_path, 'policy')
+    return evaluate_policy(policy, reference, n_prompts, seed)

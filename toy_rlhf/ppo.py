@@ -30,11 +30,13 @@ from toy_rlhf.training import check_finite, progress_bar
 class PPOConfig:
     beta: float = 1.0  # strength of the KL penalty; 0 lets the policy drift anywhere
     iters: int = 40  # rollout-and-update rounds
-    prompts_per_iter: int = 64  # prompts in a rollout
+    prompts_per_iter: int = 128  # prompts in a rollout
     samples_per_prompt: int = 4  # responses per prompt; the others are each one's baseline
-    epochs: int = 4  # passes of the clipped update over each rollout
+    # One pass in four minibatches: from the second minibatch on the actor is no longer the rollout
+    # policy, and the ratio clip bounds how far it moves. More passes bought no quality per second.
+    epochs: int = 1  # passes of the clipped update over each rollout
     minibatches: int = 4  # minibatches per epoch
-    learning_rate: float = 1e-3  # actor (and critic) Adam step size
+    learning_rate: float = 3e-4  # actor (and critic) Adam step size
     clip_epsilon: float = 0.2  # PPO ratio clip
     max_grad_norm: float = 1.0  # gradient-norm clip
     critic: bool = False  # learn a value function (GAE) instead of the leave-one-out baseline

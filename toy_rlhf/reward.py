@@ -17,9 +17,9 @@ from toy_rlhf.training import check_finite, learning_rate_at, progress_bar, set_
 class RewardConfig:
     pairs: int = 20000  # labelled pairs in the training set (the "human" data, finite)
     held_out_pairs: int = 4000  # fresh pairs for the pairwise accuracy
-    iters: int = 300  # optimizer steps
-    batch_size: int = 128  # pairs per step
-    learning_rate: float = 2e-3  # peak, after warm-up, then cosine-decayed to 0
+    iters: int = 600  # optimizer steps
+    batch_size: int = 64  # pairs per step
+    learning_rate: float = 5e-3  # peak, after warm-up, then cosine-decayed to 0
     warmup_iters: int = 20
     weight_decay: float = 0.1
     # Labels are Bradley-Terry draws from a gold reward of gold_margin for the preferred first

@@ -1,0 +1,277 @@
+"""Figures of every stage: SFT loss, the reward model, PPO curves, and what each model does on one
+fixed sentence and over many prompts.
+
+Models come as an ordered dict label -> GPT whose first entry is the reference (SFT) policy and the
+rest PPO policies ('beta=1', 'beta=0', ...). A model keeps its colour in every figure: model_colors
+gives colours by position, so the same dict order gives the same colours everywhere. Every function
+writes a PNG at DPI to `path` (parent folders created), closes its figure and returns the path.
+"""
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use('Agg')  # files only, no display
+import matplotlib.pyplot as plt  # after choosing the backend
+import numpy as np
+import torch
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from toy_rlhf.language import (DIGITS, PROMPT_LENGTH, VOCAB_SIZE, join,
+                               next_token_distribution, preferred_first_token, sample_prompts)
+from toy_rlhf.metrics import true_distributions
+from toy_rlhf.policy import response_log_probs
+from toy_rlhf.reward import first_digit_rewards
+
+DPI = 100
+TOKEN_NAMES = [str(digit) for digit in range(DIGITS)] + ['SEP']
+REFERENCE_COLOR = '#6b7f99'  # grey-blue: the reference (SFT) policy, always first
+# The models after the reference, in order: green (the first, aligned beta), red, then more.
+MODEL_COLORS = ['#2ca02c', '#d62728', '#ff7f0e', '#9467bd', '#8c564b', '#e377c2', '#17becf',
+                '#bcbd22', '#1f77b4']
+PREFERRED_COLOR = '#e6b800'  # gold: the preferred first digit and the responses that have it
+OTHER_COLOR = '#a7b0ba'  # light grey: everything else
+# Figure sizes in inches (width, height); the two per-model grids grow with the models they show.
+FIGURE_SIZES = {'sft_loss': (8, 4.5), 'reward_model': (13, 4.8), 'ppo_curves': (16, 4.8),
+                'first_token': (11, 5.5)}
+
+
+def next_token_figure_size(n_models):
+    """(width, height) inches of plot_next_token_probs: one row of four panels per model."""
+    return (15, 1.6 + 2.5 * n_models)
+
+
+def attention_figure_size(n_models, n_rows):
+    """(width, height) inches of plot_attention: one panel per model of n_rows = layers * heads rows."""
+    return (1.5 + 3.6 * n_models, 1.8 + 0.4 * n_rows)
+
+
+def model_colors(labels):
+    """Colour of each model by position: labels (reference first) -> dict label -> colour.
+
+    The reference is always REFERENCE_COLOR, the i-th model after it MODEL_COLORS[i] (cycling after
+    the last), whatever the labels say, so every figure made from the same order agrees."""
+    return {label: REFERENCE_COLOR if i == 0 else MODEL_COLORS[(i - 1) % len(MODEL_COLORS)]
+            for i, label in enumerate(labels)}
+
+
+def moving_average(values, window):
+    """Trailing mean with an expanding start: out[i] = mean(values[max(0, i - window + 1) : i + 1]).
+
+    Same length as values (so it plots against the same x); the first window - 1 points average
+    the fewer values available. values: sequence of numbers -> (len(values),) float array."""
+    values = np.asarray(values, dtype=float)
+    if window < 1:
+        raise ValueError(f'window must be >= 1, got {window}')
+    sums = np.cumsum(np.concatenate([[0.0], values]))
+    ends = np.arange(1, len(values) + 1)
+    starts = np.maximum(0, ends - window)
+    return (sums[ends] - sums[starts]) / (ends - starts)
+
+
+def _words(tokens):
+    """Tokens (sequence of ints) -> '5 7 1 5 SEP 6'."""
+    return ' '.join(TOKEN_NAMES[int(token)] for token in tokens)
+
+
+def _save(fig, path):
+    """Write fig to path as a PNG at DPI (parents created), close it, return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def plot_sft_loss(history, entropy_floor, path):
+    """SFT loss vs iteration with the exact entropy floor. history: list of {'iter', 'loss'}."""
+    fig, ax = plt.subplots(figsize=FIGURE_SIZES['sft_loss'], layout='constrained')
+    ax.plot([row['iter'] for row in history], [row['loss'] for row in history],
+            color=REFERENCE_COLOR, label='SFT loss (training batch)')
+    ax.axhline(entropy_floor, color='black', linestyle='--',
+               label=f'entropy floor {entropy_floor:.3f} nats (the lowest loss possible)')
+    ax.set_xlabel('iteration')
+    ax.set_ylabel('cross-entropy (nats per output token)')
+    ax.set_title('SFT loss: the curve cannot go below the entropy of the language')
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_reward_model(history, reward_model, prompt, response, path, window=5):
+    """Reward model training and its rewards on one sentence.
+
+    history: list of {'iter', 'accepted', 'rejected'} (mean rewards of a batch); prompt, response:
+    (4,) long. Left: accepted and rejected mean reward vs iteration (moving average over `window`
+    logged rows, raw values faint behind). Right: the reward with each of the ten first digits in
+    place of the response's first one, the preferred digit (x4 + 1) % 10 highlighted.
+    """
+    with torch.no_grad():
+        rewards = first_digit_rewards(reward_model.eval(), prompt[None], response[None])[0]  # (10,)
+    preferred = preferred_first_token(prompt[None]).item()
+    fig, (curves, bars) = plt.subplots(1, 2, figsize=FIGURE_SIZES['reward_model'], layout='constrained')
+
+    iters = [row['iter'] for row in history]
+    for key, color in (('accepted', PREFERRED_COLOR), ('rejected', OTHER_COLOR)):
+        values = [row[key] for row in history]
+        curves.plot(iters, values, color=color, alpha=0.3, linewidth=1)
+        curves.plot(iters, moving_average(values, window), color=color, linewidth=2,
+                    label=f'{key} responses')
+    curves.set_xlabel('iteration')
+    curves.set_ylabel('mean reward of the batch')
+    curves.set_title(f'Training (moving average over {window} logged iterations)')
+    curves.legend()
+    curves.grid(alpha=0.3)
+
+    bars.bar(range(DIGITS), rewards.numpy(), edgecolor='black',
+             color=[PREFERRED_COLOR if digit == preferred else OTHER_COLOR for digit in range(DIGITS)])
+    bars.axhline(0, color='black', linewidth=0.8)
+    bars.annotate(f'preferred\n({prompt[-1].item()} + 1) mod 10 = {preferred}',
+                  (preferred, max(rewards[preferred].item(), 0)), xytext=(0, 4),
+                  textcoords='offset points', ha='center', va='bottom', fontsize=9)
+    bars.margins(y=0.25)
+    bars.set_xticks(range(DIGITS))
+    bars.set_xlabel('first output digit')
+    bars.set_ylabel('reward')
+    bars.set_title(f'prompt {_words(prompt)}, response _ {_words(response[1:])}')
+    bars.grid(axis='y', alpha=0.3)
+    fig.suptitle('Reward model: training curves and the reward of each possible first digit')
+    return _save(fig, path)
+
+
+def plot_ppo_curves(histories, path, window=5):
+    """PPO training curves of each beta vs rollout samples: reward-model score, KL to the reference,
+    preference rate (moving average over `window` iterations, raw values faint behind).
+
+    histories: ordered dict label -> list of rows with keys 'samples', 'objective/scores',
+    'objective/kl_full', 'gold/preference_rate'. Colours are those the policies have in the other
+    figures (the reference's slot is skipped)."""
+    colors = model_colors(['reference (SFT)', *histories])
+    panels = [('objective/scores', 'reward-model score (mean over the batch)', 'Reward-model score'),
+              ('objective/kl_full', 'KL(policy || reference), nats per response', 'KL to the reference'),
+              ('gold/preference_rate', 'P(first digit is the preferred one)', 'Preference rate (exact)')]
+    fig, axes = plt.subplots(1, len(panels), figsize=FIGURE_SIZES['ppo_curves'], layout='constrained')
+    for ax, (key, ylabel, title) in zip(axes, panels):
+        for label, rows in histories.items():
+            samples = [row['samples'] for row in rows]
+            values = [row[key] for row in rows]
+            ax.plot(samples, values, color=colors[label], alpha=0.25, linewidth=1)
+            ax.plot(samples, moving_average(values, window), color=colors[label], linewidth=2, label=label)
+        ax.set_xlabel('rollout samples')
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[2].set_ylim(0, 1.02)
+    axes[0].legend(title='PPO policy')
+    fig.suptitle(f'PPO training (moving average over {window} iterations, raw values faint)')
+    return _save(fig, path)
+
+
+def plot_next_token_probs(models, prompt, response, path):
+    """Each model's next-token probabilities at the 4 output steps of one sentence, teacher forced,
+    against the exact language (black outlines) and, at the first step, the aligned target.
+
+    models: ordered dict label -> policy GPT (one row each); prompt, response: (4,) long."""
+    sentence = join(prompt[None], response[None])  # (1, 9)
+    with torch.no_grad():
+        probs = {label: response_log_probs(model.eval(), sentence).exp()[0]  # (4, V)
+                 for label, model in models.items()}
+    language = true_distributions(sentence)[0]  # (4, V)
+    preferred = preferred_first_token(prompt[None]).item()
+    colors = model_colors(models)
+    steps = language.size(0)
+    prefixes = [f'after {_words(sentence[0, :PROMPT_LENGTH + 1])}'] + \
+               [f'after ... {_words(sentence[0, PROMPT_LENGTH + 1:PROMPT_LENGTH + 1 + step])}'
+                for step in range(1, steps)]
+
+    fig, axes = plt.subplots(len(models), steps, figsize=next_token_figure_size(len(models)),
+                             sharey=True, squeeze=False, layout='constrained')
+    for row, label in enumerate(models):
+        for step in range(steps):
+            ax = axes[row, step]
+            ax.bar(range(VOCAB_SIZE), probs[label][step].numpy(), color=colors[label])
+            ax.bar(range(VOCAB_SIZE), language[step].numpy(), fill=False, edgecolor='black', linewidth=1.3)
+            if step == 0:
+                ax.plot(preferred, 1.0, marker='*', markersize=15, color=PREFERRED_COLOR,
+                        markeredgecolor='black', clip_on=False, zorder=5)
+            ax.set_xticks(range(VOCAB_SIZE), TOKEN_NAMES, fontsize=8)
+            ax.set_ylim(0, 1)
+            ax.grid(axis='y', alpha=0.3)
+            if row == 0:
+                ax.set_title(prefixes[step])
+            if row == len(models) - 1:
+                ax.set_xlabel('next token')
+        axes[row, 0].set_ylabel(f'{label}\nprobability', color=colors[label], fontweight='bold')
+    handles = [Patch(facecolor=OTHER_COLOR, label="model's probability (bar colour = model)"),
+               Patch(fill=False, edgecolor='black', label='language, exact'),
+               Line2D([], [], marker='*', markersize=15, color=PREFERRED_COLOR, markeredgecolor='black',
+                      linestyle='none', label='aligned target: all mass on the preferred digit')]
+    fig.legend(handles=handles, loc='outside lower center', ncol=3)
+    fig.suptitle(f'Next-token probabilities for {_words(sentence[0])} (teacher forced)')
+    return _save(fig, path)
+
+
+def plot_attention(models, prompt, response, path):
+    """Where each head looks when predicting the first output digit: the attention weights of the
+    query at SEP (position 4) over keys 0..4, every layer and head, one panel per model.
+
+    models: ordered dict label -> policy GPT; the input is the sentence's first 8 tokens (block_size).
+    """
+    idx = join(prompt[None], response[None])[:, :-1]  # (1, 8)
+    query = PROMPT_LENGTH  # SEP, where the first output digit is predicted
+    with torch.no_grad():
+        weights = {label: model.eval().attention_maps(idx)[:, 0, :, query, :query + 1]  # (L, H, 5)
+                   for label, model in models.items()}
+    colors = model_colors(models)
+    n_rows = max(w.size(0) * w.size(1) for w in weights.values())
+    fig, axes = plt.subplots(1, len(models), figsize=attention_figure_size(len(models), n_rows),
+                             squeeze=False, layout='constrained')
+    for ax, (label, w) in zip(axes[0], weights.items()):
+        n_layer, n_head, n_keys = w.shape
+        grid = w.reshape(n_layer * n_head, n_keys).numpy()
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap='Blues', aspect='auto')
+        for (r, c), value in np.ndenumerate(grid):
+            ax.text(c, r, f'{value:.2f}', ha='center', va='center', fontsize=8,
+                    color='white' if value > 0.6 else 'black')
+        for layer in range(1, n_layer):
+            ax.axhline(layer * n_head - 0.5, color='black', linewidth=1.5)
+        ax.set_xticks(range(n_keys), [TOKEN_NAMES[int(t)] for t in idx[0, :n_keys]])
+        ax.set_yticks(range(n_layer * n_head),
+                      [f'L{layer + 1} H{head + 1}' for layer in range(n_layer) for head in range(n_head)])
+        ax.set_xlabel('key (token attended to)')
+        ax.set_title(label, color=colors[label], fontweight='bold')
+    axes[0, 0].set_ylabel('layer, head')
+    fig.colorbar(image, ax=axes[0].tolist(), label='attention weight', shrink=0.9)
+    fig.suptitle(f'Attention from SEP (predicting the first output digit), input {_words(idx[0])}')
+    return _save(fig, path)
+
+
+def plot_first_token(models, path, n_prompts=2000, seed=0):
+    """The probability each model puts on the preferred first digit (x4 + 1) % 10 after prompt + SEP,
+    over n_prompts prompts drawn with `seed`, sorted from highest to lowest (one curve per model,
+    the exact language in black)."""
+    prompts = sample_prompts(n_prompts, torch.Generator().manual_seed(seed))  # (N, 4)
+    context = join(prompts)  # (N, 5)
+    preferred = preferred_first_token(prompts).unsqueeze(1)  # (N, 1)
+    with torch.no_grad():
+        probability = {label: model.eval()(context)[0][:, -1].softmax(dim=-1).gather(1, preferred)[:, 0]
+                       for label, model in models.items()}  # (N,)
+    language = next_token_distribution(context).gather(1, preferred)[:, 0]
+    share = np.linspace(0, 1, n_prompts)
+    colors = model_colors(models)
+
+    fig, ax = plt.subplots(figsize=FIGURE_SIZES['first_token'], layout='constrained')
+    ax.plot(share, language.sort(descending=True).values.numpy(), color='black', linestyle='--',
+            label=f'language, exact (mean {language.mean():.2f})')
+    for i, (label, p) in enumerate(probability.items()):
+        # The reference is drawn wider so that it still shows under a policy that stayed on top of it.
+        ax.plot(share, p.sort(descending=True).values.numpy(), color=colors[label],
+                linewidth=4 if i == 0 else 2, label=f'{label} (mean {p.mean():.2f})')
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel('share of prompts (sorted by probability, highest first)')
+    ax.set_ylabel('probability of the preferred first digit')
+    ax.set_title(f'Probability of the preferred first digit (x4 + 1) mod 10, {n_prompts} prompts')
+    ax.legend(loc='upper left', bbox_to_anchor=(1.02, 1))  # beside the axes: curves fill the panel
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
