@@ -13,6 +13,7 @@ import torch
 
 from toy_rlhf import pipeline
 from toy_rlhf.checkpoint import CheckpointError
+from toy_rlhf.run_all import RunAllConfig, run_all
 from toy_rlhf.training import TrainingError
 
 
@@ -137,6 +138,36 @@ def add_evaluate_arguments(parser):
     parser.add_argument('--json', action='store_true', help='print the metrics as JSON')
 
 
+def digit(text):
+    value = _number(text, int)
+    if not 0 <= value <= 9:
+        raise argparse.ArgumentTypeError(f'must be a digit 0-9, got {text}')
+    return value
+
+
+def add_all_arguments(parser):
+    parser.add_argument('--betas', type=non_negative_float, nargs='+', default=[1.0, 0.0], metavar='BETA',
+                        help='KL strengths to compare; the first is the aligned one (default: 1 0)')
+    parser.add_argument('--plots-dir', default='plots', metavar='DIR',
+                        help='where the figures go (default: plots)')
+    parser.add_argument('--fresh', action='store_true',
+                        help='retrain every stage even if its checkpoint was made with the same settings')
+    parser.add_argument('--quick', action='store_true', help='a much smaller schedule, for smoke tests')
+    parser.add_argument('--prompt', type=digit, nargs=4, default=[5, 7, 1, 5], metavar='D',
+                        help='prompt of the per-sentence figures (default: 5 7 1 5)')
+    parser.add_argument('--response', type=digit, nargs=4, default=[6, 2, 7, 3], metavar='D',
+                        help='response of the per-sentence figures (default: 6 2 7 3)')
+
+
+def run_everything(args):
+    if len(set(args.betas)) != len(args.betas):
+        raise UsageError(f'--betas: each beta once, got {" ".join(f"{b:g}" for b in args.betas)}')
+    _check_writable(Path(args.plots_dir))
+    config = RunAllConfig(betas=tuple(args.betas), seed=args.seed, quick=args.quick, fresh=args.fresh,
+                          prompt=tuple(args.prompt), response=tuple(args.response), device=args.device)
+    run_all(args.run_dir, args.plots_dir, config, args.progress)
+
+
 def _add_model_type(parser, config):
     parser.add_argument('--model-type', dest='model_type', choices=('gpt-nano', 'gpt-micro', 'gpt-mini'),
                         default=config.model_type, help=f'model size (default: {config.model_type})')
@@ -173,6 +204,9 @@ COMMANDS = {
             'of strength beta; needs runs/RUN/sft.pt and reward.pt; writes runs/RUN/ppo_beta<B>.pt and '
             '.jsonl.', add_ppo_arguments,
             lambda args: pipeline.ppo_stage(args.run_dir, config_from(args, pipeline.PPOConfig), args.progress)),
+    'all': ('run_all.py', 'The whole pipeline: SFT, reward model, PPO for each beta, exact evaluation, '
+            'six figures and runs/RUN/report.md. Stages whose checkpoints were made with the same '
+            'settings are reused.', add_all_arguments, run_everything),
     'evaluate': ('evaluate.py', 'Exact gold metrics of a policy checkpoint: preference rate, '
                  'fidelity, gold rate, KL to the reference and to the aligned language.',
                  add_evaluate_arguments, evaluate),
@@ -196,14 +230,18 @@ def prepare(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     args.run_dir = Path('runs') / args.run
+    _check_writable(args.run_dir)
+    args.progress = not args.quiet
+
+
+def _check_writable(folder):
     try:
-        args.run_dir.mkdir(parents=True, exist_ok=True)
-        probe = args.run_dir / '.write-test'
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / '.write-test'
         probe.write_bytes(b'')
         probe.unlink()
     except OSError as error:
-        raise UsageError(f'cannot write to run folder {args.run_dir}: {error.strerror}') from None
-    args.progress = not args.quiet
+        raise UsageError(f'cannot write to folder {folder}: {error.strerror}') from None
 
 
 def run_command(command, argv=None, prog=None):
@@ -211,6 +249,7 @@ def run_command(command, argv=None, prog=None):
     script = COMMANDS[command][0]
     parser = build_parser(command, prog or f'scripts/{script}')
     args = parser.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # each stage's summary line shows up as it finishes
     try:
         prepare(args)
         COMMANDS[command][3](args)

@@ -24,8 +24,9 @@ def true_distributions(sentences, aligned=False):
 
 
 def kl_divergence(p, log_q):
-    """KL(p || q) over the last dimension, in nats: p (..., V) probabilities, log_q (..., V) -> (...)."""
-    return (torch.xlogy(p, p) - p * log_q).sum(dim=-1)
+    """KL(p || q) over the last dimension, in nats: p (..., V) probabilities, log_q (..., V) -> (...).
+    Clamped at 0: a KL is never negative, and identical distributions should read 0, not -1e-10."""
+    return (torch.xlogy(p, p) - p * log_q).sum(dim=-1).clamp_min(0.0)
 
 
 def preferred_probability(log_probs, sentences):

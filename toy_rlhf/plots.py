@@ -92,7 +92,7 @@ def plot_sft_loss(history, entropy_floor, path):
                label=f'entropy floor {entropy_floor:.3f} nats (the lowest loss possible)')
     ax.set_xlabel('iteration')
     ax.set_ylabel('cross-entropy (nats per output token)')
-    ax.set_title('SFT loss: the curve cannot go below the entropy of the language')
+    ax.set_title('SFT loss: its expectation cannot go below the entropy of the language')
     ax.legend()
     ax.grid(alpha=0.3)
     return _save(fig, path)
