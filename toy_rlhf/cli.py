@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from toy_rlhf import pipeline
+from toy_rlhf.benchmark import benchmark, format_report
 from toy_rlhf.checkpoint import CheckpointError
 from toy_rlhf.run_all import RunAllConfig, run_all
 from toy_rlhf.training import TrainingError
@@ -73,16 +74,20 @@ def _number(text, kind):
     return value
 
 
-def add_common_arguments(parser):
-    parser.add_argument('--run', default='default', metavar='NAME',
-                        help='run name: checkpoints and logs go to runs/NAME (default: default)')
+def add_common_arguments(parser, with_run):
+    if with_run:
+        parser.add_argument('--run', default='default', metavar='NAME',
+                            help='run name: checkpoints and logs go to runs/NAME (default: default)')
     parser.add_argument('--seed', type=int, default=0, help='random seed; same seed, same numbers (default: 0)')
-    parser.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='cpu',
-                        help='where to train; auto picks cuda when available (default: cpu, '
-                             'fastest for models this small)')
     parser.add_argument('--threads', type=positive_int, default=None,
                         help='CPU threads for torch (default: all cores torch sees)')
     parser.add_argument('--quiet', action='store_true', help='no progress bars')
+
+
+def _add_device(parser):
+    parser.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='cpu',
+                        help='where SFT and the reward model train; auto picks cuda when available '
+                             '(default: cpu, fastest for models this small; PPO and evaluation run on the CPU)')
 
 
 def _flag(parser, name, config, field, kind, help_text, **extra):
@@ -98,6 +103,7 @@ def add_sft_arguments(parser):
     _flag(parser, '--batch-size', config, 'batch_size', positive_int, 'sentences per step')
     _flag(parser, '--lr', config, 'learning_rate', positive_float, 'peak learning rate, cosine-decayed to 0')
     _add_model_type(parser, config)
+    _add_device(parser)
 
 
 def add_reward_arguments(parser):
@@ -110,6 +116,7 @@ def add_reward_arguments(parser):
           'gold reward of the preferred first digit; the labeler picks a response with probability '
           'sigmoid(reward difference), so smaller means noisier labels')
     _add_model_type(parser, config)
+    _add_device(parser)
 
 
 def add_ppo_arguments(parser):
@@ -157,6 +164,7 @@ def add_all_arguments(parser):
                         help='prompt of the per-sentence figures (default: 5 7 1 5)')
     parser.add_argument('--response', type=digit, nargs=4, default=[6, 2, 7, 3], metavar='D',
                         help='response of the per-sentence figures (default: 6 2 7 3)')
+    _add_device(parser)
 
 
 def run_everything(args):
@@ -166,6 +174,20 @@ def run_everything(args):
     config = RunAllConfig(betas=tuple(args.betas), seed=args.seed, quick=args.quick, fresh=args.fresh,
                           prompt=tuple(args.prompt), response=tuple(args.response), device=args.device)
     run_all(args.run_dir, args.plots_dir, config, args.progress)
+
+
+def add_benchmark_arguments(parser):
+    parser.add_argument('--repeats', type=positive_int, default=3,
+                        help='fresh runs of the whole pipeline to take medians over (default: 3)')
+    parser.add_argument('--quick', action='store_true', help='benchmark the smoke-test schedule')
+    parser.add_argument('--json', action='store_true', help='print the figures as JSON')
+
+
+def run_benchmark(args):
+    passed_on = ['--seed', str(args.seed)] + (['--threads', str(args.threads)] if args.threads else []) \
+        + (['--quick'] if args.quick else [])
+    result = benchmark(args.repeats, passed_on)
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
 
 
 def _add_model_type(parser, config):
@@ -191,6 +213,7 @@ def evaluate(args):
         print(f'  {name:<16} {value:.4f}')
 
 
+WRITES_RUN_DIR = {'sft', 'reward', 'ppo', 'all'}
 COMMANDS = {
     # name: (script, description, add_arguments, run)
     'sft': ('train_sft.py', 'Supervised fine-tuning: teach a GPT the digit language; writes '
@@ -207,6 +230,9 @@ COMMANDS = {
     'all': ('run_all.py', 'The whole pipeline: SFT, reward model, PPO for each beta, exact evaluation, '
             'six figures and runs/RUN/report.md. Stages whose checkpoints were made with the same '
             'settings are reused.', add_all_arguments, run_everything),
+    'benchmark': ('benchmark.py', 'Time the default pipeline over several fresh runs in a temporary '
+                  'folder: median seconds and samples per second per stage, peak memory, and the '
+                  'quality figures of the same runs.', add_benchmark_arguments, run_benchmark),
     'evaluate': ('evaluate.py', 'Exact gold metrics of a policy checkpoint: preference rate, '
                  'fidelity, gold rate, KL to the reference and to the aligned language.',
                  add_evaluate_arguments, evaluate),
@@ -216,21 +242,22 @@ COMMANDS = {
 def build_parser(command, prog):
     _, description, add_arguments, _ = COMMANDS[command]
     parser = Parser(prog=prog, description=description)
-    add_common_arguments(parser)
+    add_common_arguments(parser, with_run=command in WRITES_RUN_DIR)
     add_arguments(parser)
     return parser
 
 
-def prepare(args):
+def prepare(command, args):
     """Check the settings argparse cannot check, and set up torch accordingly."""
-    if args.device == 'auto':
+    if getattr(args, 'device', None) == 'auto':
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if args.device == 'cuda' and not torch.cuda.is_available():
+    if getattr(args, 'device', None) == 'cuda' and not torch.cuda.is_available():
         raise UsageError('--device cuda: no CUDA device is available here; use --device cpu')
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.run_dir = Path('runs') / args.run
-    _check_writable(args.run_dir)
+    if command in WRITES_RUN_DIR:
+        args.run_dir = Path('runs') / args.run
+        _check_writable(args.run_dir)
     args.progress = not args.quiet
 
 
@@ -251,7 +278,7 @@ def run_command(command, argv=None, prog=None):
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # each stage's summary line shows up as it finishes
     try:
-        prepare(args)
+        prepare(command, args)
         COMMANDS[command][3](args)
     except (UsageError, CheckpointError, TrainingError) as error:
         print(f'{parser.prog}: error: {error}', file=sys.stderr)

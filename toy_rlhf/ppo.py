@@ -43,7 +43,6 @@ class PPOConfig:
     gae_lambda: float = 0.95  # GAE lambda (critic only); gamma is 1
     value_clip: float = 0.2  # clip of the value update (critic only)
     seed: int = 0
-    device: str = 'cpu'
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,9 @@ from toy_rlhf.policy import policy_config
 from toy_rlhf.training import check_finite, learning_rate_at, progress_bar, set_learning_rate
 
 
+MAX_SENTENCES = 2 ** 18  # about 34 MB of training sentences
+
+
 @dataclass
 class SFTConfig:
     iters: int = 800  # optimizer steps
@@ -31,8 +34,9 @@ def train_sft(config, progress=True):
     """
     set_seed(config.seed)
     model = GPT(policy_config(config.model_type))
-    # As many sentences as training reads, so each is seen about once: no memorising of sampling noise.
-    dataset = SupervisedDataset(config.iters * config.batch_size, seed=config.seed)
+    # As many sentences as training reads (up to a memory cap), so each is seen about once: nothing
+    # to memorise but the language itself.
+    dataset = SupervisedDataset(min(config.iters * config.batch_size, MAX_SENTENCES), seed=config.seed)
 
     trainer_config = Trainer.get_default_config()
     trainer_config.merge_from_dict({

@@ -1,0 +1,181 @@
+"""The exact metrics: checked on stand-in policies whose answers are known by hand (the language
+itself and the aligned language), and the gold-rate estimator against plain counting."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mingpt.model import GPT
+from toy_rlhf.language import (PROMPT_LENGTH, SEQUENCE_LENGTH, VOCAB_SIZE, is_valid_output,
+                               next_token_distribution, preferred_first_token, sample_prompts)
+from toy_rlhf.metrics import evaluate_policy, gold_rate, kl_divergence, language_kl
+from toy_rlhf.policy import generate_responses, policy_config
+
+torch.set_num_threads(1)  # avoids thread oversubscription on 2 shared cores
+
+# The probability an oracle gives a token the language forbids (log 0 is not a logit). With at most
+# 10 such tokens, every exact metric below is off by at most ~1e-11 because of it.
+FORBIDDEN = 1e-12
+
+
+class LanguageOracle(torch.nn.Module):
+    """A policy whose next-token distribution after prompt + SEP + k digits is exactly the language's
+    (aligned=True: the first digit is always the preferred one). GPT's interface: model(idx) ->
+    (logits, None), block_size, and GPT's own generate, which only calls the model."""
+    block_size = SEQUENCE_LENGTH - 1
+    generate = GPT.generate
+
+    def __init__(self, aligned=False):
+        super().__init__()
+        self.aligned = aligned
+
+    def forward(self, idx, targets=None):
+        logits = torch.zeros(*idx.shape, VOCAB_SIZE)  # uniform before SEP, where nothing is asked
+        for position in range(PROMPT_LENGTH, idx.size(1)):
+            distribution = next_token_distribution(idx[:, :position + 1])
+            if self.aligned and position == PROMPT_LENGTH:
+                distribution = F.one_hot(preferred_first_token(idx), VOCAB_SIZE).float()
+            logits[:, position] = distribution.clamp_min(FORBIDDEN).log()
+        return logits, None
+
+
+# The language's preference rate, by hand: the first digit increments one of the four prompt digits
+# at random, and it is x4 + 1 when it increments x4 or another digit equal to x4 (each of the other
+# three with probability 1/10): (1 + N) / 4 with N ~ Binomial(3, 0.1), mean 1.3 / 4 = 0.325,
+# standard deviation over prompts sqrt(0.27) / 4 = 0.130.
+LANGUAGE_PREFERENCE = 0.325
+# KL between the language and the aligned language (either direction: one of them is one-hot on the
+# first digit, and later digits are identical): E[log(4 / (1 + N))]
+#   = 0.729 log 4 + 0.243 log 2 + 0.027 log(4/3) + 0.001 log 1 = 1.1868 nats, sd over prompts 0.334.
+ALIGNMENT_KL = 0.729 * math.log(4) + 0.243 * math.log(2) + 0.027 * math.log(4 / 3)
+PROMPTS = 2000
+# Both are averages over 2000 sampled prompts of exact per-prompt values: 5 standard errors are
+# 5 * 0.130 / sqrt(2000) = 0.015 and 5 * 0.334 / sqrt(2000) = 0.037.
+PREFERENCE_TOLERANCE = 0.015
+ALIGNMENT_KL_TOLERANCE = 0.04
+
+
+@pytest.fixture(scope='module')
+def language():
+    return LanguageOracle()
+
+
+@pytest.fixture(scope='module')
+def aligned():
+    return LanguageOracle(aligned=True)
+
+
+@pytest.fixture(scope='module')
+def language_metrics(language):
+    return evaluate_policy(language, language, PROMPTS, seed=0)
+
+
+@pytest.fixture(scope='module')
+def aligned_metrics(aligned, language):
+    return evaluate_policy(aligned, language, PROMPTS, seed=0)
+
+
+# --- the language itself --------------------------------------------------------------------------
+
+def test_the_oracle_samples_only_sentences_of_the_language(language):
+    prompts = sample_prompts(500, torch.Generator().manual_seed(1))
+    sentences = generate_responses(language, prompts, torch.Generator().manual_seed(2))
+    assert torch.all(is_valid_output(prompts, sentences[:, PROMPT_LENGTH + 1:]))
+
+
+def test_the_language_obeys_its_rule_everywhere(language_metrics):
+    assert language_metrics['fidelity'] > 1 - 1e-6
+
+
+def test_the_language_prefers_the_preferred_digit_at_the_hand_computed_rate(language_metrics):
+    assert abs(language_metrics['preference_rate'] - LANGUAGE_PREFERENCE) < PREFERENCE_TOLERANCE
+
+
+def test_for_the_language_the_gold_rate_is_the_preference_rate(language_metrics):
+    # Later digits are always valid, so gold = preferred first digit, on the same prompts.
+    assert math.isclose(language_metrics['gold_rate'], language_metrics['preference_rate'], rel_tol=1e-5)
+
+
+def test_a_policy_has_no_kl_to_itself(language_metrics):
+    assert abs(language_metrics['kl_to_reference']) < 1e-6
+
+
+def test_the_language_is_the_hand_computed_kl_away_from_the_aligned_language(language_metrics):
+    assert abs(language_metrics['kl_to_aligned'] - ALIGNMENT_KL) < ALIGNMENT_KL_TOLERANCE
+
+
+def test_the_language_oracle_has_no_kl_to_the_true_language(language):
+    assert abs(language_kl(language, n=2000)) < 1e-6
+
+
+# --- the aligned language -------------------------------------------------------------------------
+
+def test_the_aligned_language_always_writes_gold_responses(aligned_metrics):
+    assert aligned_metrics['preference_rate'] > 1 - 1e-6
+    assert aligned_metrics['gold_rate'] > 1 - 1e-6
+    assert aligned_metrics['fidelity'] > 1 - 1e-6
+
+
+def test_the_aligned_language_has_no_kl_to_itself_and_the_hand_computed_kl_to_the_language(aligned_metrics):
+    assert abs(aligned_metrics['kl_to_aligned']) < 1e-6
+    assert abs(aligned_metrics['kl_to_reference'] - ALIGNMENT_KL) < ALIGNMENT_KL_TOLERANCE
+
+
+# --- the gold-rate estimator ----------------------------------------------------------------------
+
+def random_policy():
+    torch.manual_seed(0)
+    return GPT(policy_config()).eval()
+
+
+@pytest.mark.parametrize('name, n', [
+    # Near-uniform over 11 tokens: gold rate ~ 1/11 * (3.4/11)^3 ~ 0.003, ~250 gold samples in
+    # 80000; their count has a relative error of ~6%, and the check below tolerates ~30%. A count
+    # that forgot any one step's mass would be off by a factor of 3 or more.
+    ('random', 80_000),
+    # Gold rate ~0.27: 5 standard errors are ~0.015, a third of what dropping the later digits'
+    # mass (fidelity ~0.95, cubed) would change.
+    ('sft', 20_000),
+])
+def test_the_sequential_gold_rate_agrees_with_counting_gold_samples(name, n, request):
+    policy = random_policy() if name == 'random' else request.getfixturevalue('sft_policy')
+    prompts = sample_prompts(n, torch.Generator().manual_seed(3))
+    sentences = generate_responses(policy, prompts, torch.Generator().manual_seed(4))
+    responses = sentences[:, PROMPT_LENGTH + 1:]
+    counted = ((responses[:, 0] == preferred_first_token(prompts))
+               & is_valid_output(prompts, responses).all(dim=1)).double()
+    sequential = gold_rate(policy, prompts, torch.Generator().manual_seed(5)).double()
+    assert counted.sum() > 100  # enough gold samples for the normal approximation
+    # The two estimates are independent given the prompts and positively correlated through them,
+    # so the variance of their difference is at most the sum of their variances: 5 standard errors
+    # of it fail an unbiased estimator with probability < 6e-7.
+    standard_error = math.sqrt((counted.var() + sequential.var()).item() / n)
+    assert abs(counted.mean().item() - sequential.mean().item()) < 5 * standard_error
+
+
+def test_the_sequential_gold_rate_has_less_variance_than_counting(sft_policy):
+    prompts = sample_prompts(5000, torch.Generator().manual_seed(6))
+    sequential = gold_rate(sft_policy, prompts, torch.Generator().manual_seed(7))
+    rate = sequential.mean().item()
+    assert sequential.var().item() < rate * (1 - rate)  # the variance of one counted sample
+
+
+# --- KL -------------------------------------------------------------------------------------------
+
+def test_kl_divergence_matches_hand_values():
+    p = torch.tensor([0.5, 0.5])
+    q = torch.tensor([0.25, 0.75])
+    # 0.5 log(0.5 / 0.25) + 0.5 log(0.5 / 0.75) = 0.5 log(4 / 3) = 0.1438
+    assert math.isclose(kl_divergence(p, q.log()).item(), 0.5 * math.log(4 / 3), rel_tol=1e-6)
+    # A zero in p contributes nothing (0 log 0 = 0): KL((1, 0, 0) || (1/2, 1/4, 1/4)) = log 2.
+    assert math.isclose(kl_divergence(torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.5, 0.25, 0.25]).log()).item(),
+                        math.log(2), rel_tol=1e-6)
+    assert kl_divergence(p, p.log()).item() == 0.0
+
+
+def test_kl_divergence_reduces_only_the_last_dimension():
+    p = torch.tensor([[0.5, 0.5], [1.0, 0.0]]).expand(3, 2, 2)
+    log_q = torch.tensor([0.25, 0.75]).log().expand(3, 2, 2)
+    expected = torch.tensor([0.5 * math.log(4 / 3), math.log(4)]).expand(3, 2)
+    assert torch.allclose(kl_divergence(p, log_q), expected)

@@ -1,0 +1,136 @@
+"""The one-command pipeline at the quick schedule: files, reuse, byte-for-byte reproducibility,
+interruption and numerical faults."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from toy_rlhf import ppo
+from toy_rlhf.run_all import RunAllConfig, run_all
+from toy_rlhf.training import TrainingError
+
+SCRIPTS = Path(__file__).resolve().parent.parent / 'scripts'
+FIGURES = ('sft_loss', 'reward_model', 'ppo_curves', 'next_token_probs', 'attention', 'first_token')
+CHECKPOINTS = ('sft.pt', 'reward.pt', 'ppo_beta1.pt', 'ppo_beta0.pt')
+
+
+@pytest.fixture(scope='module')
+def quick_run(tmp_path_factory):
+    """One quick pipeline run: (run folder, plots folder, printed output)."""
+    root = tmp_path_factory.mktemp('quick')
+    return _run(root / 'runs' / 'a', root / 'plots')
+
+
+def _run(run_dir, plots_dir, **settings):
+    import contextlib
+    import io
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        run_all(run_dir, plots_dir, RunAllConfig(quick=True, **settings), progress=False)
+    return run_dir, plots_dir, printed.getvalue()
+
+
+def test_the_quick_pipeline_writes_every_checkpoint_figure_and_report(quick_run):
+    run_dir, plots_dir, _ = quick_run
+    for name in CHECKPOINTS:
+        assert (run_dir / name).stat().st_size > 0
+    for name in FIGURES:
+        assert (plots_dir / f'{name}.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    for name in ('report.md', 'metrics.json', 'timings.json'):
+        assert (run_dir / name).stat().st_size > 0
+
+
+def test_metrics_json_holds_no_times_dates_or_paths(quick_run):
+    run_dir, _, _ = quick_run
+    text = (run_dir / 'metrics.json').read_text()
+    assert 'seconds' not in text
+    assert str(run_dir.parent.parent) not in text
+    assert not re.search(r'\d{4}-\d{2}-\d{2}', text)
+
+
+def test_the_report_table_holds_the_numbers_of_metrics_json(quick_run):
+    run_dir, _, _ = quick_run
+    metrics = json.loads((run_dir / 'metrics.json').read_text())
+    report = (run_dir / 'report.md').read_text()
+    for label, values in metrics['policies'].items():
+        row = next(line for line in report.splitlines() if line.startswith(f'| {label} |'))
+        cells = [cell.strip() for cell in row.strip('|').split('|')][1:]
+        assert cells[0] == f"{values['preference_rate']:.2%}"
+        assert cells[1] == f"{values['fidelity']:.2%}"
+        assert cells[2] == f"{values['gold_rate']:.2%}"
+        assert cells[3] == f"{values['kl_to_reference']:.3f}"
+        assert cells[4] == f"{values['kl_to_aligned']:.3f}"
+    assert f"{metrics['sft']['language_kl']:.4f}" in report
+
+
+def test_a_second_call_reuses_every_stage_and_a_fresh_run_gives_identical_metrics(quick_run, tmp_path):
+    run_dir, plots_dir, _ = quick_run
+    first = (run_dir / 'metrics.json').read_bytes()
+    _, _, printed = _run(run_dir, plots_dir)
+    assert printed.count('reusing') == len(CHECKPOINTS)
+    assert (run_dir / 'metrics.json').read_bytes() == first
+    # Retrained from scratch in another folder with the same seed: the same numbers, byte for byte.
+    other, _, printed = _run(tmp_path / 'runs' / 'b', tmp_path / 'plots')
+    assert 'reusing' not in printed
+    assert (other / 'metrics.json').read_bytes() == first
+
+
+def test_ctrl_c_during_a_stage_leaves_finished_checkpoints_intact_and_the_next_run_resumes(quick_run, tmp_path):
+    run_dir, plots_dir, _ = quick_run
+    before = {name: (run_dir / name).read_bytes() for name in CHECKPOINTS}
+    # A long SFT run into the same folder, interrupted while it trains.
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPTS / 'train_sft.py'), '--iters', '100000', '--quiet',
+         '--run', run_dir.name], cwd=run_dir.parent.parent, stderr=subprocess.PIPE, text=True)
+    _wait_until_training(process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert len(stderr.strip().splitlines()) == 1 and 'Traceback' not in stderr
+    assert {name: (run_dir / name).read_bytes() for name in CHECKPOINTS} == before
+    assert not [path for path in run_dir.iterdir() if path.name.startswith('.')]
+    _, _, printed = _run(run_dir, plots_dir)
+    assert printed.count('reusing') == len(CHECKPOINTS)
+
+
+def _wait_until_training(process, timeout=60):
+    """Wait until the process has used a few CPU seconds (imports done, SFT under way)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert process.poll() is None, 'the training process ended early'
+        ticks = int(Path(f'/proc/{process.pid}/stat').read_text().rsplit(')', 1)[1].split()[11])
+        if ticks / os.sysconf('SC_CLK_TCK') > 6:
+            return
+        time.sleep(0.2)
+    raise AssertionError('the training process did not start training in time')
+
+
+def test_a_nan_reward_stops_ppo_naming_stage_iteration_and_quantity(quick_run, monkeypatch, tmp_path):
+    run_dir, _, _ = quick_run
+    real_score = ppo.score_sentences
+    monkeypatch.setattr(ppo, 'score_sentences', lambda model, sentences: real_score(model, sentences) * float('nan'))
+    copy = tmp_path / 'runs' / 'nan'
+    copy.mkdir(parents=True)
+    for name in ('sft.pt', 'reward.pt'):
+        (copy / name).write_bytes((run_dir / name).read_bytes())
+    from toy_rlhf.pipeline import PPOConfig, ppo_stage
+    with pytest.raises(TrainingError, match=r'^ppo: iteration 0: rewards is nan'):
+        ppo_stage(copy, PPOConfig(iters=2, prompts_per_iter=8), progress=False)
+    assert not (copy / 'ppo_beta1.pt').exists()
+    assert not (copy / 'ppo_beta1.jsonl').exists()
+
+
+def test_a_nan_loss_stops_sft_with_one_line(monkeypatch):
+    from toy_rlhf import sft
+    real_forward = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, 'cross_entropy',
+                        lambda *args, **kwargs: real_forward(*args, **kwargs) * float('inf'))
+    with pytest.raises(TrainingError, match=r'^sft: iteration 0: loss is inf'):
+        sft.train_sft(sft.SFTConfig(iters=3, batch_size=8), progress=False)
