@@ -122,7 +122,7 @@ def test_both_responses_are_valid_sentences_of_the_language(pairs):
     assert torch.all(is_valid_output(prompts, rejected))
 
 
-def test_with_noiseless_labels_the_accepted_response_starts_with_the_preferred_digit_and_the_rejected_does_not(pairs):
+def test_with_noiseless_labels_the_accepted_response_starts_with_the_preferred_digit(pairs):
     prompts, accepted, rejected = parts(pairs)
     preferred = preferred_first_token(prompts)
     assert torch.all(accepted[:, 0] == preferred)
@@ -156,12 +156,12 @@ def test_the_reward_model_ranks_the_preferred_first_digit_highest_on_fresh_promp
     # All ten first digits compete, six or more of which never start a training response to that
     # prompt (pairs are always valid sentences); the preferred one is the unique best for every
     # prompt, so a model that learnt the preference scores 1 and chance is 0.1. 95% allows a few
-    # confusions on 2000 prompts drawn with a seed (12) the training did not use.
-    assert rank_rate(reward_model, n_prompts=2000, seed=12) >= 0.95
+    # confusions on 1000 prompts drawn with a seed (12) the training did not use.
+    assert rank_rate(reward_model, n_prompts=1000, seed=12) >= 0.95
 
 
 def test_the_reward_model_orders_held_out_pairs_correctly(reward_model):
     # Labels at margin 20 are noiseless, so a model that learnt the preference gets every pair right;
     # 95% allows a few confusions. Chance is 50%.
-    held_out = PreferenceDataset(4000, gold_margin=20.0, seed=1)
+    held_out = PreferenceDataset(2000, gold_margin=20.0, seed=1)
     assert pairwise_accuracy(reward_model, held_out) >= 0.95

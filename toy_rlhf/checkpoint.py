@@ -6,13 +6,12 @@ Writing goes to a temporary file in the same folder that is then renamed over th
 interrupted write never leaves a half-written checkpoint under the final name. Reading uses
 torch.load(weights_only=True), which refuses any pickle that would run code.
 """
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from mingpt.model import GPT
+from toy_rlhf.files import atomic_write
 from toy_rlhf.language import SEQUENCE_LENGTH, VOCAB_SIZE
 
 FORMAT_VERSION = 1
@@ -39,23 +38,6 @@ def save_checkpoint(path, model, kind, train_config, metrics):
         'state_dict': {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
     }
     atomic_write(path, lambda file: torch.save(payload, file))
-
-
-def atomic_write(path, write):
-    """Call write(file) on a temporary file beside `path`, then rename it to `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(descriptor, 'wb') as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary file
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint(path, kind=None):
@@ -106,15 +88,16 @@ def load_model(path, kind=None, device='cpu'):
 
 
 def how_to_make(path, kind=None):
-    """The command that makes the checkpoint at `path`, guessed from its name (for error messages)."""
+    """The command that makes a checkpoint of `kind` at `path`, guessed from the file name where
+    the name fits the kind (for error messages)."""
     name = Path(path).name
     run_dir = Path(path).parent
     run = f' --run {run_dir.name}' if run_dir.parent.name == 'runs' and run_dir.name != 'default' else ''
+    if kind == 'reward' or (kind is None and name == 'reward.pt'):
+        return f'python scripts/train_reward.py{run}'
     if name == 'sft.pt':
         return f'python scripts/train_sft.py{run}'
-    if name == 'reward.pt' or (kind == 'reward' and name != 'sft.pt'):
-        return f'python scripts/train_reward.py{run}'
-    if name.startswith('ppo_beta'):
-        beta = name[len('ppo_beta'):-len('.pt')]
-        return f'python scripts/train_ppo.py --beta {beta}{run}'
+    if name.startswith(('ppo_beta', 'dpo_beta')) and name.endswith('.pt'):
+        script = 'train_ppo.py' if name.startswith('ppo') else 'train_dpo.py'
+        return f'python scripts/{script} --beta {name[len("ppo_beta"):-len(".pt")]}{run}'
     return f'python scripts/run_all.py{run}'

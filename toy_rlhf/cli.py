@@ -15,6 +15,7 @@ from toy_rlhf import pipeline
 from toy_rlhf.benchmark import benchmark, format_report
 from toy_rlhf.checkpoint import CheckpointError
 from toy_rlhf.run_all import RunAllConfig, run_all
+from toy_rlhf.sweep import SweepConfig, compare_critic, sweep
 from toy_rlhf.training import TrainingError
 
 
@@ -29,56 +30,33 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
 
 
-def positive_int(text):
-    value = _number(text, int)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f'must be a positive integer, got {text}')
-    return value
+def number_type(kind, accepts, description):
+    """An argparse type: text parsed as `kind` (int or float), finite, and accepted by `accepts`."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'must be {description}, got {text!r}') from None
+        if value != value or abs(value) == float('inf') or not accepts(value):
+            raise argparse.ArgumentTypeError(f'must be {description}, got {text}')
+        return value
+    return parse
 
 
-def positive_float(text):
-    value = _number(text, float)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f'must be a positive number, got {text}')
-    return value
-
-
-def at_least_two(text):
-    value = _number(text, int)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f'must be an integer >= 2, got {text}')
-    return value
-
-
-def unit_interval(text):
-    value = _number(text, float)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f'must be between 0 and 1, got {text}')
-    return value
-
-
-def non_negative_float(text):
-    value = _number(text, float)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f'must be a number >= 0, got {text}')
-    return value
-
-
-def _number(text, kind):
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'not a{"n integer" if kind is int else " number"}: {text!r}') from None
-    if value != value or value in (float('inf'), float('-inf')):
-        raise argparse.ArgumentTypeError(f'must be finite, got {text}')
-    return value
+positive_int = number_type(int, lambda value: value > 0, 'a positive integer')
+positive_float = number_type(float, lambda value: value > 0, 'a positive number')
+non_negative_float = number_type(float, lambda value: value >= 0, 'a number >= 0')
+at_least_two = number_type(int, lambda value: value >= 2, 'an integer >= 2')
+unit_interval = number_type(float, lambda value: 0 <= value <= 1, 'a number between 0 and 1')
+digit = number_type(int, lambda value: 0 <= value <= 9, 'a digit 0-9')
+seed = number_type(int, lambda value: 0 <= value < 2 ** 32, 'an integer from 0 to 2^32 - 1')
 
 
 def add_common_arguments(parser, with_run):
     if with_run:
         parser.add_argument('--run', default='default', metavar='NAME',
                             help='run name: checkpoints and logs go to runs/NAME (default: default)')
-    parser.add_argument('--seed', type=int, default=0, help='random seed; same seed, same numbers (default: 0)')
+    parser.add_argument('--seed', type=seed, default=0, help='random seed; same seed, same numbers (default: 0)')
     parser.add_argument('--threads', type=positive_int, default=None,
                         help='CPU threads for torch (default: all cores torch sees)')
     parser.add_argument('--quiet', action='store_true', help='no progress bars')
@@ -136,20 +114,28 @@ def add_ppo_arguments(parser):
     _flag(parser, '--gae-lambda', config, 'gae_lambda', unit_interval, 'GAE lambda (with --critic)')
 
 
+def add_dpo_arguments(parser):
+    config = pipeline.DPOConfig()
+    _flag(parser, '--beta', config, 'beta', positive_float, 'KL strength of the objective DPO solves')
+    _flag(parser, '--pairs', config, 'pairs', positive_int, 'labelled preference pairs to train on')
+    _flag(parser, '--iters', config, 'iters', positive_int, 'optimizer steps')
+    _flag(parser, '--batch-size', config, 'batch_size', positive_int, 'pairs per step')
+    _flag(parser, '--lr', config, 'learning_rate', positive_float, 'peak learning rate, cosine-decayed to 0')
+    _flag(parser, '--gold-margin', config, 'gold_margin', positive_float,
+          "gold reward of the preferred first digit the labeler judges by (as for the reward model)")
+
+
 def add_evaluate_arguments(parser):
     parser.add_argument('checkpoint', help='policy checkpoint to evaluate, e.g. runs/default/ppo_beta1.pt')
     parser.add_argument('--reference', default=None,
                         help='reference policy for the KL (default: sft.pt beside the checkpoint)')
     parser.add_argument('--prompts', type=positive_int, default=pipeline.EVALUATION_PROMPTS,
                         help=f'prompts to evaluate on (default: {pipeline.EVALUATION_PROMPTS})')
+    parser.add_argument('--optimal', type=positive_int, nargs='?', const=100, default=None, metavar='N',
+                        help="also compare with the exact optimum of the policy's objective at its own beta, "
+                             'over all 10^4 responses of N prompts (default N: 100; needs reward.pt '
+                             'beside the checkpoint)')
     parser.add_argument('--json', action='store_true', help='print the metrics as JSON')
-
-
-def digit(text):
-    value = _number(text, int)
-    if not 0 <= value <= 9:
-        raise argparse.ArgumentTypeError(f'must be a digit 0-9, got {text}')
-    return value
 
 
 def add_all_arguments(parser):
@@ -174,6 +160,33 @@ def run_everything(args):
     config = RunAllConfig(betas=tuple(args.betas), seed=args.seed, quick=args.quick, fresh=args.fresh,
                           prompt=tuple(args.prompt), response=tuple(args.response), device=args.device)
     run_all(args.run_dir, args.plots_dir, config, args.progress)
+
+
+def add_sweep_arguments(parser):
+    config = SweepConfig()
+    parser.add_argument('--betas', type=non_negative_float, nargs='+', default=list(config.betas), metavar='BETA',
+                        help=f"PPO betas (default: {' '.join(f'{b:g}' for b in config.betas)})")
+    parser.add_argument('--dpo-betas', type=non_negative_float, nargs='*', default=list(config.dpo_betas),
+                        metavar='BETA', help=f"DPO betas, none to skip DPO (default: "
+                                             f"{' '.join(f'{b:g}' for b in config.dpo_betas)})")
+    parser.add_argument('--prompts', type=positive_int, default=config.prompts,
+                        help=f'prompts of the exact evaluation, all 10^4 responses each (default: {config.prompts})')
+    parser.add_argument('--plots-dir', default='plots', metavar='DIR', help='where frontier.png goes (default: plots)')
+    parser.add_argument('--fresh', action='store_true', help='retrain policies whose checkpoints are current')
+    parser.add_argument('--critic-seeds', type=seed, nargs='*', default=[], metavar='SEED',
+                        help='also compare PPO with and without --critic on these seeds and draw '
+                             'ppo_variants.png (default: none)')
+
+
+def run_sweep(args):
+    if any(beta == 0 for beta in args.dpo_betas):
+        raise UsageError('--dpo-betas: DPO needs beta > 0')
+    _check_writable(Path(args.plots_dir))
+    config = SweepConfig(betas=tuple(args.betas), dpo_betas=tuple(args.dpo_betas), prompts=args.prompts,
+                         seed=args.seed, fresh=args.fresh)
+    sweep(args.run_dir, args.plots_dir, config, args.progress)
+    if args.critic_seeds:
+        compare_critic(args.run_dir, Path(args.plots_dir), tuple(args.critic_seeds), progress=args.progress)
 
 
 def add_benchmark_arguments(parser):
@@ -205,15 +218,18 @@ def evaluate(args):
     path = Path(args.checkpoint)
     reference = Path(args.reference) if args.reference else path.parent / 'sft.pt'
     metrics = pipeline.evaluate_checkpoint(path, reference, args.prompts, args.seed)
+    if args.optimal:
+        optimum = pipeline.optimum_gap(path, reference, path.parent / 'reward.pt', args.optimal, args.seed)
+        metrics.update({f'optimum/{name}': value for name, value in optimum.items()})
     if args.json:
         print(json.dumps(metrics, indent=2, sort_keys=True))
         return
     print(f'{path} against {reference}, {args.prompts} prompts (seed {args.seed}):')
     for name, value in metrics.items():
-        print(f'  {name:<16} {value:.4f}')
+        print(f'  {name:<32} {value:.4f}')
 
 
-WRITES_RUN_DIR = {'sft', 'reward', 'ppo', 'all'}
+WRITES_RUN_DIR = {'sft', 'reward', 'ppo', 'dpo', 'all', 'sweep'}
 COMMANDS = {
     # name: (script, description, add_arguments, run)
     'sft': ('train_sft.py', 'Supervised fine-tuning: teach a GPT the digit language; writes '
@@ -227,9 +243,16 @@ COMMANDS = {
             'of strength beta; needs runs/RUN/sft.pt and reward.pt; writes runs/RUN/ppo_beta<B>.pt and '
             '.jsonl.', add_ppo_arguments,
             lambda args: pipeline.ppo_stage(args.run_dir, config_from(args, pipeline.PPOConfig), args.progress)),
+    'dpo': ('train_dpo.py', 'Direct preference optimisation: fine-tune the SFT policy on the labelled '
+            'pairs themselves, no reward model; needs runs/RUN/sft.pt; writes runs/RUN/dpo_beta<B>.pt '
+            'and .jsonl.', add_dpo_arguments,
+            lambda args: pipeline.dpo_stage(args.run_dir, config_from(args, pipeline.DPOConfig), args.progress)),
     'all': ('run_all.py', 'The whole pipeline: SFT, reward model, PPO for each beta, exact evaluation, '
             'six figures and runs/RUN/report.md. Stages whose checkpoints were made with the same '
             'settings are reused.', add_all_arguments, run_everything),
+    'sweep': ('sweep_beta.py', 'Train PPO for several betas (and DPO) from the run\'s SFT policy and '
+              'reward model, evaluate each exactly against the closed-form optimum over all 10^4 '
+              'responses, draw frontier.png, write runs/RUN/sweep.md.', add_sweep_arguments, run_sweep),
     'benchmark': ('benchmark.py', 'Time the default pipeline over several fresh runs in a temporary '
                   'folder: median seconds and samples per second per stage, peak memory, and the '
                   'quality figures of the same runs.', add_benchmark_arguments, run_benchmark),

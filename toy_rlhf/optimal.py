@@ -15,11 +15,11 @@ writing four digits). The mass a policy puts on responses with SEP in them is re
 (`non_digit_mass`); for trained policies it is tiny. Computations are in float64 so that identities
 such as J_beta(pi*) = J*_beta hold to ~1e-12.
 """
+import math
+
 import torch
 
-from toy_rlhf.language import DIGITS, PROMPT_LENGTH, RESPONSE_LENGTH, is_valid_output, join, \
-    preferred_first_token
-from toy_rlhf.reward import score_sentences
+from toy_rlhf.language import CLS, DIGITS, RESPONSE_LENGTH, is_valid_output, join, preferred_first_token
 
 RESPONSES = DIGITS ** RESPONSE_LENGTH  # 10^4 digit responses per prompt
 
@@ -33,49 +33,94 @@ def all_responses():
 # The expensive part: one pass of each model over the enumeration, reused for every beta.
 
 @torch.no_grad()
-def response_log_probs_exact(policy, prompts, prompts_per_pass=16):
-    """log pi(y|x) of every digit response: prompts (P, 4) -> (P, 10^4) float64, responses in the
-    order of all_responses().
+def trie_outputs(model, contexts, depth, end_token=None):
+    """A GPT's outputs after contexts (P, T0) followed by every digit string of up to `depth` digits,
+    each node of the trie of strings computed once (eval mode: no dropout).
 
-    A trie instead of 10^4 x 4 rows: the sequence prompt + SEP + y1 y2 y3 (length 8) holds, in one
-    teacher-forced pass, the next-token distributions of y1 (position 4, the same for every
-    prefix), y2 | y1, y3 | y1 y2 and y4 | y1 y2 y3. So the 1,000 three-digit prefixes of a prompt
-    give everything, and log pi(y) = sum of the four conditionals. The digits' probabilities do not
-    sum to 1 where the policy can write SEP; see non_digit_mass.
+    Returns a list: (P, 1, out) at the context's last position, then (P, 10^l, out) after each
+    string of l = 1..depth digits in lexicographic order, then, if end_token is given, (P, 10^depth,
+    out) after each full string followed by end_token. Equal to model(context + string) at those
+    positions: a node attends to the cached keys and values of its ancestors, so the positions a
+    thousand sequences share are computed once, not a thousand times.
     """
-    prefixes = all_responses()[::DIGITS, :RESPONSE_LENGTH - 1]  # (1000, 3), row j holds digits of j
-    chunks = []
-    for chunk in prompts.split(prompts_per_pass):
-        P = len(chunk)
-        sequences = join(chunk.repeat_interleave(len(prefixes), dim=0), prefixes.repeat(P, 1))
-        logits, _ = policy(sequences)  # (P * 1000, 8, vocab)
-        # Softmax over the whole vocabulary, then the digits: SEP keeps its share of the mass.
-        log_probs = logits[:, PROMPT_LENGTH:].double().log_softmax(dim=-1)[..., :DIGITS]
-        log_probs = log_probs.view(P, len(prefixes), RESPONSE_LENGTH, DIGITS)
-        first = log_probs[:, 0, 0]  # (P, 10): y1
-        second = log_probs[:, ::DIGITS ** 2, 1]  # (P, 10, 10): prefixes y1 0 0 -> y2 | y1
-        third = log_probs[:, ::DIGITS, 2].reshape(P, DIGITS, DIGITS, DIGITS)  # y3 | y1 y2
-        fourth = log_probs[:, :, 3].reshape(P, DIGITS, DIGITS, DIGITS, DIGITS)  # y4 | y1 y2 y3
-        total = (first[:, :, None, None, None] + second[:, :, :, None, None]
-                 + third[:, :, :, :, None] + fourth)
-        chunks.append(total.reshape(P, RESPONSES))
-    return torch.cat(chunks)
+    P, T0 = contexts.shape
+    cache = [[] for _ in model.blocks]  # per layer: (keys, values) of each level
+    outputs = [_extend(model, contexts.unsqueeze(1), 0, cache)[:, :, -1]]
+    for level in range(1, depth + 1):
+        # Level l holds the 10^l strings of l digits; node j ends in digit j % 10.
+        digits = torch.arange(DIGITS, device=contexts.device).repeat(DIGITS ** (level - 1))
+        outputs.append(_extend(model, digits.expand(P, -1).unsqueeze(2), T0 + level - 1, cache)[:, :, 0])
+    if end_token is not None:
+        ends = torch.full((P, DIGITS ** depth, 1), end_token, device=contexts.device)
+        outputs.append(_extend(model, ends, T0 + depth, cache)[:, :, 0])
+    return outputs
+
+
+def _extend(model, tokens, position, cache):
+    """Run tokens (P, N, n) of N nodes at positions position..position + n - 1 through the model,
+    each node attending to its ancestors' keys and values in cache and causally to its own tokens;
+    appends the new keys and values to cache. Returns the outputs (P, N, n, out)."""
+    P, N, n = tokens.shape
+    positions = torch.arange(position, position + n, device=tokens.device)
+    x = (model.wte(tokens) + model.wpe(positions)).view(P * N, n, -1)
+    for block, layer_cache in zip(model.blocks, cache):
+        q, k, v = (t.view(P, N, *t.shape[1:]) for t in block.attn._heads(block.ln_1(x)))  # (P, N, nh, n, hs)
+        layer_cache.append((k, v))
+        y = _attention(q, layer_cache)
+        x = x + block.attn.proj(y.flatten(0, 1).transpose(1, 2).flatten(2))
+        x = x + block.mlp(block.ln_2(x))
+    return model.head(model.ln_f(x)).view(P, N, n, -1)
+
+
+def _attention(q, levels):
+    """Softmax attention of queries q (P, N, nh, n, hs) over the keys and values of each level, (P,
+    N_t, nh, n_t, hs) each, the last level being the queries' own tokens (seen causally).
+
+    In lexicographic order the N / N_t consecutive nodes below a node of level t are its
+    descendants, so viewing q as (P, N_t, N / N_t, ...) lines each query up with its ancestor's keys
+    without copying them N / N_t times. Returns (P, N, nh, n, hs).
+    """
+    P, N, nh, n, hs = q.shape
+    below = [q.view(P, k.size(1), N // k.size(1), nh, n, hs) for k, _ in levels]
+    scores = torch.cat([torch.einsum('pgjhqd,pghkd->pgjhqk', group, k).reshape(P, N, nh, n, -1)
+                        for group, (k, _) in zip(below, levels)], dim=-1) / math.sqrt(hs)
+    future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(diagonal=1)
+    scores[..., -n:].masked_fill_(future, float('-inf'))  # a token does not see its own level's later ones
+    weights = scores.softmax(dim=-1).split([k.size(3) for k, _ in levels], dim=-1)
+    return sum(torch.einsum('pgjhqk,pghkd->pgjhqd', w.view(*group.shape[:-1], -1), v).reshape(q.shape)
+               for w, group, (_, v) in zip(weights, below, levels))
 
 
 @torch.no_grad()
-def response_rewards_exact(reward_model, prompts, batch_size=8192):
-    """The reward model's score of every digit response: prompts (P, 4) -> (P, 10^4) float64.
+def response_log_probs_exact(policy, prompts, prompts_per_pass=10):
+    """log pi(y|x) of every digit response: prompts (P, 4) -> (P, 10^4) float64, responses in the
+    order of all_responses().
 
-    P * 10^4 forward passes in batches of batch_size sequences, built batch by batch so that memory
-    stays bounded whatever P is.
+    One pass over the trie of the 1,000 three-digit prefixes y1 y2 y3 per prompt (not 10^4 x 4
+    rows): the outputs after prompt + SEP + y1..yl give pi(y_{l+1} | y1..yl), and log pi(y) is the
+    sum of the four conditionals. Where the policy can write SEP the digits' probabilities sum to
+    less than 1; see non_digit_mass.
     """
-    responses = all_responses()
-    rewards = torch.empty(len(prompts) * RESPONSES, dtype=torch.float64)
-    for start in range(0, len(rewards), batch_size):
-        index = torch.arange(start, min(start + batch_size, len(rewards)))
-        sentences = join(prompts[index // RESPONSES], responses[index % RESPONSES])
-        rewards[index] = score_sentences(reward_model, sentences).double()
-    return rewards.view(len(prompts), RESPONSES)
+    tables = []
+    for chunk in prompts.split(prompts_per_pass):
+        P = len(chunk)
+        levels = trie_outputs(policy, join(chunk), RESPONSE_LENGTH - 1)
+        # Softmax over the whole vocabulary, then the digits: SEP keeps its share of the mass.
+        conditionals = [out.double().log_softmax(dim=-1)[..., :DIGITS].reshape(P, -1) for out in levels]
+        tables.append(sum(c.repeat_interleave(RESPONSES // c.size(1), dim=1) for c in conditionals))
+    return torch.cat(tables)
+
+
+@torch.no_grad()
+def response_rewards_exact(reward_model, prompts, prompts_per_pass=1):
+    """The reward model's score of every digit response, read at CLS after prompt + SEP + response:
+    prompts (P, 4) -> (P, 10^4) float64, by the same trie (each response's digits computed once).
+
+    prompts_per_pass bounds the memory, ~100 MB per prompt for gpt-nano; the 10^4 leaves of one
+    prompt are already a batch large enough to be fast, so one at a time is both lean and quickest.
+    """
+    return torch.cat([trie_outputs(reward_model, join(chunk), RESPONSE_LENGTH, end_token=CLS)[-1]
+                      .squeeze(2).double() for chunk in prompts.split(prompts_per_pass)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,7 +145,8 @@ def optimal_log_probs(log_ref, rewards, beta):
     floating-point rewards, practically always).
     """
     if beta == 0:
-        best = _supported(log_ref, rewards) == _supported(log_ref, rewards).amax(dim=1, keepdim=True)
+        supported = _supported(log_ref, rewards)
+        best = supported == supported.amax(dim=1, keepdim=True)
         return digit_distribution(log_ref.masked_fill(~best, float('-inf')))
     return digit_distribution(log_ref + rewards / beta)
 
@@ -137,7 +183,8 @@ def response_kl(log_pi, log_ref):
 def objective(log_pi, log_ref, rewards, beta):
     """The exact KL-regularised objective J_beta(pi) = E_pi[r] - beta * KL(pi || pi_ref), per prompt:
     (P, 10^4) x 3 -> (P,). Over digit responses, pi and pi_ref renormalised (see the module's
-    docstring). J_beta(pi) <= J*_beta for every pi, with equality only at pi*."""
+    docstring). J_beta(pi) <= J*_beta for every pi, with equality only at pi*. beta = 0: E_pi[r]
+    (no KL term, which may be infinite)."""
     reward = expected_reward(log_pi, rewards)
     return reward if beta == 0 else reward - beta * response_kl(log_pi, log_ref)
 
@@ -213,7 +260,8 @@ def compare_to_optimum(log_pi, log_ref, rewards, prompts, beta):
 
     Returns means over prompts: J (the policy's objective), J_star, J_ref (= E_ref[r], the
     reference's objective: its KL is 0), gap_closed = (J - J_ref) / (J_star - J_ref) (1 at the
-    optimum, 0 for the reference, negative if worse than the reference), the policy's reward, KL
+    optimum, 0 for the reference, negative if worse than the reference; nan where the reward is
+    constant and there is no gap), the policy's reward, KL
     split and gold metrics, the same for pi* under 'optimal_*', and the policy's non_digit_mass.
     """
     J = objective(log_pi, log_ref, rewards, beta).mean().item()
@@ -221,7 +269,7 @@ def compare_to_optimum(log_pi, log_ref, rewards, prompts, beta):
     J_ref = expected_reward(log_ref, rewards).mean().item()
     optimum = distribution_summary(optimal_log_probs(log_ref, rewards, beta), log_ref, rewards, prompts)
     return {'beta': beta, 'J': J, 'J_star': J_star, 'J_ref': J_ref,
-            'gap_closed': (J - J_ref) / (J_star - J_ref),
+            'gap_closed': (J - J_ref) / (J_star - J_ref) if J_star > J_ref else float('nan'),
             **distribution_summary(log_pi, log_ref, rewards, prompts),
             **{f'optimal_{name}': value for name, value in optimum.items()},
             'non_digit_mass': non_digit_mass(log_pi).mean().item()}

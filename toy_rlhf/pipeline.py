@@ -12,17 +12,19 @@ from pathlib import Path
 import numpy
 import torch
 
-from toy_rlhf.checkpoint import load_checkpoint, load_model, save_checkpoint
+from toy_rlhf.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from toy_rlhf.data import PreferenceDataset
-from toy_rlhf.language import entropy_floor
+from toy_rlhf.dpo import DPOConfig, train_dpo
+from toy_rlhf.language import entropy_floor, sample_prompts
 from toy_rlhf.metrics import evaluate_policy, language_kl
+from toy_rlhf.optimal import evaluate_against_optimum
 from toy_rlhf.ppo import PPOConfig, train_ppo
 from toy_rlhf.reward import RewardConfig, pairwise_accuracy, rank_rate, train_reward
 from toy_rlhf.sft import SFTConfig, train_sft
-from toy_rlhf.training import write_jsonl
+from toy_rlhf.files import write_jsonl
 
-__all__ = ['SFTConfig', 'RewardConfig', 'PPOConfig', 'sft_stage', 'reward_stage', 'ppo_stage',
-           'evaluate_checkpoint', 'ppo_name', 'stage_is_current']
+__all__ = ['SFTConfig', 'RewardConfig', 'PPOConfig', 'DPOConfig', 'sft_stage', 'reward_stage',
+           'ppo_stage', 'dpo_stage', 'evaluate_checkpoint', 'ppo_name', 'dpo_name', 'stage_is_current']
 
 EVALUATION_PROMPTS = 2000
 
@@ -41,6 +43,11 @@ def fingerprint(path):
 def ppo_name(beta):
     """File stem of the PPO run at beta: ppo_beta1, ppo_beta0, ppo_beta0.1."""
     return f'ppo_beta{beta:g}'
+
+
+def dpo_name(beta):
+    """File stem of the DPO run at beta: dpo_beta1, dpo_beta0.1."""
+    return f'dpo_beta{beta:g}'
 
 
 def _save(run_dir, name, model, kind, config, metrics, history, inputs=()):
@@ -109,8 +116,38 @@ def ppo_stage(run_dir, config, progress=True):
     return metrics
 
 
+def dpo_stage(run_dir, config, progress=True):
+    """Fine-tune the run's SFT policy with DPO on labelled pairs at config.beta, evaluate it exactly,
+    write dpo_beta<B>.pt and .jsonl; returns its metrics."""
+    run_dir = Path(run_dir)
+    inputs = (run_dir / 'sft.pt',)
+    reference = load_model(inputs[0], 'policy')
+    start = time.perf_counter()
+    policy, history = train_dpo(reference, config, progress)
+    metrics = {**evaluate_policy(policy, reference, EVALUATION_PROMPTS, seed=config.seed),
+               'seconds': time.perf_counter() - start}
+    name = dpo_name(config.beta)
+    _save(run_dir, name, policy, 'policy', config, metrics, history, inputs)
+    print(f"DPO beta={config.beta:g}: preference {metrics['preference_rate']:.2%}, fidelity "
+          f"{metrics['fidelity']:.2%}, gold {metrics['gold_rate']:.2%}, KL to reference "
+          f"{metrics['kl_to_reference']:.3f} nats; {metrics['seconds']:.1f} s -> {run_dir / name}.pt")
+    return metrics
+
+
 def evaluate_checkpoint(policy_path, reference_path, n_prompts=EVALUATION_PROMPTS, seed=0):
     """The exact gold metrics of the policy at policy_path against the reference at reference_path."""
     policy = load_model(policy_path, 'policy')
     reference = load_model(reference_path, 'policy')
     return evaluate_policy(policy, reference, n_prompts, seed)
+
+
+def optimum_gap(policy_path, reference_path, reward_path, n_prompts=100, seed=0):
+    """The policy at policy_path against the exact optimum of the objective at its own beta (read
+    from its checkpoint), over all 10^4 responses of n_prompts prompts: J, J*, gap closed, KL split."""
+    settings = load_checkpoint(policy_path, 'policy')['train_config']
+    if 'beta' not in settings:
+        raise CheckpointError(f'{policy_path}: not made by PPO or DPO (no beta stored); '
+                              'run `python scripts/train_ppo.py` to make one')
+    prompts = sample_prompts(n_prompts, torch.Generator().manual_seed(seed))
+    return evaluate_against_optimum(load_model(policy_path, 'policy'), load_model(reference_path, 'policy'),
+                                    load_model(reward_path, 'reward'), settings['beta'], prompts)

@@ -33,7 +33,7 @@ PREFERRED_COLOR = '#e6b800'  # gold: the preferred first digit and the responses
 OTHER_COLOR = '#a7b0ba'  # light grey: everything else
 # Figure sizes in inches (width, height); the two per-model grids grow with the models they show.
 FIGURE_SIZES = {'sft_loss': (8, 4.5), 'reward_model': (13, 4.8), 'ppo_curves': (16, 4.8),
-                'first_token': (11, 5.5)}
+                'first_token': (11, 5.5), 'frontier': (15, 5.5), 'ppo_variants': (13, 4.8)}
 
 
 def next_token_figure_size(n_models):
@@ -151,19 +151,105 @@ def plot_ppo_curves(histories, path, window=5):
               ('objective/kl_full', 'KL(policy || reference), nats per response', 'KL to the reference'),
               ('gold/preference_rate', 'P(first digit is the preferred one)', 'Preference rate (exact)')]
     fig, axes = plt.subplots(1, len(panels), figsize=FIGURE_SIZES['ppo_curves'], layout='constrained')
+    _curve_panels(axes, histories, colors, panels, window)
+    axes[2].set_ylim(0, 1.02)
+    axes[0].legend(title='PPO policy')
+    fig.suptitle(f'PPO training (moving average over {window} iterations, raw values faint)')
+    return _save(fig, path)
+
+
+def _curve_panels(axes, histories, colors, panels, window, styles=None):
+    """One panel per (key, ylabel, title): each history's values against rollout samples, a moving
+    average over raw values drawn faint."""
     for ax, (key, ylabel, title) in zip(axes, panels):
         for label, rows in histories.items():
             samples = [row['samples'] for row in rows]
             values = [row[key] for row in rows]
-            ax.plot(samples, values, color=colors[label], alpha=0.25, linewidth=1)
-            ax.plot(samples, moving_average(values, window), color=colors[label], linewidth=2, label=label)
+            style = (styles or {}).get(label, '-')
+            ax.plot(samples, values, color=colors[label], alpha=0.2, linewidth=1, linestyle=style)
+            ax.plot(samples, moving_average(values, window), color=colors[label], linewidth=2,
+                    linestyle=style, label=label)
         ax.set_xlabel('rollout samples')
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[2].set_ylim(0, 1.02)
-    axes[0].legend(title='PPO policy')
-    fig.suptitle(f'PPO training (moving average over {window} iterations, raw values faint)')
+
+
+def plot_ppo_variants(histories, path, window=5):
+    """PPO with and without a critic on the same seeds: preference rate and the KL-regularised
+    objective (score - beta * KL) against rollout samples.
+
+    histories: dict label -> rows; labels 'leave-one-out, seed S' or 'critic, seed S'. Colour by
+    variant (green leave-one-out, purple critic), line style by seed."""
+    variant_colors = {'leave-one-out': MODEL_COLORS[0], 'critic': MODEL_COLORS[3]}
+    colors = {label: variant_colors[label.split(',')[0]] for label in histories}
+    seeds = sorted({label.split('seed ')[-1] for label in histories})
+    dashes = ['-', '--', ':', '-.']
+    styles = {label: dashes[seeds.index(label.split('seed ')[-1]) % len(dashes)] for label in histories}
+    panels = [('gold/preference_rate', 'P(first digit is the preferred one)', 'Preference rate (exact)'),
+              ('objective/rlhf_reward', 'score - beta * KL (mean over the batch)', 'Objective')]
+    fig, axes = plt.subplots(1, len(panels), figsize=FIGURE_SIZES['ppo_variants'], layout='constrained')
+    _curve_panels(axes, histories, colors, panels, window, styles)
+    axes[0].set_ylim(0, 1.02)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f'PPO with a leave-one-out baseline vs a learned critic (moving average over {window} iterations)')
+    return _save(fig, path)
+
+
+def plot_frontier(frontier, policies, path):
+    """Trained policies against the exact optimum of the KL-regularised objective.
+
+    frontier: list of dicts of the optimum per beta ('beta', 'reward', 'kl_total', 'gold_rate',
+    'fidelity'); policies: list of dicts ('label', 'method' PPO|DPO, 'beta', 'reward', 'kl_total',
+    'gold_rate', 'fidelity'). Left: reward-model score against KL to the reference; right: gold
+    rate and fidelity against KL, where the proxy and the truth part ways."""
+    optimum = sorted((row for row in frontier if row['beta'] > 0), key=lambda row: row['kl_total'])
+    kls = [row['kl_total'] for row in optimum]
+    markers = {'PPO': 'o', 'DPO': 's'}
+    fig, (left, right) = plt.subplots(1, 2, figsize=FIGURE_SIZES['frontier'], layout='constrained')
+    left.plot(kls, [row['reward'] for row in optimum], color='black', label='optimum pi*_beta (exact)')
+    right.plot(kls, [row['gold_rate'] for row in optimum], color=PREFERRED_COLOR, label='gold rate of pi*')
+    right.plot(kls, [row['fidelity'] for row in optimum], color='black', linestyle='--',
+               label='fidelity of pi*')
+    # The trained policies sit close together near the top of the curve: a zoomed inset shows them.
+    inset = left.inset_axes([0.42, 0.08, 0.55, 0.5])
+    inset.plot(kls, [row['reward'] for row in optimum], color='black')
+    for i, row in enumerate(policies):
+        color = MODEL_COLORS[0] if row['method'] == 'PPO' else MODEL_COLORS[3]
+        marker = markers[row['method']]
+        for ax in (left, inset):
+            ax.scatter(row['kl_total'], row['reward'], color=color, marker=marker, zorder=3, s=40)
+        inset.annotate(f"{row['beta']:g}", (row['kl_total'], row['reward']), textcoords='offset points',
+                       xytext=(4, -11 if i % 2 else 5), fontsize=8, color=color)
+        right.scatter(row['kl_total'], row['gold_rate'], color=PREFERRED_COLOR, marker=marker,
+                      edgecolor=color, linewidth=1.5, zorder=3, s=40)
+        right.scatter(row['kl_total'], row['fidelity'], color='white', marker=marker, edgecolor=color,
+                      linewidth=1.5, zorder=3, s=40)
+    policy_kls = [row['kl_total'] for row in policies]
+    policy_rewards = [row['reward'] for row in policies]
+    inset.set_xlim(min(policy_kls) * 0.9, max(policy_kls) * 1.1)
+    spread = max(policy_rewards) - min(policy_rewards)
+    inset.set_ylim(min(policy_rewards) - spread - 0.05, max(policy_rewards) + spread + 0.05)
+    inset.set_title('zoom on the trained policies (label: beta)', fontsize=8)
+    inset.tick_params(labelsize=7)
+    inset.grid(alpha=0.3)
+    left.indicate_inset_zoom(inset, edgecolor='grey')
+    for method, marker in markers.items():
+        color = MODEL_COLORS[0] if method == 'PPO' else MODEL_COLORS[3]
+        left.scatter([], [], color=color, marker=marker, label=f'{method} policy (label: beta)')
+    right.scatter([], [], color=PREFERRED_COLOR, marker='o', label='gold rate of a policy (filled)')
+    right.scatter([], [], color='white', edgecolor='black', marker='o', label='fidelity of a policy (open)')
+    for ax in (left, right):
+        ax.set_xscale('log')
+        ax.set_xlabel('KL(policy || reference), nats per response (log scale)')
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=8, loc='upper left')
+    right.legend(fontsize=8, loc='lower left')
+    left.set_ylabel('reward-model score E[r]')
+    left.set_title('Reward against KL: the exact frontier and the trained policies')
+    right.set_ylabel('rate')
+    right.set_ylim(0, 1.02)
+    right.set_title('Where the proxy and the truth part ways')
     return _save(fig, path)
 
 

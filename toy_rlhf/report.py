@@ -6,7 +6,7 @@ this run did, not what RLHF is expected to do.
 import os
 from pathlib import Path
 
-from toy_rlhf.checkpoint import atomic_write
+from toy_rlhf.files import write_text
 
 COLUMNS = [('preference_rate', 'preference', '{:.2%}'), ('fidelity', 'fidelity', '{:.2%}'),
            ('gold_rate', 'gold', '{:.2%}'), ('kl_to_reference', 'KL to reference (nats)', '{:.3f}'),
@@ -92,6 +92,9 @@ rank rate {metrics['reward']['rank_rate']:.2%}.
 
 {metrics_table(metrics)}
 
+PPO rollout samples until the preference rate first reached 99%: \
+{', '.join(f'{label} {"never" if samples is None else f"{samples:,}"}' for label, samples in metrics['ppo_samples_to_99_percent_preference'].items())}.
+
 Preference: probability of the preferred first digit. Fidelity: share of digits 2-4 that obey the rule.
 Gold: preferred first digit and all later digits valid. KL to reference: KL(policy || SFT) of whole
 responses. KL to aligned: KL(aligned language || policy), the aligned language being the true one
@@ -101,4 +104,4 @@ with the first digit forced to the preferred one.
 
 {figure_sections}
 """
-    atomic_write(path, lambda file: file.write(text.encode()))
+    write_text(path, text)

@@ -5,7 +5,6 @@ everything after a retrained stage is retrained (its inputs changed). Evaluation
 report are always made afresh from the checkpoints, with fixed seeds, so two runs with the same
 settings write the same metrics.json byte for byte.
 """
-import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -13,7 +12,8 @@ from pathlib import Path
 import torch
 
 from toy_rlhf import plots
-from toy_rlhf.checkpoint import atomic_write, load_checkpoint, load_model
+from toy_rlhf.checkpoint import load_checkpoint, load_model
+from toy_rlhf.files import read_jsonl, write_json
 from toy_rlhf.language import entropy_floor
 from toy_rlhf.metrics import evaluate_policy
 from toy_rlhf.pipeline import (EVALUATION_PROMPTS, PPOConfig, RewardConfig, SFTConfig, ppo_name,
@@ -71,11 +71,13 @@ def run_all(run_dir, plots_dir, config, progress=True):
     models = {REFERENCE: reference}
     for beta in config.betas:
         models[f'beta={beta:g}'] = load_model(run_dir / f'{ppo_name(beta)}.pt', 'policy')
-    metrics = measure(run_dir, models, config)
+    histories = {label: read_jsonl(run_dir / f'{ppo_name(beta)}.jsonl')
+                 for label, beta in zip(list(models)[1:], config.betas)}
+    metrics = measure(run_dir, models, histories, config)
     timings['evaluation'] = {'seconds': time.perf_counter() - start}
 
     start = time.perf_counter()
-    figures = draw(run_dir, plots_dir, models, config)
+    figures = draw(run_dir, plots_dir, models, histories, config)
     timings['figures'] = {'seconds': time.perf_counter() - start}
     timings['total'] = {'seconds': sum(stage['seconds'] for stage in timings.values())}
 
@@ -89,7 +91,7 @@ def run_all(run_dir, plots_dir, config, progress=True):
     return metrics
 
 
-def measure(run_dir, models, config):
+def measure(run_dir, models, histories, config):
     """The quality numbers of every stage, all recomputed from the checkpoints with fixed seeds."""
     sft = load_checkpoint(run_dir / 'sft.pt')['metrics']
     reward = load_checkpoint(run_dir / 'reward.pt')['metrics']
@@ -99,14 +101,20 @@ def measure(run_dir, models, config):
         'reward': {'pairwise_accuracy': reward['pairwise_accuracy'], 'rank_rate': reward['rank_rate']},
         'policies': {label: evaluate_policy(model, reference, EVALUATION_PROMPTS, seed=config.seed)
                      for label, model in models.items()},
+        'ppo_samples_to_99_percent_preference': {label: samples_to_preference(history, 0.99)
+                                                 for label, history in histories.items()},
     }
 
 
-def draw(run_dir, plots_dir, models, config):
+def samples_to_preference(history, target):
+    """Rollout samples PPO drew until the rollout's exact preference rate first reached target
+    (None if it never did)."""
+    return next((row['samples'] for row in history if row['gold/preference_rate'] >= target), None)
+
+
+def draw(run_dir, plots_dir, models, histories, config):
     """The six figures; returns their paths by name."""
     prompt, response = torch.tensor(config.prompt), torch.tensor(config.response)
-    histories = {label: read_jsonl(run_dir / f'{ppo_name(beta)}.jsonl')
-                 for label, beta in zip(list(models)[1:], config.betas)}
     reward_model = load_model(run_dir / 'reward.pt', 'reward')
     return {
         'sft_loss': plots.plot_sft_loss(read_jsonl(run_dir / 'sft.jsonl'), entropy_floor(),
@@ -119,12 +127,3 @@ def draw(run_dir, plots_dir, models, config):
         'attention': plots.plot_attention(models, prompt, response, plots_dir / 'attention.png'),
         'first_token': plots.plot_first_token(models, plots_dir / 'first_token.png', seed=config.seed),
     }
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
-
-
-def write_json(path, data):
-    text = json.dumps(data, indent=2, sort_keys=True) + '\n'
-    atomic_write(path, lambda file: file.write(text.encode()))

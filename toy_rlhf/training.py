@@ -1,11 +1,9 @@
-"""What every training stage shares: the learning-rate schedule, progress bars, finite checks, logs."""
-import json
+"""What every training stage shares: the learning-rate schedule, progress bars, finite checks."""
 import math
 
 import torch
 from tqdm.auto import tqdm
 
-from toy_rlhf.checkpoint import atomic_write
 
 
 class TrainingError(Exception):
@@ -40,9 +38,3 @@ def check_finite(stage, iteration, **quantities):
 def progress_bar(total, description, enabled=True):
     """A tqdm bar for a stage; disabled (silent) in tests and with --quiet."""
     return tqdm(total=total, desc=description, disable=not enabled, leave=False, dynamic_ncols=True)
-
-
-def write_jsonl(path, rows):
-    """Write one JSON object per line, atomically."""
-    text = ''.join(json.dumps(row, sort_keys=True) + '\n' for row in rows)
-    atomic_write(path, lambda file: file.write(text.encode()))

@@ -1,0 +1,226 @@
+"""The scripts as a user runs them: every mistake a user can make ends with exit status 2 and one
+line on stderr (never a traceback), and every script's --help lists all its flags.
+
+Each run is a process of its own in an empty folder of its own (runs/ is relative to the working
+directory). A fresh interpreter spends ~2 s of CPU importing torch and the package before a script
+does anything, which for the ~20 runs here would be most of the test suite's time on two cores. So
+one fresh interpreter imports toy_rlhf.cli (all any script imports) once and forks a child per run;
+the child executes the script file as __main__, as `python scripts/X.py` does, and its exit status,
+stdout and stderr are the process's own. One run is also made the plain way, to show that the two
+are the same.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mingpt.model import GPT
+from toy_rlhf import cli
+from toy_rlhf.checkpoint import load_model, save_checkpoint
+from toy_rlhf.policy import policy_config
+from toy_rlhf.reward import reward_model_config
+
+torch.set_num_threads(1)  # avoids thread oversubscription on 2 shared cores
+
+SCRIPTS = Path(__file__).resolve().parent.parent / 'scripts'
+NO_CUDA = not torch.cuda.is_available()
+TINY_SFT = ['--iters', '1', '--batch-size', '2', '--quiet']
+
+
+def save_random_model(path, kind):
+    config = policy_config() if kind == 'policy' else reward_model_config()
+    save_checkpoint(path, GPT(config), kind, train_config={}, metrics={})
+
+
+def sft_checkpoint(folder):
+    save_random_model(folder / 'runs' / 'default' / 'sft.pt', 'policy')
+
+
+def sft_and_reward_checkpoints(folder):
+    sft_checkpoint(folder)
+    save_random_model(folder / 'runs' / 'default' / 'reward.pt', 'reward')
+
+
+def a_file_where_the_run_folder_goes(folder):
+    # A regular file named like the run folder: nothing can be created inside it, even as root
+    # (whom a read-only folder would not stop).
+    (folder / 'runs').mkdir()
+    (folder / 'runs' / 'x').write_text('not a folder\n')
+
+
+# name: (script, arguments, what the folder holds before the run, words the error must contain)
+FAILURES = {
+    'negative beta': ('train_ppo.py', ['--beta', '-1'], None, ['--beta', '-1']),
+    'zero learning rate': ('train_sft.py', ['--lr', '0'], None, ['--lr', '0']),
+    'negative learning rate': ('train_reward.py', ['--lr', '-0.001'], None, ['--lr', '-0.001']),
+    'zero iterations': ('train_reward.py', ['--iters', '0'], None, ['--iters', '0']),
+    'zero batch size': ('train_sft.py', ['--batch-size', '0'], None, ['--batch-size', '0']),
+    'unknown flag': ('train_sft.py', ['--learning-rate', '0.1'], None, ['--learning-rate']),
+    'no sft checkpoint': ('train_ppo.py', ['--quiet'], None, ['sft.pt', 'scripts/train_sft.py']),
+    'no reward checkpoint': ('train_ppo.py', ['--quiet'], sft_checkpoint,
+                             ['reward.pt', 'scripts/train_reward.py']),
+    'reward checkpoint as the policy': ('evaluate.py', ['runs/default/reward.pt'],
+                                        sft_and_reward_checkpoints, ['reward.pt', 'reward', 'policy']),
+    'unwritable run folder': ('train_sft.py', ['--run', 'x'] + TINY_SFT, a_file_where_the_run_folder_goes,
+                              ['runs/x']),
+}
+if NO_CUDA:
+    FAILURES['cuda without a cuda device'] = ('train_sft.py', ['--device', 'cuda'] + TINY_SFT, None,
+                                              ['cuda'])
+# A seed numpy cannot take (it accepts 0 .. 2^32 - 1).
+SEED_MISTAKES = {
+    'negative seed': ('train_sft.py', ['--seed', '-1'] + TINY_SFT, None, ['--seed', '-1']),
+}
+
+# The flags each script documents: every script has --seed, --threads, --quiet and --help; those that
+# write a run folder also --run; those that train a network also --device.
+SHARED_FLAGS = ['--seed', '--threads', '--quiet', '--help']
+FLAGS = {
+    'train_sft.py': ['--run', '--device', '--iters', '--batch-size', '--lr', '--model-type'],
+    'train_reward.py': ['--run', '--device', '--pairs', '--iters', '--batch-size', '--lr', '--gold-margin',
+                        '--model-type'],
+    'train_ppo.py': ['--run', '--beta', '--iters', '--prompts', '--samples-per-prompt', '--epochs',
+                     '--minibatches', '--lr', '--clip', '--critic', '--gae-lambda'],
+    'evaluate.py': ['--reference', '--prompts', '--json'],
+}
+ALL_SCRIPTS = sorted(path.name for path in SCRIPTS.glob('*.py'))
+ENVIRONMENT = {**os.environ, 'OMP_NUM_THREADS': '1'}
+
+# Reads [[script, arguments, folder, stdout file, stderr file], ...] as JSON on stdin, runs each in a
+# forked child, prints the exit statuses as JSON. An uncaught exception prints its traceback and
+# exits 1, and SystemExit sets the status, as the interpreter itself does at the top level.
+FORKING_RUNNER = """
+import json, os, runpy, sys, traceback
+import toy_rlhf.cli
+statuses = []
+for script, arguments, folder, stdout, stderr in json.load(sys.stdin):
+    pid = os.fork()
+    if pid == 0:
+        os.chdir(folder)
+        os.dup2(os.open(stdout, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 1)
+        os.dup2(os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+        sys.argv = [script, *arguments]
+        sys.path[0] = os.path.dirname(script)
+        status = 0
+        try:
+            runpy.run_path(script, run_name='__main__')
+        except SystemExit as exit:
+            if exit.code is None or isinstance(exit.code, int):
+                status = exit.code or 0
+            else:
+                print(exit.code, file=sys.stderr)
+                status = 1
+        except BaseException:
+            traceback.print_exc()
+            status = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    statuses.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+print(json.dumps(statuses))
+"""
+
+
+def run_forked(runs, output_folder):
+    """[(script, arguments, folder)] -> [CompletedProcess], each run in a forked child."""
+    files = [(output_folder / f'{i}.out', output_folder / f'{i}.err') for i in range(len(runs))]
+    plan = [[str(SCRIPTS / script), arguments, str(folder), str(out), str(err)]
+            for (script, arguments, folder), (out, err) in zip(runs, files)]
+    runner = subprocess.run([sys.executable, '-c', FORKING_RUNNER], input=json.dumps(plan), text=True,
+                            capture_output=True, timeout=300, env=ENVIRONMENT)
+    assert runner.returncode == 0, runner.stderr
+    return [subprocess.CompletedProcess(['python', str(SCRIPTS / script), *arguments], status,
+                                        out.read_text(), err.read_text())
+            for (script, arguments, _), status, (out, err) in zip(runs, json.loads(runner.stdout), files)]
+
+
+def run_plainly(script, arguments, folder):
+    return subprocess.run([sys.executable, str(SCRIPTS / script), *arguments], cwd=folder,
+                          capture_output=True, text=True, timeout=300, env=ENVIRONMENT)
+
+
+@pytest.fixture(scope='module')
+def results(tmp_path_factory):
+    """{case: (completed process, its folder)} for every failure, every --help and one tiny
+    successful run."""
+    cases = {name: (script, arguments, setup)
+             for name, (script, arguments, setup, _) in {**FAILURES, **SEED_MISTAKES}.items()}
+    cases.update({f'help {script}': (script, ['--help'], None) for script in ALL_SCRIPTS})
+    cases['tiny sft run'] = ('train_sft.py', ['--lr', '0.001'] + TINY_SFT, None)
+    folders = {}
+    for name, (_, _, setup) in cases.items():
+        folders[name] = tmp_path_factory.mktemp('cli')
+        if setup:
+            setup(folders[name])
+    runs = [(script, arguments, folders[name]) for name, (script, arguments, _) in cases.items()]
+    completed = run_forked(runs, tmp_path_factory.mktemp('cli-output'))
+    return {name: (result, folders[name]) for name, result in zip(cases, completed)}
+
+
+def test_a_forked_run_is_the_same_as_a_plain_one(results, tmp_path):
+    forked, _ = results['no sft checkpoint']
+    plain = run_plainly('train_ppo.py', ['--quiet'], tmp_path)
+    assert (plain.returncode, plain.stdout, plain.stderr) == (forked.returncode, forked.stdout, forked.stderr)
+
+
+def checkpoints_in(folder):
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob('*.pt'))
+
+
+def assert_one_line_error(result, script, words):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert 'Traceback' not in result.stderr + result.stdout
+    assert lines[0].startswith(f'scripts/{script}: error: ')
+    for word in words:
+        assert word in lines[0]
+
+
+@pytest.mark.parametrize('case', sorted(FAILURES))
+def test_a_user_mistake_ends_with_status_two_and_one_line_naming_it(results, case, tmp_path):
+    script, _, setup, words = FAILURES[case]
+    result, folder = results[case]
+    assert_one_line_error(result, script, words)
+    # Nothing was written: the folder holds the checkpoints it was given and no others.
+    if setup:
+        setup(tmp_path)
+    assert checkpoints_in(folder) == checkpoints_in(tmp_path)
+
+
+def test_a_tiny_run_with_valid_flags_succeeds_and_writes_its_checkpoint_under_the_working_folder(results):
+    # The control for the failures above: the same harness and flags with valid values work.
+    result, folder = results['tiny sft run']
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ''
+    assert 'sft.pt' in result.stdout
+    load_model(folder / 'runs' / 'default' / 'sft.pt', 'policy')  # a complete policy checkpoint
+
+
+@pytest.mark.parametrize('script', ALL_SCRIPTS)
+def test_help_exits_zero_and_mentions_every_flag(results, script):
+    result, _ = results[f'help {script}']
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ''
+    (command,) = [name for name, entry in cli.COMMANDS.items() if entry[0] == script]
+    parser = cli.build_parser(command, f'scripts/{script}')
+    defined = [flag for action in parser._actions for flag in action.option_strings]
+    expected = SHARED_FLAGS + FLAGS.get(script, [])
+    assert set(expected) <= set(defined)
+    for flag in set(defined) | set(expected):
+        assert re.search(rf'(?<![\w-]){re.escape(flag)}(?![\w-])', result.stdout), flag
+
+
+def test_a_reward_checkpoint_given_as_the_policy_is_answered_with_a_command_that_makes_a_policy(results):
+    result, _ = results['reward checkpoint as the policy']
+    assert 'train_reward.py' not in result.stderr
+
+
+def test_a_seed_numpy_cannot_take_is_a_one_line_error(results):
+    script, _, _, words = SEED_MISTAKES['negative seed']
+    assert_one_line_error(results['negative seed'][0], script, words)
