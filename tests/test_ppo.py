@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
+from toy_rlhf.language import sample_prompts
 from toy_rlhf.metrics import evaluate_policy
+from toy_rlhf.optimal import evaluate_against_optimum
 from toy_rlhf.ppo import (PPOConfig, clipped_surrogate_loss, clipped_value_loss, gae_advantages,
                           leave_one_out_advantages, per_token_rewards, returns_to_go, train_ppo,
                           whiten)
@@ -287,3 +289,13 @@ def test_the_same_seed_gives_the_same_run_and_another_seed_a_different_one(sft_p
     assert numbers == numbers_again
     assert all(torch.equal(tensor, weights_again[name]) for name, tensor in weights.items())
     assert run(1)[1] != numbers
+
+
+@pytest.mark.parametrize('name, beta', [('beta1', 1.0), ('beta0', 0.0)])
+def test_no_trained_policy_beats_the_exact_optimum_of_its_objective(runs, sft_policy, reward_model, name, beta):
+    # Exact over all 10^4 responses of each prompt, so no sampling error: J <= J* must hold up to
+    # float rounding (1e-9 in float64), and PPO should have closed most of the gap from the reference.
+    prompts = sample_prompts(5, torch.Generator().manual_seed(3))
+    result = evaluate_against_optimum(runs[name][0], sft_policy, reward_model, beta, prompts)
+    assert result['J'] <= result['J_star'] + 1e-9
+    assert result['gap_closed'] > 0.5

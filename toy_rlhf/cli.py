@@ -86,6 +86,13 @@ def add_sft_arguments(parser):
 
 def add_reward_arguments(parser):
     config = pipeline.RewardConfig()
+    _add_preference_training(parser, config)
+    _add_model_type(parser, config)
+    _add_device(parser)
+
+
+def _add_preference_training(parser, config):
+    """The flags of a stage that trains on labelled pairs (reward model, DPO)."""
     _flag(parser, '--pairs', config, 'pairs', positive_int, 'labelled preference pairs to train on')
     _flag(parser, '--iters', config, 'iters', positive_int, 'optimizer steps')
     _flag(parser, '--batch-size', config, 'batch_size', positive_int, 'pairs per step')
@@ -93,8 +100,6 @@ def add_reward_arguments(parser):
     _flag(parser, '--gold-margin', config, 'gold_margin', positive_float,
           'gold reward of the preferred first digit; the labeler picks a response with probability '
           'sigmoid(reward difference), so smaller means noisier labels')
-    _add_model_type(parser, config)
-    _add_device(parser)
 
 
 def add_ppo_arguments(parser):
@@ -117,12 +122,7 @@ def add_ppo_arguments(parser):
 def add_dpo_arguments(parser):
     config = pipeline.DPOConfig()
     _flag(parser, '--beta', config, 'beta', positive_float, 'KL strength of the objective DPO solves')
-    _flag(parser, '--pairs', config, 'pairs', positive_int, 'labelled preference pairs to train on')
-    _flag(parser, '--iters', config, 'iters', positive_int, 'optimizer steps')
-    _flag(parser, '--batch-size', config, 'batch_size', positive_int, 'pairs per step')
-    _flag(parser, '--lr', config, 'learning_rate', positive_float, 'peak learning rate, cosine-decayed to 0')
-    _flag(parser, '--gold-margin', config, 'gold_margin', positive_float,
-          "gold reward of the preferred first digit the labeler judges by (as for the reward model)")
+    _add_preference_training(parser, config)
 
 
 def add_evaluate_arguments(parser):

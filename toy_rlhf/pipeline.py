@@ -101,34 +101,29 @@ def ppo_stage(run_dir, config, progress=True):
     """Fine-tune the run's SFT policy against its reward model with PPO at config.beta, evaluate it
     exactly, write ppo_beta<B>.pt and .jsonl; returns its metrics."""
     run_dir = Path(run_dir)
-    inputs = (run_dir / 'sft.pt', run_dir / 'reward.pt')
-    reference = load_model(inputs[0], 'policy')
-    reward_model = load_model(inputs[1], 'reward')
-    start = time.perf_counter()
-    actor, history = train_ppo(reference, reward_model, config, progress)
-    metrics = {**evaluate_policy(actor, reference, EVALUATION_PROMPTS, seed=config.seed),
-               'seconds': time.perf_counter() - start}
-    name = ppo_name(config.beta)
-    _save(run_dir, name, actor, 'policy', config, metrics, history, inputs)
-    print(f"PPO beta={config.beta:g}: preference {metrics['preference_rate']:.2%}, fidelity "
-          f"{metrics['fidelity']:.2%}, gold {metrics['gold_rate']:.2%}, KL to reference "
-          f"{metrics['kl_to_reference']:.3f} nats; {metrics['seconds']:.1f} s -> {run_dir / name}.pt")
-    return metrics
+    return _fine_tune_stage(
+        run_dir, 'PPO', ppo_name(config.beta), config, (run_dir / 'sft.pt', run_dir / 'reward.pt'),
+        lambda reference: train_ppo(reference, load_model(run_dir / 'reward.pt', 'reward'), config, progress))
 
 
 def dpo_stage(run_dir, config, progress=True):
     """Fine-tune the run's SFT policy with DPO on labelled pairs at config.beta, evaluate it exactly,
     write dpo_beta<B>.pt and .jsonl; returns its metrics."""
     run_dir = Path(run_dir)
-    inputs = (run_dir / 'sft.pt',)
+    return _fine_tune_stage(run_dir, 'DPO', dpo_name(config.beta), config, (run_dir / 'sft.pt',),
+                            lambda reference: train_dpo(reference, config, progress))
+
+
+def _fine_tune_stage(run_dir, method, name, config, inputs, train):
+    """Fine-tune the SFT policy (inputs[0]) with train(reference) -> (policy, history), measure it
+    exactly against the SFT policy, write name.pt and name.jsonl; returns the metrics."""
     reference = load_model(inputs[0], 'policy')
     start = time.perf_counter()
-    policy, history = train_dpo(reference, config, progress)
+    policy, history = train(reference)
     metrics = {**evaluate_policy(policy, reference, EVALUATION_PROMPTS, seed=config.seed),
                'seconds': time.perf_counter() - start}
-    name = dpo_name(config.beta)
     _save(run_dir, name, policy, 'policy', config, metrics, history, inputs)
-    print(f"DPO beta={config.beta:g}: preference {metrics['preference_rate']:.2%}, fidelity "
+    print(f"{method} beta={config.beta:g}: preference {metrics['preference_rate']:.2%}, fidelity "
           f"{metrics['fidelity']:.2%}, gold {metrics['gold_rate']:.2%}, KL to reference "
           f"{metrics['kl_to_reference']:.3f} nats; {metrics['seconds']:.1f} s -> {run_dir / name}.pt")
     return metrics

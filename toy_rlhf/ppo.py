@@ -29,7 +29,7 @@ from toy_rlhf.training import check_finite, progress_bar
 @dataclass
 class PPOConfig:
     beta: float = 1.0  # strength of the KL penalty; 0 lets the policy drift anywhere
-    iters: int = 40  # rollout-and-update rounds
+    iters: int = 50  # rollout-and-update rounds
     prompts_per_iter: int = 128  # prompts in a rollout
     samples_per_prompt: int = 4  # responses per prompt; the others are each one's baseline
     # One pass in four minibatches: from the second minibatch on the actor is no longer the rollout

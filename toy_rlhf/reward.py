@@ -17,11 +17,16 @@ from toy_rlhf.training import check_finite, learning_rate_at, progress_bar, set_
 class RewardConfig:
     pairs: int = 20000  # labelled pairs in the training set (the "human" data, finite)
     held_out_pairs: int = 4000  # fresh pairs for the pairwise accuracy
-    iters: int = 600  # optimizer steps
+    iters: int = 1000  # optimizer steps
     batch_size: int = 64  # pairs per step
-    learning_rate: float = 5e-3  # peak, after warm-up, then cosine-decayed to 0
+    learning_rate: float = 2e-3  # peak, after warm-up, then cosine-decayed to 0
     warmup_iters: int = 20
-    weight_decay: float = 0.1
+    # Every training pair separates the preferred digit from another digit the rule allows, so the
+    # data never says how to score a first digit the rule forbids; that is left to the network's
+    # inductive bias. Measured over seeds 0-5, this strong decay with 1000 steps ranked the preferred
+    # digit first for 100% of prompts on five seeds (0.28 on the sixth); 600 steps at 5e-3 with
+    # decay 0.1 did so on two of five.
+    weight_decay: float = 1.0
     # Labels are Bradley-Terry draws from a gold reward of gold_margin for the preferred first
     # digit: at 20 a label is wrong with probability sigmoid(-20) = 2e-9, effectively never.
     gold_margin: float = 20.0
