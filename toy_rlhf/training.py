@@ -36,5 +36,7 @@ def check_finite(stage, iteration, **quantities):
 
 
 def progress_bar(total, description, enabled=True):
-    """A tqdm bar for a stage; disabled (silent) in tests and with --quiet."""
-    return tqdm(total=total, desc=description, disable=not enabled, leave=False, dynamic_ncols=True)
+    """A tqdm bar for a stage; silent in tests, with --quiet, and when stderr is not a terminal
+    (a log file gets the one-line stage summaries, not hundreds of bar redraws)."""
+    return tqdm(total=total, desc=description, disable=None if enabled else True, leave=False,
+                dynamic_ncols=True)
