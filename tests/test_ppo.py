@@ -262,12 +262,15 @@ def test_neither_the_reference_nor_the_reward_model_is_changed_or_given_a_gradie
     # The models come from training and may still hold that training's last .grad: PPO must leave
     # those as they are (a gradient reaching either model would add to or replace them).
     before = {'reference': weights_and_gradients(sft_policy), 'reward': weights_and_gradients(reward_model)}
+    flags = {label: [p.requires_grad for p in model.parameters()]
+             for label, model in (('reference', sft_policy), ('reward', reward_model))}
     for critic in (False, True):
         actor, _ = train_ppo(sft_policy, reward_model, PPOConfig(critic=critic, **TINY_PPO), progress=False)
         for label, model in (('reference', sft_policy), ('reward', reward_model)):
+            # The caller's models are not reconfigured either: PPO freezes a copy of the reference.
+            assert [p.requires_grad for p in model.parameters()] == flags[label], label
             for name, parameter in model.named_parameters():
                 weight, gradient = before[label][name]
-                assert not parameter.requires_grad, (label, name)
                 assert torch.equal(parameter, weight), (label, name)
                 if gradient is None:
                     assert parameter.grad is None, (label, name)

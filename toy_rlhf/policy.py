@@ -26,10 +26,15 @@ def response_log_probs(model, sequences):
     return logits[:, PROMPT_LENGTH:].log_softmax(dim=-1)
 
 
+def log_probs_of_responses(log_probs, sequences):
+    """From next-token log-probs (B, 4, vocab), those of the response tokens actually in
+    `sequences` (B, 9): (B, 4)."""
+    return log_probs.gather(2, sequences[:, PROMPT_LENGTH + 1:].unsqueeze(2)).squeeze(2)
+
+
 def token_log_probs(model, sequences):
     """Log-probabilities of the response tokens actually in `sequences` (B, 9) -> (B, 4)."""
-    log_probs = response_log_probs(model, sequences)
-    return log_probs.gather(2, sequences[:, PROMPT_LENGTH + 1:].unsqueeze(2)).squeeze(2)
+    return log_probs_of_responses(response_log_probs(model, sequences), sequences)
 
 
 @torch.no_grad()

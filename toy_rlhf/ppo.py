@@ -21,7 +21,7 @@ from mingpt.model import GPT
 from mingpt.utils import CfgNode, set_seed
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.metrics import kl_divergence, preferred_probability, rule_probability
-from toy_rlhf.policy import generate_responses, response_log_probs
+from toy_rlhf.policy import generate_responses, log_probs_of_responses, response_log_probs, token_log_probs
 from toy_rlhf.reward import score_sentences
 from toy_rlhf.training import check_finite, progress_bar
 
@@ -149,10 +149,9 @@ def rollout(actor, reference, reward_model, prompts, config, generator, critic=N
     sentences = generate_responses(actor, prompts, generator)
     actor_log_probs = response_log_probs(actor, sentences)  # (B, 4, V)
     reference_log_probs = response_log_probs(reference, sentences)  # (B, 4, V)
-    tokens = sentences[:, -4:].unsqueeze(2)
     # Log-probs of the sampled tokens only: the actions actually taken.
-    logp_old = actor_log_probs.gather(2, tokens).squeeze(2)  # (B, 4)
-    logp_ref = reference_log_probs.gather(2, tokens).squeeze(2)  # (B, 4)
+    logp_old = log_probs_of_responses(actor_log_probs, sentences)  # (B, 4)
+    logp_ref = log_probs_of_responses(reference_log_probs, sentences)  # (B, 4)
     score = score_sentences(reward_model, sentences)  # (B,)
     rewards = per_token_rewards(score, logp_old, logp_ref, config.beta)
     values = state_values(critic, sentences) if critic is not None else None
@@ -173,9 +172,11 @@ def train_ppo(sft_policy, reward_model, config, progress=True):
     """
     set_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    reference = sft_policy.eval().requires_grad_(False)
-    reward_model = reward_model.eval().requires_grad_(False)  # no gradient reaches either
-    actor = copy.deepcopy(sft_policy).requires_grad_(True)
+    # The reference is a frozen copy (the caller's model is left as it was); the reward model is only
+    # ever called under no_grad. No gradient reaches either.
+    reference = copy.deepcopy(sft_policy).eval().requires_grad_(False)
+    reward_model = reward_model.eval()
+    actor = copy.deepcopy(sft_policy).train().requires_grad_(True)
     optimizer = torch.optim.Adam(actor.parameters(), lr=config.learning_rate)
     critic = value_model(sft_policy) if config.critic else None
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=config.learning_rate) if critic else None
@@ -231,8 +232,7 @@ def update(actor, optimizer, batch, config, critic=None, critic_optimizer=None):
     for _ in range(config.epochs):
         for index in torch.randperm(size).chunk(config.minibatches):
             sentences = batch['sentences'][index]
-            log_probs = response_log_probs(actor, sentences)
-            logp_new = log_probs.gather(2, sentences[:, -4:].unsqueeze(2)).squeeze(2)
+            logp_new = token_log_probs(actor, sentences)
             loss, clip_fraction, approx_kl = clipped_surrogate_loss(
                 logp_new, batch['logp_old'][index], batch['advantages'][index], config.clip_epsilon)
             optimizer.zero_grad(set_to_none=True)
