@@ -2,7 +2,7 @@
 import torch
 from torch.utils.data import Dataset
 
-from toy_rlhf.language import (CLS, DIGITS, PROMPT_LENGTH, WINDOW, increments, join,
+from toy_rlhf.language import (CLS, PROMPT_LENGTH, WINDOW, increments, join,
                                preferred_first_token, sample_prompts, sample_responses)
 
 
