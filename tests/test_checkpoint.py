@@ -142,20 +142,25 @@ def test_the_fix_names_the_script_that_makes_that_file(tmp_path):
         load_model(path)
 
 
-@pytest.mark.parametrize('load', LOADERS)
-def test_a_truncated_file_is_reported_with_what_to_run(tmp_path, load):
-    path = saved_policy(tmp_path / 'sft.pt')
+def _truncate(path):
+    saved_policy(path)
     path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
-    with pytest.raises(CheckpointError) as error:
-        load(path)
-    assert_one_line_naming_file_and_fix(error, path)
 
 
-@pytest.mark.parametrize('load', LOADERS)
-def test_random_bytes_are_reported_with_what_to_run(tmp_path, load):
-    path = tmp_path / 'sft.pt'
+def _random_bytes(path):
     path.write_bytes(torch.randint(256, (4096,), dtype=torch.uint8,
                                    generator=torch.Generator().manual_seed(0)).numpy().tobytes())
+
+
+def _a_tensor_not_a_dict(path):
+    torch.save(torch.zeros(3), path)
+
+
+@pytest.mark.parametrize('load', LOADERS)
+@pytest.mark.parametrize('write', [_truncate, _random_bytes, _a_tensor_not_a_dict])
+def test_a_file_that_is_not_a_readable_checkpoint_is_reported_with_what_to_run(tmp_path, write, load):
+    path = tmp_path / 'sft.pt'
+    write(path)
     with pytest.raises(CheckpointError) as error:
         load(path)
     assert_one_line_naming_file_and_fix(error, path)
@@ -197,35 +202,6 @@ def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path, wr
     assert marker.exists()
 
 
-@pytest.mark.parametrize('missing', sorted(REQUIRED_KEYS))
-def test_a_dict_missing_a_key_is_reported_with_what_to_run(tmp_path, missing):
-    path = saved_policy(tmp_path / 'sft.pt')
-    stored = torch.load(path, weights_only=True)
-    del stored[missing]
-    torch.save(stored, path)
-    with pytest.raises(CheckpointError) as error:
-        load_model(path)
-    assert_one_line_naming_file_and_fix(error, path)
-
-
-def test_a_file_holding_something_other_than_a_dict_is_reported(tmp_path):
-    path = tmp_path / 'sft.pt'
-    torch.save(torch.zeros(3), path)
-    with pytest.raises(CheckpointError) as error:
-        load_model(path)
-    assert_one_line_naming_file_and_fix(error, path)
-
-
-def test_another_format_version_is_reported_with_what_to_run(tmp_path):
-    path = saved_policy(tmp_path / 'sft.pt')
-    stored = torch.load(path, weights_only=True)
-    stored['format_version'] += 1
-    torch.save(stored, path)
-    with pytest.raises(CheckpointError) as error:
-        load_model(path)
-    assert_one_line_naming_file_and_fix(error, path)
-
-
 @pytest.mark.parametrize('load', LOADERS)
 def test_a_reward_checkpoint_asked_for_as_a_policy_is_reported(tmp_path, load):
     path = tmp_path / 'reward.pt'
@@ -256,34 +232,43 @@ def test_a_model_that_does_not_fit_the_language_is_reported(tmp_path, overrides,
     assert_one_line_naming_file_and_fix(error, path)
 
 
-def test_weights_that_do_not_match_the_stored_settings_are_reported(tmp_path):
-    path = saved_policy(tmp_path / 'sft.pt')
-    stored = torch.load(path, weights_only=True)
-    stored['model_config']['n_embd'] = 24
-    stored['model_config']['n_head'] = 2
-    torch.save(stored, path)
-    with pytest.raises(CheckpointError) as error:
-        load_model(path)
-    assert_one_line_naming_file_and_fix(error, path)
+def _without(key):
+    def edit(stored):
+        del stored[key]
+    edit.__name__ = f'without_{key}'
+    return edit
 
 
-def _set_unknown_kind(stored):
+def _newer_format(stored):
+    stored['format_version'] += 1
+
+
+def _unknown_kind(stored):
     stored['kind'] = 'value'
 
 
-def _drop_block_size(stored):
+def _no_block_size(stored):
     del stored['model_config']['block_size']
 
 
-def _replace_model_config(stored):
+def _model_config_none(stored):
     stored['model_config'] = None
 
 
-@pytest.mark.parametrize('corrupt', [_set_unknown_kind, _drop_block_size, _replace_model_config])
-def test_malformed_contents_are_reported_as_checkpoint_errors(tmp_path, corrupt):
+def _sizes_that_do_not_match_the_weights(stored):
+    stored['model_config']['n_embd'] = 24
+    stored['model_config']['n_head'] = 2
+
+
+EDITS = [*(_without(key) for key in sorted(REQUIRED_KEYS)), _newer_format, _unknown_kind,
+         _no_block_size, _model_config_none, _sizes_that_do_not_match_the_weights]
+
+
+@pytest.mark.parametrize('edit', EDITS, ids=lambda edit: edit.__name__.strip('_'))
+def test_a_checkpoint_with_missing_or_inconsistent_contents_is_reported_with_what_to_run(tmp_path, edit):
     path = saved_policy(tmp_path / 'sft.pt')
     stored = torch.load(path, weights_only=True)
-    corrupt(stored)
+    edit(stored)
     torch.save(stored, path)
     with pytest.raises(CheckpointError) as error:
         load_model(path)

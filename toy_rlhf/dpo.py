@@ -32,7 +32,8 @@ from toy_rlhf.language import PROMPT_LENGTH, RESPONSE_LENGTH, join
 from toy_rlhf.metrics import preferred_probability
 from toy_rlhf.policy import token_log_probs
 from toy_rlhf.reward import RewardConfig
-from toy_rlhf.training import check_finite, learning_rate_at, progress_bar, set_learning_rate
+from toy_rlhf.training import (check_finite, gradient_step, learning_rate_at, progress_bar,
+                               set_learning_rate)
 
 
 @dataclass
@@ -132,10 +133,7 @@ def train_dpo(sft_policy, config, progress=True):
             policy_chosen, policy_rejected, reference_chosen[batch].to(config.device),
             reference_rejected[batch].to(config.device), config.beta)
         check_finite('dpo', step, loss=loss.detach())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-        optimizer.step()
+        gradient_step(optimizer, loss, policy, config.max_grad_norm)
         if step % config.log_every == 0 or step == config.iters - 1:
             margins = chosen_rewards - rejected_rewards
             row = {'iter': step, 'loss': loss.item(),

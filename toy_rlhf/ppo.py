@@ -23,7 +23,7 @@ from toy_rlhf.language import sample_prompts
 from toy_rlhf.metrics import kl_divergence, preferred_probability, rule_probability
 from toy_rlhf.policy import generate_responses, log_probs_of_responses, response_log_probs, token_log_probs
 from toy_rlhf.reward import score_sentences
-from toy_rlhf.training import check_finite, progress_bar
+from toy_rlhf.training import check_finite, gradient_step, progress_bar
 
 
 @dataclass
@@ -235,17 +235,11 @@ def update(actor, optimizer, batch, config, critic=None, critic_optimizer=None):
             logp_new = token_log_probs(actor, sentences)
             loss, clip_fraction, approx_kl = clipped_surrogate_loss(
                 logp_new, batch['logp_old'][index], batch['advantages'][index], config.clip_epsilon)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(actor.parameters(), config.max_grad_norm)
-            optimizer.step()
+            gradient_step(optimizer, loss, actor, config.max_grad_norm)
             if critic is not None:
                 value_loss = clipped_value_loss(state_values(critic, sentences), batch['values'][index],
                                                 batch['returns'][index], config.value_clip)
-                critic_optimizer.zero_grad(set_to_none=True)
-                value_loss.backward()
-                torch.nn.utils.clip_grad_norm_(critic.parameters(), config.max_grad_norm)
-                critic_optimizer.step()
+                gradient_step(critic_optimizer, value_loss, critic, config.max_grad_norm)
             totals['loss'] += loss.item()
             totals['clip_fraction'] += clip_fraction.item()
             totals['approx_kl'] += approx_kl.item()

@@ -10,7 +10,8 @@ from mingpt.utils import CfgNode, set_seed
 from toy_rlhf.data import PreferenceDataset, with_cls
 from toy_rlhf.language import DIGITS, SEQUENCE_LENGTH, VOCAB_SIZE, join, preferred_first_token, \
     sample_prompts, sample_responses
-from toy_rlhf.training import check_finite, learning_rate_at, progress_bar, set_learning_rate
+from toy_rlhf.training import (check_finite, gradient_step, learning_rate_at, progress_bar,
+                               set_learning_rate)
 
 
 @dataclass
@@ -88,10 +89,7 @@ def train_reward(config, progress=True):
         accepted, rejected = reward_scores(model, both).chunk(2)
         loss = bradley_terry_loss(accepted, rejected)
         check_finite('reward', step, loss=loss.detach())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        gradient_step(optimizer, loss, model, max_grad_norm=1.0)
         if step % config.log_every == 0 or step == config.iters - 1:
             row = {'iter': step, 'loss': loss.item(), 'accepted': accepted.mean().item(),
                    'rejected': rejected.mean().item()}

@@ -26,6 +26,16 @@ def set_learning_rate(optimizer, learning_rate):
         group['lr'] = learning_rate
 
 
+def gradient_step(optimizer, loss, model, max_grad_norm):
+    """One optimizer step on loss, with the gradient norm of model's parameters clipped to
+    max_grad_norm: a rare outsized gradient (a near-zero probability, an extreme advantage) then
+    cannot throw the model far in one step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+
+
 def check_finite(stage, iteration, **quantities):
     """Raise TrainingError naming the first quantity (tensor or number) that holds a NaN or inf."""
     for name, value in quantities.items():
