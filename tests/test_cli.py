@@ -62,6 +62,8 @@ FAILURES = {
     'zero batch size': ('train_sft.py', ['--batch-size', '0'], None, ['--batch-size', '0']),
     'unknown flag': ('train_sft.py', ['--learning-rate', '0.1'], None, ['--learning-rate']),
     'no sft checkpoint': ('train_ppo.py', ['--quiet'], None, ['sft.pt', 'scripts/train_sft.py']),
+    'reward model without an sft checkpoint': ('train_reward.py', ['--quiet'], None,
+                                               ['sft.pt', 'scripts/train_sft.py']),
     'no reward checkpoint': ('train_ppo.py', ['--quiet'], sft_checkpoint,
                              ['reward.pt', 'scripts/train_reward.py']),
     'reward checkpoint as the policy': ('evaluate.py', ['runs/default/reward.pt'],
@@ -82,8 +84,7 @@ SEED_MISTAKES = {
 SHARED_FLAGS = ['--seed', '--threads', '--quiet', '--help']
 FLAGS = {
     'train_sft.py': ['--run', '--device', '--iters', '--batch-size', '--lr', '--model-type'],
-    'train_reward.py': ['--run', '--device', '--pairs', '--iters', '--batch-size', '--lr', '--gold-margin',
-                        '--model-type'],
+    'train_reward.py': ['--run', '--device', '--pairs', '--iters', '--batch-size', '--lr', '--gold-margin'],
     'train_ppo.py': ['--run', '--beta', '--iters', '--prompts', '--samples-per-prompt', '--epochs',
                      '--minibatches', '--lr', '--clip', '--critic', '--gae-lambda'],
     'evaluate.py': ['--reference', '--prompts', '--json'],

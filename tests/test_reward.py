@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from toy_rlhf.data import PreferenceDataset, labeler
-from toy_rlhf.language import CLS, SEP, is_valid_output, preferred_first_token, sample_prompts, \
+from toy_rlhf.language import CLS, SEP, VOCAB_SIZE, is_valid_output, preferred_first_token, sample_prompts, \
     sample_responses
-from toy_rlhf.reward import bradley_terry_loss, pairwise_accuracy, rank_rate
+from toy_rlhf.reward import RewardConfig, bradley_terry_loss, initial_reward_model, pairwise_accuracy, \
+    rank_rate, train_reward
 
 torch.set_num_threads(1)  # avoids thread oversubscription on 2 shared cores
 
@@ -150,7 +151,29 @@ def test_the_same_seed_gives_the_same_pairs():
     assert not torch.equal(first.context, other.context)
 
 
-# --- what a short training run learns -------------------------------------------------------------
+# --- the reward model starts from the SFT policy ------------------------------------------------
+
+def test_the_reward_model_starts_with_every_weight_of_the_sft_policy_but_its_head(sft_policy):
+    reward_model = initial_reward_model(sft_policy)
+    policy_weights = sft_policy.state_dict()
+    for name, weights in reward_model.state_dict().items():
+        if name.startswith('head.'):
+            assert weights.shape == (1, 48)  # a new 1-wide head
+        else:
+            assert torch.equal(weights[:len(policy_weights[name])], policy_weights[name]), name
+    # A new token row for CLS, and new position rows for the last response digit and CLS, which the
+    # policy never reads.
+    assert reward_model.wte.weight.shape == (VOCAB_SIZE + 1, 48) and sft_policy.wte.weight.shape == (VOCAB_SIZE, 48)
+    assert reward_model.wpe.weight.shape == (10, 48) and sft_policy.wpe.weight.shape == (8, 48)
+
+
+def test_training_the_reward_model_leaves_the_sft_policy_as_it_was(sft_policy):
+    before = {name: weights.clone() for name, weights in sft_policy.state_dict().items()}
+    train_reward(sft_policy, RewardConfig(iters=3, pairs=64, batch_size=8), progress=False)
+    assert all(torch.equal(before[name], weights) for name, weights in sft_policy.state_dict().items())
+
+
+# --- what the default training run learns ---------------------------------------------------------
 
 def test_the_reward_model_ranks_the_preferred_first_digit_highest_on_fresh_prompts(reward_model):
     # All ten first digits compete, six or more of which never start a training response to that

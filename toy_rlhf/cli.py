@@ -87,7 +87,6 @@ def add_sft_arguments(parser):
 def add_reward_arguments(parser):
     config = pipeline.RewardConfig()
     _add_preference_training(parser, config)
-    _add_model_type(parser, config)
     _add_device(parser)
 
 
@@ -235,8 +234,8 @@ COMMANDS = {
     'sft': ('train_sft.py', 'Supervised fine-tuning: teach a GPT the digit language; writes '
             'runs/RUN/sft.pt and sft.jsonl.', add_sft_arguments,
             lambda args: pipeline.sft_stage(args.run_dir, config_from(args, pipeline.SFTConfig), args.progress)),
-    'reward': ('train_reward.py', 'Train the reward model on labelled preference pairs; writes '
-               'runs/RUN/reward.pt and reward.jsonl.', add_reward_arguments,
+    'reward': ('train_reward.py', 'Train the reward model on labelled preference pairs, starting from '
+               'the SFT policy; needs runs/RUN/sft.pt; writes runs/RUN/reward.pt and reward.jsonl.', add_reward_arguments,
                lambda args: pipeline.reward_stage(args.run_dir, config_from(args, pipeline.RewardConfig),
                                                   args.progress)),
     'ppo': ('train_ppo.py', 'Fine-tune the SFT policy against the reward model with PPO and a KL penalty '

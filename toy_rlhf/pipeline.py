@@ -83,15 +83,17 @@ def sft_stage(run_dir, config, progress=True):
 
 
 def reward_stage(run_dir, config, progress=True):
-    """Train the reward model, measure it on fresh pairs and prompts, write reward.pt and
-    reward.jsonl; returns its metrics."""
+    """Train the reward model from the run's SFT policy, measure it on fresh pairs and prompts, write
+    reward.pt and reward.jsonl; returns its metrics."""
+    sft_path = Path(run_dir) / 'sft.pt'
+    sft_policy = load_model(sft_path, 'policy')
     start = time.perf_counter()
-    model, history = train_reward(config, progress)
+    model, history = train_reward(sft_policy, config, progress)
     held_out = PreferenceDataset(config.held_out_pairs, config.gold_margin, seed=config.seed + 1)
     metrics = {'pairwise_accuracy': pairwise_accuracy(model, held_out),
                'rank_rate': rank_rate(model, seed=config.seed + 2),
                'seconds': time.perf_counter() - start}
-    _save(run_dir, 'reward', model, 'reward', config, metrics, history)
+    _save(run_dir, 'reward', model, 'reward', config, metrics, history, inputs=(sft_path,))
     print(f"Reward model: held-out pairwise accuracy {metrics['pairwise_accuracy']:.2%}, rank rate "
           f"{metrics['rank_rate']:.2%}; {metrics['seconds']:.1f} s -> {Path(run_dir) / 'reward.pt'}")
     return metrics

@@ -17,6 +17,20 @@ def policy_config(model_type='gpt-nano'):
     return config
 
 
+def started_from(policy, config):
+    """A GPT built from `config` that starts from every weight of `policy` but its output head, which
+    is new. The token and position tables are copied into their first rows, so `config` may add
+    tokens or positions (the reward model's CLS); their new rows keep GPT's initialisation.
+    `config` must have the policy's sizes (n_layer, n_head, n_embd)."""
+    model = GPT(config)
+    weights = model.state_dict()
+    for name, tensor in policy.state_dict().items():
+        if not name.startswith('head.'):
+            weights[name][:len(tensor)] = tensor
+    model.load_state_dict(weights)
+    return model
+
+
 def response_log_probs(model, sequences):
     """Log-probabilities of the next token at each response position, by teacher forcing.
 

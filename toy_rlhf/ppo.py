@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-from mingpt.model import GPT
 from mingpt.utils import CfgNode, set_seed
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.metrics import kl_divergence, preferred_probability, rule_probability
-from toy_rlhf.policy import generate_responses, log_probs_of_responses, response_log_probs, token_log_probs
+from toy_rlhf.policy import (generate_responses, log_probs_of_responses, response_log_probs, started_from,
+                             token_log_probs)
 from toy_rlhf.reward import score_sentences
 from toy_rlhf.training import check_finite, gradient_step, progress_bar
 
@@ -29,7 +29,10 @@ from toy_rlhf.training import check_finite, gradient_step, progress_bar
 @dataclass
 class PPOConfig:
     beta: float = 1.0  # strength of the KL penalty; 0 lets the policy drift anywhere
-    iters: int = 50  # rollout-and-update rounds
+    # At 3e-4 the exact preference rate passes 99% after about 13 rounds and the beta=1 metrics are
+    # flat from round 30 on; 50 rounds gave the same numbers (seed 0), and a larger learning rate over
+    # fewer rounds gave lower fidelity and gold rate.
+    iters: int = 30  # rollout-and-update rounds
     prompts_per_iter: int = 128  # prompts in a rollout
     samples_per_prompt: int = 4  # responses per prompt; the others are each one's baseline
     # One pass in four minibatches: from the second minibatch on the actor is no longer the rollout
@@ -129,12 +132,9 @@ def value_model(policy):
     """A critic: the policy's architecture with a 1-wide head, started from the policy's body (it
     already knows the language), read at the positions that predict each response token."""
     config = CfgNode(**policy.config.to_dict())
-    config.model_type = None
+    config.model_type = None  # the sizes are the policy's
     config.output_size = 1
-    critic = GPT(config)
-    body = {name: tensor for name, tensor in policy.state_dict().items() if not name.startswith('head.')}
-    critic.load_state_dict(body, strict=False)
-    return critic
+    return started_from(policy, config)
 
 
 def state_values(critic, sentences):

@@ -10,6 +10,7 @@ from mingpt.utils import CfgNode, set_seed
 from toy_rlhf.data import PreferenceDataset, with_cls
 from toy_rlhf.language import DIGITS, SEQUENCE_LENGTH, VOCAB_SIZE, join, preferred_first_token, \
     sample_prompts, sample_responses
+from toy_rlhf.policy import started_from
 from toy_rlhf.training import (check_finite, gradient_step, learning_rate_at, progress_bar,
                                set_learning_rate)
 
@@ -18,34 +19,44 @@ from toy_rlhf.training import (check_finite, gradient_step, learning_rate_at, pr
 class RewardConfig:
     pairs: int = 20000  # labelled pairs in the training set (the "human" data, finite)
     held_out_pairs: int = 4000  # fresh pairs for the pairwise accuracy
-    iters: int = 1000  # optimizer steps
+    # Started from the SFT policy, the model learns the preference within about 100 steps: over seeds
+    # 0-9 this schedule reached held-out accuracy 1.0 and a rank rate >= 0.999 every time.
+    iters: int = 200  # optimizer steps
     batch_size: int = 64  # pairs per step
-    learning_rate: float = 2e-3  # peak, after warm-up, then cosine-decayed to 0
+    learning_rate: float = 3e-3  # peak, after warm-up, then cosine-decayed to 0
     warmup_iters: int = 20
-    # Every training pair separates the preferred digit from another digit the rule allows, so the
-    # data never says how to score a first digit the rule forbids; that is left to the network's
-    # inductive bias. Measured over seeds 0-5, this strong decay with 1000 steps ranked the preferred
-    # digit first for 100% of prompts on five seeds (0.28 on the sixth); 600 steps at 5e-3 with
-    # decay 0.1 did so on two of five.
-    weight_decay: float = 1.0
+    weight_decay: float = 0.1
     # Labels are Bradley-Terry draws from a gold reward of gold_margin for the preferred first
     # digit: at 20 a label is wrong with probability sigmoid(-20) = 2e-9, effectively never.
     gold_margin: float = 20.0
-    model_type: str = 'gpt-nano'
     seed: int = 0
     device: str = 'cpu'
     log_every: int = 10
 
 
-def reward_model_config(model_type='gpt-nano'):
-    """GPT config of the reward model: digits, SEP and CLS in; one number out at each position."""
+def reward_model_config(n_layer=3, n_head=3, n_embd=48):
+    """GPT config of the reward model: digits, SEP and CLS in; one number out at each position.
+    The sizes are the SFT policy's (gpt-nano by default)."""
     config = GPT.get_default_config()
-    config.model_type = model_type
+    config.model_type = None
+    config.n_layer, config.n_head, config.n_embd = n_layer, n_head, n_embd
     config.vocab_size = VOCAB_SIZE + 1  # CLS
     config.block_size = SEQUENCE_LENGTH + 1  # prompt, SEP, response, CLS
     config.output_size = 1
     config.embd_pdrop = config.resid_pdrop = config.attn_pdrop = 0.0
     return config
+
+
+def initial_reward_model(sft_policy):
+    """The reward model before training: the SFT policy's body with a new 1-wide head, and new
+    embedding rows for CLS and its position.
+
+    InstructGPT starts its reward model from the SFT model too. Here it matters for speed: the SFT
+    body already attends to the digits the rule reads, while a reward model started from random
+    weights sits at loss log 2 for some 350 steps before it finds that x4 + 1 is what counts.
+    """
+    sizes = sft_policy.config
+    return started_from(sft_policy, reward_model_config(sizes.n_layer, sizes.n_head, sizes.n_embd))
 
 
 def reward_scores(reward_model, sequences):
@@ -65,15 +76,15 @@ def bradley_terry_loss(accepted_scores, rejected_scores):
     return -F.logsigmoid(accepted_scores - rejected_scores).mean()
 
 
-def train_reward(config, progress=True):
-    """Train a reward model on a fixed set of labelled pairs.
+def train_reward(sft_policy, config, progress=True):
+    """Train a reward model, started from sft_policy (left unchanged), on a fixed set of labelled pairs.
 
     Returns the model (eval mode) and the log: a list of {'iter', 'loss', 'accepted', 'rejected'}
     (mean scores of the batch's accepted and rejected responses).
     """
     set_seed(config.seed)
     pairs = PreferenceDataset(config.pairs, config.gold_margin, seed=config.seed)
-    model = GPT(reward_model_config(config.model_type)).to(config.device)
+    model = initial_reward_model(sft_policy).to(config.device)
     optimizer = model.configure_optimizers(CfgNode(
         learning_rate=config.learning_rate, betas=(0.9, 0.95), weight_decay=config.weight_decay))
     generator = torch.Generator().manual_seed(config.seed)

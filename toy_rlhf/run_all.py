@@ -55,8 +55,9 @@ def run_all(run_dir, plots_dir, config, progress=True):
     timings = {}
     for name, stage_config in configs.items():
         path = run_dir / f'{name}.pt'
-        # PPO is trained from the SFT policy and the reward model: new ones mean a new PPO run.
-        inputs = () if name in ('sft', 'reward') else (run_dir / 'sft.pt', run_dir / 'reward.pt')
+        # The reward model starts from the SFT policy, and PPO from both: new inputs mean a new run.
+        sft, reward = run_dir / 'sft.pt', run_dir / 'reward.pt'
+        inputs = {'sft': (), 'reward': (sft,)}.get(name, (sft, reward))
         start = time.perf_counter()
         if not config.fresh and stage_is_current(path, stage_config, inputs):
             print(f'{name}: reusing {path} (made with the same settings)')
