@@ -3,6 +3,7 @@ interruption and numerical faults."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,6 +81,18 @@ def test_a_second_call_reuses_every_stage_and_a_fresh_run_gives_identical_metric
     other, _, printed = _run(tmp_path / 'runs' / 'b', tmp_path / 'plots')
     assert 'reusing' not in printed
     assert (other / 'metrics.json').read_bytes() == first
+
+
+def test_a_changed_sft_model_retrains_the_reward_model_and_ppo_which_start_from_it(quick_run, tmp_path):
+    run_dir, _, _ = quick_run
+    copy = tmp_path / 'runs' / 'a'
+    shutil.copytree(run_dir, copy)
+    # The same settings, other weights (as another thread count could give): SFT itself is current.
+    checkpoint = torch.load(copy / 'sft.pt', weights_only=True)
+    checkpoint['state_dict']['wte.weight'] += 0.01
+    torch.save(checkpoint, copy / 'sft.pt')
+    _, _, printed = _run(copy, tmp_path / 'plots')
+    assert printed.count('reusing') == 1 and 'sft: reusing' in printed
 
 
 def test_ctrl_c_during_a_stage_leaves_finished_checkpoints_intact_and_the_next_run_resumes(quick_run, tmp_path):

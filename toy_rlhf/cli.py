@@ -235,7 +235,8 @@ COMMANDS = {
             'runs/RUN/sft.pt and sft.jsonl.', add_sft_arguments,
             lambda args: pipeline.sft_stage(args.run_dir, config_from(args, pipeline.SFTConfig), args.progress)),
     'reward': ('train_reward.py', 'Train the reward model on labelled preference pairs, starting from '
-               'the SFT policy; needs runs/RUN/sft.pt; writes runs/RUN/reward.pt and reward.jsonl.', add_reward_arguments,
+               'the SFT policy; needs runs/RUN/sft.pt; writes runs/RUN/reward.pt and reward.jsonl.',
+               add_reward_arguments,
                lambda args: pipeline.reward_stage(args.run_dir, config_from(args, pipeline.RewardConfig),
                                                   args.progress)),
     'ppo': ('train_ppo.py', 'Fine-tune the SFT policy against the reward model with PPO and a KL penalty '

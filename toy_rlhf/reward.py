@@ -20,7 +20,7 @@ class RewardConfig:
     pairs: int = 20000  # labelled pairs in the training set (the "human" data, finite)
     held_out_pairs: int = 4000  # fresh pairs for the pairwise accuracy
     # Started from the SFT policy, the model learns the preference within about 100 steps: over seeds
-    # 0-9 this schedule reached held-out accuracy 1.0 and a rank rate >= 0.999 every time.
+    # 0-9 (from the seed-0 SFT policy) this schedule reached held-out accuracy 1.0 and rank rate 1.0.
     iters: int = 200  # optimizer steps
     batch_size: int = 64  # pairs per step
     learning_rate: float = 3e-3  # peak, after warm-up, then cosine-decayed to 0
