@@ -43,11 +43,21 @@ class CausalSelfAttention(nn.Module):
         return (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                 for t in self.qkv(x).split(C, dim=2))
 
-    def forward(self, x):
-        """x: (B, T, C) -> (B, T, C)."""
+    def forward(self, x, cache=None):
+        """x: (B, T, C) -> (B, T, C). With a cache (a dict, empty for a new sequence), x continues
+        the sequence whose keys and values the cache holds, and its own are added to it."""
         q, k, v = self._heads(x)
+        if cache is not None:
+            if cache:
+                k, v = torch.cat([cache['k'], k], dim=2), torch.cat([cache['v'], v], dim=2)
+            cache['k'], cache['v'] = k, v
+        past = k.size(2) - q.size(2)
+        # Query i sits at position past + i and sees keys 0 .. past + i. SDPA's own causal mask is
+        # aligned top-left, which is right only when there is no past.
+        mask = None if past == 0 else \
+            torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=past)
         # The fused kernel is several times faster than softmax(q k^T) v written out on the CPU.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=past == 0,
                                            dropout_p=self.attn_pdrop if self.training else 0.0)
         return self.resid_dropout(self.proj(y.transpose(1, 2).flatten(2)))
 
@@ -75,8 +85,8 @@ class Block(nn.Module):
             nn.Dropout(config.resid_pdrop),
         )
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -129,10 +139,10 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def _check_input(self, idx):
+    def _check_input(self, idx, start=0):
         if idx.dim() != 2:
             raise ValueError(f'idx must have shape (batch, length), got {tuple(idx.shape)}')
-        length = idx.size(1)
+        length = start + idx.size(1)
         if length > self.block_size:
             raise ValueError(f'sequence length {length} exceeds block_size {self.block_size}')
         if idx.numel():
@@ -141,18 +151,24 @@ class GPT(nn.Module):
                 bad = low if low < 0 else high
                 raise ValueError(f'token id {bad} is outside [0, {self.vocab_size})')
 
-    def _embed(self, idx):
-        """idx: (B, T) -> the residual stream's input (B, T, C)."""
-        self._check_input(idx)
-        positions = torch.arange(idx.size(1), device=idx.device)
+    def _embed(self, idx, start=0):
+        """idx: (B, T) at positions start .. start + T - 1 -> the residual stream's input (B, T, C)."""
+        self._check_input(idx, start)
+        positions = torch.arange(start, start + idx.size(1), device=idx.device)
         return self.drop(self.wte(idx) + self.wpe(positions))
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, cache=None):
         """idx: (B, T) token ids -> logits (B, T, output_size) and the mean cross-entropy over
-        positions whose target is not -1 (None when targets is None)."""
-        x = self._embed(idx)
-        for block in self.blocks:
-            x = block(x)
+        positions whose target is not -1 (None when targets is None).
+
+        cache: None, or one dict per block, empty for a new sequence (`[{} for _ in model.blocks]`).
+        The keys and values of idx are added to it, and a later call's idx continues the sequence:
+        generation then runs only each new token through the network.
+        """
+        start = cache[0]['k'].size(2) if cache and cache[0] else 0
+        x = self._embed(idx, start)
+        for block, block_cache in zip(self.blocks, cache or [None] * len(self.blocks)):
+            x = block(x, block_cache)
         logits = self.head(self.ln_f(x))
         loss = None
         if targets is not None:
@@ -182,9 +198,16 @@ class GPT(nn.Module):
         """Append max_new_tokens tokens to idx (B, T), each predicted from at most block_size
         previous tokens: sampled if do_sample (from `generator`, a torch.Generator, if given), else
         the most likely one."""
+        # While every context fits in block_size (the last token is sampled, never read), the keys
+        # and values of the tokens so far are cached and each step runs only the new token. Beyond
+        # that the context is cropped to the last block_size tokens, every position shifts, and
+        # each step recomputes it.
+        longest_context = idx.size(1) + max_new_tokens - 1
+        cache = [{} for _ in self.blocks] if longest_context <= self.block_size else None
+        new_tokens = idx
         for _ in range(max_new_tokens):
-            context = idx[:, -self.block_size:]
-            logits, _ = self(context)
+            context = new_tokens if cache is not None else idx[:, -self.block_size:]
+            logits, _ = self(context, cache=cache)
             logits = logits[:, -1, :] / temperature
             if top_k is not None:
                 kth_largest = torch.topk(logits, top_k).values[:, [-1]]
@@ -194,6 +217,7 @@ class GPT(nn.Module):
             else:
                 next_token = logits.argmax(dim=-1, keepdim=True)
             idx = torch.cat((idx, next_token), dim=1)
+            new_tokens = next_token
         return idx
 
     def configure_optimizers(self, train_config):

@@ -22,22 +22,26 @@ FORBIDDEN = 1e-12
 class LanguageOracle(torch.nn.Module):
     """A policy whose next-token distribution after prompt + SEP + k digits is exactly the language's
     (aligned=True: the first digit is always the preferred one). GPT's interface: model(idx) ->
-    (logits, None), block_size, and GPT's own generate, which only calls the model."""
+    (logits, None), block_size, its cache protocol, and GPT's own generate, which only calls the model."""
     block_size = SEQUENCE_LENGTH - 1
+    blocks = (None,)  # generate gives the model a cache of one dict per block
     generate = GPT.generate
 
     def __init__(self, aligned=False):
         super().__init__()
         self.aligned = aligned
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, cache=None):
+        new = idx.size(1)
+        if cache is not None:  # idx continues the tokens the cache has seen; the cache keeps them all
+            idx = cache[0]['tokens'] = torch.cat([cache[0].get('tokens', idx[:, :0]), idx], dim=1)
         logits = torch.zeros(*idx.shape, VOCAB_SIZE)  # uniform before SEP, where nothing is asked
         for position in range(PROMPT_LENGTH, idx.size(1)):
             distribution = next_token_distribution(idx[:, :position + 1])
             if self.aligned and position == PROMPT_LENGTH:
                 distribution = F.one_hot(preferred_first_token(idx), VOCAB_SIZE).float()
             logits[:, position] = distribution.clamp_min(FORBIDDEN).log()
-        return logits, None
+        return logits[:, -new:], None
 
 
 # The language's preference rate, by hand: the first digit increments one of the four prompt digits

@@ -113,6 +113,39 @@ def test_greedy_generation_takes_the_argmax_at_each_step_from_at_most_block_size
     assert torch.equal(model.generate(idx, max_new_tokens=new_tokens), out)
 
 
+def test_greedy_generation_that_fits_in_block_size_equals_recomputing_every_step():
+    # 3 + 5 tokens fit in BLOCK, so generate runs each new token alone against cached keys and values.
+    model = tiny_model().eval()
+    idx = random_tokens((3, 3))
+    expected = idx
+    with torch.no_grad():
+        for _ in range(5):
+            logits, _ = model(expected)
+            expected = torch.cat([expected, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+    assert torch.equal(model.generate(idx, max_new_tokens=5), expected)
+
+
+@pytest.mark.parametrize('pieces', [(8,), (3, 1, 1, 1, 1, 1), (1, 4, 2, 1)])
+def test_a_sequence_fed_in_pieces_through_a_cache_gets_the_logits_of_one_full_pass(pieces):
+    model = tiny_model().eval()
+    idx = random_tokens((4, BLOCK))
+    cache = [{} for _ in model.blocks]
+    with torch.no_grad():
+        full, _ = model(idx)
+        ends = np.cumsum(pieces)
+        parts = [model(idx[:, end - size:end], cache=cache)[0] for size, end in zip(pieces, ends)]
+    assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
+
+
+def test_a_cache_does_not_let_a_sequence_grow_past_block_size():
+    model = tiny_model().eval()
+    cache = [{} for _ in model.blocks]
+    with torch.no_grad():
+        model(random_tokens((2, BLOCK - 1)), cache=cache)
+        with pytest.raises(ValueError, match=f'sequence length {BLOCK + 1} exceeds block_size {BLOCK}'):
+            model(random_tokens((2, 2)), cache=cache)
+
+
 def test_sampling_with_top_k_one_is_greedy():
     model = tiny_model().eval()
     idx = random_tokens((4, 2))

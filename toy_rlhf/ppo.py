@@ -35,7 +35,9 @@ class PPOConfig:
     # would stop before what the missing leash does shows. A larger learning rate over fewer rounds
     # gave a lower fidelity and gold rate.
     iters: int = 50  # rollout-and-update rounds
-    prompts_per_iter: int = 128  # prompts in a rollout
+    # Over seeds 0-2 at beta=1, 96 prompts reached 99% preference after 5,000-5,400 samples against
+    # 6,144-6,656 with 128, at the same gold rate (within 0.15 points); 64 lowered it (seed 0).
+    prompts_per_iter: int = 96  # prompts in a rollout
     samples_per_prompt: int = 4  # responses per prompt; the others are each one's baseline
     # One pass in four minibatches: from the second minibatch on the actor is no longer the rollout
     # policy, and the ratio clip bounds how far it moves. More passes bought no quality per second.
