@@ -1,5 +1,6 @@
 """The one-command pipeline at the quick schedule: files, reuse, byte-for-byte reproducibility,
-interruption and numerical faults."""
+interruption and numerical faults; and the beta sweep run on its checkpoints."""
+import functools
 import json
 import os
 import re
@@ -14,7 +15,11 @@ import pytest
 import torch
 
 from toy_rlhf import ppo
+from toy_rlhf import sweep as sweep_module
+from toy_rlhf.dpo import DPOConfig
+from toy_rlhf.ppo import PPOConfig
 from toy_rlhf.run_all import RunAllConfig, run_all
+from toy_rlhf.sweep import SweepConfig
 from toy_rlhf.training import TrainingError
 
 SCRIPTS = Path(__file__).resolve().parent.parent / 'scripts'
@@ -93,6 +98,31 @@ def test_a_changed_sft_model_retrains_the_reward_model_and_ppo_which_start_from_
     torch.save(checkpoint, copy / 'sft.pt')
     _, _, printed = _run(copy, tmp_path / 'plots')
     assert printed.count('reusing') == 1 and 'sft: reusing' in printed
+
+
+def test_the_sweep_puts_every_policy_at_or_below_the_exact_optimum_and_reuses_its_checkpoints(
+        quick_run, tmp_path, monkeypatch, capsys):
+    run_dir, _, _ = quick_run
+    copy = tmp_path / 'runs' / 'a'
+    shutil.copytree(run_dir, copy)
+    # Tiny PPO and DPO schedules: what is tested is the sweep around them, not their quality.
+    monkeypatch.setattr(sweep_module, 'PPOConfig', functools.partial(PPOConfig, iters=3, prompts_per_iter=16))
+    monkeypatch.setattr(sweep_module, 'DPOConfig', functools.partial(DPOConfig, iters=5, pairs=256))
+    config = SweepConfig(betas=(1.0, 0.0), dpo_betas=(1.0,), prompts=2)
+    rows = sweep_module.sweep(copy, tmp_path / 'plots', config, progress=False)
+    assert [row['label'] for row in rows] == ['PPO beta=1', 'PPO beta=0', 'DPO beta=1']
+    for row in rows:
+        # J* is the maximum of J over all policies, computed exactly: no trained policy exceeds it.
+        assert row['J'] <= row['J_star'] + 1e-9, row['label']
+    dpo = rows[-1]
+    assert dpo['gold_objective_J'] <= dpo['gold_objective_J_star'] + 1e-9
+    report = (copy / 'sweep.md').read_text()
+    assert all(f"| {row['label']} |" in report for row in rows)
+    assert (tmp_path / 'plots' / 'frontier.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    capsys.readouterr()
+    again = sweep_module.sweep(copy, tmp_path / 'plots', config, progress=False)
+    assert capsys.readouterr().out.count('reusing') == 3
+    assert [row['J'] for row in again] == [row['J'] for row in rows]
 
 
 def test_ctrl_c_during_a_stage_leaves_finished_checkpoints_intact_and_the_next_run_resumes(quick_run, tmp_path):
