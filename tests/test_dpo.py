@@ -87,8 +87,8 @@ def test_sequence_log_probs_sum_the_log_probs_of_the_four_response_digits():
 
 def test_a_policy_scored_against_itself_has_loss_log_two_on_real_pairs():
     model = random_policy(1)
-    context, accepted, rejected = PreferenceDataset(32, gold_margin=20.0, seed=0)[:]
-    chosen, other = sequence_log_probs(model, context, accepted), sequence_log_probs(model, context, rejected)
+    context, chosen, rejected = PreferenceDataset(32, gold_margin=20.0, seed=0)[:]
+    chosen, other = sequence_log_probs(model, context, chosen), sequence_log_probs(model, context, rejected)
     loss, chosen_rewards, rejected_rewards = dpo_loss(chosen, other, chosen.clone(), other.clone(), beta=1.0)
     assert torch.equal(chosen_rewards, torch.zeros(32)) and torch.equal(rejected_rewards, torch.zeros(32))
     assert math.isclose(loss.item(), LOG_TWO, rel_tol=1e-6)  # the mean of 32 float32 log 2s

@@ -67,7 +67,7 @@ def test_sft_loss_figure(tmp_path):
 def test_reward_model_figure(tmp_path):
     torch.manual_seed(0)
     reward_model = GPT(reward_model_config())
-    history = [{'iter': 10 * i, 'accepted': 0.3 * i, 'rejected': -0.3 * i} for i in range(8)]
+    history = [{'iter': 10 * i, 'chosen': 0.3 * i, 'rejected': -0.3 * i} for i in range(8)]
     path = plots.plot_reward_model(history, reward_model, PROMPT, RESPONSE, tmp_path / 'reward.png')
     assert_png(path, plots.FIGURE_SIZES['reward_model'])
 

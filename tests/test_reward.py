@@ -103,30 +103,30 @@ def pairs():
 
 def parts(pairs):
     prompts = pairs.context[:, :4]
-    return prompts, pairs.accepted[:, :4], pairs.rejected[:, :4]
+    return prompts, pairs.chosen[:, :4], pairs.rejected[:, :4]
 
 
 def test_a_pair_is_one_context_of_prompt_and_separator_and_two_responses_ending_with_cls(pairs):
     assert len(pairs) == N
-    context, accepted, rejected = pairs[7]
-    assert context.shape == (5,) and accepted.shape == rejected.shape == (5,)
+    context, chosen, rejected = pairs[7]
+    assert context.shape == (5,) and chosen.shape == rejected.shape == (5,)
     assert torch.all(pairs.context[:, 4] == SEP)
-    assert torch.all(pairs.accepted[:, 4] == CLS) and torch.all(pairs.rejected[:, 4] == CLS)
+    assert torch.all(pairs.chosen[:, 4] == CLS) and torch.all(pairs.rejected[:, 4] == CLS)
     accepted_sequences, rejected_sequences = pairs.sequences(slice(0, 10))
-    assert torch.equal(accepted_sequences, torch.cat([pairs.context[:10], pairs.accepted[:10]], 1))
+    assert torch.equal(accepted_sequences, torch.cat([pairs.context[:10], pairs.chosen[:10]], 1))
     assert torch.equal(rejected_sequences, torch.cat([pairs.context[:10], pairs.rejected[:10]], 1))
 
 
 def test_both_responses_are_valid_sentences_of_the_language(pairs):
-    prompts, accepted, rejected = parts(pairs)
-    assert torch.all(is_valid_output(prompts, accepted))
+    prompts, chosen, rejected = parts(pairs)
+    assert torch.all(is_valid_output(prompts, chosen))
     assert torch.all(is_valid_output(prompts, rejected))
 
 
 def test_with_noiseless_labels_the_accepted_response_starts_with_the_preferred_digit(pairs):
-    prompts, accepted, rejected = parts(pairs)
+    prompts, chosen, rejected = parts(pairs)
     preferred = preferred_first_token(prompts)
-    assert torch.all(accepted[:, 0] == preferred)
+    assert torch.all(chosen[:, 0] == preferred)
     assert torch.all(rejected[:, 0] != preferred)
 
 
@@ -137,8 +137,8 @@ def test_prompts_with_four_equal_digits_are_never_drawn(pairs):
 
 def test_with_margin_one_the_preferred_response_is_accepted_in_a_share_sigmoid_one_of_pairs():
     noisy = PreferenceDataset(N, gold_margin=1.0, seed=1)
-    prompts, accepted, rejected = parts(noisy)
-    chosen = accepted[:, 0] == preferred_first_token(prompts)
+    prompts, chosen, rejected = parts(noisy)
+    chosen = chosen[:, 0] == preferred_first_token(prompts)
     assert within_binomial_bound(chosen, 1 / (1 + math.exp(-1)))
     # Either way, exactly one of the two responses starts with the preferred digit.
     assert torch.all(chosen != (rejected[:, 0] == preferred_first_token(prompts)))

@@ -56,11 +56,11 @@ def with_cls(responses):
 
 
 class PreferenceDataset(Dataset):
-    """`size` labelled pairs: item i -> (prompt + SEP (5,), accepted (5,), rejected (5,)).
+    """`size` labelled pairs: item i -> (prompt + SEP (5,), chosen (5,), rejected (5,)).
 
     Both responses are valid sentences of the language and end with CLS. One starts with the
     preferred first digit (x4 + 1) % 10, the other with another digit the rule allows; the labeler
-    decides which is accepted. Prompts whose four digits are all equal allow only the preferred
+    decides which is chosen. Prompts whose four digits are all equal allow only the preferred
     first digit, so they cannot form a pair and are not drawn.
     """
 
@@ -70,22 +70,22 @@ class PreferenceDataset(Dataset):
         preferred = preferred_first_token(prompts)
         good = sample_responses(prompts, generator, first_token=preferred)
         bad = sample_responses(prompts, generator, first_token=_other_allowed_first(prompts, generator))
-        good_chosen = labeler(prompts, good, bad, gold_margin, generator).unsqueeze(1)
+        good_wins = labeler(prompts, good, bad, gold_margin, generator).unsqueeze(1)
         self.context = join(prompts)
-        self.accepted = with_cls(torch.where(good_chosen, good, bad))
-        self.rejected = with_cls(torch.where(good_chosen, bad, good))
+        self.chosen = with_cls(torch.where(good_wins, good, bad))
+        self.rejected = with_cls(torch.where(good_wins, bad, good))
 
     def __len__(self):
         return len(self.context)
 
     def __getitem__(self, i):
-        return self.context[i], self.accepted[i], self.rejected[i]
+        return self.context[i], self.chosen[i], self.rejected[i]
 
     def sequences(self, index=slice(None)):
-        """The accepted and rejected sequences of the indexed pairs, each prompt + SEP + response +
+        """The chosen and rejected sequences of the indexed pairs, each prompt + SEP + response +
         CLS: two (B, 10) tensors."""
         context = self.context[index]
-        return torch.cat([context, self.accepted[index]], 1), torch.cat([context, self.rejected[index]], 1)
+        return torch.cat([context, self.chosen[index]], 1), torch.cat([context, self.rejected[index]], 1)
 
 
 def _pairable_prompts(n, generator):

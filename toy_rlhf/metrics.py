@@ -12,6 +12,9 @@ from toy_rlhf.language import (PROMPT_LENGTH, RESPONSE_LENGTH, VOCAB_SIZE, join,
                                sample_responses)
 from toy_rlhf.policy import generate_responses, response_log_probs
 
+EVALUATION_PROMPTS = 2000  # prompts of the sampled exact metrics: standard error ~0.1 points on a rate
+PREFERENCE_TARGET = 0.99  # "learned the preference": the rate the samples-to-target counts are measured to
+
 
 def true_distributions(sentences, aligned=False):
     """The language's next-token distribution at each response position of sentences (B, 9):
@@ -76,7 +79,7 @@ def gold_rate(policy, prompts, generator=None):
 
 
 @torch.no_grad()
-def evaluate_policy(policy, reference, n_prompts=2000, seed=0):
+def evaluate_policy(policy, reference, n_prompts=EVALUATION_PROMPTS, seed=0):
     """The exact gold metrics of a policy, on n_prompts prompts drawn with `seed`.
 
     preference_rate  P(first digit == preferred)
@@ -101,3 +104,9 @@ def evaluate_policy(policy, reference, n_prompts=2000, seed=0):
         'kl_to_aligned': kl_divergence(true_distributions(aligned, aligned=True),
                                        response_log_probs(policy, aligned)).sum(dim=1).mean().item(),
     }
+
+
+def samples_to_preference(history, target=PREFERENCE_TARGET):
+    """Rollout samples an online method drew until its rollout's exact preference rate first reached
+    target (None if it never did)."""
+    return next((row['samples'] for row in history if row['gold/preference_rate'] >= target), None)

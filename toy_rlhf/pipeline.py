@@ -14,19 +14,13 @@ import torch
 
 from toy_rlhf.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from toy_rlhf.data import PreferenceDataset
-from toy_rlhf.dpo import DPOConfig, train_dpo
+from toy_rlhf.files import write_jsonl
 from toy_rlhf.language import entropy_floor, sample_prompts
-from toy_rlhf.metrics import evaluate_policy, language_kl
-from toy_rlhf.optimal import evaluate_against_optimum
-from toy_rlhf.ppo import PPOConfig, train_ppo
+from toy_rlhf.methods import METHODS
+from toy_rlhf.metrics import EVALUATION_PROMPTS, evaluate_policy, language_kl
+from toy_rlhf.optimal import EXACT_PROMPTS, evaluate_against_optimum
 from toy_rlhf.reward import RewardConfig, pairwise_accuracy, rank_rate, train_reward
 from toy_rlhf.sft import SFTConfig, train_sft
-from toy_rlhf.files import write_jsonl
-
-__all__ = ['SFTConfig', 'RewardConfig', 'PPOConfig', 'DPOConfig', 'sft_stage', 'reward_stage',
-           'ppo_stage', 'dpo_stage', 'evaluate_checkpoint', 'ppo_name', 'dpo_name', 'stage_is_current']
-
-EVALUATION_PROMPTS = 2000
 
 
 def versions():
@@ -38,16 +32,6 @@ def versions():
 def fingerprint(path):
     """A short hash of a file's bytes: which upstream checkpoint a later stage was trained from."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
-def ppo_name(beta):
-    """File stem of the PPO run at beta: ppo_beta1, ppo_beta0, ppo_beta0.1."""
-    return f'ppo_beta{beta:g}'
-
-
-def dpo_name(beta):
-    """File stem of the DPO run at beta: dpo_beta1, dpo_beta0.1."""
-    return f'dpo_beta{beta:g}'
 
 
 def _save(run_dir, name, model, kind, config, metrics, history, inputs=()):
@@ -99,33 +83,26 @@ def reward_stage(run_dir, config, progress=True):
     return metrics
 
 
-def ppo_stage(run_dir, config, progress=True):
-    """Fine-tune the run's SFT policy against its reward model with PPO at config.beta, evaluate it
-    exactly, write ppo_beta<B>.pt and .jsonl; returns its metrics."""
+def method_inputs(run_dir, method):
+    """The checkpoints a method's stage trains from: the SFT policy, and the reward model if it uses one."""
     run_dir = Path(run_dir)
-    return _fine_tune_stage(
-        run_dir, 'PPO', ppo_name(config.beta), config, (run_dir / 'sft.pt', run_dir / 'reward.pt'),
-        lambda reference: train_ppo(reference, load_model(run_dir / 'reward.pt', 'reward'), config, progress))
+    return (run_dir / 'sft.pt', run_dir / 'reward.pt') if method.needs_reward_model else (run_dir / 'sft.pt',)
 
 
-def dpo_stage(run_dir, config, progress=True):
-    """Fine-tune the run's SFT policy with DPO on labelled pairs at config.beta, evaluate it exactly,
-    write dpo_beta<B>.pt and .jsonl; returns its metrics."""
+def method_stage(run_dir, method, config, progress=True):
+    """Fine-tune the run's SFT policy with `method` (a toy_rlhf.methods.Method) at config.beta,
+    evaluate it exactly against the SFT policy, write <name>_beta<B>.pt and .jsonl; returns its metrics."""
     run_dir = Path(run_dir)
-    return _fine_tune_stage(run_dir, 'DPO', dpo_name(config.beta), config, (run_dir / 'sft.pt',),
-                            lambda reference: train_dpo(reference, config, progress))
-
-
-def _fine_tune_stage(run_dir, method, name, config, inputs, train):
-    """Fine-tune the SFT policy (inputs[0]) with train(reference) -> (policy, history), measure it
-    exactly against the SFT policy, write name.pt and name.jsonl; returns the metrics."""
+    inputs = method_inputs(run_dir, method)
     reference = load_model(inputs[0], 'policy')
+    models = {'reward_model': load_model(inputs[1], 'reward')} if method.needs_reward_model else {}
     start = time.perf_counter()
-    policy, history = train(reference)
+    policy, history = method.train(reference, config=config, progress=progress, **models)
     metrics = {**evaluate_policy(policy, reference, EVALUATION_PROMPTS, seed=config.seed),
                'seconds': time.perf_counter() - start}
+    name = method.stem(config.beta)
     _save(run_dir, name, policy, 'policy', config, metrics, history, inputs)
-    print(f"{method} beta={config.beta:g}: preference {metrics['preference_rate']:.2%}, fidelity "
+    print(f"{method.label} beta={config.beta:g}: preference {metrics['preference_rate']:.2%}, fidelity "
           f"{metrics['fidelity']:.2%}, gold {metrics['gold_rate']:.2%}, KL to reference "
           f"{metrics['kl_to_reference']:.3f} nats; {metrics['seconds']:.1f} s -> {run_dir / name}.pt")
     return metrics
@@ -138,12 +115,12 @@ def evaluate_checkpoint(policy_path, reference_path, n_prompts=EVALUATION_PROMPT
     return evaluate_policy(policy, reference, n_prompts, seed)
 
 
-def optimum_gap(policy_path, reference_path, reward_path, n_prompts=100, seed=0):
+def optimum_gap(policy_path, reference_path, reward_path, n_prompts=EXACT_PROMPTS, seed=0):
     """The policy at policy_path against the exact optimum of the objective at its own beta (read
     from its checkpoint), over all 10^4 responses of n_prompts prompts: J, J*, gap closed, KL split."""
     settings = load_checkpoint(policy_path, 'policy')['train_config']
     if 'beta' not in settings:
-        raise CheckpointError(f'{policy_path}: not made by PPO or DPO (no beta stored); '
+        raise CheckpointError(f'{policy_path}: not made by a training method (no beta stored); '
                               'run `python scripts/train_ppo.py` to make one')
     prompts = sample_prompts(n_prompts, torch.Generator().manual_seed(seed))
     return evaluate_against_optimum(load_model(policy_path, 'policy'), load_model(reference_path, 'policy'),

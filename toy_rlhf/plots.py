@@ -101,8 +101,8 @@ def plot_sft_loss(history, entropy_floor, path):
 def plot_reward_model(history, reward_model, prompt, response, path, window=5):
     """Reward model training and its rewards on one sentence.
 
-    history: list of {'iter', 'accepted', 'rejected'} (mean rewards of a batch); prompt, response:
-    (4,) long. Left: accepted and rejected mean reward vs iteration (moving average over `window`
+    history: list of {'iter', 'chosen', 'rejected'} (mean rewards of a batch); prompt, response:
+    (4,) long. Left: chosen and rejected mean reward vs iteration (moving average over `window`
     logged rows, raw values faint behind). Right: the reward with each of the ten first digits in
     place of the response's first one, the preferred digit (x4 + 1) % 10 highlighted.
     """
@@ -112,7 +112,7 @@ def plot_reward_model(history, reward_model, prompt, response, path, window=5):
     fig, (curves, bars) = plt.subplots(1, 2, figsize=FIGURE_SIZES['reward_model'], layout='constrained')
 
     iters = [row['iter'] for row in history]
-    for key, color in (('accepted', PREFERRED_COLOR), ('rejected', OTHER_COLOR)):
+    for key, color in (('chosen', PREFERRED_COLOR), ('rejected', OTHER_COLOR)):
         values = [row[key] for row in history]
         curves.plot(iters, values, color=color, alpha=0.3, linewidth=1)
         curves.plot(iters, moving_average(values, window), color=color, linewidth=2,

@@ -39,7 +39,7 @@ def figure_captions(metrics):
         'sft_loss': f'SFT cross-entropy against training steps. The loss cannot go below the entropy '
                     f'of the language ({metrics["sft"]["entropy_floor"]:.4f} nats, dashed); the model '
                     f'ends {metrics["sft"]["language_kl"]:.4f} nats per token from the true distribution.',
-        'reward_model': f'Left: mean reward of accepted and rejected responses during training. Right: '
+        'reward_model': f'Left: mean reward of chosen and rejected responses during training. Right: '
                         f'the reward of each possible first digit for one sentence; over fresh prompts '
                         f'the preferred digit scores highest {metrics["reward"]["rank_rate"]:.1%} of the time.',
         'ppo_curves': f'Reward-model score, KL to the reference and preference rate during PPO, per beta. '

@@ -70,17 +70,17 @@ def score_sentences(reward_model, sentences):
     return reward_scores(reward_model, with_cls(sentences))
 
 
-def bradley_terry_loss(accepted_scores, rejected_scores):
-    """-log sigmoid(r_accepted - r_rejected), averaged: the negative log-likelihood of the labels when
+def bradley_terry_loss(chosen_scores, rejected_scores):
+    """-log sigmoid(r_chosen - r_rejected), averaged: the negative log-likelihood of the labels when
     P(a chosen over b) = sigmoid(r(a) - r(b)). Scores: (B,) -> scalar."""
-    return -F.logsigmoid(accepted_scores - rejected_scores).mean()
+    return -F.logsigmoid(chosen_scores - rejected_scores).mean()
 
 
 def train_reward(sft_policy, config, progress=True):
     """Train a reward model, started from sft_policy (left unchanged), on a fixed set of labelled pairs.
 
-    Returns the model (eval mode) and the log: a list of {'iter', 'loss', 'accepted', 'rejected'}
-    (mean scores of the batch's accepted and rejected responses).
+    Returns the model (eval mode) and the log: a list of {'iter', 'loss', 'chosen', 'rejected'}
+    (mean scores of the batch's chosen and rejected responses).
     """
     set_seed(config.seed)
     pairs = PreferenceDataset(config.pairs, config.gold_margin, seed=config.seed)
@@ -95,14 +95,14 @@ def train_reward(sft_policy, config, progress=True):
         set_learning_rate(optimizer, learning_rate_at(step, config.iters, config.learning_rate,
                                                       config.warmup_iters))
         batch = torch.randint(len(pairs), (config.batch_size,), generator=generator)
-        # Accepted and rejected responses share one forward pass: (2B, 10) -> (2B,).
+        # Chosen and rejected responses share one forward pass: (2B, 10) -> (2B,).
         both = torch.cat(pairs.sequences(batch)).to(config.device)
-        accepted, rejected = reward_scores(model, both).chunk(2)
-        loss = bradley_terry_loss(accepted, rejected)
+        chosen, rejected = reward_scores(model, both).chunk(2)
+        loss = bradley_terry_loss(chosen, rejected)
         check_finite('reward', step, loss=loss.detach())
         gradient_step(optimizer, loss, model, max_grad_norm=1.0)
         if step % config.log_every == 0 or step == config.iters - 1:
-            row = {'iter': step, 'loss': loss.item(), 'accepted': accepted.mean().item(),
+            row = {'iter': step, 'loss': loss.item(), 'chosen': chosen.mean().item(),
                    'rejected': rejected.mean().item()}
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}")
@@ -113,9 +113,9 @@ def train_reward(sft_policy, config, progress=True):
 
 @torch.no_grad()
 def pairwise_accuracy(reward_model, pairs):
-    """Share of pairs whose accepted response scores higher than the rejected one."""
-    accepted, rejected = (reward_scores(reward_model, sequences) for sequences in pairs.sequences())
-    return (accepted > rejected).float().mean().item()
+    """Share of pairs whose chosen response scores higher than the rejected one."""
+    chosen, rejected = (reward_scores(reward_model, sequences) for sequences in pairs.sequences())
+    return (chosen > rejected).float().mean().item()
 
 
 @torch.no_grad()

@@ -1,0 +1,148 @@
+"""Command-line flags made from config dataclasses: each field is a flag of the same name, its
+comment in the source is the flag's help, and its annotation says what values it takes.
+
+    @dataclass
+    class PPOConfig:
+        iters: PositiveInt = 50  # rollout-and-update rounds     ->  --iters ITERS  rollout-and-update rounds (default: 50)
+
+Written here rather than taken from a library (tyro does the same and more) because this is all the
+project needs: about a hundred lines, no dependency, and the comments stay where a reader of the
+config looks for them.
+"""
+import argparse
+import inspect
+import io
+import math
+import re
+import tokenize
+import typing
+from dataclasses import MISSING, dataclass, fields, replace
+from typing import Annotated, Literal
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The values a number may take: low <= value (or <, if low_open) and value <= high."""
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    description: str = 'a number'
+
+    def parse(self, kind):
+        """An argparse type: text -> a finite value of `kind` within the bounds."""
+        def parse(text):
+            try:
+                value = kind(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f'must be {self.description}, got {text!r}') from None
+            too_low = value <= self.low if self.low_open else value < self.low
+            if not math.isfinite(value) or too_low or value > self.high:
+                raise argparse.ArgumentTypeError(f'must be {self.description}, got {text}')
+            return value
+        return parse
+
+
+PositiveInt = Annotated[int, Bounds(low=1, description='a positive integer')]
+GroupSize = Annotated[int, Bounds(low=2, description='an integer >= 2')]
+PositiveFloat = Annotated[float, Bounds(low=0, low_open=True, description='a positive number')]
+NonNegativeFloat = Annotated[float, Bounds(low=0, description='a number >= 0')]
+Probability = Annotated[float, Bounds(low=0, high=1, description='a number between 0 and 1')]
+Seed = Annotated[int, Bounds(low=0, high=2 ** 32 - 1, description='an integer from 0 to 2^32 - 1')]
+Digit = Annotated[int, Bounds(low=0, high=9, description='a digit 0-9')]
+Device = Literal['auto', 'cpu', 'cuda']
+
+
+def field_comments(config_class):
+    """{field name: its comment}: the comment at the end of the field's line, or else the comment
+    lines just above it. Fields of base classes included."""
+    comments = {}
+    for cls in reversed(config_class.__mro__[:-1]):  # base classes first, `object` left out
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):
+            continue
+        above = []
+        for line in source.splitlines():
+            stripped = line.strip()
+            if stripped.startswith('#'):
+                above.append(stripped.lstrip('# '))
+                continue
+            match = re.match(r'\s+(\w+)\s*:', line)
+            if match:
+                trailing = _trailing_comment(line)
+                comments[match.group(1)] = trailing or ' '.join(above)
+            above = []
+    return comments
+
+
+def _trailing_comment(line):
+    """The comment at the end of a line of code ('' if none), found by the tokenizer so a '#' inside
+    a string does not count."""
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(line.strip() + '\n').readline):
+            if token.type == tokenize.COMMENT:
+                return token.string.lstrip('# ')
+    except (tokenize.TokenError, SyntaxError):
+        pass
+    return ''
+
+
+def flag_name(field_name, prefix=''):
+    """--learning-rate for learning_rate; --ppo.learning-rate with prefix 'ppo'."""
+    return '--' + (f'{prefix}.' if prefix else '') + field_name.replace('_', '-')
+
+
+def add_config_flags(parser, config_class, prefix='', skip=(), defaults=None):
+    """Add a flag for every field of config_class (but those in `skip`) to parser.
+
+    A flag the user does not give is left out of the parsed arguments (argparse.SUPPRESS), so
+    config_from_args can start from any base config. `defaults` (a config instance) is what the help
+    shows as the default; the class's own defaults otherwise.
+    """
+    hints = typing.get_type_hints(config_class, include_extras=True)
+    comments = field_comments(config_class)
+    group = parser.add_argument_group(f'{prefix} settings' if prefix else 'settings')
+    for field in fields(config_class):
+        if field.name in skip:
+            continue
+        default = getattr(defaults, field.name) if defaults is not None else _default(field)
+        options = _argparse_options(hints[field.name], default)
+        shown = ' '.join(f'{value:g}' if isinstance(value, float) else str(value) for value in default) \
+            if isinstance(default, tuple) else default
+        group.add_argument(flag_name(field.name, prefix), dest=_destination(field.name, prefix),
+                           default=argparse.SUPPRESS, help=f'{comments.get(field.name, "")} (default: {shown})',
+                           **options)
+
+
+def config_from_args(args, config_class, prefix='', base=None):
+    """base (or config_class()) with the fields the user gave flags for replaced."""
+    given = {field.name: getattr(args, _destination(field.name, prefix)) for field in fields(config_class)
+             if hasattr(args, _destination(field.name, prefix))}
+    given = {name: tuple(value) if isinstance(value, list) else value for name, value in given.items()}
+    return replace(base if base is not None else config_class(), **given)
+
+
+def _default(field):
+    return field.default_factory() if field.default is MISSING else field.default
+
+
+def _destination(field_name, prefix):
+    return f'{prefix}.{field_name}' if prefix else field_name
+
+
+def _argparse_options(hint, default):
+    """argparse keyword arguments for a field annotated `hint`."""
+    if typing.get_origin(hint) is tuple:
+        items = typing.get_args(hint)
+        count = '+' if len(items) == 2 and items[1] is Ellipsis else len(items)
+        return {**_argparse_options(items[0], None), 'nargs': count}
+    if typing.get_origin(hint) is Literal:
+        return {'choices': typing.get_args(hint)}
+    if hint is bool:
+        return {'action': argparse.BooleanOptionalAction}
+    if typing.get_origin(hint) is Annotated:
+        kind, bounds = typing.get_args(hint)[:2]
+        return {'type': bounds.parse(kind), 'metavar': 'N'}
+    if hint in (int, float):
+        return {'type': Bounds(description=f'a number').parse(hint), 'metavar': 'N'}
+    return {'type': hint}

@@ -1,0 +1,67 @@
+"""The registry of training methods: each method is one module here plus one entry below.
+
+Everything that runs, names, evaluates or draws a method (the stages, `run_all`, the sweep, the
+comparison, the benchmark, the figures, checkpoint names and the command line) reads this registry;
+nothing else names a method. To add one: write its module (a config dataclass whose fields are its
+flags, its math as pure functions, one `train` function) and register it here.
+"""
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from toy_rlhf.methods import dpo, ppo
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str  # registry key, command name (`toy-rlhf NAME`), checkpoint stem (NAME_beta1.pt)
+    label: str  # in tables, legends and reports
+    summary: str  # one line: what it does, for --help and the README
+    config: type  # its settings, a dataclass with a `beta` and a `seed`: every field is a flag
+    # train(sft_policy, config=..., progress=..., [reward_model=...]) -> (policy, history). None for a
+    # method that trains nothing (best-of-n): it gives its exact distribution through `exact_policy`.
+    train: Optional[Callable]
+    needs_reward_model: bool  # False: it learns from the labelled pairs, or from nothing
+    color: str  # matplotlib colour, the same in every figure
+    marker: str  # matplotlib marker of its point on the frontier
+    # target(tables, config) -> log-probs (P, 10^4) of the exact distribution the method converges to
+    # (toy_rlhf.optimal.ExactTables); None: pi* of the reward model at config.beta.
+    target: Optional[Callable] = None
+    target_label: str = 'pi* (reward model)'
+    # exact_policy(tables, config) -> log-probs (P, 10^4) of a method without a network.
+    exact_policy: Optional[Callable] = None
+    online: bool = True  # samples its own responses (learning curves against samples, not pairs)
+
+    def stem(self, beta):
+        """Checkpoint file stem of a run at beta: ppo_beta1, dpo_beta0.1."""
+        return f'{self.name}_beta{beta:g}'
+
+
+METHODS = {}
+
+
+def register(method):
+    """Add a method to the registry (a test registers a dummy one this way); returns it."""
+    if method.name in METHODS:
+        raise ValueError(f'a method named {method.name!r} is already registered')
+    METHODS[method.name] = method
+    return method
+
+
+def unregister(name):
+    METHODS.pop(name)
+
+
+def method_of_stem(stem):
+    """The method whose checkpoints are named like `stem` (ppo_beta1 -> PPO), or None."""
+    name, separator, _ = stem.rpartition('_beta')
+    return METHODS.get(name) if separator else None
+
+
+register(Method(
+    name='ppo', label='PPO', config=ppo.PPOConfig, train=ppo.train_ppo, needs_reward_model=True,
+    summary='PPO with a per-token KL penalty in the reward, leave-one-out baseline (or --critic)',
+    color='#2ca02c', marker='o'))
+register(Method(
+    name='dpo', label='DPO', config=dpo.DPOConfig, train=dpo.train_dpo, needs_reward_model=False,
+    summary='direct preference optimisation on the labelled pairs, no reward model',
+    color='#1f77b4', marker='s', target=dpo.gold_optimum, target_label='pi* (gold reward)', online=False))

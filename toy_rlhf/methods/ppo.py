@@ -1,0 +1,134 @@
+"""PPO with a per-token KL penalty, written out so that every detail is visible.
+
+Actor: a copy of the SFT policy, trained. Reference: the SFT policy, frozen. Reward model: frozen.
+Each iteration:
+  1. rollout     sample responses from the actor; log-probs of the sampled tokens under the actor
+                 (old policy, computed once) and the reference; the reward model's score
+  2. rewards     r_t = -beta * (logp_old_t - logp_ref_t), plus the score at the last token
+  3. advantages  returns minus a baseline (leave-one-out over the samples of each prompt, or a
+                 learned critic with GAE), whitened
+  4. update      K epochs of the clipped surrogate over minibatches, gradient-norm clipped
+The objective maximised is E[score] - beta * KL(actor || reference), the KL-regularised RL objective
+of Ziegler et al. (2019) and InstructGPT; its optimum is pi* = pi_ref exp(score / beta) / Z.
+
+Differs from TRL's PPOTrainer on purpose: no critic by default (a leave-one-out baseline over 4
+samples per prompt reached 99% preference in fewer samples and less time than a critic here), and
+the KL penalty uses the k1 estimator only (TRL offers k3), which keeps the gradient unbiased.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from mingpt.utils import CfgNode
+from toy_rlhf.flags import PositiveFloat, Probability
+from toy_rlhf.methods.rollout import (RolloutConfig, TrainingLog, clipped_surrogate_loss, gae_advantages,
+                                      leave_one_out_advantages, mean_rows, minibatches, per_token_rewards,
+                                      prompt_groups, returns_to_go, rollout, rollout_row, start_training, whiten)
+from toy_rlhf.policy import started_from, token_log_probs
+from toy_rlhf.training import check_finite, gradient_step
+
+
+@dataclass
+class PPOConfig(RolloutConfig):
+    critic: bool = False  # learn a value function (GAE) instead of the leave-one-out baseline
+    gae_lambda: Probability = 0.95  # GAE lambda (critic only); gamma is 1
+    value_clip: PositiveFloat = 0.2  # clip of the value update (critic only)
+
+
+# ---------------------------------------------------------------------------------------------
+# The math, as pure functions (unit-tested with hand-computed values); the advantage estimators
+# and the clipped surrogate are shared with the other methods (toy_rlhf/methods/rollout.py).
+
+def clipped_value_loss(values, values_old, returns, value_clip):
+    """Half the squared error of the value, pessimistic over a clipped update as in PPO2:
+    max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2) / 2, averaged."""
+    clipped = values_old + (values - values_old).clamp(-value_clip, value_clip)
+    return 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+def value_model(policy):
+    """A critic: the policy's architecture with a 1-wide head, started from the policy's body (it
+    already knows the language), read at the positions that predict each response token."""
+    config = CfgNode(**policy.config.to_dict())
+    config.model_type = None  # the sizes are the policy's
+    config.output_size = 1
+    return started_from(policy, config)
+
+
+def state_values(critic, sentences):
+    """V(prefix before y_t) for t = 1..4: sentences (B, 9) -> (B, 4)."""
+    values, _ = critic(sentences[:, :-1])
+    return values[:, -4:, 0]
+
+
+def train_ppo(sft_policy, reward_model, config, progress=True):
+    """Fine-tune a copy of sft_policy against reward_model with PPO and a KL penalty of config.beta.
+
+    Returns the actor (eval mode) and the log: one dict per iteration with TRL's metric names.
+    """
+    actor, reference, generator = start_training(sft_policy, config)
+    reward_model = reward_model.eval()  # only ever called under no_grad
+    optimizer = torch.optim.Adam(actor.parameters(), lr=config.learning_rate)
+    critic = value_model(sft_policy) if config.critic else None
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=config.learning_rate) if critic else None
+
+    samples = 0
+    with TrainingLog(config.iters, f'PPO beta={config.beta:g}', progress,
+                     shown=('objective/scores', 'objective/kl_full', 'gold/preference_rate')) as log:
+        for iteration in range(config.iters):
+            # 1. rollout: P prompts x K samples, everything computed once with the rollout policy
+            batch = rollout(actor, reference, reward_model, prompt_groups(config, generator), generator)
+            # 2. rewards: the k1 KL penalty at every token, the score at the last one
+            batch['rewards'] = per_token_rewards(batch['score'], batch['logp_old'], batch['logp_ref'], config.beta)
+            check_finite('ppo', iteration, rewards=batch['rewards'])
+            # 3. advantages: return to go minus a baseline, whitened over the batch
+            if critic is None:
+                advantages = leave_one_out_advantages(returns_to_go(batch['rewards']), config.samples_per_prompt)
+            else:
+                with torch.no_grad():
+                    batch['values'] = state_values(critic, batch['sentences'])
+                advantages = gae_advantages(batch['rewards'], batch['values'], config.gae_lambda)
+                batch['returns'] = advantages + batch['values']
+            batch['advantages'] = whiten(advantages)
+            # 4. update: the clipped surrogate per token (and the critic's clipped value loss)
+            stats = update(actor, optimizer, batch, config, critic, critic_optimizer)
+            check_finite('ppo', iteration, loss=stats['policy/loss'])
+            samples += len(batch['sentences'])
+            log.add({'iter': iteration, **rollout_row(batch, config.beta, samples, log.seconds()), **stats})
+            log.step()
+    return actor.eval(), log.rows
+
+
+def update(actor, optimizer, batch, config, critic=None, critic_optimizer=None):
+    """K epochs of minibatch updates of the clipped surrogate (and the clipped value loss); returns
+    the mean loss, clip fraction and approximate KL (and the critic's value loss and explained
+    variance, which tell a critic that learns from one that does not)."""
+    actor.train()
+    steps = []
+    for index in minibatches(len(batch['sentences']), config):
+        sentences = batch['sentences'][index]
+        logp_new = token_log_probs(actor, sentences)
+        loss, clip_fraction, approx_kl = clipped_surrogate_loss(
+            logp_new, batch['logp_old'][index], batch['advantages'][index], config.clip_epsilon)
+        gradient_step(optimizer, loss, actor, config.max_grad_norm)
+        step = {'policy/loss': loss.item(), 'policy/clipfrac': clip_fraction.item(),
+                'policy/approxkl': approx_kl.item()}
+        if critic is not None:
+            values = state_values(critic, sentences)
+            value_loss = clipped_value_loss(values, batch['values'][index], batch['returns'][index],
+                                            config.value_clip)
+            gradient_step(critic_optimizer, value_loss, critic, config.max_grad_norm)
+            step['critic/value_loss'] = value_loss.item()
+            step['critic/explained_variance'] = explained_variance(values.detach(), batch['returns'][index])
+        steps.append(step)
+    actor.eval()
+    return mean_rows(steps)
+
+
+def explained_variance(predicted, target):
+    """1 - Var(target - predicted) / Var(target): 1 for a perfect critic, 0 for one no better than
+    the mean, negative for worse."""
+    return (1 - (target - predicted).var() / target.var().clamp_min(1e-12)).item()
