@@ -56,11 +56,11 @@ def a_file_where_the_run_folder_goes(folder):
 # name: (script, arguments, what the folder holds before the run, words the error must contain)
 FAILURES = {
     'negative beta': ('train_ppo.py', ['--beta', '-1'], None, ['--beta', '-1']),
-    'zero learning rate': ('train_sft.py', ['--lr', '0'], None, ['--lr', '0']),
-    'negative learning rate': ('train_reward.py', ['--lr', '-0.001'], None, ['--lr', '-0.001']),
+    'zero learning rate': ('train_sft.py', ['--learning-rate', '0'], None, ['--learning-rate', '0']),
+    'negative learning rate': ('train_reward.py', ['--learning-rate', '-0.001'], None, ['--learning-rate', '-0.001']),
     'zero iterations': ('train_reward.py', ['--iters', '0'], None, ['--iters', '0']),
     'zero batch size': ('train_sft.py', ['--batch-size', '0'], None, ['--batch-size', '0']),
-    'unknown flag': ('train_sft.py', ['--learning-rate', '0.1'], None, ['--learning-rate']),
+    'unknown flag': ('train_sft.py', ['--lr', '0.1'], None, ['--lr']),
     'no sft checkpoint': ('train_ppo.py', ['--quiet'], None, ['sft.pt', 'scripts/train_sft.py']),
     'reward model without an sft checkpoint': ('train_reward.py', ['--quiet'], None,
                                                ['sft.pt', 'scripts/train_sft.py']),
@@ -83,10 +83,12 @@ SEED_MISTAKES = {
 # write a run folder also --run; those that train a network also --device.
 SHARED_FLAGS = ['--seed', '--threads', '--quiet', '--help']
 FLAGS = {
-    'train_sft.py': ['--run', '--device', '--iters', '--batch-size', '--lr', '--model-type'],
-    'train_reward.py': ['--run', '--device', '--pairs', '--iters', '--batch-size', '--lr', '--gold-margin'],
-    'train_ppo.py': ['--run', '--beta', '--iters', '--prompts', '--samples-per-prompt', '--epochs',
-                     '--minibatches', '--lr', '--clip', '--critic', '--gae-lambda'],
+    'train_sft.py': ['--run', '--device', '--iters', '--batch-size', '--learning-rate', '--model-type'],
+    'train_reward.py': ['--run', '--device', '--pairs', '--iters', '--batch-size', '--learning-rate',
+                        '--gold-margin'],
+    'train_ppo.py': ['--run', '--beta', '--iters', '--prompts-per-iter', '--samples-per-prompt', '--epochs',
+                     '--minibatches', '--learning-rate', '--clip-epsilon', '--critic', '--gae-lambda',
+                     '--value-clip', '--max-grad-norm'],
     'evaluate.py': ['--reference', '--prompts', '--json'],
 }
 ALL_SCRIPTS = sorted(path.name for path in SCRIPTS.glob('*.py'))
@@ -152,7 +154,7 @@ def results(tmp_path_factory):
     cases = {name: (script, arguments, setup)
              for name, (script, arguments, setup, _) in {**FAILURES, **SEED_MISTAKES}.items()}
     cases.update({f'help {script}': (script, ['--help'], None) for script in ALL_SCRIPTS})
-    cases['tiny sft run'] = ('train_sft.py', ['--lr', '0.001'] + TINY_SFT, None)
+    cases['tiny sft run'] = ('train_sft.py', ['--learning-rate', '0.001'] + TINY_SFT, None)
     folders = {}
     for name, (_, _, setup) in cases.items():
         folders[name] = tmp_path_factory.mktemp('cli')
@@ -208,7 +210,7 @@ def test_help_exits_zero_and_mentions_every_flag(results, script):
     result, _ = results[f'help {script}']
     assert result.returncode == 0, result.stderr
     assert result.stderr == ''
-    (command,) = [name for name, entry in cli.COMMANDS.items() if entry[0] == script]
+    (command,) = [name for name, spec in cli.commands().items() if spec.script == script]
     parser = cli.build_parser(command, f'scripts/{script}')
     defined = [flag for action in parser._actions for flag in action.option_strings]
     expected = SHARED_FLAGS + FLAGS.get(script, [])

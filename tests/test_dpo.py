@@ -8,7 +8,7 @@ import torch
 from mingpt.model import GPT
 from mingpt.utils import set_seed
 from toy_rlhf.data import PreferenceDataset
-from toy_rlhf.dpo import DPOConfig, dpo_loss, sequence_log_probs, train_dpo
+from toy_rlhf.methods.dpo import DPOConfig, dpo_loss, sequence_log_probs, train_dpo
 from toy_rlhf.language import CLS
 from toy_rlhf.metrics import evaluate_policy
 from toy_rlhf.policy import policy_config, response_log_probs

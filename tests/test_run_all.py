@@ -1,5 +1,6 @@
 """The one-command pipeline at the quick schedule: files, reuse, byte-for-byte reproducibility,
 interruption and numerical faults; and the beta sweep run on its checkpoints."""
+import dataclasses
 import functools
 import json
 import os
@@ -14,11 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from toy_rlhf import ppo
 from toy_rlhf import sweep as sweep_module
-from toy_rlhf.dpo import DPOConfig
-from toy_rlhf.ppo import PPOConfig
-from toy_rlhf.run_all import RunAllConfig, run_all
+from toy_rlhf.methods import METHODS, rollout
+from toy_rlhf.methods.dpo import DPOConfig
+from toy_rlhf.methods.ppo import PPOConfig
+from toy_rlhf.pipeline import method_stage
+from toy_rlhf.run_all import RunAllConfig, quick_schedule, run_all
 from toy_rlhf.sweep import SweepConfig
 from toy_rlhf.training import TrainingError
 
@@ -39,7 +41,7 @@ def _run(run_dir, plots_dir, **settings):
     import io
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        run_all(run_dir, plots_dir, RunAllConfig(quick=True, **settings), progress=False)
+        run_all(run_dir, plots_dir, quick_schedule(RunAllConfig(**settings)), progress=False)
     return run_dir, plots_dir, printed.getvalue()
 
 
@@ -106,16 +108,16 @@ def test_the_sweep_puts_every_policy_at_or_below_the_exact_optimum_and_reuses_it
     copy = tmp_path / 'runs' / 'a'
     shutil.copytree(run_dir, copy)
     # Tiny PPO and DPO schedules: what is tested is the sweep around them, not their quality.
-    monkeypatch.setattr(sweep_module, 'PPOConfig', functools.partial(PPOConfig, iters=3, prompts_per_iter=16))
-    monkeypatch.setattr(sweep_module, 'DPOConfig', functools.partial(DPOConfig, iters=5, pairs=256))
+    for name, short in (('ppo', functools.partial(PPOConfig, iters=3, prompts_per_iter=16)),
+                        ('dpo', functools.partial(DPOConfig, iters=5, pairs=256))):
+        monkeypatch.setitem(METHODS, name, dataclasses.replace(METHODS[name], config=short))
     config = SweepConfig(betas=(1.0, 0.0), dpo_betas=(1.0,), prompts=2)
     rows = sweep_module.sweep(copy, tmp_path / 'plots', config, progress=False)
     assert [row['label'] for row in rows] == ['PPO beta=1', 'PPO beta=0', 'DPO beta=1']
     for row in rows:
         # J* is the maximum of J over all policies, computed exactly: no trained policy exceeds it.
         assert row['J'] <= row['J_star'] + 1e-9, row['label']
-    dpo = rows[-1]
-    assert dpo['gold_objective_J'] <= dpo['gold_objective_J_star'] + 1e-9
+        assert row['gold_gap_closed'] <= 1 + 1e-9, row['label']
     report = (copy / 'sweep.md').read_text()
     assert all(f"| {row['label']} |" in report for row in rows)
     assert (tmp_path / 'plots' / 'frontier.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
@@ -157,15 +159,14 @@ def _wait_until_training(process, timeout=60):
 
 def test_a_nan_reward_stops_ppo_naming_stage_iteration_and_quantity(quick_run, monkeypatch, tmp_path):
     run_dir, _, _ = quick_run
-    real_score = ppo.score_sentences
-    monkeypatch.setattr(ppo, 'score_sentences', lambda model, sentences: real_score(model, sentences) * float('nan'))
+    real_score = rollout.score_sentences
+    monkeypatch.setattr(rollout, 'score_sentences', lambda model, sentences: real_score(model, sentences) * float('nan'))
     copy = tmp_path / 'runs' / 'nan'
     copy.mkdir(parents=True)
     for name in ('sft.pt', 'reward.pt'):
         (copy / name).write_bytes((run_dir / name).read_bytes())
-    from toy_rlhf.pipeline import PPOConfig, ppo_stage
     with pytest.raises(TrainingError, match=r'^ppo: iteration 0: rewards is nan'):
-        ppo_stage(copy, PPOConfig(iters=2, prompts_per_iter=8), progress=False)
+        method_stage(copy, PPOConfig(iters=2, prompts_per_iter=8), progress=False, method=METHODS['ppo'])
     assert not (copy / 'ppo_beta1.pt').exists()
     assert not (copy / 'ppo_beta1.jsonl').exists()
 

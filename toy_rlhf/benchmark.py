@@ -14,6 +14,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from toy_rlhf.methods import method_of_stem
+
 
 def samples_per_stage(settings):
     """How many training samples each stage processes: SFT sentences, preference pairs (each pair
@@ -22,7 +24,7 @@ def samples_per_stage(settings):
     counts = {'sft': stages['sft']['iters'] * stages['sft']['batch_size'],
               'reward': stages['reward']['iters'] * stages['reward']['batch_size']}
     for name, config in stages.items():
-        if name.startswith('ppo_'):
+        if method_of_stem(name) is not None:  # the PPO runs, one per beta
             counts[name] = config['iters'] * config['prompts_per_iter'] * config['samples_per_prompt']
     return counts
 

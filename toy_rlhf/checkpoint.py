@@ -13,6 +13,7 @@ import torch
 from mingpt.model import GPT
 from toy_rlhf.files import atomic_write
 from toy_rlhf.language import SEQUENCE_LENGTH, VOCAB_SIZE
+from toy_rlhf.methods import method_of_stem
 
 FORMAT_VERSION = 1
 KINDS = ('policy', 'reward')
@@ -97,7 +98,7 @@ def how_to_make(path, kind=None):
         return f'python scripts/train_reward.py{run}'
     if name == 'sft.pt':
         return f'python scripts/train_sft.py{run}'
-    if name.startswith(('ppo_beta', 'dpo_beta')) and name.endswith('.pt'):
-        script = 'train_ppo.py' if name.startswith('ppo') else 'train_dpo.py'
-        return f'python scripts/{script} --beta {name[len("ppo_beta"):-len(".pt")]}{run}'
+    method = method_of_stem(Path(name).stem) if name.endswith('.pt') else None
+    if method is not None:
+        return f'python scripts/train_{method.name}.py --beta {Path(name).stem.rpartition("_beta")[2]}{run}'
     return f'python scripts/run_all.py{run}'

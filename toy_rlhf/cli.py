@@ -6,15 +6,21 @@ a NaN during training) ends with one line on stderr and exit status 2, never a t
 import argparse
 import json
 import sys
-from dataclasses import fields
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from toy_rlhf import pipeline
 from toy_rlhf.benchmark import benchmark, format_report
 from toy_rlhf.checkpoint import CheckpointError
-from toy_rlhf.run_all import RunAllConfig, run_all
+from toy_rlhf.compare import CompareConfig, compare
+from toy_rlhf.flags import Bounds, PositiveInt, Seed, add_config_flags, config_from_args
+from toy_rlhf.methods import METHODS
+from toy_rlhf.metrics import EVALUATION_PROMPTS
+from toy_rlhf.optimal import EXACT_PROMPTS
+from toy_rlhf.run_all import RunAllConfig, quick_schedule, run_all
 from toy_rlhf.sweep import SweepConfig, compare_critic, sweep
 from toy_rlhf.training import TrainingError
 
@@ -30,168 +36,99 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
 
 
-def number_type(kind, accepts, description):
-    """An argparse type: text parsed as `kind` (int or float), finite, and accepted by `accepts`."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f'must be {description}, got {text!r}') from None
-        if value != value or abs(value) == float('inf') or not accepts(value):
-            raise argparse.ArgumentTypeError(f'must be {description}, got {text}')
-        return value
-    return parse
-
-
-positive_int = number_type(int, lambda value: value > 0, 'a positive integer')
-positive_float = number_type(float, lambda value: value > 0, 'a positive number')
-non_negative_float = number_type(float, lambda value: value >= 0, 'a number >= 0')
-at_least_two = number_type(int, lambda value: value >= 2, 'an integer >= 2')
-unit_interval = number_type(float, lambda value: 0 <= value <= 1, 'a number between 0 and 1')
-digit = number_type(int, lambda value: 0 <= value <= 9, 'a digit 0-9')
-seed = number_type(int, lambda value: 0 <= value < 2 ** 32, 'an integer from 0 to 2^32 - 1')
+positive_int = Bounds(low=1, description='a positive integer').parse(int)
+seed = Bounds(low=0, high=2 ** 32 - 1, description='an integer from 0 to 2^32 - 1').parse(int)
 
 
 def add_common_arguments(parser, with_run):
     if with_run:
         parser.add_argument('--run', default='default', metavar='NAME',
                             help='run name: checkpoints and logs go to runs/NAME (default: default)')
-    parser.add_argument('--seed', type=seed, default=0, help='random seed; same seed, same numbers (default: 0)')
     parser.add_argument('--threads', type=positive_int, default=None,
                         help='CPU threads for torch (default: all cores torch sees)')
     parser.add_argument('--quiet', action='store_true', help='no progress bars')
 
 
-def _add_device(parser):
-    parser.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='cpu',
-                        help='where SFT and the reward model train; auto picks cuda when available '
-                             '(default: cpu, fastest for models this small; PPO and evaluation run on the CPU)')
+def add_plots_dir(parser, figures):
+    parser.add_argument('--plots-dir', default='plots', metavar='DIR', help=f'where {figures} go (default: plots)')
 
 
-def _flag(parser, name, config, field, kind, help_text, **extra):
-    """A flag whose default and destination are a config dataclass field."""
-    default = getattr(config, field)
-    parser.add_argument(name, dest=field, type=kind, default=default, metavar=name.lstrip('-').upper(),
-                        help=f'{help_text} (default: {default})', **extra)
+# ---------------------------------------------------------------------------------------------
+# The commands: flags and what runs. A config dataclass's fields are its command's flags.
+
+def train_command(config_class, stage):
+    """(add_arguments, run) of a command that trains one stage from the flags of config_class."""
+    def run(args):
+        stage(args.run_dir, config_from_args(args, config_class), args.progress)
+    return (lambda parser: add_config_flags(parser, config_class)), run
 
 
-def add_sft_arguments(parser):
-    config = pipeline.SFTConfig()
-    _flag(parser, '--iters', config, 'iters', positive_int, 'optimizer steps')
-    _flag(parser, '--batch-size', config, 'batch_size', positive_int, 'sentences per step')
-    _flag(parser, '--lr', config, 'learning_rate', positive_float, 'peak learning rate, cosine-decayed to 0')
-    _add_model_type(parser, config)
-    _add_device(parser)
-
-
-def add_reward_arguments(parser):
-    config = pipeline.RewardConfig()
-    _add_preference_training(parser, config)
-    _add_device(parser)
-
-
-def _add_preference_training(parser, config):
-    """The flags of a stage that trains on labelled pairs (reward model, DPO)."""
-    _flag(parser, '--pairs', config, 'pairs', positive_int, 'labelled preference pairs to train on')
-    _flag(parser, '--iters', config, 'iters', positive_int, 'optimizer steps')
-    _flag(parser, '--batch-size', config, 'batch_size', positive_int, 'pairs per step')
-    _flag(parser, '--lr', config, 'learning_rate', positive_float, 'peak learning rate, cosine-decayed to 0')
-    _flag(parser, '--gold-margin', config, 'gold_margin', positive_float,
-          'gold reward of the preferred first digit; the labeler picks a response with probability '
-          'sigmoid(reward difference), so smaller means noisier labels')
-
-
-def add_ppo_arguments(parser):
-    config = pipeline.PPOConfig()
-    _flag(parser, '--beta', config, 'beta', non_negative_float,
-          'KL penalty strength; 0 removes the leash to the SFT model')
-    _flag(parser, '--iters', config, 'iters', positive_int, 'rollout-and-update iterations')
-    _flag(parser, '--prompts', config, 'prompts_per_iter', positive_int, 'prompts per rollout')
-    _flag(parser, '--samples-per-prompt', config, 'samples_per_prompt', at_least_two,
-          'responses per prompt (each is baselined by the others)')
-    _flag(parser, '--epochs', config, 'epochs', positive_int, 'passes of the PPO update over a rollout')
-    _flag(parser, '--minibatches', config, 'minibatches', positive_int, 'minibatches per epoch')
-    _flag(parser, '--lr', config, 'learning_rate', positive_float, 'Adam learning rate')
-    _flag(parser, '--clip', config, 'clip_epsilon', positive_float, 'PPO ratio clip epsilon')
-    parser.add_argument('--critic', action='store_true',
-                        help='learn a value function and use GAE instead of the leave-one-out baseline')
-    _flag(parser, '--gae-lambda', config, 'gae_lambda', unit_interval, 'GAE lambda (with --critic)')
-
-
-def add_dpo_arguments(parser):
-    config = pipeline.DPOConfig()
-    _flag(parser, '--beta', config, 'beta', positive_float, 'KL strength of the objective DPO solves')
-    _add_preference_training(parser, config)
-
-
-def add_evaluate_arguments(parser):
-    parser.add_argument('checkpoint', help='policy checkpoint to evaluate, e.g. runs/default/ppo_beta1.pt')
-    parser.add_argument('--reference', default=None,
-                        help='reference policy for the KL (default: sft.pt beside the checkpoint)')
-    parser.add_argument('--prompts', type=positive_int, default=pipeline.EVALUATION_PROMPTS,
-                        help=f'prompts to evaluate on (default: {pipeline.EVALUATION_PROMPTS})')
-    parser.add_argument('--optimal', type=positive_int, nargs='?', const=100, default=None, metavar='N',
-                        help="also compare with the exact optimum of the policy's objective at its own beta, "
-                             'over all 10^4 responses of N prompts (default N: 100; needs reward.pt '
-                             'beside the checkpoint)')
-    parser.add_argument('--json', action='store_true', help='print the metrics as JSON')
+def method_command(method):
+    """(add_arguments, run) of the command that trains `method` (a registry entry)."""
+    def run(args):
+        config = config_from_args(args, method.config)
+        pipeline.method_stage(args.run_dir, config, args.progress, method=method)
+    return (lambda parser: add_config_flags(parser, method.config)), run
 
 
 def add_all_arguments(parser):
-    parser.add_argument('--betas', type=non_negative_float, nargs='+', default=[1.0, 0.0], metavar='BETA',
-                        help='KL strengths to compare; the first is the aligned one (default: 1 0)')
-    parser.add_argument('--plots-dir', default='plots', metavar='DIR',
-                        help='where the figures go (default: plots)')
-    parser.add_argument('--fresh', action='store_true',
-                        help='retrain every stage even if its checkpoint was made with the same settings')
-    parser.add_argument('--quick', action='store_true', help='a much smaller schedule, for smoke tests')
-    parser.add_argument('--prompt', type=digit, nargs=4, default=[5, 7, 1, 5], metavar='D',
-                        help='prompt of the per-sentence figures (default: 5 7 1 5)')
-    parser.add_argument('--response', type=digit, nargs=4, default=[6, 2, 7, 3], metavar='D',
-                        help='response of the per-sentence figures (default: 6 2 7 3)')
-    _add_device(parser)
+    add_config_flags(parser, RunAllConfig, skip=('sft', 'reward', 'ppo'))
+    for stage in ('sft', 'reward', 'ppo'):
+        add_config_flags(parser, type(getattr(RunAllConfig(), stage)), prefix=stage, skip=('seed', 'device', 'beta'))
+    add_plots_dir(parser, 'the six figures')
 
 
 def run_everything(args):
-    if len(set(args.betas)) != len(args.betas):
-        raise UsageError(f'--betas: each beta once, got {" ".join(f"{b:g}" for b in args.betas)}')
+    config = config_from_args(args, RunAllConfig)
+    if config.quick:
+        config = quick_schedule(config)
+    config = replace(config, **{stage: config_from_args(args, type(getattr(config, stage)), prefix=stage,
+                                                        base=getattr(config, stage))
+                                for stage in ('sft', 'reward', 'ppo')})
+    names = [f'{beta:g}' for beta in config.betas]
+    if len(set(names)) != len(names):
+        raise UsageError(f'--betas: each beta once (betas that print alike share a checkpoint), got {" ".join(names)}')
     _check_writable(Path(args.plots_dir))
-    config = RunAllConfig(betas=tuple(args.betas), seed=args.seed, quick=args.quick, fresh=args.fresh,
-                          prompt=tuple(args.prompt), response=tuple(args.response), device=args.device)
     run_all(args.run_dir, args.plots_dir, config, args.progress)
 
 
 def add_sweep_arguments(parser):
-    config = SweepConfig()
-    parser.add_argument('--betas', type=non_negative_float, nargs='+', default=list(config.betas), metavar='BETA',
-                        help=f"PPO betas (default: {' '.join(f'{b:g}' for b in config.betas)})")
-    parser.add_argument('--dpo-betas', type=non_negative_float, nargs='*', default=list(config.dpo_betas),
-                        metavar='BETA', help=f"DPO betas, none to skip DPO (default: "
-                                             f"{' '.join(f'{b:g}' for b in config.dpo_betas)})")
-    parser.add_argument('--prompts', type=positive_int, default=config.prompts,
-                        help=f'prompts of the exact evaluation, all 10^4 responses each (default: {config.prompts})')
-    parser.add_argument('--plots-dir', default='plots', metavar='DIR', help='where frontier.png goes (default: plots)')
-    parser.add_argument('--fresh', action='store_true', help='retrain policies whose checkpoints are current')
+    add_config_flags(parser, SweepConfig)
+    add_plots_dir(parser, 'frontier.png and ppo_variants.png')
     parser.add_argument('--critic-seeds', type=seed, nargs='*', default=[], metavar='SEED',
                         help='also compare PPO with and without --critic on these seeds and draw '
                              'ppo_variants.png (default: none)')
 
 
 def run_sweep(args):
-    if any(beta == 0 for beta in args.dpo_betas):
-        raise UsageError('--dpo-betas: DPO needs beta > 0')
     _check_writable(Path(args.plots_dir))
-    config = SweepConfig(betas=tuple(args.betas), dpo_betas=tuple(args.dpo_betas), prompts=args.prompts,
-                         seed=args.seed, fresh=args.fresh)
-    sweep(args.run_dir, args.plots_dir, config, args.progress)
+    sweep(args.run_dir, args.plots_dir, config_from_args(args, SweepConfig), args.progress)
     if args.critic_seeds:
         compare_critic(args.run_dir, Path(args.plots_dir), tuple(args.critic_seeds), progress=args.progress)
+
+
+def add_compare_arguments(parser):
+    add_config_flags(parser, CompareConfig)
+    add_plots_dir(parser, 'methods.png')
+    for method in METHODS.values():
+        add_config_flags(parser, method.config, prefix=method.name, skip=('seed', 'beta'))
+
+
+def run_compare(args):
+    config = config_from_args(args, CompareConfig)
+    unknown = [name for name in config.methods if name not in METHODS]
+    if unknown:
+        raise UsageError(f'--methods: unknown method {unknown[0]!r}; registered: {", ".join(METHODS)}')
+    _check_writable(Path(args.plots_dir))
+    method_configs = {name: config_from_args(args, method.config, prefix=name) for name, method in METHODS.items()}
+    compare(args.run_dir, args.plots_dir, config, method_configs, args.progress)
 
 
 def add_benchmark_arguments(parser):
     parser.add_argument('--repeats', type=positive_int, default=3,
                         help='fresh runs of the whole pipeline to take medians over (default: 3)')
     parser.add_argument('--quick', action='store_true', help='benchmark the smoke-test schedule')
+    parser.add_argument('--seed', type=seed, default=0, help='random seed of the runs (default: 0)')
     parser.add_argument('--json', action='store_true', help='print the figures as JSON')
 
 
@@ -202,15 +139,18 @@ def run_benchmark(args):
     print(json.dumps(result, indent=2) if args.json else format_report(result))
 
 
-def _add_model_type(parser, config):
-    parser.add_argument('--model-type', dest='model_type', choices=('gpt-nano', 'gpt-micro', 'gpt-mini'),
-                        default=config.model_type, help=f'model size (default: {config.model_type})')
-
-
-def config_from(args, config_class):
-    """A config dataclass filled from the parsed flags of the same names (the rest defaults)."""
-    names = {field.name for field in fields(config_class)}
-    return config_class(**{name: value for name, value in vars(args).items() if name in names})
+def add_evaluate_arguments(parser):
+    parser.add_argument('checkpoint', help='policy checkpoint to evaluate, e.g. runs/default/ppo_beta1.pt')
+    parser.add_argument('--reference', default=None,
+                        help='reference policy for the KL (default: sft.pt beside the checkpoint)')
+    parser.add_argument('--prompts', type=positive_int, default=EVALUATION_PROMPTS,
+                        help=f'prompts to evaluate on (default: {EVALUATION_PROMPTS})')
+    parser.add_argument('--optimal', type=positive_int, nargs='?', const=EXACT_PROMPTS, default=None, metavar='N',
+                        help="also compare with the exact optimum of the policy's objective at its own beta, "
+                             f'over all 10^4 responses of N prompts (default N: {EXACT_PROMPTS}; needs reward.pt '
+                             'beside the checkpoint)')
+    parser.add_argument('--seed', type=seed, default=0, help='seed of the evaluation prompts (default: 0)')
+    parser.add_argument('--json', action='store_true', help='print the metrics as JSON')
 
 
 def evaluate(args):
@@ -228,49 +168,64 @@ def evaluate(args):
         print(f'  {name:<32} {value:.4f}')
 
 
-WRITES_RUN_DIR = {'sft', 'reward', 'ppo', 'dpo', 'all', 'sweep'}
-COMMANDS = {
-    # name: (script, description, add_arguments, run)
-    'sft': ('train_sft.py', 'Supervised fine-tuning: teach a GPT the digit language; writes '
-            'runs/RUN/sft.pt and sft.jsonl.', add_sft_arguments,
-            lambda args: pipeline.sft_stage(args.run_dir, config_from(args, pipeline.SFTConfig), args.progress)),
-    'reward': ('train_reward.py', 'Train the reward model on labelled preference pairs, starting from '
-               'the SFT policy; needs runs/RUN/sft.pt; writes runs/RUN/reward.pt and reward.jsonl.',
-               add_reward_arguments,
-               lambda args: pipeline.reward_stage(args.run_dir, config_from(args, pipeline.RewardConfig),
-                                                  args.progress)),
-    'ppo': ('train_ppo.py', 'Fine-tune the SFT policy against the reward model with PPO and a KL penalty '
-            'of strength beta; needs runs/RUN/sft.pt and reward.pt; writes runs/RUN/ppo_beta<B>.pt and '
-            '.jsonl.', add_ppo_arguments,
-            lambda args: pipeline.ppo_stage(args.run_dir, config_from(args, pipeline.PPOConfig), args.progress)),
-    'dpo': ('train_dpo.py', 'Direct preference optimisation: fine-tune the SFT policy on the labelled '
-            'pairs themselves, no reward model; needs runs/RUN/sft.pt; writes runs/RUN/dpo_beta<B>.pt '
-            'and .jsonl.', add_dpo_arguments,
-            lambda args: pipeline.dpo_stage(args.run_dir, config_from(args, pipeline.DPOConfig), args.progress)),
-    'all': ('run_all.py', 'The whole pipeline: SFT, reward model, PPO for each beta, exact evaluation, '
-            'six figures and runs/RUN/report.md. Stages whose checkpoints were made with the same '
-            'settings are reused.', add_all_arguments, run_everything),
-    'sweep': ('sweep_beta.py', 'Train PPO for several betas (and DPO) from the run\'s SFT policy and '
-              'reward model, evaluate each exactly against the closed-form optimum over all 10^4 '
-              'responses, draw frontier.png, write runs/RUN/sweep.md.', add_sweep_arguments, run_sweep),
-    'benchmark': ('benchmark.py', 'Time the default pipeline over several fresh runs in a temporary '
-                  'folder: median seconds and samples per second per stage, peak memory, and the '
-                  'quality figures of the same runs.', add_benchmark_arguments, run_benchmark),
-    'evaluate': ('evaluate.py', 'Exact gold metrics of a policy checkpoint: preference rate, '
-                 'fidelity, gold rate, KL to the reference and to the aligned language.',
-                 add_evaluate_arguments, evaluate),
-}
+@dataclass(frozen=True)
+class Command:
+    script: str  # its thin entry point in scripts/
+    summary: str  # one line, for `toy-rlhf --help`
+    description: str  # what it reads and writes, for its own --help
+    add_arguments: Callable
+    run: Callable
+    writes_run_dir: bool = True
+
+
+def commands():
+    """{name: Command}: the fixed commands, and one per registered training method (read from the
+    registry when called, so a new method is a new command)."""
+    table = {
+        'sft': Command('train_sft.py', 'supervised fine-tuning: teach a GPT the digit language',
+                       'Writes runs/RUN/sft.pt and sft.jsonl.', *train_command(pipeline.SFTConfig, pipeline.sft_stage)),
+        'reward': Command('train_reward.py', 'train the reward model on labelled preference pairs',
+                          'Starts from the SFT policy; needs runs/RUN/sft.pt; writes runs/RUN/reward.pt and reward.jsonl.',
+                          *train_command(pipeline.RewardConfig, pipeline.reward_stage)),
+    }
+    for method in METHODS.values():
+        if method.train is not None:
+            needs = 'sft.pt and reward.pt' if method.needs_reward_model else 'sft.pt'
+            table[method.name] = Command(f'train_{method.name}.py', method.summary,
+                                         f'Needs runs/RUN/{needs}; writes runs/RUN/{method.name}_beta<B>.pt and .jsonl.',
+                                         *method_command(method))
+    table.update({
+        'all': Command('run_all.py', 'the whole pipeline: SFT, reward model, PPO per beta, figures, report',
+                       'Exact evaluation, six figures and runs/RUN/report.md. Stages whose checkpoints were made '
+                       'with the same settings are reused; --sft.*, --reward.* and --ppo.* set any stage setting.',
+                       add_all_arguments, run_everything),
+        'sweep': Command('sweep_beta.py', 'PPO for several betas (and DPO) against the exact optimum',
+                         "From the run's SFT policy and reward model; each policy evaluated exactly over all 10^4 "
+                         'responses; draws frontier.png, writes runs/RUN/sweep.md.', add_sweep_arguments, run_sweep),
+        'compare': Command('compare_methods.py', 'every registered method against pi* and its own exact target',
+                           "From the run's SFT policy and reward model; draws methods.png, writes runs/RUN/methods.md; "
+                           '--METHOD.* set any method setting.', add_compare_arguments, run_compare),
+        'benchmark': Command('benchmark.py', 'time the default pipeline over fresh runs',
+                             'Median seconds and samples per second per stage, peak memory, and the quality '
+                             'figures of the same runs, in a temporary folder.', add_benchmark_arguments,
+                             run_benchmark, writes_run_dir=False),
+        'evaluate': Command('evaluate.py', 'exact gold metrics of a policy checkpoint',
+                            'Preference rate, fidelity, gold rate, KL to the reference and to the aligned language; '
+                            '--optimal adds the gap to the exact optimum.', add_evaluate_arguments, evaluate,
+                            writes_run_dir=False),
+    })
+    return table
 
 
 def build_parser(command, prog):
-    _, description, add_arguments, _ = COMMANDS[command]
-    parser = Parser(prog=prog, description=description)
-    add_common_arguments(parser, with_run=command in WRITES_RUN_DIR)
-    add_arguments(parser)
+    spec = commands()[command]
+    parser = Parser(prog=prog, description=f'{spec.summary[0].upper()}{spec.summary[1:]}. {spec.description}')
+    add_common_arguments(parser, with_run=spec.writes_run_dir)
+    spec.add_arguments(parser)
     return parser
 
 
-def prepare(command, args):
+def prepare(args, writes_run_dir):
     """Check the settings argparse cannot check, and set up torch accordingly."""
     if getattr(args, 'device', None) == 'auto':
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -278,7 +233,7 @@ def prepare(command, args):
         raise UsageError('--device cuda: no CUDA device is available here; use --device cpu')
     if args.threads:
         torch.set_num_threads(args.threads)
-    if command in WRITES_RUN_DIR:
+    if writes_run_dir:
         args.run_dir = Path('runs') / args.run
         _check_writable(args.run_dir)
     args.progress = not args.quiet
@@ -296,13 +251,13 @@ def _check_writable(folder):
 
 def run_command(command, argv=None, prog=None):
     """Parse argv for `command`, run it, and turn every user-caused failure into one line, exit 2."""
-    script = COMMANDS[command][0]
-    parser = build_parser(command, prog or f'scripts/{script}')
+    spec = commands()[command]
+    parser = build_parser(command, prog or f'scripts/{spec.script}')
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # each stage's summary line shows up as it finishes
     try:
-        prepare(command, args)
-        COMMANDS[command][3](args)
+        prepare(args, spec.writes_run_dir)
+        spec.run(args)
     except (UsageError, CheckpointError, TrainingError) as error:
         print(f'{parser.prog}: error: {error}', file=sys.stderr)
         sys.exit(2)
@@ -312,12 +267,22 @@ def run_command(command, argv=None, prog=None):
         sys.exit(130)
 
 
+def usage():
+    """`toy-rlhf --help`: every command with its one line."""
+    lines = ['usage: toy-rlhf COMMAND [options]   (toy-rlhf COMMAND --help: its options)', '', 'commands:']
+    lines += [f'  {name:<12} {spec.summary}' for name, spec in commands().items()]
+    return '\n'.join(lines)
+
+
 def main(argv=None):
     """`toy-rlhf COMMAND [options]`."""
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in COMMANDS:
-        names = ', '.join(COMMANDS)
-        print(f'usage: toy-rlhf {{{names}}} [options]  (toy-rlhf COMMAND --help for its options)',
+    if argv and argv[0] in ('-h', '--help'):
+        print(usage())
+        sys.exit(0)
+    if not argv or argv[0] not in commands():
+        problem = 'no command given' if not argv else f'unknown command {argv[0]!r}'
+        print(f'toy-rlhf: error: {problem}; commands: {", ".join(commands())} (toy-rlhf --help)',
               file=sys.stderr)
-        sys.exit(0 if argv and argv[0] in ('-h', '--help') else 2)
+        sys.exit(2)
     run_command(argv[0], argv[1:], prog=f'toy-rlhf {argv[0]}')

@@ -3,6 +3,7 @@
 Each stage writes its checkpoint (atomically) only after training finished and its numbers were
 checked to be finite, so an interrupted or broken stage leaves every earlier checkpoint as it was.
 """
+import functools
 import hashlib
 import platform
 import time
@@ -53,6 +54,25 @@ def stage_is_current(path, config, inputs=()):
     return same_settings and same_inputs
 
 
+def ensure_stage(run_dir, name, config, inputs, make, fresh=False, progress=True):
+    """Make run_dir/name.pt with make(run_dir, config, progress) unless one made with the same
+    settings from the same input checkpoints exists (or `fresh`); returns {'seconds', 'reused'}."""
+    path = Path(run_dir) / f'{name}.pt'
+    start = time.perf_counter()
+    reused = not fresh and stage_is_current(path, config, inputs)
+    if reused:
+        print(f'{name}: reusing {path} (made with the same settings)')
+    else:
+        make(run_dir, config, progress)
+    return {'seconds': time.perf_counter() - start, 'reused': reused}
+
+
+def ensure_method(run_dir, method, config, fresh=False, progress=True):
+    """ensure_stage for a training method's run at config.beta."""
+    return ensure_stage(run_dir, method.stem(config.beta), config, method_inputs(run_dir, method),
+                        functools.partial(method_stage, method=method), fresh, progress)
+
+
 def sft_stage(run_dir, config, progress=True):
     """Train the SFT policy, measure it, write sft.pt and sft.jsonl; returns its metrics."""
     start = time.perf_counter()
@@ -89,7 +109,7 @@ def method_inputs(run_dir, method):
     return (run_dir / 'sft.pt', run_dir / 'reward.pt') if method.needs_reward_model else (run_dir / 'sft.pt',)
 
 
-def method_stage(run_dir, method, config, progress=True):
+def method_stage(run_dir, config, progress=True, *, method):
     """Fine-tune the run's SFT policy with `method` (a toy_rlhf.methods.Method) at config.beta,
     evaluate it exactly against the SFT policy, write <name>_beta<B>.pt and .jsonl; returns its metrics."""
     run_dir = Path(run_dir)

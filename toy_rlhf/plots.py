@@ -19,6 +19,7 @@ from matplotlib.patches import Patch
 
 from toy_rlhf.language import (DIGITS, PROMPT_LENGTH, VOCAB_SIZE, join,
                                next_token_distribution, preferred_first_token, sample_prompts)
+from toy_rlhf.methods import METHODS
 from toy_rlhf.metrics import true_distributions
 from toy_rlhf.policy import response_log_probs
 from toy_rlhf.reward import first_digit_rewards
@@ -33,7 +34,8 @@ PREFERRED_COLOR = '#e6b800'  # gold: the preferred first digit and the responses
 OTHER_COLOR = '#a7b0ba'  # light grey: everything else
 # Figure sizes in inches (width, height); the two per-model grids grow with the models they show.
 FIGURE_SIZES = {'sft_loss': (8, 4.5), 'reward_model': (13, 4.8), 'ppo_curves': (16, 4.8),
-                'first_token': (11, 5.5), 'frontier': (15, 5.5), 'ppo_variants': (13, 4.8)}
+                'first_token': (11, 5.5), 'frontier': (18, 6.5), 'ppo_variants': (13, 4.8),
+                'methods': (18, 7.5)}
 
 
 def next_token_figure_size(n_models):
@@ -66,6 +68,19 @@ def moving_average(values, window):
     sums = np.cumsum(np.concatenate([[0.0], values]))
     ends = np.arange(1, len(values) + 1)
     starts = np.maximum(0, ends - window)
+    return (sums[ends] - sums[starts]) / (ends - starts)
+
+
+def centred_average(values, window):
+    """Centred mean: out[i] = mean(values[i - h : i + h + 1]), h = window // 2, the window cut at the
+    ends. A trailing mean lags by half its window, which reads as a slower learner than it is."""
+    values = np.asarray(values, dtype=float)
+    if window < 1:
+        raise ValueError(f'window must be >= 1, got {window}')
+    half = window // 2
+    sums = np.cumsum(np.concatenate([[0.0], values]))
+    index = np.arange(len(values))
+    starts, ends = np.maximum(0, index - half), np.minimum(len(values), index + half + 1)
     return (sums[ends] - sums[starts]) / (ends - starts)
 
 
@@ -200,56 +215,104 @@ def plot_frontier(frontier, policies, path):
     """Trained policies against the exact optimum of the KL-regularised objective.
 
     frontier: list of dicts of the optimum per beta ('beta', 'reward', 'kl_total', 'gold_rate',
-    'fidelity'); policies: list of dicts ('label', 'method' PPO|DPO, 'beta', 'reward', 'kl_total',
-    'gold_rate', 'fidelity'). Left: reward-model score against KL to the reference; right: gold
-    rate and fidelity against KL, where the proxy and the truth part ways."""
+    'fidelity'); policies: list of dicts ('label', 'method' (a registry name), 'reward', 'kl_total',
+    'gold_rate', 'fidelity'). Left: reward-model score against KL to the reference; middle: the same,
+    zoomed on the policies; right: gold rate and fidelity against KL, where the proxy and the truth
+    part ways. Each policy has its method's marker and a colour of its own, named in the legend below."""
     optimum = sorted((row for row in frontier if row['beta'] > 0), key=lambda row: row['kl_total'])
     kls = [row['kl_total'] for row in optimum]
-    markers = {'PPO': 'o', 'DPO': 's'}
-    fig, (left, right) = plt.subplots(1, 2, figsize=FIGURE_SIZES['frontier'], layout='constrained')
-    left.plot(kls, [row['reward'] for row in optimum], color='black', label='optimum pi*_beta (exact)')
+    fig, (left, zoom, right) = plt.subplots(1, 3, figsize=FIGURE_SIZES['frontier'], layout='constrained')
+    for ax in (left, zoom):
+        ax.plot(kls, [row['reward'] for row in optimum], color='black', label='optimum pi*_beta (exact)')
     right.plot(kls, [row['gold_rate'] for row in optimum], color=PREFERRED_COLOR, label='gold rate of pi*')
-    right.plot(kls, [row['fidelity'] for row in optimum], color='black', linestyle='--',
-               label='fidelity of pi*')
-    # The trained policies sit close together near the top of the curve: a zoomed inset shows them.
-    inset = left.inset_axes([0.42, 0.08, 0.55, 0.5])
-    inset.plot(kls, [row['reward'] for row in optimum], color='black')
+    right.plot(kls, [row['fidelity'] for row in optimum], color='black', linestyle='--', label='fidelity of pi*')
     for i, row in enumerate(policies):
-        color = MODEL_COLORS[0] if row['method'] == 'PPO' else MODEL_COLORS[3]
-        marker = markers[row['method']]
-        for ax in (left, inset):
-            ax.scatter(row['kl_total'], row['reward'], color=color, marker=marker, zorder=3, s=40)
-        inset.annotate(f"{row['beta']:g}", (row['kl_total'], row['reward']), textcoords='offset points',
-                       xytext=(4, -11 if i % 2 else 5), fontsize=8, color=color)
+        color, marker = MODEL_COLORS[i % len(MODEL_COLORS)], METHODS[row['method']].marker
+        for ax in (left, zoom):
+            ax.scatter(row['kl_total'], row['reward'], color=color, marker=marker, zorder=3, s=45,
+                       edgecolor='black', linewidth=0.5, label=row['label'] if ax is zoom else None)
         right.scatter(row['kl_total'], row['gold_rate'], color=PREFERRED_COLOR, marker=marker,
-                      edgecolor=color, linewidth=1.5, zorder=3, s=40)
+                      edgecolor=color, linewidth=1.5, zorder=3, s=45)
         right.scatter(row['kl_total'], row['fidelity'], color='white', marker=marker, edgecolor=color,
-                      linewidth=1.5, zorder=3, s=40)
-    policy_kls = [row['kl_total'] for row in policies]
-    policy_rewards = [row['reward'] for row in policies]
-    inset.set_xlim(min(policy_kls) * 0.9, max(policy_kls) * 1.1)
-    spread = max(policy_rewards) - min(policy_rewards)
-    inset.set_ylim(min(policy_rewards) - spread - 0.05, max(policy_rewards) + spread + 0.05)
-    inset.set_title('zoom on the trained policies (label: beta)', fontsize=8)
-    inset.tick_params(labelsize=7)
-    inset.grid(alpha=0.3)
-    left.indicate_inset_zoom(inset, edgecolor='grey')
-    for method, marker in markers.items():
-        color = MODEL_COLORS[0] if method == 'PPO' else MODEL_COLORS[3]
-        left.scatter([], [], color=color, marker=marker, label=f'{method} policy (label: beta)')
+                      linewidth=1.5, zorder=3, s=45)
+    _zoom_to([(row['kl_total'], row['reward']) for row in policies], zoom)
     right.scatter([], [], color=PREFERRED_COLOR, marker='o', label='gold rate of a policy (filled)')
     right.scatter([], [], color='white', edgecolor='black', marker='o', label='fidelity of a policy (open)')
     for ax in (left, right):
         ax.set_xscale('log')
         ax.set_xlabel('KL(policy || reference), nats per response (log scale)')
+    for ax in (left, zoom, right):
         ax.grid(alpha=0.3)
+    zoom.set_xlabel('KL(policy || reference), nats per response')
     left.legend(fontsize=8, loc='upper left')
     right.legend(fontsize=8, loc='lower left')
+    fig.legend(*zoom.get_legend_handles_labels(), loc='outside lower center', ncols=min(5, len(policies) + 1),
+               fontsize=9)
     left.set_ylabel('reward-model score E[r]')
-    left.set_title('Reward against KL: the exact frontier and the trained policies')
+    left.set_title('Reward against KL: the exact frontier')
+    zoom.set_title('Zoom on the trained policies')
     right.set_ylabel('rate')
     right.set_ylim(0, 1.02)
     right.set_title('Where the proxy and the truth part ways')
+    return _save(fig, path)
+
+
+def _zoom_to(points, ax, margin=0.15):
+    """Limit ax to the box around points (x, y), with a margin of the box's size on each side."""
+    xs, ys = zip(*points)
+    for low, high, set_limits in ((min(xs), max(xs), ax.set_xlim), (min(ys), max(ys), ax.set_ylim)):
+        pad = max(high - low, 0.02 * max(abs(high), 1e-3)) * margin
+        set_limits(low - pad, high + pad)
+
+
+def plot_methods(frontier, rows, histories, path, window=5):
+    """Every method against the exact optimum, and how fast the online ones learn.
+
+    frontier: the optimum per beta, as for plot_frontier; rows: one dict per policy ('label',
+    'method' (a registry name), 'reward', 'kl_total', 'optimal_reward', 'optimal_kl_total', and
+    'target_reward'/'target_kl_total' where the method's own target is not pi*); histories: label ->
+    (method name, rows with 'samples', 'gold/preference_rate', 'objective/rlhf_reward'), online
+    methods only. Left: reward-model score against KL near the points, the exact frontier, each
+    policy (filled) and its own target (open) where that is not pi*; middle and right: exact
+    preference rate and KL-regularised reward of the rollouts against samples."""
+    optimum = sorted((row for row in frontier if row['beta'] > 0), key=lambda row: row['kl_total'])
+    fig, (points, preference, objective) = plt.subplots(1, 3, figsize=FIGURE_SIZES['methods'], layout='constrained')
+    points.plot([row['kl_total'] for row in optimum], [row['reward'] for row in optimum], color='black',
+                label='optimum pi*_beta (exact frontier)')
+    shown = []
+    for row in rows:
+        method = METHODS[row['method']]
+        points.scatter(row['kl_total'], row['reward'], color=method.color, marker=method.marker, s=60, zorder=3,
+                       edgecolor='black', linewidth=0.5, label=row['label'])
+        shown.append((row['kl_total'], row['reward']))
+        if 'target_reward' in row:
+            points.scatter(row['target_kl_total'], row['target_reward'], facecolor='white', edgecolor=method.color,
+                           marker=method.marker, s=60, linewidth=1.8, zorder=3,
+                           label=f"{row['label']}: its own target ({method.target_label})")
+            shown.append((row['target_kl_total'], row['target_reward']))
+    for row in rows[:1]:
+        points.scatter(row['optimal_kl_total'], row['optimal_reward'], marker='*', s=160, color='black', zorder=4,
+                       label='pi* at this beta')
+        shown.append((row['optimal_kl_total'], row['optimal_reward']))
+    _zoom_to(shown, points)
+    points.set_xlabel('KL(policy || reference), nats per response')
+    points.set_ylabel('reward-model score E[r]')
+    points.set_title('Where each method lands (exact)')
+    points.grid(alpha=0.3)
+
+    dashes = ['-', '--', ':', '-.']
+    betas = sorted({label.split('beta=')[-1] for label in histories})
+    for ax, key, title in ((preference, 'gold/preference_rate', 'Preference rate of the rollouts (exact)'),
+                           (objective, 'objective/rlhf_reward', 'score - beta * KL of the rollouts')):
+        for label, (name, history) in histories.items():
+            samples = [row['samples'] for row in history]
+            ax.plot(samples, centred_average([row[key] for row in history], window), color=METHODS[name].color,
+                    linewidth=2, linestyle=dashes[betas.index(label.split('beta=')[-1]) % len(dashes)])
+        ax.set_xlabel('rollout samples')
+        ax.set_title(f'{title}\n(centred moving average over {window} iterations)')
+        ax.grid(alpha=0.3)
+    preference.set_ylim(0, 1.02)
+    fig.legend(*points.get_legend_handles_labels(), loc='outside lower center', ncols=3, fontsize=9)
     return _save(fig, path)
 
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from mingpt.model import GPT
 from mingpt.utils import CfgNode, set_seed
 from toy_rlhf.data import PreferenceDataset, with_cls
+from toy_rlhf.flags import Device, NonNegativeFloat, PositiveFloat, PositiveInt, Seed
 from toy_rlhf.language import DIGITS, SEQUENCE_LENGTH, VOCAB_SIZE, join, preferred_first_token, \
     sample_prompts, sample_responses
 from toy_rlhf.policy import started_from
@@ -17,21 +18,21 @@ from toy_rlhf.training import (check_finite, gradient_step, learning_rate_at, pr
 
 @dataclass
 class RewardConfig:
-    pairs: int = 20000  # labelled pairs in the training set (the "human" data, finite)
-    held_out_pairs: int = 4000  # fresh pairs for the pairwise accuracy
+    pairs: PositiveInt = 20000  # labelled pairs in the training set (the "human" data, finite)
+    held_out_pairs: PositiveInt = 4000  # fresh pairs for the pairwise accuracy
     # Started from the SFT policy, the model learns the preference within about 100 steps: over seeds
     # 0-9 (from the seed-0 SFT policy) this schedule reached held-out accuracy 1.0 and rank rate 1.0.
-    iters: int = 200  # optimizer steps
-    batch_size: int = 64  # pairs per step
-    learning_rate: float = 3e-3  # peak, after warm-up, then cosine-decayed to 0
-    warmup_iters: int = 20
-    weight_decay: float = 0.1
+    iters: PositiveInt = 200  # optimizer steps
+    batch_size: PositiveInt = 64  # pairs per step
+    learning_rate: PositiveFloat = 3e-3  # peak, after warm-up, then cosine-decayed to 0
+    warmup_iters: PositiveInt = 20  # steps of linear warm-up
+    weight_decay: NonNegativeFloat = 0.1  # AdamW weight decay of the Linear weights
     # Labels are Bradley-Terry draws from a gold reward of gold_margin for the preferred first
     # digit: at 20 a label is wrong with probability sigmoid(-20) = 2e-9, effectively never.
-    gold_margin: float = 20.0
-    seed: int = 0
-    device: str = 'cpu'
-    log_every: int = 10
+    gold_margin: PositiveFloat = 20.0  # gold reward of the preferred first digit: smaller means noisier labels
+    seed: Seed = 0  # random seed: the same seed gives the same run
+    device: Device = 'cpu'  # where it trains; auto picks cuda if present
+    log_every: PositiveInt = 10  # iterations between rows of the log
 
 
 def reward_model_config(n_layer=3, n_head=3, n_embd=48):

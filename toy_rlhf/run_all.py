@@ -6,7 +6,7 @@ report are always made afresh from the checkpoints, with fixed seeds, so two run
 settings write the same metrics.json byte for byte.
 """
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -14,37 +14,48 @@ import torch
 from toy_rlhf import plots
 from toy_rlhf.checkpoint import load_checkpoint, load_model
 from toy_rlhf.files import read_jsonl, write_json
+from toy_rlhf.flags import Device, Digit, NonNegativeFloat, Seed
 from toy_rlhf.language import entropy_floor
-from toy_rlhf.metrics import evaluate_policy
-from toy_rlhf.pipeline import (EVALUATION_PROMPTS, PPOConfig, RewardConfig, SFTConfig, ppo_name,
-                               ppo_stage, reward_stage, sft_stage, stage_is_current, versions)
+from toy_rlhf.methods import METHODS
+from toy_rlhf.methods.ppo import PPOConfig
+from toy_rlhf.metrics import EVALUATION_PROMPTS, PREFERENCE_TARGET, evaluate_policy, samples_to_preference
+from toy_rlhf.pipeline import (RewardConfig, SFTConfig, ensure_method, ensure_stage, reward_stage, sft_stage,
+                               versions)
 from toy_rlhf.report import write_report
 
 REFERENCE = 'reference (SFT)'
+PPO = METHODS['ppo']  # the story run_all tells is PPO's; the comparison of every method is compare.py
 
 
 @dataclass
 class RunAllConfig:
-    betas: tuple = (1.0, 0.0)  # compared KL strengths; the first is the "aligned" one
-    seed: int = 0
+    betas: tuple[NonNegativeFloat, ...] = (1.0, 0.0)  # compared KL strengths; the first is the "aligned" one
+    seed: Seed = 0  # random seed of every stage: the same seed gives the same numbers
     quick: bool = False  # a much smaller schedule, for smoke tests
-    fresh: bool = False  # retrain every stage even if its checkpoint is current
-    prompt: tuple = (5, 7, 1, 5)  # the fixed input of the per-sentence figures
-    response: tuple = (6, 2, 7, 3)
-    device: str = 'cpu'
+    fresh: bool = False  # retrain every stage even if its checkpoint was made with the same settings
+    prompt: tuple[Digit, Digit, Digit, Digit] = (5, 7, 1, 5)  # the prompt of the per-sentence figures
+    response: tuple[Digit, Digit, Digit, Digit] = (6, 2, 7, 3)  # the response of the per-sentence figures
+    device: Device = 'cpu'  # where SFT and the reward model train (PPO and evaluation run on the CPU)
+    # The stages' own settings (flags --sft.iters, --reward.pairs, --ppo.learning-rate, ...); seed,
+    # device and beta come from the fields above.
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+
+
+def quick_schedule(config):
+    """config with the stages' schedules cut to a smoke test's (seconds instead of a minute)."""
+    return replace(config, quick=True, sft=replace(config.sft, iters=150),
+                   reward=replace(config.reward, iters=150, pairs=2000, held_out_pairs=1000),
+                   ppo=replace(config.ppo, iters=8, prompts_per_iter=32))
 
 
 def stage_configs(config):
     """The settings of each training stage, keyed by checkpoint stem."""
-    sft = SFTConfig(seed=config.seed, device=config.device)
-    reward = RewardConfig(seed=config.seed, device=config.device)
-    ppo = PPOConfig(seed=config.seed)
-    if config.quick:
-        sft = replace(sft, iters=150)
-        reward = replace(reward, iters=150, pairs=2000, held_out_pairs=1000)
-        ppo = replace(ppo, iters=8, prompts_per_iter=32)
-    return {'sft': sft, 'reward': reward,
-            **{ppo_name(beta): replace(ppo, beta=beta) for beta in config.betas}}
+    sft = replace(config.sft, seed=config.seed, device=config.device)
+    reward = replace(config.reward, seed=config.seed, device=config.device)
+    ppo = replace(config.ppo, seed=config.seed)
+    return {'sft': sft, 'reward': reward, **{PPO.stem(beta): replace(ppo, beta=beta) for beta in config.betas}}
 
 
 def run_all(run_dir, plots_dir, config, progress=True):
@@ -52,28 +63,20 @@ def run_all(run_dir, plots_dir, config, progress=True):
     metrics.json and timings.json into run_dir. Returns the metrics."""
     run_dir, plots_dir = Path(run_dir), Path(plots_dir)
     configs = stage_configs(config)
-    timings = {}
-    for name, stage_config in configs.items():
-        path = run_dir / f'{name}.pt'
-        # The reward model starts from the SFT policy, and PPO from both: new inputs mean a new run.
-        sft, reward = run_dir / 'sft.pt', run_dir / 'reward.pt'
-        inputs = {'sft': (), 'reward': (sft,)}.get(name, (sft, reward))
-        start = time.perf_counter()
-        if not config.fresh and stage_is_current(path, stage_config, inputs):
-            print(f'{name}: reusing {path} (made with the same settings)')
-            timings[name] = {'seconds': time.perf_counter() - start, 'reused': True}
-            continue
-        stage = {'sft': sft_stage, 'reward': reward_stage}.get(name, ppo_stage)
-        stage(run_dir, stage_config, progress)
-        timings[name] = {'seconds': time.perf_counter() - start, 'reused': False}
+    # The reward model starts from the SFT policy, and PPO from both: new inputs mean a new run.
+    timings = {'sft': ensure_stage(run_dir, 'sft', configs['sft'], (), sft_stage, config.fresh, progress),
+               'reward': ensure_stage(run_dir, 'reward', configs['reward'], (run_dir / 'sft.pt',), reward_stage,
+                                      config.fresh, progress)}
+    for beta in config.betas:
+        timings[PPO.stem(beta)] = ensure_method(run_dir, PPO, configs[PPO.stem(beta)], config.fresh, progress)
 
     start = time.perf_counter()
     reference = load_model(run_dir / 'sft.pt', 'policy')
     models = {REFERENCE: reference}
+    histories = {}
     for beta in config.betas:
-        models[f'beta={beta:g}'] = load_model(run_dir / f'{ppo_name(beta)}.pt', 'policy')
-    histories = {label: read_jsonl(run_dir / f'{ppo_name(beta)}.jsonl')
-                 for label, beta in zip(list(models)[1:], config.betas)}
+        models[f'beta={beta:g}'] = load_model(run_dir / f'{PPO.stem(beta)}.pt', 'policy')
+        histories[f'beta={beta:g}'] = read_jsonl(run_dir / f'{PPO.stem(beta)}.jsonl')
     metrics = measure(run_dir, models, histories, config)
     timings['evaluation'] = {'seconds': time.perf_counter() - start}
 
@@ -102,15 +105,9 @@ def measure(run_dir, models, histories, config):
         'reward': {'pairwise_accuracy': reward['pairwise_accuracy'], 'rank_rate': reward['rank_rate']},
         'policies': {label: evaluate_policy(model, reference, EVALUATION_PROMPTS, seed=config.seed)
                      for label, model in models.items()},
-        'ppo_samples_to_99_percent_preference': {label: samples_to_preference(history, 0.99)
+        'ppo_samples_to_99_percent_preference': {label: samples_to_preference(history, PREFERENCE_TARGET)
                                                  for label, history in histories.items()},
     }
-
-
-def samples_to_preference(history, target):
-    """Rollout samples PPO drew until the rollout's exact preference rate first reached target
-    (None if it never did)."""
-    return next((row['samples'] for row in history if row['gold/preference_rate'] >= target), None)
 
 
 def draw(run_dir, plots_dir, models, histories, config):

@@ -1,10 +1,12 @@
 """Supervised fine-tuning: teach a GPT the digit language by next-token prediction on its sentences."""
 from dataclasses import dataclass
+from typing import Literal
 
 from mingpt.model import GPT
 from mingpt.trainer import Trainer
 from mingpt.utils import set_seed
 from toy_rlhf.data import SupervisedDataset
+from toy_rlhf.flags import Device, NonNegativeFloat, PositiveFloat, PositiveInt, Seed
 from toy_rlhf.policy import policy_config
 from toy_rlhf.training import check_finite, learning_rate_at, progress_bar, set_learning_rate
 
@@ -14,17 +16,17 @@ MAX_SENTENCES = 2 ** 18  # about 34 MB of training sentences
 
 @dataclass
 class SFTConfig:
-    iters: int = 800  # optimizer steps
-    batch_size: int = 256  # sentences per step
-    learning_rate: float = 3e-3  # peak, reached after warm-up, then cosine-decayed to 0
-    warmup_iters: int = 50
+    iters: PositiveInt = 800  # optimizer steps
+    batch_size: PositiveInt = 256  # sentences per step
+    learning_rate: PositiveFloat = 3e-3  # peak, reached after warm-up, then cosine-decayed to 0
+    warmup_iters: PositiveInt = 50  # steps of linear warm-up
     # No decay: the data is unlimited, so there is nothing to regularise, and decay would hold back
     # the large logits that put (almost) no probability on digits the rule forbids.
-    weight_decay: float = 0.0
-    model_type: str = 'gpt-nano'
-    seed: int = 0
-    device: str = 'cpu'
-    log_every: int = 10  # iterations between rows of the loss log
+    weight_decay: NonNegativeFloat = 0.0  # AdamW weight decay of the Linear weights
+    model_type: Literal['gpt-nano', 'gpt-micro', 'gpt-mini'] = 'gpt-nano'  # model size (minGPT's presets)
+    seed: Seed = 0  # random seed: the same seed gives the same run
+    device: Device = 'cpu'  # where it trains; cpu is fastest for a model this small, auto picks cuda if present
+    log_every: PositiveInt = 10  # iterations between rows of the loss log
 
 
 def train_sft(config, progress=True):

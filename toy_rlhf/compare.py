@@ -1,0 +1,173 @@
+"""Every registered method, trained from the same SFT policy and reward model, measured exactly
+against the optimum it aims at: where each one lands, and how fast it gets there.
+
+For each beta: every method that trains is run (in parallel processes with --workers), a method
+without a network (best-of-n) gives its exact distribution directly, and each resulting policy is
+evaluated over all 10^4 responses of the same prompts: J against J*, the KL from pi* and from the
+method's own exact target (where that differs from pi*), gold metrics, and what it consumed.
+"""
+import concurrent.futures
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from toy_rlhf import plots
+from toy_rlhf.checkpoint import load_checkpoint, load_model
+from toy_rlhf.files import read_jsonl, write_json, write_text
+from toy_rlhf.flags import NonNegativeFloat, PositiveInt, Seed
+from toy_rlhf.language import sample_prompts
+from toy_rlhf.methods import METHODS
+from toy_rlhf.metrics import samples_to_preference
+from toy_rlhf.optimal import (EXACT_PROMPTS, compare_to_optimum, exact_tables, expected_reward, objective, optimal_frontier,
+                              optimal_log_probs, optimal_value, response_kl, response_log_probs_exact)
+from toy_rlhf.pipeline import ensure_method
+from toy_rlhf.reward import RewardConfig
+
+# The optimum's frontier is drawn through these betas (log-spaced, plus the limit beta -> 0).
+FRONTIER_BETAS = [0.0] + [10 ** (k / 8) for k in range(-20, 13)]
+
+
+@dataclass
+class CompareConfig:
+    betas: tuple[NonNegativeFloat, ...] = (1.0,)  # the KL strengths every method is run at
+    methods: tuple[str, ...] = ()  # the methods to compare, by registry name (default: all registered)
+    prompts: PositiveInt = EXACT_PROMPTS  # prompts of the exact evaluation (each: all 10^4 responses)
+    # Each training run is independent: with N workers, N run at once in processes of one thread each.
+    workers: PositiveInt = 1  # training processes at once (one thread each; --threads 1 gives the same numbers serially)
+    seed: Seed = 0  # random seed of every run and of the evaluation prompts
+    fresh: bool = False  # retrain even where a checkpoint with the same settings exists
+
+
+def exact_row(label, method, config, log_pi, tables):
+    """A policy's exact numbers against the optimum at config.beta, from its log-probs of every
+    response (P, 10^4) and the shared tables (toy_rlhf.optimal.ExactTables): compare_to_optimum's
+    keys, and the KL from pi* and from the method's own target, and the gap closed under the gold reward."""
+    beta = config.beta
+    optimum = optimal_log_probs(tables.log_ref, tables.rewards, beta)
+    target = method.target(tables, config) if method.target is not None else optimum
+    gold = tables.gold(getattr(config, 'gold_margin', RewardConfig.gold_margin))
+    row = {'label': label, 'method': method.name,
+           **compare_to_optimum(log_pi, tables.log_ref, tables.rewards, tables.prompts, beta),
+           'kl_to_optimum': response_kl(log_pi, optimum).mean().item(),
+           'target': method.target_label, 'kl_to_target': response_kl(log_pi, target).mean().item(),
+           'gold_gap_closed': gap_closed(log_pi, tables.log_ref, gold, beta)}
+    if method.target is not None:  # where the method's own target lies, for the figure
+        row['target_reward'] = expected_reward(target, tables.rewards).mean().item()
+        row['target_kl_total'] = response_kl(target, tables.log_ref).mean().item()
+    return row
+
+
+def gap_closed(log_pi, log_ref, rewards, beta):
+    """(J - J_ref) / (J* - J_ref) of a policy under `rewards`: 1 at the optimum, 0 for the reference."""
+    J = objective(log_pi, log_ref, rewards, beta).mean().item()
+    J_ref = objective(log_ref, log_ref, rewards, beta).mean().item()
+    J_star = optimal_value(log_ref, rewards, beta).mean().item()
+    return (J - J_ref) / (J_star - J_ref) if J_star > J_ref else float('nan')
+
+
+def _train(run_dir, method, config, fresh):
+    """One training run in a worker process: one thread, so that runs at once do not fight over cores."""
+    torch.set_num_threads(1)
+    return ensure_method(run_dir, method, config, fresh, progress=False)
+
+
+def compare(run_dir, plots_dir, config, method_configs=None, progress=True):
+    """Train and evaluate every method at every beta; write run_dir/methods.md and methods.json and
+    draw plots_dir/methods.png. method_configs: {name: config} settings of the methods (their beta and
+    seed are set here). Returns the rows of the table."""
+    run_dir, plots_dir = Path(run_dir), Path(plots_dir)
+    methods = [METHODS[name] for name in (config.methods or METHODS)]
+    runs = [(method, replace((method_configs or {}).get(method.name) or method.config(), beta=beta, seed=config.seed))
+            for beta in config.betas for method in methods]
+
+    # 1. train every method that trains (reusing current checkpoints)
+    trained = [(method, method_config) for method, method_config in runs if method.train is not None]
+    if config.workers > 1:
+        with concurrent.futures.ProcessPoolExecutor(config.workers) as pool:
+            list(pool.map(_train, *zip(*[(run_dir, method, method_config, config.fresh)
+                                         for method, method_config in trained])))
+    else:
+        for method, method_config in trained:
+            ensure_method(run_dir, method, method_config, config.fresh, progress)
+
+    # 2. evaluate every policy exactly on the same prompts
+    start = time.perf_counter()
+    prompts = sample_prompts(config.prompts, torch.Generator().manual_seed(config.seed))
+    tables = exact_tables(load_model(run_dir / 'sft.pt', 'policy'), load_model(run_dir / 'reward.pt', 'reward'),
+                          prompts)
+    rows, histories = [], {}
+    for method, method_config in runs:
+        label = f'{method.label} beta={method_config.beta:g}'
+        if method.train is None:
+            row = exact_row(label, method, method_config, method.exact_policy(tables, method_config), tables)
+        else:
+            path = run_dir / f'{method.stem(method_config.beta)}.pt'
+            row = exact_row(label, method, method_config,
+                            response_log_probs_exact(load_model(path, 'policy'), prompts), tables)
+            history = read_jsonl(path.with_suffix('.jsonl'))
+            row.update(consumed(method, history), seconds=load_checkpoint(path)['metrics']['seconds'])
+            histories[label] = (method.name, history)
+        rows.append(row)
+    frontier = optimal_frontier(tables.log_ref, tables.rewards, prompts, FRONTIER_BETAS)
+    print(f'Exact evaluation of {len(rows)} policies on {config.prompts} prompts: {time.perf_counter() - start:.1f} s')
+
+    # 3. the figure and the table
+    figure = plots.plot_methods(frontier, rows, histories, plots_dir / 'methods.png')
+    write_json(run_dir / 'methods.json', {'settings': asdict(config), 'policies': rows})
+    write_text(run_dir / 'methods.md', methods_report(rows, config, figure, run_dir))
+    print(methods_table(rows))
+    print(f'Table in {run_dir / "methods.md"}, figure {figure}')
+    return rows
+
+
+def consumed(method, history):
+    """What a run consumed: rollout samples (online) or labelled pairs (offline), and the samples
+    until its rollout's exact preference rate first reached the target (online only)."""
+    last = history[-1]
+    if method.online:
+        return {'samples': last['samples'], 'samples_to_target': samples_to_preference(history)}
+    return {'pairs': last['pairs']}
+
+
+def methods_table(rows):
+    """The Markdown table of the comparison: one row per policy."""
+    lines = ['| method | J | J* | gap closed | KL first | KL later | preference | fidelity | gold | '
+             'KL from pi* | own target | KL from own target | consumed | samples to 99% | seconds |',
+             '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|']
+    for row in rows:
+        used = f"{row['samples']:,} samples" if 'samples' in row else \
+            f"{row['pairs']:,} pairs" if 'pairs' in row else 'none (exact)'
+        to_target = row.get('samples_to_target')
+        seconds = row.get('seconds')
+        lines.append(
+            f"| {row['label']} | {row['J']:.3f} | {row['J_star']:.3f} | {_number(row['gap_closed'], '.2%')} | "
+            f"{row['kl_first']:.3f} | {row['kl_later']:.3f} | {row['preference_rate']:.2%} | "
+            f"{row['fidelity']:.2%} | {row['gold_rate']:.2%} | {row['kl_to_optimum']:.3f} | {row['target']} | "
+            f"{row['kl_to_target']:.3f} | {used} | {'' if to_target is None else f'{to_target:,}'} | "
+            f"{'' if seconds is None else f'{seconds:.1f}'} |")
+    return '\n'.join(lines)
+
+
+def _number(value, style):
+    return 'n/a' if math.isnan(value) else format(value, style)
+
+
+def methods_report(rows, config, figure, run_dir):
+    relative_figure = Path(os.path.relpath(figure, run_dir)).as_posix()
+    return f"""# Which method, and where it lands
+
+Every method from the same SFT policy and reward model, seed {config.seed}, evaluated exactly over all
+10^4 responses of {config.prompts} prompts. J = E[r] - beta * KL(pi || pi_ref) under the reward model;
+J* its maximum, reached by pi* = pi_ref exp(r / beta) / Z; gap closed = (J - J_ref) / (J* - J_ref).
+KL from pi*: KL(policy || pi*), 0 only at the optimum. Own target: the exact distribution the method
+converges to where that is not pi* of the reward model, and the policy's KL from it. Samples to 99%:
+rollout samples until the rollout's exact preference rate first reached 99%.
+
+{methods_table(rows)}
+
+![methods]({relative_figure})
+"""
