@@ -10,7 +10,7 @@ import concurrent.futures
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -69,6 +69,13 @@ def gap_closed(log_pi, log_ref, rewards, beta):
     return (J - J_ref) / (J_star - J_ref) if J_star > J_ref else float('nan')
 
 
+def at(beta, seed, method_config):
+    """method_config at beta, with the comparison's seed where the method has one (best-of-n samples
+    nothing, so it has none)."""
+    seeded = {'seed': seed} if any(field.name == 'seed' for field in fields(method_config)) else {}
+    return replace(method_config, beta=beta, **seeded)
+
+
 def _train(run_dir, method, config, fresh):
     """One training run in a worker process: one thread, so that runs at once do not fight over cores."""
     torch.set_num_threads(1)
@@ -81,7 +88,7 @@ def compare(run_dir, plots_dir, config, method_configs=None, progress=True):
     seed are set here). Returns the rows of the table."""
     run_dir, plots_dir = Path(run_dir), Path(plots_dir)
     methods = [METHODS[name] for name in (config.methods or METHODS)]
-    runs = [(method, replace((method_configs or {}).get(method.name) or method.config(), beta=beta, seed=config.seed))
+    runs = [(method, at(beta, config.seed, (method_configs or {}).get(method.name) or method.config()))
             for beta in config.betas for method in methods]
 
     # 1. train every method that trains (reusing current checkpoints)
@@ -110,7 +117,8 @@ def compare(run_dir, plots_dir, config, method_configs=None, progress=True):
                             response_log_probs_exact(load_model(path, 'policy'), prompts), tables)
             history = read_jsonl(path.with_suffix('.jsonl'))
             row.update(consumed(method, history), seconds=load_checkpoint(path)['metrics']['seconds'])
-            histories[label] = (method.name, history)
+            if method.online:
+                histories[label] = (method.name, history)
         rows.append(row)
     frontier = optimal_frontier(tables.log_ref, tables.rewards, prompts, FRONTIER_BETAS)
     print(f'Exact evaluation of {len(rows)} policies on {config.prompts} prompts: {time.perf_counter() - start:.1f} s')

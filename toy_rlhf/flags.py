@@ -43,6 +43,7 @@ class Bounds:
 
 
 PositiveInt = Annotated[int, Bounds(low=1, description='a positive integer')]
+NonNegativeInt = Annotated[int, Bounds(low=0, description='an integer >= 0')]
 GroupSize = Annotated[int, Bounds(low=2, description='an integer >= 2')]
 PositiveFloat = Annotated[float, Bounds(low=0, low_open=True, description='a positive number')]
 NonNegativeFloat = Annotated[float, Bounds(low=0, description='a number >= 0')]

@@ -8,7 +8,7 @@ flags, its math as pure functions, one `train` function) and register it here.
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from toy_rlhf.methods import dpo, ppo
+from toy_rlhf.methods import best_of_n, dpo, ppo, reinforce_pp, rloo
 
 
 @dataclass(frozen=True)
@@ -16,7 +16,7 @@ class Method:
     name: str  # registry key, command name (`toy-rlhf NAME`), checkpoint stem (NAME_beta1.pt)
     label: str  # in tables, legends and reports
     summary: str  # one line: what it does, for --help and the README
-    config: type  # its settings, a dataclass with a `beta` and a `seed`: every field is a flag
+    config: type  # its settings, a dataclass with a `beta` (and a `seed` if it samples): every field is a flag
     # train(sft_policy, config=..., progress=..., [reward_model=...]) -> (policy, history). None for a
     # method that trains nothing (best-of-n): it gives its exact distribution through `exact_policy`.
     train: Optional[Callable]
@@ -65,3 +65,16 @@ register(Method(
     name='dpo', label='DPO', config=dpo.DPOConfig, train=dpo.train_dpo, needs_reward_model=False,
     summary='direct preference optimisation on the labelled pairs, no reward model',
     color='#1f77b4', marker='s', target=dpo.gold_optimum, target_label='pi* (gold reward)', online=False))
+register(Method(
+    name='rloo', label='RLOO', config=rloo.RLOOConfig, train=rloo.train_rloo, needs_reward_model=True,
+    summary='REINFORCE with a leave-one-out baseline, the KL in the sequence reward, the sequence ratio clipped',
+    color='#9467bd', marker='D'))
+register(Method(
+    name='reinforce_pp', label='REINFORCE++', config=reinforce_pp.ReinforcePPConfig,
+    train=reinforce_pp.train_reinforce_pp, needs_reward_model=True,
+    summary='PPO without a baseline: per-token KL-penalised returns whitened over the batch, clipped per token',
+    color='#8c564b', marker='v'))
+register(Method(
+    name='best_of_n', label='Best-of-n', config=best_of_n.BestOfNConfig, train=None, needs_reward_model=True,
+    summary='the best of n reference samples under the reward model, exact by enumeration (no training)',
+    color='#ff7f0e', marker='*', exact_policy=best_of_n.exact_policy, online=False))

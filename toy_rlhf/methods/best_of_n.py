@@ -26,27 +26,24 @@ float64 and in logs (G^n for n = 10^4 underflows; 1 - G_{k-1}^n for a tiny top l
 """
 import math
 from dataclasses import dataclass
-from typing import Annotated, NamedTuple
+from typing import NamedTuple
 
 import torch
 
-from toy_rlhf.flags import Bounds, NonNegativeFloat, Seed
+from toy_rlhf.flags import NonNegativeFloat, NonNegativeInt
 from toy_rlhf.optimal import digit_distribution, optimal_log_probs, response_kl
 
 # On the test fixtures n = 10^4 spends 7.6 nats (pi*_beta spends 1.6 at beta = 0.1): budget enough.
 MAX_N = 10 ** 4  # the largest n searched for a KL budget
 LOG_HALF = -math.log(2)
 
-Count = Annotated[int, Bounds(low=0, description='an integer >= 0')]
-
 
 @dataclass
 class BestOfNConfig:
     # 0 puts best-of-n at the KL that pi*_beta spends on the same prompts, so a sweep over beta compares
     # the two at equal KL (n = 10 at beta = 1 on the test fixtures); a fixed n ignores beta.
-    n: Count = 0  # responses drawn per prompt, the best kept; 0: the n whose exact KL matches pi*_beta's
+    n: NonNegativeInt = 0  # responses drawn per prompt, the best kept; 0: the n whose exact KL matches pi*_beta's
     beta: NonNegativeFloat = 1.0  # n = 0 matches the KL of pi* at this beta; J_beta scores it
-    seed: Seed = 0  # not used: the distribution is exact, nothing is sampled (every method's config has a seed)
 
 
 # ---------------------------------------------------------------------------------------------
