@@ -8,7 +8,7 @@ flags, its math as pure functions, one `train` function) and register it here.
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from toy_rlhf.methods import best_of_n, dpo, ppo, reinforce_pp, rloo
+from toy_rlhf.methods import best_of_n, dpo, ipo, online_dpo, ppo, reinforce_pp, rloo
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,15 @@ register(Method(
     train=reinforce_pp.train_reinforce_pp, needs_reward_model=True,
     summary='PPO without a baseline: per-token KL-penalised returns whitened over the batch, clipped per token',
     color='#8c564b', marker='v'))
+register(Method(
+    name='online_dpo', label='online DPO', config=online_dpo.OnlineDPOConfig, train=online_dpo.train_online_dpo,
+    needs_reward_model=True,
+    summary='DPO on pairs the current policy samples, labelled by the reward model (Bradley-Terry or --labels hard)',
+    color='#17becf', marker='P'))
+register(Method(
+    name='ipo', label='IPO', config=ipo.IPOConfig, train=ipo.train_ipo, needs_reward_model=False,
+    summary='identity preference optimisation: a squared loss on the labelled pairs, with a finite optimum',
+    color='#bcbd22', marker='X', target=ipo.ipo_target, target_label='pi_IPO (gold labels)', online=False))
 register(Method(
     name='best_of_n', label='Best-of-n', config=best_of_n.BestOfNConfig, train=None, needs_reward_model=True,
     summary='the best of n reference samples under the reward model, exact by enumeration (no training)',
