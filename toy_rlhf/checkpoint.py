@@ -100,5 +100,5 @@ def how_to_make(path, kind=None):
         return f'python scripts/train_sft.py{run}'
     method = method_of_stem(Path(name).stem) if name.endswith('.pt') else None
     if method is not None:
-        return f'python scripts/train_{method.name}.py --beta {Path(name).stem.rpartition("_beta")[2]}{run}'
+        return f'python scripts/train.py {method.name} --beta {Path(name).stem.rpartition("_beta")[2]}{run}'
     return f'python scripts/run_all.py{run}'

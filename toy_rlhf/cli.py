@@ -50,7 +50,9 @@ def add_common_arguments(parser, with_run):
 
 
 def add_plots_dir(parser, figures):
-    parser.add_argument('--plots-dir', default='plots', metavar='DIR', help=f'where {figures} go (default: plots)')
+    parser.add_argument('--plots-dir', default=None, metavar='DIR',
+                        help=f"where {figures} go (default: the run's own folder, runs/RUN/plots; "
+                             '--plots-dir plots rewrites the figures the README shows)')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,7 +90,6 @@ def run_everything(args):
     names = [f'{beta:g}' for beta in config.betas]
     if len(set(names)) != len(names):
         raise UsageError(f'--betas: each beta once (betas that print alike share a checkpoint), got {" ".join(names)}')
-    _check_writable(Path(args.plots_dir))
     run_all(args.run_dir, args.plots_dir, config, args.progress)
 
 
@@ -101,10 +102,9 @@ def add_sweep_arguments(parser):
 
 
 def run_sweep(args):
-    _check_writable(Path(args.plots_dir))
     sweep(args.run_dir, args.plots_dir, config_from_args(args, SweepConfig), args.progress)
     if args.critic_seeds:
-        compare_critic(args.run_dir, Path(args.plots_dir), tuple(args.critic_seeds), progress=args.progress)
+        compare_critic(args.run_dir, args.plots_dir, tuple(args.critic_seeds), progress=args.progress)
 
 
 def add_compare_arguments(parser):
@@ -119,7 +119,6 @@ def run_compare(args):
     unknown = [name for name in config.methods if name not in METHODS]
     if unknown:
         raise UsageError(f'--methods: unknown method {unknown[0]!r}; registered: {", ".join(METHODS)}')
-    _check_writable(Path(args.plots_dir))
     method_configs = {name: config_from_args(args, method.config, prefix=name) for name, method in METHODS.items()}
     compare(args.run_dir, args.plots_dir, config, method_configs, args.progress)
 
@@ -236,6 +235,9 @@ def prepare(args, writes_run_dir):
     if writes_run_dir:
         args.run_dir = Path('runs') / args.run
         _check_writable(args.run_dir)
+    if hasattr(args, 'plots_dir'):
+        args.plots_dir = Path(args.plots_dir) if args.plots_dir else args.run_dir / 'plots'
+        _check_writable(args.plots_dir)
     args.progress = not args.quiet
 
 
@@ -272,6 +274,21 @@ def usage():
     lines = ['usage: toy-rlhf COMMAND [options]   (toy-rlhf COMMAND --help: its options)', '', 'commands:']
     lines += [f'  {name:<12} {spec.summary}' for name, spec in commands().items()]
     return '\n'.join(lines)
+
+
+def train_main(argv=None):
+    """`python scripts/train.py METHOD [options]`: any registered training method."""
+    argv = sys.argv[1:] if argv is None else argv
+    names = [name for name, method in METHODS.items() if method.train is not None]
+    if not argv or argv[0] not in names:
+        if argv and argv[0] in ('-h', '--help'):
+            print('usage: scripts/train.py METHOD [options]   (scripts/train.py METHOD --help: its options)\n\n'
+                  'methods:\n' + '\n'.join(f'  {name:<14} {METHODS[name].summary}' for name in names))
+            sys.exit(0)
+        problem = 'no method given' if not argv else f'unknown method {argv[0]!r}'
+        print(f'scripts/train.py: error: {problem}; methods: {", ".join(names)} (see --help)', file=sys.stderr)
+        sys.exit(2)
+    run_command(argv[0], argv[1:], prog=f'scripts/train.py {argv[0]}')
 
 
 def main(argv=None):

@@ -141,7 +141,7 @@ def optimum_gap(policy_path, reference_path, reward_path, n_prompts=EXACT_PROMPT
     settings = load_checkpoint(policy_path, 'policy')['train_config']
     if 'beta' not in settings:
         raise CheckpointError(f'{policy_path}: not made by a training method (no beta stored); '
-                              'run `python scripts/train_ppo.py` to make one')
+                              'run `python scripts/train.py METHOD` to make one')
     prompts = sample_prompts(n_prompts, torch.Generator().manual_seed(seed))
     return evaluate_against_optimum(load_model(policy_path, 'policy'), load_model(reference_path, 'policy'),
                                     load_model(reward_path, 'reward'), settings['beta'], prompts)
