@@ -69,6 +69,14 @@ FAILURES = {
                              ['reward.pt', 'scripts/train_reward.py']),
     'reward checkpoint as the policy': ('evaluate.py', ['runs/default/reward.pt'],
                                         sft_and_reward_checkpoints, ['reward.pt', 'reward', 'policy']),
+    'a run name that climbs out of runs/': ('train_sft.py', ['--run', '..'] + TINY_SFT, None, ['--run', '..']),
+    'an absolute run path': ('train_sft.py', ['--run', '/tmp/elsewhere'] + TINY_SFT, None, ['--run']),
+    'an empty run name': ('train_sft.py', ['--run', ''] + TINY_SFT, None, ['--run']),
+    'betas that print alike': ('run_all.py', ['--betas', '0.1', '0.1000001', '--quiet'], None,
+                               ['--betas', '0.1 0.1']),
+    # --optimal takes no value, so the path after it is the checkpoint, not a prompt count.
+    '--optimal before the checkpoint': ('evaluate.py', ['--optimal', 'runs/default/missing.pt'], None,
+                                        ['runs/default/missing.pt', 'no such checkpoint']),
     'unwritable run folder': ('train_sft.py', ['--run', 'x'] + TINY_SFT, a_file_where_the_run_folder_goes,
                               ['runs/x']),
 }

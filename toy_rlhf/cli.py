@@ -5,6 +5,7 @@ a NaN during training) ends with one line on stderr and exit status 2, never a t
 """
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -87,10 +88,15 @@ def run_everything(args):
     config = replace(config, **{stage: config_from_args(args, type(getattr(config, stage)), prefix=stage,
                                                         base=getattr(config, stage))
                                 for stage in ('sft', 'reward', 'ppo')})
-    names = [f'{beta:g}' for beta in config.betas]
-    if len(set(names)) != len(names):
-        raise UsageError(f'--betas: each beta once (betas that print alike share a checkpoint), got {" ".join(names)}')
+    check_betas('--betas', config.betas)
     run_all(args.run_dir, args.plots_dir, config, args.progress)
+
+
+def check_betas(flag, betas):
+    """Each beta once: two betas that print alike (0.1 and 0.1000001) would share one checkpoint name."""
+    names = [f'{beta:g}' for beta in betas]
+    if len(set(names)) != len(names):
+        raise UsageError(f'{flag}: each beta once (betas that print alike share a checkpoint), got {" ".join(names)}')
 
 
 def add_sweep_arguments(parser):
@@ -102,7 +108,10 @@ def add_sweep_arguments(parser):
 
 
 def run_sweep(args):
-    sweep(args.run_dir, args.plots_dir, config_from_args(args, SweepConfig), args.progress)
+    config = config_from_args(args, SweepConfig)
+    check_betas('--betas', config.betas)
+    check_betas('--dpo-betas', config.dpo_betas)
+    sweep(args.run_dir, args.plots_dir, config, args.progress)
     if args.critic_seeds:
         compare_critic(args.run_dir, args.plots_dir, tuple(args.critic_seeds), progress=args.progress)
 
@@ -116,6 +125,7 @@ def add_compare_arguments(parser):
 
 def run_compare(args):
     config = config_from_args(args, CompareConfig)
+    check_betas('--betas', config.betas)
     unknown = [name for name in config.methods if name not in METHODS]
     if unknown:
         raise UsageError(f'--methods: unknown method {unknown[0]!r}; registered: {", ".join(METHODS)}')
@@ -144,10 +154,11 @@ def add_evaluate_arguments(parser):
                         help='reference policy for the KL (default: sft.pt beside the checkpoint)')
     parser.add_argument('--prompts', type=positive_int, default=EVALUATION_PROMPTS,
                         help=f'prompts to evaluate on (default: {EVALUATION_PROMPTS})')
-    parser.add_argument('--optimal', type=positive_int, nargs='?', const=EXACT_PROMPTS, default=None, metavar='N',
+    parser.add_argument('--optimal', action='store_true',
                         help="also compare with the exact optimum of the policy's objective at its own beta, "
-                             f'over all 10^4 responses of N prompts (default N: {EXACT_PROMPTS}; needs reward.pt '
-                             'beside the checkpoint)')
+                             'over all 10^4 responses of --optimal-prompts prompts (needs reward.pt beside the checkpoint)')
+    parser.add_argument('--optimal-prompts', type=positive_int, default=EXACT_PROMPTS, metavar='N',
+                        help=f'prompts of the comparison with the optimum (default: {EXACT_PROMPTS})')
     parser.add_argument('--seed', type=seed, default=0, help='seed of the evaluation prompts (default: 0)')
     parser.add_argument('--json', action='store_true', help='print the metrics as JSON')
 
@@ -157,7 +168,7 @@ def evaluate(args):
     reference = Path(args.reference) if args.reference else path.parent / 'sft.pt'
     metrics = pipeline.evaluate_checkpoint(path, reference, args.prompts, args.seed)
     if args.optimal:
-        optimum = pipeline.optimum_gap(path, reference, path.parent / 'reward.pt', args.optimal, args.seed)
+        optimum = pipeline.optimum_gap(path, reference, path.parent / 'reward.pt', args.optimal_prompts, args.seed)
         metrics.update({f'optimum/{name}': value for name, value in optimum.items()})
     if args.json:
         print(json.dumps(metrics, indent=2, sort_keys=True))
@@ -233,6 +244,9 @@ def prepare(args, writes_run_dir):
     if args.threads:
         torch.set_num_threads(args.threads)
     if writes_run_dir:
+        if not re.fullmatch(r'[A-Za-z0-9][A-Za-z0-9._-]*', args.run) or '..' in args.run:
+            raise UsageError(f'--run {args.run!r}: a run is a plain name (letters, digits, . _ -), '
+                             'its files go to runs/NAME')
         args.run_dir = Path('runs') / args.run
         _check_writable(args.run_dir)
     if hasattr(args, 'plots_dir'):

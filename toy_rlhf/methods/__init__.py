@@ -8,7 +8,7 @@ flags, its math as pure functions, one `train` function) and register it here.
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from toy_rlhf.methods import best_of_n, dpo, ipo, online_dpo, ppo, reinforce_pp, rloo
+from toy_rlhf.methods import best_of_n, dpo, grpo, ipo, online_dpo, ppo, reinforce_pp, rloo
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,15 @@ register(Method(
     train=reinforce_pp.train_reinforce_pp, needs_reward_model=True,
     summary='PPO without a baseline: per-token KL-penalised returns whitened over the batch, clipped per token',
     color='#8c564b', marker='v'))
+register(Method(
+    name='grpo', label='GRPO', config=grpo.GRPOConfig, train=grpo.train_grpo, needs_reward_model=True,
+    summary='GRPO as TRL ships it: group-normalised advantages, k3 KL in the loss (--scale-rewards, --kl: the fixes)',
+    color='#d62728', marker='^', target=grpo.fixed_point, target_label="GRPO's fixed point"))
+register(Method(
+    name='grpo_unbiased', label='GRPO, unscaled + bias-corrected k3', config=grpo.UnbiasedGRPOConfig,
+    train=grpo.train_grpo, needs_reward_model=True,
+    summary='GRPO with the fixes: no division by the group std (Dr. GRPO), k3 times the ratio (DeepSeek-V3.2)',
+    color='#e377c2', marker='<', target=grpo.fixed_point, target_label="GRPO's fixed point"))
 register(Method(
     name='online_dpo', label='online DPO', config=online_dpo.OnlineDPOConfig, train=online_dpo.train_online_dpo,
     needs_reward_model=True,

@@ -57,6 +57,14 @@ class GRPOConfig(RolloutConfig):
     drop_uniform_groups: bool = False  # leave groups whose scores are all equal out of the update (DAPO)
 
 
+@dataclass
+class UnbiasedGRPOConfig(GRPOConfig):
+    """GRPO with the two fixes that bring its fixed point back to pi*: no division by the group's std
+    (Dr. GRPO) and the k3 term multiplied by the ratio to the rollout policy (DeepSeek-V3.2)."""
+    scale_rewards: Literal['group', 'batch', 'none'] = 'none'  # advantages / std of: the group, the batch, none
+    kl: Literal['k3-in-loss', 'bias-corrected-k3', 'k1-in-reward'] = 'bias-corrected-k3'  # KL estimator and where it goes
+
+
 # ---------------------------------------------------------------------------------------------
 # The math, as pure functions; the group advantages and the clipped surrogate are rollout.py's.
 
