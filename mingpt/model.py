@@ -1,8 +1,11 @@
 """A GPT language model, readable top to bottom: config, attention, block, model.
 
 The public interface follows minGPT (`GPT.get_default_config()`, `model_type='gpt-nano'`,
-`model(idx, targets) -> (logits, loss)`, `generate`, `configure_optimizers`), with two additions:
-`output_size`, the width of the output head (1 for a reward model), and `attention_maps`.
+`model(idx, targets) -> (logits, loss)`, `generate`, `configure_optimizers`, `from_pretrained`), and
+so do the parameter names (`transformer.wte`, `transformer.h.0.attn.c_attn`, `lm_head`, ...): a
+minGPT state dict loads as it is, and ours loads into minGPT with strict=False (it lacks only the
+causal masks minGPT keeps as buffers). Our additions: `output_size`, the width of the output head (1
+for a reward model), `attention_maps`, and a key/value cache for `generate`.
 """
 import math
 
@@ -24,6 +27,12 @@ PRESETS = {
     'gpt-micro': (4, 4, 128),
     'gpt-nano': (3, 3, 48),
 }
+# The sizes whose weights OpenAI published (as GPT-2), which from_pretrained can load.
+PRETRAINED = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """GPT.from_pretrained cannot load the weights without a download, which it never attempts."""
 
 
 class CausalSelfAttention(nn.Module):
@@ -33,15 +42,16 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.attn_pdrop = config.attn_pdrop
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # queries, keys and values
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
+        self.register_load_state_dict_pre_hook(_drop_causal_mask_buffer)
 
     def _heads(self, x):
         """x: (B, T, C) -> queries, keys and values, each (B, n_head, T, C // n_head)."""
         B, T, C = x.shape
         return (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                for t in self.qkv(x).split(C, dim=2))
+                for t in self.c_attn(x).split(C, dim=2))
 
     def forward(self, x, cache=None):
         """x: (B, T, C) -> (B, T, C). With a cache (a dict, empty for a new sequence), x continues
@@ -59,7 +69,7 @@ class CausalSelfAttention(nn.Module):
         # The fused kernel is several times faster than softmax(q k^T) v written out on the CPU.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=past == 0,
                                            dropout_p=self.attn_pdrop if self.training else 0.0)
-        return self.resid_dropout(self.proj(y.transpose(1, 2).flatten(2)))
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).flatten(2)))
 
     def weights(self, x):
         """The attention weights the forward pass uses (without dropout): x (B, T, C) -> (B, n_head, T, T)."""
@@ -70,6 +80,27 @@ class CausalSelfAttention(nn.Module):
         return scores.masked_fill(future, float('-inf')).softmax(dim=-1)
 
 
+def _drop_causal_mask_buffer(module, state_dict, prefix, *args):
+    """minGPT's attention stores its causal mask as a buffer, `attn.bias`, which minGPT state dicts
+    therefore hold. The fused kernel needs no mask: the entry is dropped so that such a state dict
+    still loads strictly (anything else unexpected is still an error)."""
+    state_dict.pop(prefix + 'bias', None)
+
+
+class MLP(nn.Module):
+    """The position-wise feed-forward network of a block, named as minGPT names it."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.act = nn.GELU(approximate='tanh')  # GPT-2's GELU
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
 class Block(nn.Module):
     """A pre-norm transformer block: attention then an MLP, each added to the residual stream."""
 
@@ -78,12 +109,7 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(config.n_embd)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd)
-        self.mlp = nn.Sequential(
-            nn.Linear(config.n_embd, 4 * config.n_embd),
-            nn.GELU(approximate='tanh'),
-            nn.Linear(4 * config.n_embd, config.n_embd),
-            nn.Dropout(config.resid_pdrop),
-        )
+        self.mlp = MLP(config)
 
     def forward(self, x, cache=None):
         x = x + self.attn(self.ln_1(x), cache)
@@ -119,18 +145,43 @@ class GPT(nn.Module):
         self.vocab_size = config.vocab_size
         self.output_size = config.output_size or config.vocab_size
 
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
-        self.drop = nn.Dropout(config.embd_pdrop)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd)
-        self.head = nn.Linear(config.n_embd, self.output_size, bias=False)
+        # minGPT's names, so that state dicts carry over. The order in which the layers are made
+        # decides which random numbers initialise which weight: keep it.
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.embd_pdrop),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, self.output_size, bias=False)
 
         self.apply(self._init_weights)
         # GPT-2: scale the projections into the residual stream so its variance does not grow with depth.
-        for block in self.blocks:
-            for layer in (block.attn.proj, block.mlp[2]):
+        for block in self.transformer.h:
+            for layer in (block.attn.c_proj, block.mlp.c_proj):
                 nn.init.normal_(layer.weight, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @classmethod
+    def from_pretrained(cls, model_type):
+        """OpenAI's GPT-2 (model_type one of PRETRAINED) with the weights that Hugging Face's
+        `transformers` has in its local cache. Never downloads: without `transformers` or without
+        the weights in the cache it raises PretrainedWeightsUnavailable at once."""
+        if model_type not in PRETRAINED:
+            raise ValueError(f'no pretrained weights for model_type {model_type!r}; '
+                             f"choose one of {', '.join(PRETRAINED)}")
+        # Read first, so that a missing library or cache fails before building a large model.
+        hf_weights = _cached_hugging_face_weights(model_type)
+        config = cls.get_default_config()
+        config.model_type = model_type
+        config.vocab_size = 50257  # GPT-2's byte-pair vocabulary
+        config.block_size = 1024
+        model = cls(config)
+        # Hugging Face keeps these four as Conv1D weights, (in, out); nn.Linear's are (out, in).
+        conv1d = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+        model.load_state_dict({name: hf_weights[name].t() if name.endswith(conv1d) else hf_weights[name]
+                               for name in model.state_dict()})
+        return model
 
     @staticmethod
     def _init_weights(module):
@@ -155,21 +206,23 @@ class GPT(nn.Module):
         """idx: (B, T) at positions start .. start + T - 1 -> the residual stream's input (B, T, C)."""
         self._check_input(idx, start)
         positions = torch.arange(start, start + idx.size(1), device=idx.device)
-        return self.drop(self.wte(idx) + self.wpe(positions))
+        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
 
     def forward(self, idx, targets=None, cache=None):
         """idx: (B, T) token ids -> logits (B, T, output_size) and the mean cross-entropy over
         positions whose target is not -1 (None when targets is None).
 
-        cache: None, or one dict per block, empty for a new sequence (`[{} for _ in model.blocks]`).
+        cache: None, or one dict per block, empty for a new sequence
+        (`[{} for _ in model.transformer.h]`).
         The keys and values of idx are added to it, and a later call's idx continues the sequence:
         generation then runs only each new token through the network.
         """
         start = cache[0]['k'].size(2) if cache and cache[0] else 0
         x = self._embed(idx, start)
-        for block, block_cache in zip(self.blocks, cache or [None] * len(self.blocks)):
+        blocks = self.transformer.h
+        for block, block_cache in zip(blocks, cache or [None] * len(blocks)):
             x = block(x, block_cache)
-        logits = self.head(self.ln_f(x))
+        logits = self.lm_head(self.transformer.ln_f(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
@@ -185,7 +238,7 @@ class GPT(nn.Module):
         try:
             x = self._embed(idx)
             maps = []
-            for block in self.blocks:
+            for block in self.transformer.h:
                 maps.append(block.attn.weights(block.ln_1(x)))
                 x = block(x)
         finally:
@@ -203,7 +256,7 @@ class GPT(nn.Module):
         # that the context is cropped to the last block_size tokens, every position shifts, and
         # each step recomputes it.
         longest_context = idx.size(1) + max_new_tokens - 1
-        cache = [{} for _ in self.blocks] if longest_context <= self.block_size else None
+        cache = [{} for _ in self.transformer.h] if longest_context <= self.block_size else None
         new_tokens = idx
         for _ in range(max_new_tokens):
             context = new_tokens if cache is not None else idx[:, -self.block_size:]
@@ -232,6 +285,20 @@ class GPT(nn.Module):
         # The fused kernel updates all tensors in one call: for a model this small the per-tensor
         # loop of the default implementation costs ~1 ms a step, a twentieth of the whole step.
         return torch.optim.AdamW(groups, lr=train_config.learning_rate, betas=train_config.betas, fused=True)
+
+
+def _cached_hugging_face_weights(model_type):
+    """The state dict of Hugging Face's GPT2LMHeadModel `model_type`, from the local cache only."""
+    needs = (f'GPT.from_pretrained({model_type!r}) needs `pip install transformers` and the '
+             f"{model_type} weights in the local Hugging Face cache (it never downloads)")
+    try:
+        from transformers import GPT2LMHeadModel
+    except ImportError:
+        raise PretrainedWeightsUnavailable(f'{needs}: transformers is not installed') from None
+    try:
+        return GPT2LMHeadModel.from_pretrained(model_type, local_files_only=True).state_dict()
+    except OSError as error:  # what transformers raises for files that are not in the cache
+        raise PretrainedWeightsUnavailable(f'{needs}: {model_type} is not in the cache') from error
 
 
 def _resolved(config):

@@ -1,5 +1,6 @@
 """A minimal training loop for any model that returns (logits, loss), as in minGPT."""
 import time
+import warnings
 from collections import defaultdict
 
 import torch
@@ -12,7 +13,8 @@ class Trainer:
     """Trains `model` on batches drawn with replacement from `train_dataset` until `max_iters`.
 
     Callbacks registered for 'on_batch_end' are called as fn(trainer) after every step and can
-    read trainer.iter_num, trainer.iter_dt (seconds of the last step) and trainer.loss.
+    read trainer.iter_num, trainer.iter_dt (seconds of the last step) and trainer.loss. With
+    max_iters None, training goes on until interrupted: Ctrl-C, or a callback that raises.
     """
 
     @staticmethod
@@ -59,23 +61,34 @@ class Trainer:
         self.optimizer = model.configure_optimizers(config)
         # An effectively endless stream of indices drawn with replacement.
         sampler = RandomSampler(self.train_dataset, replacement=True, num_samples=int(1e10))
-        loader = DataLoader(self.train_dataset, sampler=sampler, batch_size=config.batch_size,
-                            num_workers=config.num_workers, pin_memory=self.device == 'cuda')
+        with warnings.catch_warnings():
+            # torch warns whenever num_workers exceeds the CPUs, as minGPT's default of 4 does on
+            # any small machine. Each worker pauses once it has two batches waiting, so they take
+            # the CPUs only for as long as loading needs; num_workers is the user's choice, honoured.
+            warnings.filterwarnings('ignore', message='This DataLoader will create', category=UserWarning)
+            loader = DataLoader(self.train_dataset, sampler=sampler, batch_size=config.batch_size,
+                                num_workers=config.num_workers, pin_memory=self.device == 'cuda')
+            batches = iter(loader)
         model.train()
         self.iter_num = 0
         self.iter_time = time.time()
-        batches = iter(loader)
-        while config.max_iters is None or self.iter_num < config.max_iters:
-            x, y = next(batches)
-            x, y = x.to(self.device), y.to(self.device)
-            _, self.loss = model(x, y)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_norm_clip)
-            self.optimizer.step()
+        try:
+            while config.max_iters is None or self.iter_num < config.max_iters:
+                x, y = next(batches)
+                x, y = x.to(self.device), y.to(self.device)
+                _, self.loss = model(x, y)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_norm_clip)
+                self.optimizer.step()
 
-            self.trigger_callbacks('on_batch_end')
-            self.iter_num += 1
-            now = time.time()
-            self.iter_dt = now - self.iter_time
-            self.iter_time = now
+                self.trigger_callbacks('on_batch_end')
+                self.iter_num += 1
+                now = time.time()
+                self.iter_dt = now - self.iter_time
+                self.iter_time = now
+        finally:
+            # Dropping the last reference to the iterator stops its worker processes now. When
+            # training ends by an exception, its traceback keeps this frame alive (a notebook keeps
+            # it indefinitely), and the workers with it, unless the name is gone from the frame.
+            del batches

@@ -1,6 +1,7 @@
 """The exact metrics: checked on stand-in policies whose answers are known by hand (the language
 itself and the aligned language), and the gold-rate estimator against plain counting."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ class LanguageOracle(torch.nn.Module):
     (aligned=True: the first digit is always the preferred one). GPT's interface: model(idx) ->
     (logits, None), block_size, its cache protocol, and GPT's own generate, which only calls the model."""
     block_size = SEQUENCE_LENGTH - 1
-    blocks = (None,)  # generate gives the model a cache of one dict per block
+    transformer = SimpleNamespace(h=(None,))  # generate gives the model a cache of one dict per block
     generate = GPT.generate
 
     def __init__(self, aligned=False):

@@ -1,16 +1,25 @@
-"""The public minGPT interface: GPT, Trainer, CfgNode and set_seed behave as minGPT's do."""
+"""The public minGPT interface: GPT, Trainer, CfgNode, set_seed and setup_logging behave as
+minGPT's do, and GPT's state dicts are minGPT's."""
+import functools
+import json
 import math
+import multiprocessing
 import random
 import re
+import sys
+import time
+import types
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from mingpt.model import GPT
+from mingpt import model as model_module
+from mingpt.model import GPT, PretrainedWeightsUnavailable
 from mingpt.trainer import Trainer
-from mingpt.utils import CfgNode, set_seed
+from mingpt.utils import CfgNode, set_seed, setup_logging
 
 # The models here are tiny: a second thread only adds overhead, and on a shared machine whose other
 # core is busy it makes every step wait for it (tens of times slower).
@@ -129,7 +138,7 @@ def test_greedy_generation_that_fits_in_block_size_equals_recomputing_every_step
 def test_a_sequence_fed_in_pieces_through_a_cache_gets_the_logits_of_one_full_pass(pieces):
     model = tiny_model().eval()
     idx = random_tokens((4, BLOCK))
-    cache = [{} for _ in model.blocks]
+    cache = [{} for _ in model.transformer.h]
     with torch.no_grad():
         full, _ = model(idx)
         ends = np.cumsum(pieces)
@@ -139,7 +148,7 @@ def test_a_sequence_fed_in_pieces_through_a_cache_gets_the_logits_of_one_full_pa
 
 def test_a_cache_does_not_let_a_sequence_grow_past_block_size():
     model = tiny_model().eval()
-    cache = [{} for _ in model.blocks]
+    cache = [{} for _ in model.transformer.h]
     with torch.no_grad():
         model(random_tokens((2, BLOCK - 1)), cache=cache)
         with pytest.raises(ValueError, match=f'sequence length {BLOCK + 1} exceeds block_size {BLOCK}'):
@@ -168,6 +177,22 @@ def test_sampling_with_the_same_generator_seed_repeats_whatever_the_global_seed(
     assert torch.equal(sample(seed=5, global_seed=200), first)
     assert not torch.equal(sample(seed=6, global_seed=100), first)
     assert first.min() >= 0 and first.max() < VOCAB
+
+
+def test_generation_far_beyond_block_size_samples_each_token_from_the_top_k_after_the_last_block():
+    model = tiny_model(block_size=128).eval()
+    idx = random_tokens((2, 5))
+    out = model.generate(idx, max_new_tokens=500, do_sample=True, top_k=3,
+                         generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 505)
+    assert torch.equal(out[:, :5], idx)
+    # Before, at and long after the context first fills the block: the token is one of the 3 most
+    # likely after the last 128 tokens (3 of 7, so a wrong context or no top-k would show).
+    with torch.no_grad():
+        for step in (0, 123, 124, 300, 499):
+            logits, _ = model(out[:, :5 + step][:, -128:])
+            top = logits[:, -1].topk(3).indices
+            assert (top == out[:, 5 + step, None]).any(dim=1).all(), step
 
 
 # --- config ---------------------------------------------------------------------------------------
@@ -210,9 +235,9 @@ def test_presets_have_minGPT_sizes(model_type, sizes):
     config.vocab_size, config.block_size = VOCAB, BLOCK
     model = GPT(config)
     assert (model.config.n_layer, model.config.n_head, model.config.n_embd) == sizes
-    assert len(model.blocks) == n_layer
-    assert all(block.attn.n_head == n_head for block in model.blocks)
-    assert model.wte.embedding_dim == n_embd
+    assert len(model.transformer.h) == n_layer
+    assert all(block.attn.n_head == n_head for block in model.transformer.h)
+    assert model.transformer.wte.embedding_dim == n_embd
 
 
 def test_building_a_model_does_not_change_the_callers_config():
@@ -223,6 +248,150 @@ def test_building_a_model_does_not_change_the_callers_config():
     GPT(config)
     assert config.to_dict() == before
     GPT(config)  # and so the same config builds a second model
+
+
+# --- minGPT's state dicts ------------------------------------------------------------------------
+
+def minGPT_shapes(n_layer, n_embd, vocab_size, block_size, with_masks):
+    """The names and shapes of a minGPT GPT's state dict, written out from minGPT's module layout.
+    with_masks: include the causal masks (`attn.bias`) that minGPT's attention keeps as buffers."""
+    C = n_embd
+    shapes = {'transformer.wte.weight': (vocab_size, C), 'transformer.wpe.weight': (block_size, C)}
+    for layer in range(n_layer):
+        h = f'transformer.h.{layer}.'
+        shapes.update({
+            h + 'ln_1.weight': (C,), h + 'ln_1.bias': (C,),
+            h + 'attn.c_attn.weight': (3 * C, C), h + 'attn.c_attn.bias': (3 * C,),
+            h + 'attn.c_proj.weight': (C, C), h + 'attn.c_proj.bias': (C,),
+            h + 'ln_2.weight': (C,), h + 'ln_2.bias': (C,),
+            h + 'mlp.c_fc.weight': (4 * C, C), h + 'mlp.c_fc.bias': (4 * C,),
+            h + 'mlp.c_proj.weight': (C, 4 * C), h + 'mlp.c_proj.bias': (C,),
+        })
+        if with_masks:
+            shapes[h + 'attn.bias'] = (1, 1, block_size, block_size)
+    shapes.update({'transformer.ln_f.weight': (C,), 'transformer.ln_f.bias': (C,),
+                   'lm_head.weight': (vocab_size, C)})
+    return shapes
+
+
+def minGPT_state_dict(with_masks, seed=0):
+    """Random weights under minGPT's names for tiny_config's sizes (masks as minGPT fills them)."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = minGPT_shapes(2, 16, VOCAB, BLOCK, with_masks)
+    return {name: torch.ones(shape).tril() if name.endswith('.attn.bias')
+            else 0.3 * torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+
+
+def minGPT_logits(weights, idx, n_layer=2, n_head=2):
+    """What minGPT's forward pass computes from `weights` (without dropout), in plain tensor ops."""
+    B, T = idx.shape
+    x = weights['transformer.wte.weight'][idx] + weights['transformer.wpe.weight'][:T]
+    C = x.size(-1)
+
+    def linear(x, name):
+        return x @ weights[name + '.weight'].T + weights[name + '.bias']
+
+    def layer_norm(x, name):
+        return F.layer_norm(x, (C,), weights[name + '.weight'], weights[name + '.bias'])
+
+    future = torch.ones(T, T, dtype=torch.bool).triu(diagonal=1)
+    for layer in range(n_layer):
+        h = f'transformer.h.{layer}.'
+        q, k, v = (t.view(B, T, n_head, C // n_head).transpose(1, 2)
+                   for t in linear(layer_norm(x, h + 'ln_1'), h + 'attn.c_attn').split(C, dim=2))
+        scores = (q @ k.transpose(-2, -1) / math.sqrt(C // n_head)).masked_fill(future, float('-inf'))
+        x = x + linear((scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, T, C), h + 'attn.c_proj')
+        hidden = F.gelu(linear(layer_norm(x, h + 'ln_2'), h + 'mlp.c_fc'), approximate='tanh')
+        x = x + linear(hidden, h + 'mlp.c_proj')
+    return layer_norm(x, 'transformer.ln_f') @ weights['lm_head.weight'].T
+
+
+def test_the_state_dict_has_minGPTs_names_and_shapes_less_the_causal_masks():
+    # So it loads into minGPT's GPT with strict=False, which then reports only the attn.bias masks
+    # as missing; minGPT makes those itself.
+    model = tiny_model()
+    assert {name: tuple(t.shape) for name, t in model.state_dict().items()} == \
+        minGPT_shapes(2, 16, VOCAB, BLOCK, with_masks=False)
+
+
+@pytest.mark.parametrize('with_masks', [False, True], ids=['without_masks', 'with_masks'])
+def test_a_minGPT_state_dict_loads_strictly_and_gives_the_logits_minGPT_computes(with_masks):
+    weights = minGPT_state_dict(with_masks)
+    model = tiny_model(seed=1).eval()
+    model.load_state_dict(weights)
+    assert weights.keys() == minGPT_shapes(2, 16, VOCAB, BLOCK, with_masks).keys()  # the caller's dict is kept
+    same_weights = tiny_model(seed=2).eval()
+    same_weights.load_state_dict(minGPT_state_dict(with_masks=False))
+    idx = random_tokens((3, BLOCK))
+    with torch.no_grad():
+        logits, _ = model(idx)
+        assert torch.equal(logits, same_weights(idx)[0])
+        assert torch.allclose(logits, minGPT_logits(weights, idx), atol=1e-5)
+
+
+def test_other_unexpected_entries_still_fail_strict_loading():
+    weights = minGPT_state_dict(with_masks=True)
+    weights['transformer.h.0.attn.masked_bias'] = torch.tensor(-1e4)
+    with pytest.raises(RuntimeError, match='masked_bias'):
+        tiny_model().load_state_dict(weights)
+
+
+# --- from_pretrained ------------------------------------------------------------------------------
+
+def fake_transformers(from_pretrained):
+    """A stand-in for the `transformers` package whose GPT2LMHeadModel.from_pretrained is given."""
+    module = types.ModuleType('transformers')
+    module.GPT2LMHeadModel = types.SimpleNamespace(from_pretrained=from_pretrained)
+    return module
+
+
+def test_from_pretrained_names_the_models_it_has_weights_for():
+    with pytest.raises(ValueError, match=r"'gpt-nano'.*gpt2, gpt2-medium, gpt2-large, gpt2-xl"):
+        GPT.from_pretrained('gpt-nano')
+
+
+def test_from_pretrained_without_transformers_says_what_it_needs_at_once(monkeypatch):
+    monkeypatch.setitem(sys.modules, 'transformers', None)  # import transformers now fails
+    start = time.perf_counter()
+    with pytest.raises(PretrainedWeightsUnavailable,
+                       match='pip install transformers.*local Hugging Face cache.*not installed'):
+        GPT.from_pretrained('gpt2')
+    # Before any model is built (gpt2 alone takes seconds) or anything is fetched.
+    assert time.perf_counter() - start < 1.0
+
+
+def test_from_pretrained_reads_only_the_local_cache_and_says_so_when_the_weights_are_not_there(monkeypatch):
+    calls = []
+
+    def not_cached(name, **options):
+        calls.append((name, options))
+        raise OSError(f'{name} is not in the cache and local_files_only is set')
+
+    monkeypatch.setitem(sys.modules, 'transformers', fake_transformers(not_cached))
+    with pytest.raises(PretrainedWeightsUnavailable, match='gpt2-medium is not in the cache'):
+        GPT.from_pretrained('gpt2-medium')
+    assert calls == [('gpt2-medium', {'local_files_only': True})]
+
+
+def test_from_pretrained_transposes_hugging_faces_conv1d_weights(monkeypatch):
+    # gpt2's vocabulary and context at a tiny width, so that the test builds no 124M-weight model.
+    monkeypatch.setitem(model_module.PRESETS, 'gpt2', (2, 2, 8))
+    config = GPT.get_default_config()
+    config.model_type, config.vocab_size, config.block_size = 'gpt2', 50257, 1024
+    torch.manual_seed(3)
+    source = GPT(config)
+    conv1d = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+    # Hugging Face's layout: Conv1D weights are (in, out), and the attention keeps a buffer more.
+    hf_weights = {name: t.t() if name.endswith(conv1d) else t for name, t in source.state_dict().items()}
+    hf_weights['transformer.h.0.attn.masked_bias'] = torch.tensor(-1e4)
+    hf_model = types.SimpleNamespace(state_dict=lambda: hf_weights)
+    monkeypatch.setitem(sys.modules, 'transformers', fake_transformers(lambda name, **options: hf_model))
+
+    model = GPT.from_pretrained('gpt2')
+    assert (model.config.vocab_size, model.config.block_size) == (50257, 1024)
+    assert model.transformer.h[0].attn.c_attn.weight.shape == (24, 8)
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[name], t) for name, t in source.state_dict().items())
 
 
 # --- bad input ------------------------------------------------------------------------------------
@@ -275,19 +444,19 @@ def test_attention_maps_are_the_weights_the_forward_pass_applies_to_the_values()
         inputs.append(args[0])
         outputs.append(output)
 
-    hooks = [block.attn.register_forward_hook(record) for block in model.blocks]
+    hooks = [block.attn.register_forward_hook(record) for block in model.transformer.h]
     with torch.no_grad():
         model(idx)
         for hook in hooks:
             hook.remove()
         maps = model.attention_maps(idx)
-        for layer, block in enumerate(model.blocks):
+        for layer, block in enumerate(model.transformer.h):
             x = inputs[layer]  # (B, T, C), the block's ln_1 output
             B, T, _ = x.shape
-            _, _, v = block.attn.qkv(x).split(C, dim=2)
+            _, _, v = block.attn.c_attn(x).split(C, dim=2)
             v = v.view(B, T, n_head, C // n_head).transpose(1, 2)  # (B, nh, T, hs)
             mixed = (maps[layer] @ v).transpose(1, 2).reshape(B, T, C)
-            assert torch.allclose(block.attn.proj(mixed), outputs[layer], atol=1e-5)
+            assert torch.allclose(block.attn.c_proj(mixed), outputs[layer], atol=1e-5)
 
 
 # --- optimizer ------------------------------------------------------------------------------------
@@ -300,7 +469,7 @@ def test_weight_decay_applies_to_exactly_the_linear_weights():
     assert decayed['weight_decay'] == train_config.weight_decay
     assert not_decayed['weight_decay'] == 0.0
     linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
-    # Two blocks of (qkv, proj, two MLP layers) plus the head.
+    # Two blocks of (c_attn, c_proj, the MLP's c_fc and c_proj) plus the head.
     assert len(linear_weights) == 2 * 4 + 1
     assert {id(p) for p in decayed['params']} == linear_weights
     for module in model.modules():
@@ -392,6 +561,34 @@ def test_trainer_lowers_the_loss_on_a_learnable_task():
     assert last < 0.5 * first
 
 
+class Enough(Exception):
+    """How a callback ends a run that has no max_iters."""
+
+
+def test_without_max_iters_training_runs_until_a_callback_stops_it_and_leaves_no_workers(recwarn):
+    config = Trainer.get_default_config()  # max_iters None, minGPT's 4 worker processes
+    config.batch_size = 8
+    trainer = Trainer(config, tiny_model(), NextTokenDataset(64))
+    before = set(multiprocessing.active_children())
+    workers = []
+
+    def stop_after_seven_steps(trainer):
+        workers.append(len(set(multiprocessing.active_children()) - before))
+        if trainer.iter_num == 6:
+            raise Enough
+
+    trainer.set_callback('on_batch_end', stop_after_seven_steps)
+    with pytest.raises(Enough) as stopped:
+        trainer.run()
+    assert trainer.iter_num == 6 and len(workers) == 7
+    assert workers == [4] * 7
+    # Gone at once, although `stopped` keeps the traceback and with it run()'s frame, as a notebook
+    # keeps the last error.
+    assert stopped.traceback and set(multiprocessing.active_children()) - before == set()
+    # More workers than CPUs is fine here, and torch's warning about it is not shown.
+    assert not [warning for warning in recwarn if 'DataLoader' in str(warning.message)]
+
+
 # --- utils ----------------------------------------------------------------------------------------
 
 def nested_config():
@@ -439,3 +636,73 @@ def test_set_seed_makes_random_numbers_repeat():
     assert first[2] == second[2]
     set_seed(124)
     assert not torch.equal(torch.rand(5), first[0])
+
+
+# --- merge_from_args and setup_logging ------------------------------------------------------------
+
+def command_line_config():
+    return CfgNode(lr=3e-4, steps=10, betas=(0.9, 0.95), flag=True, name='nano', work_dir=None,
+                   model=CfgNode(n_layer=3, attention=CfgNode(n_head=3)))
+
+
+@pytest.mark.parametrize('arg, path, value', [
+    ('--steps=12', 'steps', 12),
+    ('--lr=1e-3', 'lr', 1e-3),
+    ('--betas=(0.9, 0.99)', 'betas', (0.9, 0.99)),
+    ('--flag=False', 'flag', False),
+    ('--name=None', 'name', None),
+    ('--name=gpt-mini', 'name', 'gpt-mini'),  # not a literal: kept as text
+    ("--name='42'", 'name', '42'),  # a quoted literal is a string
+    ('--work_dir=./out/run 2', 'work_dir', './out/run 2'),
+    ('--name=a=b', 'name', 'a=b'),  # only the first = separates name and value
+    ('--model.n_layer=6', 'model.n_layer', 6),
+    ('--model.attention.n_head=4', 'model.attention.n_head', 4),
+])
+def test_merge_from_args_parses_literals_keeps_other_text_and_walks_nested_nodes(arg, path, value):
+    config = command_line_config()
+    config.merge_from_args([arg])
+    expected = command_line_config().to_dict()
+    *groups, leaf = path.split('.')
+    node = expected
+    for group in groups:
+        node = node[group]
+    node[leaf] = value
+    assert config.to_dict() == expected  # that setting, and no other
+    # 1 == 1.0 == True: the type shows what the text was parsed as.
+    assert type(functools.reduce(getattr, path.split('.'), config)) is type(value)
+
+
+@pytest.mark.parametrize('arg, message', [
+    ('--steps', "'--steps' is not of the form --name=value"),
+    ('steps=3', "'steps=3' is not of the form --name=value"),
+    ('-steps=3', "'-steps=3' is not of the form --name=value"),
+    ('--stpes=3', "there is no setting 'stpes'"),
+    ('--to_dict=3', "there is no setting 'to_dict'"),  # a method, not a setting
+    ('--model.n_layr=3', "there is no setting 'model.n_layr'"),
+    ('--model.attention.heads=3', "there is no setting 'model.attention.heads'"),
+    ('--modle.n_layer=3', "there is no group of settings 'modle'"),
+    ('--steps.x=3', "there is no group of settings 'steps'"),
+    ('--model=3', "'model' is a group of settings"),
+])
+def test_merge_from_args_rejects_malformed_arguments_and_unknown_settings_naming_them(arg, message):
+    config = command_line_config()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config.merge_from_args([arg])
+    assert config.to_dict() == command_line_config().to_dict()
+
+
+def test_setup_logging_writes_the_command_line_and_every_setting(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, 'argv', ['train.py', '--model.n_layer=6'])
+    work_dir = tmp_path / 'runs' / 'first'  # a Path, and two folders that do not exist yet
+    config = CfgNode(system=CfgNode(seed=1, work_dir=work_dir), model=CfgNode(n_layer=6, betas=(1, 2)))
+    setup_logging(config)
+    assert (work_dir / 'args.txt').read_text() == 'train.py --model.n_layer=6'
+    text = (work_dir / 'config.json').read_text()
+    assert json.loads(text) == {'system': {'seed': 1, 'work_dir': str(work_dir)},
+                                'model': {'n_layer': 6, 'betas': [1, 2]}}
+    assert '\n    "system": {\n        "seed": 1,' in text  # indented, one setting a line
+
+
+def test_setup_logging_needs_a_work_dir():
+    with pytest.raises(ValueError, match=re.escape('config.system.work_dir')):
+        setup_logging(CfgNode(model=CfgNode(n_layer=3)))

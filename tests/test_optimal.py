@@ -28,7 +28,7 @@ def random_model(config, seed, head_std):
     distributions, rewards with a spread of a few units, so that mistakes show up."""
     torch.manual_seed(seed)
     model = GPT(config).double().eval()
-    torch.nn.init.normal_(model.head.weight, std=head_std)
+    torch.nn.init.normal_(model.lm_head.weight, std=head_std)
     return model
 
 

@@ -86,7 +86,7 @@ def test_next_token_probs_figure(tmp_path, models):
 
 
 def test_attention_figure(tmp_path, models):
-    n_layer, n_head = len(models['beta=1'].blocks), models['beta=1'].blocks[0].attn.n_head
+    n_layer, n_head = len(models['beta=1'].transformer.h), models['beta=1'].transformer.h[0].attn.n_head
     path = plots.plot_attention(models, PROMPT, RESPONSE, tmp_path / 'attention.png')
     assert_png(path, plots.attention_figure_size(len(models), n_layer * n_head))
 

@@ -157,14 +157,16 @@ def test_the_reward_model_starts_with_every_weight_of_the_sft_policy_but_its_hea
     reward_model = initial_reward_model(sft_policy)
     policy_weights = sft_policy.state_dict()
     for name, weights in reward_model.state_dict().items():
-        if name.startswith('head.'):
+        if name.startswith('lm_head.'):
             assert weights.shape == (1, 48)  # a new 1-wide head
         else:
             assert torch.equal(weights[:len(policy_weights[name])], policy_weights[name]), name
     # A new token row for CLS, and new position rows for the last response digit and CLS, which the
     # policy never reads.
-    assert reward_model.wte.weight.shape == (VOCAB_SIZE + 1, 48) and sft_policy.wte.weight.shape == (VOCAB_SIZE, 48)
-    assert reward_model.wpe.weight.shape == (10, 48) and sft_policy.wpe.weight.shape == (8, 48)
+    assert reward_model.transformer.wte.weight.shape == (VOCAB_SIZE + 1, 48)
+    assert sft_policy.transformer.wte.weight.shape == (VOCAB_SIZE, 48)
+    assert reward_model.transformer.wpe.weight.shape == (10, 48)
+    assert sft_policy.transformer.wpe.weight.shape == (8, 48)
 
 
 def test_training_the_reward_model_leaves_the_sft_policy_as_it_was(sft_policy):

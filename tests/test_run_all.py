@@ -96,7 +96,7 @@ def test_a_changed_sft_model_retrains_the_reward_model_and_ppo_which_start_from_
     shutil.copytree(run_dir, copy)
     # The same settings, other weights (as another thread count could give): SFT itself is current.
     checkpoint = torch.load(copy / 'sft.pt', weights_only=True)
-    checkpoint['state_dict']['wte.weight'] += 0.01
+    checkpoint['state_dict']['transformer.wte.weight'] += 0.01
     torch.save(checkpoint, copy / 'sft.pt')
     _, _, printed = _run(copy, tmp_path / 'plots')
     assert printed.count('reusing') == 1 and 'sft: reusing' in printed

@@ -2,10 +2,15 @@
 
     {format_version, kind ('policy' | 'reward'), model_config, train_config, metrics, state_dict}
 
+Format 2 names the parameters as minGPT does (transformer.h.0.attn.c_attn.weight, lm_head.weight,
+...). Format 1, from before mingpt took those names, differs in nothing else: its state dicts are
+read through a renaming of the old names (blocks.0.attn.qkv.weight, head.weight, ...).
+
 Writing goes to a temporary file in the same folder that is then renamed over the final name, so an
 interrupted write never leaves a half-written checkpoint under the final name. Reading uses
 torch.load(weights_only=True), which refuses any pickle that would run code.
 """
+import re
 from pathlib import Path
 
 import torch
@@ -15,7 +20,17 @@ from toy_rlhf.files import atomic_write
 from toy_rlhf.language import SEQUENCE_LENGTH, VOCAB_SIZE
 from toy_rlhf.methods import method_of_stem
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Format 1's parameter names -> format 2's (minGPT's), each substitution applied in turn.
+FORMAT_1_RENAMES = [
+    (r'^(wte|wpe|ln_f)\.', r'transformer.\1.'),
+    (r'^blocks\.', 'transformer.h.'),
+    (r'\.attn\.qkv\.', '.attn.c_attn.'),
+    (r'\.attn\.proj\.', '.attn.c_proj.'),
+    (r'\.mlp\.0\.', '.mlp.c_fc.'),
+    (r'\.mlp\.2\.', '.mlp.c_proj.'),
+    (r'^head\.', 'lm_head.'),
+]
 KINDS = ('policy', 'reward')
 # What each kind of model must be able to read: (vocab_size, smallest block_size, output_size).
 EXPECTED_SHAPE = {'policy': (VOCAB_SIZE, SEQUENCE_LENGTH - 1, VOCAB_SIZE),
@@ -56,7 +71,11 @@ def load_checkpoint(path, kind=None):
     if not isinstance(checkpoint, dict) or not required <= checkpoint.keys() \
             or checkpoint['kind'] not in KINDS or not isinstance(checkpoint['model_config'], dict):
         raise CheckpointError(f'{path}: not a toy-rlhf checkpoint; run `{run}` to make one')
-    if checkpoint['format_version'] != FORMAT_VERSION:
+    # (A format-1 file whose state_dict is not a dict gets the error below.)
+    if checkpoint['format_version'] == 1 and isinstance(checkpoint['state_dict'], dict):
+        checkpoint['state_dict'] = {_format_2_name(name): tensor
+                                    for name, tensor in checkpoint['state_dict'].items()}
+    elif checkpoint['format_version'] != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {checkpoint['format_version']}, this "
                               f'version reads {FORMAT_VERSION}; run `{run}` to make it again')
     if kind is not None and checkpoint['kind'] != kind:
@@ -86,6 +105,13 @@ def load_model(path, kind=None, device='cpu'):
         raise CheckpointError(f'{path}: the weights do not match the stored model settings; '
                               f'run `{run}` to make it again') from None
     return model.to(device).eval()
+
+
+def _format_2_name(format_1_name):
+    name = format_1_name
+    for old, new in FORMAT_1_RENAMES:
+        name = re.sub(old, new, name)
+    return name
 
 
 def how_to_make(path, kind=None):

@@ -49,7 +49,7 @@ def trie_outputs(model, contexts, depth, end_token=None):
     thousand sequences share are computed once, not a thousand times.
     """
     P, T0 = contexts.shape
-    cache = [[] for _ in model.blocks]  # per layer: (keys, values) of each level
+    cache = [[] for _ in model.transformer.h]  # per layer: (keys, values) of each level
     outputs = [_extend(model, contexts.unsqueeze(1), 0, cache)[:, :, -1]]
     for level in range(1, depth + 1):
         # Level l holds the 10^l strings of l digits; node j ends in digit j % 10.
@@ -67,14 +67,14 @@ def _extend(model, tokens, position, cache):
     appends the new keys and values to cache. Returns the outputs (P, N, n, out)."""
     P, N, n = tokens.shape
     positions = torch.arange(position, position + n, device=tokens.device)
-    x = (model.wte(tokens) + model.wpe(positions)).view(P * N, n, -1)
-    for block, layer_cache in zip(model.blocks, cache):
+    x = (model.transformer.wte(tokens) + model.transformer.wpe(positions)).view(P * N, n, -1)
+    for block, layer_cache in zip(model.transformer.h, cache):
         q, k, v = (t.view(P, N, *t.shape[1:]) for t in block.attn._heads(block.ln_1(x)))  # (P, N, nh, n, hs)
         layer_cache.append((k, v))
         y = _attention(q, layer_cache)
-        x = x + block.attn.proj(y.flatten(0, 1).transpose(1, 2).flatten(2))
+        x = x + block.attn.c_proj(y.flatten(0, 1).transpose(1, 2).flatten(2))
         x = x + block.mlp(block.ln_2(x))
-    return model.head(model.ln_f(x)).view(P, N, n, -1)
+    return model.lm_head(model.transformer.ln_f(x)).view(P, N, n, -1)
 
 
 def _attention(q, levels):

@@ -25,7 +25,7 @@ def started_from(policy, config):
     model = GPT(config)
     weights = model.state_dict()
     for name, tensor in policy.state_dict().items():
-        if not name.startswith('head.'):
+        if not name.startswith('lm_head.'):
             weights[name][:len(tensor)] = tensor
     model.load_state_dict(weights)
     return model
