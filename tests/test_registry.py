@@ -38,7 +38,7 @@ def train_dummy(sft_policy, reward_model, config, progress=True):
     batch = rollout.rollout(actor, reference, reward_model, rollout.prompt_groups(
         rollout.RolloutConfig(prompts_per_iter=4), generator), generator)
     with torch.no_grad():
-        actor.head.weight.add_(config.step * torch.randn_like(actor.head.weight) * 0.01)
+        actor.lm_head.weight.add_(config.step * torch.randn_like(actor.lm_head.weight) * 0.01)
     return actor.eval(), [{'iter': 0, **rollout.rollout_row(batch, config.beta, 16, 0.0)}]
 
 
