@@ -45,9 +45,9 @@ class RunAllConfig:
 
 def quick_schedule(config):
     """config with the stages' schedules cut to a smoke test's (seconds instead of a minute)."""
-    return replace(config, quick=True, sft=replace(config.sft, iters=150),
-                   reward=replace(config.reward, iters=150, pairs=2000, held_out_pairs=1000),
-                   ppo=replace(config.ppo, iters=8, prompts_per_iter=32))
+    return replace(config, quick=True, sft=replace(config.sft, iters=60, warmup_iters=10),
+                   reward=replace(config.reward, iters=60, pairs=1000, held_out_pairs=500),
+                   ppo=replace(config.ppo, iters=6, prompts_per_iter=32))
 
 
 def stage_configs(config):
