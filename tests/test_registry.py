@@ -27,6 +27,7 @@ torch.set_num_threads(1)  # avoids thread oversubscription on 2 shared cores
 
 @dataclass
 class DummyConfig:
+    learning_rate: PositiveFloat = 1e-3  # unused by the stand-in's update, needed by start_training
     beta: NonNegativeFloat = 1.0  # KL strength
     step: PositiveFloat = 0.5  # how far the one update moves the output head
     seed: Seed = 0  # random seed
@@ -34,7 +35,7 @@ class DummyConfig:
 
 def train_dummy(sft_policy, reward_model, config, progress=True):
     """A stand-in method: one rollout, and the output head shifted by `step` (no learning)."""
-    actor, reference, generator = rollout.start_training(sft_policy, config)
+    actor, reference, _, generator = rollout.start_training(sft_policy, config)
     batch = rollout.rollout(actor, reference, reward_model, rollout.prompt_groups(
         rollout.RolloutConfig(prompts_per_iter=4), generator), generator)
     with torch.no_grad():

@@ -115,12 +115,11 @@ def train_on_pairs(sft_policy, config, pair_loss, name, progress=True):
     """
     # The reference is frozen, no gradient reaches it; requires_grad_ in start_training because the
     # SFT policy may have been frozen as another run's reference.
-    policy, reference, generator = start_training(sft_policy, config)
+    policy, reference, optimizer, generator = start_training(sft_policy, config)
     pairs = PreferenceDataset(config.pairs, config.gold_margin, seed=config.seed)
     reference_chosen, reference_rejected = reference_log_probs(reference, pairs)
-    policy = policy.to(config.device)
-    # No weight decay: it would pull the weights towards 0, not towards the reference.
-    optimizer = torch.optim.Adam(policy.parameters(), lr=config.learning_rate)
+    # Adam without weight decay: decay would pull the weights towards 0, not towards the reference.
+    policy = policy.to(config.device)  # in place: the optimizer keeps the same parameters
 
     with TrainingLog(config.iters, f'{name} beta={config.beta:g}', progress,
                      shown=('loss', 'rewards/margins', 'gold/preference_rate')) as log:

@@ -102,9 +102,7 @@ def train_online_dpo(sft_policy, reward_model, config, progress=True):
     """Fine-tune a copy of sft_policy with online DPO at config.beta, reward_model labelling the
     policy's own pairs. Returns the policy (eval mode) and the log: one row per round, the rollout's
     metrics (rollout_row) and the DPO loss, implicit rewards, margins and accuracies of its pairs."""
-    actor, reference, generator = start_training(sft_policy, config)
-    reward_model = reward_model.eval()  # only ever called under no_grad
-    optimizer = torch.optim.Adam(actor.parameters(), lr=config.learning_rate)
+    actor, reference, optimizer, generator = start_training(sft_policy, config)
 
     samples = 0
     with TrainingLog(config.iters, f'online DPO beta={config.beta:g}', progress,

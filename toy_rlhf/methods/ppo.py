@@ -69,9 +69,7 @@ def train_ppo(sft_policy, reward_model, config, progress=True):
 
     Returns the actor (eval mode) and the log: one dict per iteration with TRL's metric names.
     """
-    actor, reference, generator = start_training(sft_policy, config)
-    reward_model = reward_model.eval()  # only ever called under no_grad
-    optimizer = torch.optim.Adam(actor.parameters(), lr=config.learning_rate)
+    actor, reference, optimizer, generator = start_training(sft_policy, config)
     critic = value_model(sft_policy) if config.critic else None
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=config.learning_rate) if critic else None
 

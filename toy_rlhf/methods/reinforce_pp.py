@@ -43,9 +43,7 @@ def reinforce_pp_advantages(score, logp_old, logp_ref, beta):
 def train_reinforce_pp(sft_policy, reward_model, config, progress=True):
     """Fine-tune a copy of sft_policy against reward_model with REINFORCE++ and a KL penalty of
     config.beta. Returns the actor (eval mode) and the log: one dict per iteration, TRL's metric names."""
-    actor, reference, generator = start_training(sft_policy, config)
-    reward_model = reward_model.eval()  # only ever called under no_grad
-    optimizer = torch.optim.Adam(actor.parameters(), lr=config.learning_rate)
+    actor, reference, optimizer, generator = start_training(sft_policy, config)
 
     samples = 0
     with TrainingLog(config.iters, f'REINFORCE++ beta={config.beta:g}', progress,

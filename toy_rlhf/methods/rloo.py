@@ -73,9 +73,7 @@ def train_rloo(sft_policy, reward_model, config, progress=True):
 
     Returns the actor (eval mode) and the log: one dict per iteration with TRL's metric names.
     """
-    actor, reference, generator = start_training(sft_policy, config)
-    reward_model = reward_model.eval()  # only ever called under no_grad
-    optimizer = torch.optim.Adam(actor.parameters(), lr=config.learning_rate)
+    actor, reference, optimizer, generator = start_training(sft_policy, config)
 
     samples = 0
     with TrainingLog(config.iters, f'RLOO beta={config.beta:g}', progress,

@@ -136,14 +136,14 @@ def clipped_surrogate_loss(logp_new, logp_old, advantages, clip_epsilon, clip_ep
 # The rollout and the pieces of a training loop.
 
 def start_training(reference, config):
-    """Seed everything, and return (actor, frozen reference, generator): the actor a trainable copy
-    of `reference`, the reference a frozen copy (the caller's model is left as it was; no gradient
-    ever reaches it)."""
+    """Seed everything, and return (actor, frozen reference, Adam optimizer of the actor at
+    config.learning_rate, generator): the actor a trainable copy of `reference`, the reference a
+    frozen copy (the caller's model is left as it was; no gradient ever reaches it)."""
     set_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     frozen = copy.deepcopy(reference).eval().requires_grad_(False)
     actor = copy.deepcopy(reference).train().requires_grad_(True)
-    return actor, frozen, generator
+    return actor, frozen, torch.optim.Adam(actor.parameters(), lr=config.learning_rate), generator
 
 
 def prompt_groups(config, generator):
@@ -161,6 +161,7 @@ def rollout(actor, reference, reward_model, prompts, generator):
     log, the exact next-token KL to the reference summed along each response, the entropy, and the
     probabilities of the preferred first digit and of valid later digits, (B,) each.
     """
+    reward_model.eval()  # frozen: only ever called here, under no_grad
     sentences = generate_responses(actor, prompts, generator)
     actor_log_probs = response_log_probs(actor, sentences)  # (B, 4, V)
     reference_log_probs = response_log_probs(reference, sentences)  # (B, 4, V)
