@@ -1,4 +1,6 @@
 """Checkpoints: round trips, atomic writes, and one-line errors that say what to run."""
+import errno
+import math
 import os
 import pickle
 
@@ -8,15 +10,17 @@ import torch
 from mingpt.model import GPT
 from toy_rlhf import checkpoint
 from toy_rlhf.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from toy_rlhf.files import WriteError
 from toy_rlhf.policy import policy_config
 
 # The models here are tiny: a second thread only adds overhead, and on a shared machine whose other
 # core is busy it makes every step wait for it (tens of times slower).
 torch.set_num_threads(1)
 
-REQUIRED_KEYS = {'format_version', 'kind', 'model_config', 'train_config', 'metrics', 'state_dict'}
+REQUIRED_KEYS = {'format_version', 'kind', 'model_config', 'train_config', 'metrics', 'history', 'state_dict'}
 TRAIN_CONFIG = {'learning_rate': 3e-4, 'betas': (0.9, 0.95), 'steps': 10}
 METRICS = {'loss': 1.25, 'valid_fraction': 0.5}
+HISTORY = [{'iteration': 0, 'loss': 2.5}, {'iteration': 1, 'loss': 2.25}]
 
 
 def policy_model(seed=0, **overrides):
@@ -42,7 +46,7 @@ def logits_of(model, vocab_size, length):
 
 
 def saved_policy(path, seed=0):
-    save_checkpoint(path, policy_model(seed), 'policy', TRAIN_CONFIG, METRICS)
+    save_checkpoint(path, policy_model(seed), 'policy', TRAIN_CONFIG, METRICS, HISTORY)
     return path
 
 
@@ -75,9 +79,10 @@ def test_a_saved_reward_model_loads_with_identical_scores(tmp_path):
 def test_a_checkpoint_is_a_plain_dict_of_settings_and_tensors(tmp_path):
     model = policy_model()
     path = tmp_path / 'sft.pt'
-    save_checkpoint(path, model, 'policy', TRAIN_CONFIG, METRICS)
+    save_checkpoint(path, model, 'policy', TRAIN_CONFIG, METRICS, HISTORY)
     stored = torch.load(path, weights_only=True)
     assert set(stored) == REQUIRED_KEYS
+    assert stored['history'] == HISTORY
     assert stored['kind'] == 'policy'
     assert isinstance(stored['format_version'], int)
     assert stored['model_config'] == model.config.to_dict()
@@ -106,9 +111,10 @@ def test_saving_over_a_checkpoint_replaces_it(tmp_path):
     assert not torch.equal(loaded, logits_of(policy_model(seed=0), 11, 8))
 
 
-@pytest.mark.parametrize('failure', [OSError('No space left on device'), KeyboardInterrupt()])
+@pytest.mark.parametrize('failure, raised', [(OSError(errno.ENOSPC, 'No space left on device'), WriteError),
+                                             (KeyboardInterrupt(), KeyboardInterrupt)])
 def test_a_write_that_fails_midway_leaves_the_previous_checkpoint_untouched(tmp_path, monkeypatch,
-                                                                             failure):
+                                                                             failure, raised):
     path = saved_policy(tmp_path / 'sft.pt')
     before = path.read_bytes()
 
@@ -117,8 +123,11 @@ def test_a_write_that_fails_midway_leaves_the_previous_checkpoint_untouched(tmp_
         raise failure
 
     monkeypatch.setattr(checkpoint.torch, 'save', write_half_then_fail)
-    with pytest.raises(type(failure)):
+    with pytest.raises(raised) as error:
         save_checkpoint(path, policy_model(seed=1), 'policy', TRAIN_CONFIG, METRICS)
+    if raised is WriteError:  # one line naming the file and the cause
+        assert str(path) in str(error.value) and 'No space left on device' in str(error.value)
+        assert '\n' not in str(error.value)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ['sft.pt']
 
@@ -260,8 +269,30 @@ def _sizes_that_do_not_match_the_weights(stored):
     stored['model_config']['n_head'] = 2
 
 
+def _format_version_as_a_tensor(stored):
+    stored['format_version'] = torch.tensor(stored['format_version'])
+
+
+def _history_not_a_list(stored):
+    stored['history'] = {'loss': 1.0}
+
+
+def _a_weight_that_is_not_a_tensor(stored):
+    stored['state_dict']['lm_head.weight'] = 0.5
+
+
+def _nan_weight(stored):
+    stored['state_dict']['transformer.h.0.attn.c_attn.weight'][0, 0] = math.nan
+
+
+def _infinite_weight(stored):
+    stored['state_dict']['lm_head.weight'][3, 1] = -math.inf
+
+
 EDITS = [*(_without(key) for key in sorted(REQUIRED_KEYS)), _newer_format, _unknown_kind,
-         _no_block_size, _model_config_none, _sizes_that_do_not_match_the_weights]
+         _no_block_size, _model_config_none, _sizes_that_do_not_match_the_weights,
+         _format_version_as_a_tensor, _history_not_a_list, _a_weight_that_is_not_a_tensor, _nan_weight,
+         _infinite_weight]
 
 
 @pytest.mark.parametrize('edit', EDITS, ids=lambda edit: edit.__name__.strip('_'))

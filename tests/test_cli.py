@@ -47,6 +47,21 @@ def sft_and_reward_checkpoints(folder):
     save_random_model(folder / 'runs' / 'default' / 'reward.pt', 'reward')
 
 
+def a_policy_trained_from_another_sft_model(folder):
+    sft_checkpoint(folder)
+    policy = GPT(policy_config())
+    save_checkpoint(folder / 'runs' / 'default' / 'ppo_beta1.pt', policy, 'policy',
+                    train_config={'beta': 1.0, 'inputs': {'sft.pt': '0123456789abcdef'}}, metrics={})
+
+
+def a_policy_with_a_nan_weight(folder):
+    sft_checkpoint(folder)
+    policy = GPT(policy_config())
+    with torch.no_grad():
+        policy.lm_head.weight[0, 0] = float('nan')
+    save_checkpoint(folder / 'runs' / 'default' / 'ppo_beta1.pt', policy, 'policy', train_config={}, metrics={})
+
+
 def a_file_where_the_run_folder_goes(folder):
     # A regular file named like the run folder: nothing can be created inside it, even as root
     # (whom a read-only folder would not stop).
@@ -77,6 +92,11 @@ FAILURES = {
     # --optimal takes no value, so the path after it is the checkpoint, not a prompt count.
     '--optimal before the checkpoint': ('evaluate.py', ['--optimal', 'runs/default/missing.pt'], None,
                                         ['runs/default/missing.pt', 'no such checkpoint']),
+    'a reference the policy was not trained from': ('evaluate.py', ['runs/default/ppo_beta1.pt'],
+                                                    a_policy_trained_from_another_sft_model,
+                                                    ['runs/default/sft.pt', 'trained from', '--other-inputs']),
+    'nan weights': ('evaluate.py', ['runs/default/ppo_beta1.pt'], a_policy_with_a_nan_weight,
+                    ['ppo_beta1.pt', 'NaN', 'lm_head.weight']),
     'unwritable run folder': ('train_sft.py', ['--run', 'x'] + TINY_SFT, a_file_where_the_run_folder_goes,
                               ['runs/x']),
 }

@@ -15,12 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from toy_rlhf import pipeline
 from toy_rlhf import sweep as sweep_module
+from toy_rlhf.checkpoint import load_checkpoint
+from toy_rlhf.files import jsonl_text
 from toy_rlhf.methods import METHODS, rollout
 from toy_rlhf.methods.dpo import DPOConfig
 from toy_rlhf.methods.ppo import PPOConfig
 from toy_rlhf.pipeline import method_stage
-from toy_rlhf.run_all import RunAllConfig, quick_schedule, run_all
+from toy_rlhf.run_all import RunAllConfig, quick_schedule, run_all, stage_configs
 from toy_rlhf.sweep import SweepConfig
 from toy_rlhf.training import TrainingError
 
@@ -88,6 +91,60 @@ def test_a_second_call_reuses_every_stage_and_a_fresh_run_gives_identical_metric
     other, _, printed = _run(tmp_path / 'runs' / 'b', tmp_path / 'plots')
     assert 'reusing' not in printed
     assert (other / 'metrics.json').read_bytes() == first
+
+
+def test_a_missing_or_corrupt_log_beside_a_current_checkpoint_is_rewritten_from_it(quick_run, tmp_path):
+    run_dir, _, _ = quick_run
+    copy = tmp_path / 'runs' / 'a'
+    shutil.copytree(run_dir, copy)
+    (copy / 'sft.jsonl').unlink()
+    (copy / 'reward.jsonl').write_text('{"loss": 0.1, "ite')  # truncated mid-line
+    (copy / 'ppo_beta1.jsonl').write_text((copy / 'ppo_beta0.jsonl').read_text())  # another stage's log
+    _, _, printed = _run(copy, tmp_path / 'plots')
+    assert printed.count('reusing') == len(CHECKPOINTS)
+    for name in CHECKPOINTS:
+        log = (copy / name).with_suffix('.jsonl')
+        assert log.read_text() == jsonl_text(load_checkpoint(copy / name)['history']), name
+    assert printed.count('rewritten from the history in its checkpoint') == 3
+    assert (copy / 'metrics.json').read_bytes() == (run_dir / 'metrics.json').read_bytes()
+
+
+def test_a_stage_killed_between_its_checkpoint_and_its_log_gets_its_own_log_back(quick_run, tmp_path, monkeypatch):
+    run_dir, _, _ = quick_run
+    copy = tmp_path / 'runs' / 'a'
+    shutil.copytree(run_dir, copy)
+    longer = dataclasses.replace(stage_configs(quick_schedule(RunAllConfig()))['sft'], iters=70)
+    real_write_text = pipeline.write_text
+
+    def killed_before_the_log(path, text):
+        if str(path).endswith('.jsonl'):
+            raise KeyboardInterrupt
+        real_write_text(path, text)
+
+    monkeypatch.setattr(pipeline, 'write_text', killed_before_the_log)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.sft_stage(copy, longer, progress=False)
+    monkeypatch.undo()
+    history = load_checkpoint(copy / 'sft.pt')['history']
+    assert (copy / 'sft.jsonl').read_text() != jsonl_text(history)  # the old run's log
+    timing = pipeline.ensure_stage(copy, 'sft', longer, (), pipeline.sft_stage, progress=False)
+    assert timing['reused']
+    assert (copy / 'sft.jsonl').read_text() == jsonl_text(history)
+
+
+def test_the_main_command_leaves_a_clone_of_the_repository_unchanged(quick_run, tmp_path, monkeypatch):
+    # The quick run's checkpoints are current for `run_all.py --quick`, so this run reuses them and
+    # only evaluates, draws and reports: every file a run writes, in a clone, as a new user's would.
+    repository = SCRIPTS.parent
+    clone = tmp_path / 'clone'
+    subprocess.run(['git', 'clone', '--quiet', str(repository), str(clone)], check=True)
+    shutil.copytree(quick_run[0], clone / 'runs' / 'default')
+    monkeypatch.chdir(clone)
+    from toy_rlhf.cli import run_command
+    run_command('all', ['--quick', '--quiet'])
+    assert (clone / 'runs' / 'default' / 'plots' / 'ppo_curves.png').is_file()
+    status = subprocess.run(['git', 'status', '--porcelain'], cwd=clone, capture_output=True, text=True, check=True)
+    assert status.stdout == ''
 
 
 def test_a_changed_sft_model_retrains_the_reward_model_and_ppo_which_start_from_it(quick_run, tmp_path):

@@ -1,14 +1,18 @@
 """Checkpoints: plain dicts of tensors and settings, written atomically, read without unpickling code.
 
-    {format_version, kind ('policy' | 'reward'), model_config, train_config, metrics, state_dict}
+    {format_version, kind ('policy' | 'reward'), model_config, train_config, metrics, history, state_dict}
 
-Format 2 names the parameters as minGPT does (transformer.h.0.attn.c_attn.weight, lm_head.weight,
+Format 3 carries the training history (the rows of the stage's .jsonl log) inside the checkpoint, so
+a log and its checkpoint can never disagree: the .jsonl beside it is a readable copy, rewritten from
+the checkpoint when missing or different. Formats 1 and 2 have no history; they load as models, but
+a stage never reuses them. Format 2 names the parameters as minGPT does (transformer.h.0.attn.c_attn.weight, lm_head.weight,
 ...). Format 1, from before mingpt took those names, differs in nothing else: its state dicts are
 read through a renaming of the old names (blocks.0.attn.qkv.weight, head.weight, ...).
 
 Writing goes to a temporary file in the same folder that is then renamed over the final name, so an
 interrupted write never leaves a half-written checkpoint under the final name. Reading uses
-torch.load(weights_only=True), which refuses any pickle that would run code.
+torch.load(weights_only=True), which refuses any pickle that would run code, then checks the type of
+every field and that every weight is finite.
 """
 import re
 from pathlib import Path
@@ -20,7 +24,8 @@ from toy_rlhf.files import atomic_write
 from toy_rlhf.language import SEQUENCE_LENGTH, VOCAB_SIZE
 from toy_rlhf.methods import method_of_stem
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READABLE_FORMATS = (1, 2, 3)
 # Format 1's parameter names -> format 2's (minGPT's), each substitution applied in turn.
 FORMAT_1_RENAMES = [
     (r'^(wte|wpe|ln_f)\.', r'transformer.\1.'),
@@ -41,8 +46,9 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used; the message is one line naming the file and what to run."""
 
 
-def save_checkpoint(path, model, kind, train_config, metrics):
-    """Write `model` and its provenance to `path` atomically. train_config and metrics: plain dicts."""
+def save_checkpoint(path, model, kind, train_config, metrics, history=()):
+    """Write `model` and its provenance to `path` atomically. train_config and metrics: plain dicts;
+    history: the training log, a list of plain dicts."""
     if kind not in KINDS:
         raise ValueError(f'kind must be one of {KINDS}, got {kind!r}')
     payload = {
@@ -51,6 +57,7 @@ def save_checkpoint(path, model, kind, train_config, metrics):
         'model_config': model.config.to_dict(),
         'train_config': dict(train_config),
         'metrics': dict(metrics),
+        'history': [dict(row) for row in history],
         'state_dict': {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
     }
     atomic_write(path, lambda file: torch.save(payload, file))
@@ -67,20 +74,24 @@ def load_checkpoint(path, kind=None):
     except Exception:
         raise CheckpointError(f'{path}: not a readable checkpoint (truncated, corrupt or not made '
                               f'by toy-rlhf); run `{run}` to make it again') from None
-    required = {'format_version', 'kind', 'model_config', 'train_config', 'metrics', 'state_dict'}
-    if not isinstance(checkpoint, dict) or not required <= checkpoint.keys() \
-            or checkpoint['kind'] not in KINDS or not isinstance(checkpoint['model_config'], dict):
-        raise CheckpointError(f'{path}: not a toy-rlhf checkpoint; run `{run}` to make one')
-    # (A format-1 file whose state_dict is not a dict gets the error below.)
-    if checkpoint['format_version'] == 1 and isinstance(checkpoint['state_dict'], dict):
+    problem = _malformed(checkpoint)
+    if problem:
+        raise CheckpointError(f'{path}: not a toy-rlhf checkpoint ({problem}); run `{run}` to make one')
+    if checkpoint['format_version'] not in READABLE_FORMATS:
+        raise CheckpointError(f"{path}: checkpoint format {checkpoint['format_version']}, this "
+                              f'version reads {READABLE_FORMATS[-1]}; run `{run}` to make it again')
+    if checkpoint['format_version'] == 1:
         checkpoint['state_dict'] = {_format_2_name(name): tensor
                                     for name, tensor in checkpoint['state_dict'].items()}
-    elif checkpoint['format_version'] != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format {checkpoint['format_version']}, this "
-                              f'version reads {FORMAT_VERSION}; run `{run}` to make it again')
+    checkpoint.setdefault('history', None)  # formats 1 and 2 kept it in the .jsonl only
     if kind is not None and checkpoint['kind'] != kind:
         raise CheckpointError(f"{path}: a {checkpoint['kind']} checkpoint where a {kind} "
                               f'checkpoint is needed; run `{run}` to make one')
+    broken = [name for name, tensor in checkpoint['state_dict'].items()
+              if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:
+        raise CheckpointError(f'{path}: weights that are NaN or infinite ({broken[0]}); '
+                              f'run `{run}` to make it again')
     return checkpoint
 
 
@@ -105,6 +116,28 @@ def load_model(path, kind=None, device='cpu'):
         raise CheckpointError(f'{path}: the weights do not match the stored model settings; '
                               f'run `{run}` to make it again') from None
     return model.to(device).eval()
+
+
+def _malformed(checkpoint):
+    """What is wrong with the fields of a loaded checkpoint, in a few words; '' if nothing."""
+    fields = {'format_version': int, 'kind': str, 'model_config': dict, 'train_config': dict,
+              'metrics': dict, 'state_dict': dict}
+    if not isinstance(checkpoint, dict):
+        return f'a {type(checkpoint).__name__}, not a dict'
+    for name, kind in fields.items():
+        if name not in checkpoint:
+            return f'no {name}'
+        if not isinstance(checkpoint[name], kind) or isinstance(checkpoint[name], bool):
+            return f'{name} is a {type(checkpoint[name]).__name__}, not a {kind.__name__}'
+    if checkpoint['kind'] not in KINDS:
+        return f"kind {checkpoint['kind']!r}"
+    if not all(isinstance(name, str) and isinstance(tensor, torch.Tensor)
+               for name, tensor in checkpoint['state_dict'].items()):
+        return 'state_dict is not a dict of named tensors'
+    if checkpoint['format_version'] >= 3 and not (isinstance(checkpoint.get('history'), list) and all(
+            isinstance(row, dict) for row in checkpoint['history'])):
+        return 'history is not a list of dicts'
+    return ''
 
 
 def _format_2_name(format_1_name):

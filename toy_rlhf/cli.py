@@ -1,11 +1,14 @@
 """Command-line interface: `toy-rlhf <command>` and the thin scripts in scripts/ share these parsers.
 
 Every failure a user can cause (a bad flag, a missing or broken checkpoint, an unwritable run folder,
-a NaN during training) ends with one line on stderr and exit status 2, never a traceback.
+a full disk, a run folder another run holds, a NaN during training) ends with one line on stderr and
+exit status 2, never a traceback. SIGTERM stops a command the way Ctrl-C does.
 """
 import argparse
+import contextlib
 import json
 import re
+import signal
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,11 +20,13 @@ from toy_rlhf import pipeline
 from toy_rlhf.benchmark import benchmark, format_report
 from toy_rlhf.checkpoint import CheckpointError
 from toy_rlhf.compare import CompareConfig, compare
+from toy_rlhf.files import WriteError
 from toy_rlhf.flags import Bounds, PositiveInt, Seed, add_config_flags, config_from_args
 from toy_rlhf.methods import METHODS
 from toy_rlhf.metrics import EVALUATION_PROMPTS
 from toy_rlhf.optimal import EXACT_PROMPTS
 from toy_rlhf.run_all import RunAllConfig, quick_schedule, run_all
+from toy_rlhf.run_dir import RunDirError, open_run_dir
 from toy_rlhf.sweep import SweepConfig, compare_critic, sweep
 from toy_rlhf.training import TrainingError
 
@@ -43,8 +48,11 @@ seed = Bounds(low=0, high=2 ** 32 - 1, description='an integer from 0 to 2^32 - 
 
 def add_common_arguments(parser, with_run):
     if with_run:
-        parser.add_argument('--run', default='default', metavar='NAME',
-                            help='run name: checkpoints and logs go to runs/NAME (default: default)')
+        where = parser.add_mutually_exclusive_group()
+        where.add_argument('--run', default='default', metavar='NAME',
+                           help='run name: checkpoints and logs go to runs/NAME (default: default)')
+        where.add_argument('--run-dir', default=None, metavar='PATH',
+                           help='or any folder for the checkpoints and logs, instead of runs/NAME')
     parser.add_argument('--threads', type=positive_int, default=None,
                         help='CPU threads for torch (default: all cores torch sees)')
     parser.add_argument('--quiet', action='store_true', help='no progress bars')
@@ -159,6 +167,9 @@ def add_evaluate_arguments(parser):
                              'over all 10^4 responses of --optimal-prompts prompts (needs reward.pt beside the checkpoint)')
     parser.add_argument('--optimal-prompts', type=positive_int, default=EXACT_PROMPTS, metavar='N',
                         help=f'prompts of the comparison with the optimum (default: {EXACT_PROMPTS})')
+    parser.add_argument('--other-inputs', action='store_true',
+                        help='measure against a reference (or reward model) other than the one the policy was '
+                             'trained from (default: refused, by the fingerprints stored in the policy)')
     parser.add_argument('--seed', type=seed, default=0, help='seed of the evaluation prompts (default: 0)')
     parser.add_argument('--json', action='store_true', help='print the metrics as JSON')
 
@@ -166,9 +177,11 @@ def add_evaluate_arguments(parser):
 def evaluate(args):
     path = Path(args.checkpoint)
     reference = Path(args.reference) if args.reference else path.parent / 'sft.pt'
-    metrics = pipeline.evaluate_checkpoint(path, reference, args.prompts, args.seed)
+    check = not args.other_inputs
+    metrics = pipeline.evaluate_checkpoint(path, reference, args.prompts, args.seed, check)
     if args.optimal:
-        optimum = pipeline.optimum_gap(path, reference, path.parent / 'reward.pt', args.optimal_prompts, args.seed)
+        optimum = pipeline.optimum_gap(path, reference, path.parent / 'reward.pt', args.optimal_prompts, args.seed,
+                                       check)
         metrics.update({f'optimum/{name}': value for name, value in optimum.items()})
     if args.json:
         print(json.dumps(metrics, indent=2, sort_keys=True))
@@ -243,15 +256,19 @@ def prepare(args, writes_run_dir):
         raise UsageError('--device cuda: no CUDA device is available here; use --device cpu')
     if args.threads:
         torch.set_num_threads(args.threads)
-    if writes_run_dir:
+    if writes_run_dir and args.run_dir is None:
         if not re.fullmatch(r'[A-Za-z0-9][A-Za-z0-9._-]*', args.run) or '..' in args.run:
             raise UsageError(f'--run {args.run!r}: a run is a plain name (letters, digits, . _ -), '
-                             'its files go to runs/NAME')
+                             'its files go to runs/NAME (--run-dir PATH takes any folder)')
         args.run_dir = Path('runs') / args.run
-        _check_writable(args.run_dir)
+    elif writes_run_dir:
+        args.run_dir = Path(args.run_dir)
     if hasattr(args, 'plots_dir'):
-        args.plots_dir = Path(args.plots_dir) if args.plots_dir else args.run_dir / 'plots'
-        _check_writable(args.plots_dir)
+        if args.plots_dir:  # a folder the user named: refuse it now, not after training
+            args.plots_dir = Path(args.plots_dir)
+            _check_writable(args.plots_dir)
+        else:
+            args.plots_dir = args.run_dir / 'plots'
     args.progress = not args.quiet
 
 
@@ -265,22 +282,33 @@ def _check_writable(folder):
         raise UsageError(f'cannot write to folder {folder}: {error.strerror}') from None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised wherever the process is, so that it unwinds exactly as Ctrl-C does."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def run_command(command, argv=None, prog=None):
-    """Parse argv for `command`, run it, and turn every user-caused failure into one line, exit 2."""
+    """Parse argv for `command`, run it (holding its run folder), and turn every user-caused failure
+    into one line, exit 2."""
     spec = commands()[command]
     parser = build_parser(command, prog or f'scripts/{spec.script}')
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # each stage's summary line shows up as it finishes
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         prepare(args, spec.writes_run_dir)
-        spec.run(args)
-    except (UsageError, CheckpointError, TrainingError) as error:
+        with open_run_dir(args.run_dir) if spec.writes_run_dir else contextlib.nullcontext():
+            spec.run(args)
+    except (UsageError, CheckpointError, TrainingError, WriteError, RunDirError) as error:
         print(f'{parser.prog}: error: {error}', file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print(f'{parser.prog}: interrupted; finished checkpoints are kept, nothing half-written',
-              file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as stop:
+        print(f'{parser.prog}: {"terminated" if isinstance(stop, Terminated) else "interrupted"}; finished '
+              'checkpoints are kept, nothing half-written', file=sys.stderr)
+        sys.exit(128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT))
 
 
 def usage():

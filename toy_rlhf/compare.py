@@ -17,7 +17,7 @@ import torch
 
 from toy_rlhf import plots
 from toy_rlhf.checkpoint import load_checkpoint, load_model
-from toy_rlhf.files import read_jsonl, write_json, write_text
+from toy_rlhf.files import write_json, write_text
 from toy_rlhf.flags import NonNegativeFloat, PositiveInt, Seed
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods import METHODS
@@ -115,8 +115,9 @@ def compare(run_dir, plots_dir, config, method_configs=None, progress=True):
             path = run_dir / f'{method.stem(method_config.beta)}.pt'
             row = exact_row(label, method, method_config,
                             response_log_probs_exact(load_model(path, 'policy'), prompts), tables)
-            history = read_jsonl(path.with_suffix('.jsonl'))
-            row.update(consumed(method, history), seconds=load_checkpoint(path)['metrics']['seconds'])
+            checkpoint = load_checkpoint(path)
+            history = checkpoint['history']
+            row.update(consumed(method, history), seconds=checkpoint['metrics']['seconds'])
             if method.online:
                 histories[label] = (method.name, history)
         rows.append(row)

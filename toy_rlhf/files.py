@@ -1,25 +1,44 @@
-"""Files written atomically (a temporary file beside the target, then a rename), and read back."""
+"""Files written atomically (a temporary file beside the target, then a rename), and read back.
+
+Every file the project writes goes through atomic_write: an interrupted or failed write (Ctrl-C,
+SIGTERM, a full disk) leaves the previous file, or none, under the final name, never a half-written
+one. A process killed outright (SIGKILL) can leave its temporary file behind; temporary files are
+named `.NAME.XXXXXXXX.tmp` so that the next run in the folder can find and remove them
+(`toy_rlhf.run_dir`).
+"""
 import json
 import os
 import tempfile
 from pathlib import Path
 
+TEMPORARY_SUFFIX = '.tmp'
+
+
+class WriteError(Exception):
+    """A file that could not be written (disk full, no permission); the message is one line naming it."""
+
 
 def atomic_write(path, write):
-    """Call write(file) on a temporary file beside `path`, then rename it to `path`: an interrupted
-    write never leaves a half-written file under the final name."""
+    """Call write(file) on a temporary file beside `path`, then rename it to `path`. Any OSError
+    (ENOSPC, EACCES, ...) becomes a WriteError naming `path`, with nothing left behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    temporary = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.',
+                                                 suffix=TEMPORARY_SUFFIX)
         with os.fdopen(descriptor, 'wb') as file:
             write(file)
             file.flush()
             os.fsync(file.fileno())
         os.chmod(temporary, 0o644)  # mkstemp makes it private; these are ordinary files
         os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+    except BaseException as error:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise WriteError(f'cannot write {path}: {error.strerror or error}; free some space or '
+                             'choose a folder you can write to, then run the command again') from None
         raise
 
 
@@ -31,10 +50,6 @@ def write_json(path, data):
     write_text(path, json.dumps(data, indent=2, sort_keys=True) + '\n')
 
 
-def write_jsonl(path, rows):
+def jsonl_text(rows):
     """One JSON object per line."""
-    write_text(path, ''.join(json.dumps(row, sort_keys=True) + '\n' for row in rows))
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+    return ''.join(json.dumps(row, sort_keys=True) + '\n' for row in rows)

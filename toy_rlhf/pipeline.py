@@ -2,6 +2,9 @@
 
 Each stage writes its checkpoint (atomically) only after training finished and its numbers were
 checked to be finite, so an interrupted or broken stage leaves every earlier checkpoint as it was.
+The training history travels inside the checkpoint; the .jsonl log beside it is a readable copy,
+written after the checkpoint and rewritten from it whenever the stage is reused, so the log of a
+checkpoint is always that checkpoint's own.
 """
 import functools
 import hashlib
@@ -15,7 +18,7 @@ import torch
 
 from toy_rlhf.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from toy_rlhf.data import PreferenceDataset
-from toy_rlhf.files import write_jsonl
+from toy_rlhf.files import jsonl_text, write_text
 from toy_rlhf.language import entropy_floor, sample_prompts
 from toy_rlhf.methods import METHODS
 from toy_rlhf.metrics import EVALUATION_PROMPTS, evaluate_policy, language_kl
@@ -39,19 +42,34 @@ def _save(run_dir, name, model, kind, config, metrics, history, inputs=()):
     run_dir = Path(run_dir)
     provenance = {**asdict(config), 'versions': versions(),
                   'inputs': {Path(path).name: fingerprint(path) for path in inputs}}
-    write_jsonl(run_dir / f'{name}.jsonl', history)
-    save_checkpoint(run_dir / f'{name}.pt', model, kind, provenance, metrics)
+    save_checkpoint(run_dir / f'{name}.pt', model, kind, provenance, metrics, history)
+    write_text(run_dir / f'{name}.jsonl', jsonl_text(history))
 
 
-def stage_is_current(path, config, inputs=()):
-    """Whether the checkpoint at path was made with these settings from these input checkpoints."""
+def current_checkpoint(path, config, inputs=()):
+    """The checkpoint at path if it was made with these settings from these input checkpoints and
+    carries its history; otherwise None."""
     try:
-        stored = load_checkpoint(path)['train_config']
-    except Exception:
-        return False
+        checkpoint = load_checkpoint(path)
+    except CheckpointError:
+        return None
+    stored = checkpoint['train_config']
     same_settings = all(stored.get(key) == value for key, value in asdict(config).items())
     same_inputs = stored.get('inputs') == {Path(p).name: fingerprint(p) for p in inputs}
-    return same_settings and same_inputs
+    return checkpoint if same_settings and same_inputs and checkpoint['history'] is not None else None
+
+
+def repair_log(path, history):
+    """Rewrite the .jsonl log at path from the history in its checkpoint if it is missing or differs
+    (a run killed between writing the checkpoint and its log, or a log edited by hand)."""
+    text = jsonl_text(history)
+    try:
+        intact = Path(path).read_text() == text
+    except (OSError, UnicodeDecodeError):
+        intact = False
+    if not intact:
+        write_text(path, text)
+        print(f'{path}: rewritten from the history in its checkpoint')
 
 
 def ensure_stage(run_dir, name, config, inputs, make, fresh=False, progress=True):
@@ -59,9 +77,11 @@ def ensure_stage(run_dir, name, config, inputs, make, fresh=False, progress=True
     settings from the same input checkpoints exists (or `fresh`); returns {'seconds', 'reused'}."""
     path = Path(run_dir) / f'{name}.pt'
     start = time.perf_counter()
-    reused = not fresh and stage_is_current(path, config, inputs)
+    checkpoint = None if fresh else current_checkpoint(path, config, inputs)
+    reused = checkpoint is not None
     if reused:
         print(f'{name}: reusing {path} (made with the same settings)')
+        repair_log(path.with_suffix('.jsonl'), checkpoint['history'])
     else:
         make(run_dir, config, progress)
     return {'seconds': time.perf_counter() - start, 'reused': reused}
@@ -128,20 +148,36 @@ def method_stage(run_dir, config, progress=True, *, method):
     return metrics
 
 
-def evaluate_checkpoint(policy_path, reference_path, n_prompts=EVALUATION_PROMPTS, seed=0):
-    """The exact gold metrics of the policy at policy_path against the reference at reference_path."""
+def check_trained_from(policy_path, inputs):
+    """Refuse an input checkpoint (sft.pt or reward.pt: its path) other than the one the policy at
+    policy_path was trained from, by the fingerprints stored in the policy's provenance."""
+    stored = load_checkpoint(policy_path, 'policy')['train_config'].get('inputs', {})
+    for name, path in inputs.items():
+        if isinstance(stored, dict) and name in stored and stored[name] != fingerprint(path):
+            raise CheckpointError(f'{path}: not the {name} that {policy_path} was trained from (its '
+                                  f'fingerprint differs); give the one it was, or add --other-inputs '
+                                  'to measure against this one anyway')
+
+
+def evaluate_checkpoint(policy_path, reference_path, n_prompts=EVALUATION_PROMPTS, seed=0, check_inputs=True):
+    """The exact gold metrics of the policy at policy_path against the reference at reference_path
+    (refused if the policy was trained from another reference, unless check_inputs is False)."""
     policy = load_model(policy_path, 'policy')
     reference = load_model(reference_path, 'policy')
+    if check_inputs:
+        check_trained_from(policy_path, {'sft.pt': reference_path})
     return evaluate_policy(policy, reference, n_prompts, seed)
 
 
-def optimum_gap(policy_path, reference_path, reward_path, n_prompts=EXACT_PROMPTS, seed=0):
+def optimum_gap(policy_path, reference_path, reward_path, n_prompts=EXACT_PROMPTS, seed=0, check_inputs=True):
     """The policy at policy_path against the exact optimum of the objective at its own beta (read
     from its checkpoint), over all 10^4 responses of n_prompts prompts: J, J*, gap closed, KL split."""
     settings = load_checkpoint(policy_path, 'policy')['train_config']
     if 'beta' not in settings:
         raise CheckpointError(f'{policy_path}: not made by a training method (no beta stored); '
                               'run `python scripts/train.py METHOD` to make one')
+    models = load_model(policy_path, 'policy'), load_model(reference_path, 'policy'), load_model(reward_path, 'reward')
+    if check_inputs:
+        check_trained_from(policy_path, {'sft.pt': reference_path, 'reward.pt': reward_path})
     prompts = sample_prompts(n_prompts, torch.Generator().manual_seed(seed))
-    return evaluate_against_optimum(load_model(policy_path, 'policy'), load_model(reference_path, 'policy'),
-                                    load_model(reward_path, 'reward'), settings['beta'], prompts)
+    return evaluate_against_optimum(*models, settings['beta'], prompts)

@@ -13,7 +13,7 @@ import torch
 
 from toy_rlhf import plots
 from toy_rlhf.checkpoint import load_checkpoint, load_model
-from toy_rlhf.files import read_jsonl, write_json
+from toy_rlhf.files import write_json
 from toy_rlhf.flags import Device, Digit, NonNegativeFloat, Seed
 from toy_rlhf.language import entropy_floor
 from toy_rlhf.methods import METHODS
@@ -76,7 +76,7 @@ def run_all(run_dir, plots_dir, config, progress=True):
     histories = {}
     for beta in config.betas:
         models[f'beta={beta:g}'] = load_model(run_dir / f'{PPO.stem(beta)}.pt', 'policy')
-        histories[f'beta={beta:g}'] = read_jsonl(run_dir / f'{PPO.stem(beta)}.jsonl')
+        histories[f'beta={beta:g}'] = load_checkpoint(run_dir / f'{PPO.stem(beta)}.pt')['history']
     metrics = measure(run_dir, models, histories, config)
     timings['evaluation'] = {'seconds': time.perf_counter() - start}
 
@@ -115,9 +115,9 @@ def draw(run_dir, plots_dir, models, histories, config):
     prompt, response = torch.tensor(config.prompt), torch.tensor(config.response)
     reward_model = load_model(run_dir / 'reward.pt', 'reward')
     return {
-        'sft_loss': plots.plot_sft_loss(read_jsonl(run_dir / 'sft.jsonl'), entropy_floor(),
+        'sft_loss': plots.plot_sft_loss(load_checkpoint(run_dir / 'sft.pt')['history'], entropy_floor(),
                                         plots_dir / 'sft_loss.png'),
-        'reward_model': plots.plot_reward_model(read_jsonl(run_dir / 'reward.jsonl'), reward_model,
+        'reward_model': plots.plot_reward_model(load_checkpoint(run_dir / 'reward.pt')['history'], reward_model,
                                                 prompt, response, plots_dir / 'reward_model.png'),
         'ppo_curves': plots.plot_ppo_curves(histories, plots_dir / 'ppo_curves.png'),
         'next_token_probs': plots.plot_next_token_probs(models, prompt, response,

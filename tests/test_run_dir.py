@@ -1,0 +1,114 @@
+"""A run folder under faults: a second run on a held folder, a lock and temporary files left by a
+killed run, a failure before anything was written, a full disk, SIGTERM. Each through the command
+line as a user meets it (cli.run_command, in this process), ending in one line and a known status."""
+import errno
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from toy_rlhf import cli, pipeline
+from toy_rlhf.files import atomic_write
+from toy_rlhf.run_dir import LOCK, open_run_dir
+
+torch.set_num_threads(1)
+
+TINY_SFT = ['--iters', '1', '--batch-size', '2', '--quiet']
+
+
+@pytest.fixture(autouse=True)
+def in_a_fresh_folder(tmp_path, monkeypatch):
+    """Each test in an empty working folder, with the SIGTERM handler run_command installs undone."""
+    monkeypatch.chdir(tmp_path)
+    handler = signal.getsignal(signal.SIGTERM)
+    yield tmp_path
+    signal.signal(signal.SIGTERM, handler)
+
+
+def run(command, arguments, capsys):
+    """(exit status, stdout, stderr lines) of `toy-rlhf command arguments`."""
+    try:
+        cli.run_command(command, arguments, prog=f'toy-rlhf {command}')
+        status = 0
+    except SystemExit as exit:
+        status = exit.code
+    out, err = capsys.readouterr()
+    return status, out, err.strip().splitlines()
+
+
+def assert_one_line(lines, *words):
+    assert len(lines) == 1, lines
+    for word in words:
+        assert word in lines[0], lines
+
+
+def a_dead_process_id():
+    process = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True,
+                             text=True, check=True)
+    return int(process.stdout)
+
+
+def test_a_second_run_on_a_held_folder_is_refused_naming_the_holder(tmp_path, capsys):
+    with open_run_dir(tmp_path / 'runs' / 'x'):
+        status, _, lines = run('sft', ['--run', 'x'] + TINY_SFT, capsys)
+    assert status == 2
+    assert_one_line(lines, 'runs/x', 'in use', f'process {os.getpid()}')
+    assert not (tmp_path / 'runs' / 'x' / 'sft.pt').exists()
+
+
+def test_a_lock_and_temporary_files_left_by_a_killed_run_are_taken_over_and_removed(tmp_path, capsys):
+    run_dir = tmp_path / 'runs' / 'default'
+    (run_dir / 'plots').mkdir(parents=True)
+    dead = a_dead_process_id()
+    (run_dir / LOCK).write_text(f'{dead}\n')  # a lock file no process holds
+    stale = [run_dir / '.sft.pt.k2j4h1x0.tmp', run_dir / 'plots' / '.sft_loss.png.a8d0q2zz.tmp']
+    for path in stale:
+        path.write_bytes(b'half a file')
+    status, out, _ = run('sft', TINY_SFT, capsys)
+    assert status == 0
+    assert f'taking over the lock of process {dead}' in out
+    assert not any(path.exists() for path in stale)
+    assert (run_dir / 'sft.pt').is_file()
+    assert not (run_dir / LOCK).exists()  # released at the end
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder_behind(tmp_path, capsys):
+    status, _, lines = run('ppo', ['--run', 'new', '--quiet'], capsys)  # no sft.pt to start from
+    assert status == 2
+    assert_one_line(lines, 'sft.pt', 'scripts/train_sft.py')
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_ends_with_one_line_naming_the_file_and_nothing_half_written(tmp_path, capsys, monkeypatch):
+    def disk_full(file):
+        file.write(b'the first bytes')
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    real_atomic_write = atomic_write
+    monkeypatch.setattr('toy_rlhf.files.atomic_write', lambda path, write: real_atomic_write(path, disk_full))
+    monkeypatch.setattr('toy_rlhf.checkpoint.atomic_write', lambda path, write: real_atomic_write(path, disk_full))
+    status, _, lines = run('sft', TINY_SFT, capsys)
+    assert status == 2
+    assert_one_line(lines, 'runs/default/sft.pt', os.strerror(errno.ENOSPC))
+    assert list(tmp_path.iterdir()) == []  # no checkpoint, no temporary file, no empty folder
+
+
+def test_sigterm_during_a_stage_stops_it_like_ctrl_c(tmp_path, capsys, monkeypatch):
+    def terminated_while_training(config, progress):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10 ** 8):  # the handler runs at the next bytecode boundary
+            pass
+        raise AssertionError('SIGTERM did not stop the stage')
+
+    run('sft', TINY_SFT, capsys)
+    before = (tmp_path / 'runs' / 'default' / 'sft.pt').read_bytes()
+    monkeypatch.setattr(pipeline, 'train_sft', terminated_while_training)
+    status, _, lines = run('sft', TINY_SFT, capsys)
+    assert status == 128 + signal.SIGTERM
+    assert_one_line(lines, 'terminated', 'nothing half-written')
+    run_dir = tmp_path / 'runs' / 'default'
+    assert (run_dir / 'sft.pt').read_bytes() == before
+    assert sorted(path.name for path in run_dir.iterdir()) == ['sft.jsonl', 'sft.pt']  # no lock, no temporaries
