@@ -112,3 +112,16 @@ def test_sigterm_during_a_stage_stops_it_like_ctrl_c(tmp_path, capsys, monkeypat
     run_dir = tmp_path / 'runs' / 'default'
     assert (run_dir / 'sft.pt').read_bytes() == before
     assert sorted(path.name for path in run_dir.iterdir()) == ['sft.jsonl', 'sft.pt']  # no lock, no temporaries
+
+
+def test_evaluate_measures_against_another_reference_only_when_asked(tmp_path, capsys):
+    run('sft', TINY_SFT, capsys)
+    run('sft', ['--run', 'other', '--seed', '1'] + TINY_SFT, capsys)
+    run('dpo', ['--iters', '1', '--pairs', '8', '--batch-size', '2', '--warmup-iters', '1', '--quiet'], capsys)
+    policy, other = 'runs/default/dpo_beta1.pt', 'runs/other/sft.pt'
+    status, _, lines = run('evaluate', [policy, '--reference', other, '--prompts', '4'], capsys)
+    assert status == 2
+    assert_one_line(lines, other, '--other-inputs')
+    status, out, _ = run('evaluate', [policy, '--reference', other, '--prompts', '4', '--other-inputs', '--json'],
+                         capsys)
+    assert status == 0 and 'kl_to_reference' in out
