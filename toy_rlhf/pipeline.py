@@ -33,6 +33,21 @@ def versions():
             'numpy': numpy.__version__}
 
 
+def machine():
+    """What a run's numbers depend on besides its settings: torch's thread count (the order of
+    floating-point sums) and the processor."""
+    model = next((line.split(':', 1)[1].strip() for line in _cpuinfo().splitlines()
+                  if line.startswith('model name')), None)
+    return {'threads': torch.get_num_threads(), 'processor': model or platform.processor() or platform.machine()}
+
+
+def _cpuinfo():
+    try:
+        return Path('/proc/cpuinfo').read_text()
+    except OSError:  # not Linux
+        return ''
+
+
 def fingerprint(path):
     """A short hash of a file's bytes: which upstream checkpoint a later stage was trained from."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]

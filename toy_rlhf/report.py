@@ -23,39 +23,67 @@ def metrics_table(metrics):
     return '\n'.join(lines)
 
 
+def _percent(rate):
+    return f'{rate:.1%}'
+
+
+def _compared(value, other, more, less, same='the same as'):
+    """'more' / 'less' / 'same': how value compares with other, as they print (to 0.1%)."""
+    value, other = round(value, 3), round(other, 3)
+    return more if value > other else less if value < other else same
+
+
+def _later_digits(label, policy, reference):
+    """What a policy did to the later digits, from its fidelity against the reference's."""
+    verb = _compared(policy['fidelity'], reference['fidelity'], 'makes more of the later digits valid than',
+                     'makes fewer of the later digits valid than', 'keeps the later digits as valid as')
+    return (f'{label} {verb} the reference ({_percent(policy["fidelity"])} against '
+            f'{_percent(reference["fidelity"])})')
+
+
+def _closest_to_aligned(policies):
+    """Which policy is closest to the aligned language, and which farthest, by KL to it."""
+    ranked = sorted(policies, key=lambda label: policies[label]['kl_to_aligned'])
+    closest, farthest = ranked[0], ranked[-1]
+    if len(ranked) == 1:
+        return f'{closest} is {policies[closest]["kl_to_aligned"]:.2f} nats from the aligned language.'
+    return (f'{closest} is the closest to the aligned language (KL {policies[closest]["kl_to_aligned"]:.2f} '
+            f'nats) and {farthest} the farthest ({policies[farthest]["kl_to_aligned"]:.2f}).')
+
+
+def _samples(samples):
+    return 'never reached 99% preference' if samples is None else f'first reached 99% preference after {samples:,} samples'
+
+
 def figure_captions(metrics):
-    """Two sentences per figure, with this run's numbers."""
-    policies = metrics['policies']
-    labels = list(policies)
-    reference, aligned = policies[labels[0]], policies[labels[1]]
-    other = policies[labels[2]] if len(labels) > 2 else None
-    comparison = (f' {labels[2]} reaches {other["preference_rate"]:.1%} preference at a KL of '
-                  f'{other["kl_to_reference"]:.2f} nats.') if other else ''
-    later = (f' Under {labels[2]} the later digits obey the rule {other["fidelity"]:.1%} of the time, '
-             f'and its KL to the aligned language is {other["kl_to_aligned"]:.2f} nats against '
-             f'{aligned["kl_to_aligned"]:.2f} for {labels[1]}: that is the variety of the later digits '
-             'it gave up.') if other else ''
+    """Two or three sentences per figure, each comparison computed from this run's numbers: the
+    reference is the first policy, every other policy (one per beta) is described."""
+    reference_label, *labels = metrics['policies']
+    reference = metrics['policies'][reference_label]
+    tuned = {label: metrics['policies'][label] for label in labels}
+    samples = metrics['ppo_samples_to_99_percent_preference']
     return {
         'sft_loss': f'SFT cross-entropy against training steps. The loss cannot go below the entropy '
                     f'of the language ({metrics["sft"]["entropy_floor"]:.4f} nats, dashed); the model '
                     f'ends {metrics["sft"]["language_kl"]:.4f} nats per token from the true distribution.',
         'reward_model': f'Left: mean reward of chosen and rejected responses during training. Right: '
                         f'the reward of each possible first digit for one sentence; over fresh prompts '
-                        f'the preferred digit scores highest {metrics["reward"]["rank_rate"]:.1%} of the time.',
-        'ppo_curves': f'Reward-model score, KL to the reference and preference rate during PPO, per beta. '
-                      f'{labels[1]} reaches {aligned["preference_rate"]:.1%} preference at a KL of '
-                      f'{aligned["kl_to_reference"]:.2f} nats.{comparison}',
+                        f'the preferred digit scores highest {_percent(metrics["reward"]["rank_rate"])} of the time.',
+        'ppo_curves': 'Reward-model score, KL to the reference and preference rate during PPO, per beta. '
+                      + ' '.join(f'{label} ends at {_percent(policy["preference_rate"])} preference and a KL of '
+                                 f'{policy["kl_to_reference"]:.2f} nats; it {_samples(samples.get(label))}.'
+                                 for label, policy in tuned.items()),
         'next_token_probs': 'Next-token probabilities of each model on one fixed sentence (bars) with the '
                             'exact language distribution (outlines) and, on the first step, the aligned '
                             f'target. The reference spreads its first digit over the increments '
-                            f'({reference["preference_rate"]:.1%} on the preferred one); {labels[1]} moves '
-                            f'the first digit and keeps the later ones ({aligned["fidelity"]:.1%} valid).{later}',
+                            f'({_percent(reference["preference_rate"])} on the preferred one). '
+                            + ' '.join(f'{_later_digits(label, policy, reference)}.' for label, policy in tuned.items())
+                            + ' ' + _closest_to_aligned(tuned),
         'attention': 'Attention weights of every layer and head at the position that predicts the first '
                      'output digit. Compare where each model looks when it chooses the first digit.',
-        'first_token': 'The probability each model puts on the preferred first digit, prompts sorted. '
-                       f'Mean: reference {reference["preference_rate"]:.1%}, {labels[1]} '
-                       f'{aligned["preference_rate"]:.1%}' + (f', {labels[2]} {other["preference_rate"]:.1%}.'
-                                                              if other else '.'),
+        'first_token': 'The probability each model puts on the preferred first digit, prompts sorted. Mean: '
+                       + ', '.join(f'{label} {_percent(policy["preference_rate"])}'
+                                   for label, policy in metrics['policies'].items()) + '.',
     }
 
 
@@ -75,8 +103,10 @@ def write_report(path, settings, metrics, timings, figures):
 
 ## Settings
 seed {settings['seed']}, betas {', '.join(f'{beta:g}' for beta in settings['betas'])}, \
-{'quick schedule' if settings['quick'] else 'default schedule'}; \
-{', '.join(f'{name} {version}' for name, version in settings['versions'].items())}.
+{'quick schedule' if settings['quick'] else 'default schedule'}; {settings['machine']['threads']} torch \
+thread(s) on {settings['machine']['processor']}; \
+{', '.join(f'{name} {version}' for name, version in settings['versions'].items())}. The numbers depend \
+on the thread count, the processor and the versions.
 
 {stage_settings}
 

@@ -19,8 +19,8 @@ from toy_rlhf.language import entropy_floor
 from toy_rlhf.methods import METHODS
 from toy_rlhf.methods.ppo import PPOConfig
 from toy_rlhf.metrics import EVALUATION_PROMPTS, PREFERENCE_TARGET, evaluate_policy, samples_to_preference
-from toy_rlhf.pipeline import (RewardConfig, SFTConfig, ensure_method, ensure_stage, reward_stage, sft_stage,
-                               versions)
+from toy_rlhf.pipeline import (RewardConfig, SFTConfig, ensure_method, ensure_stage, machine, reward_stage,
+                               sft_stage, versions)
 from toy_rlhf.report import write_report
 
 REFERENCE = 'reference (SFT)'
@@ -87,7 +87,7 @@ def run_all(run_dir, plots_dir, config, progress=True):
 
     settings = {'seed': config.seed, 'betas': list(config.betas), 'quick': config.quick,
                 'stages': {name: asdict(stage_config) for name, stage_config in configs.items()},
-                'versions': versions()}
+                'versions': versions(), 'machine': machine()}
     write_json(run_dir / 'metrics.json', {'settings': settings, **metrics})
     write_json(run_dir / 'timings.json', timings)
     write_report(run_dir / 'report.md', settings, metrics, timings, figures)
