@@ -1,4 +1,5 @@
 """The figures: each is written as a PNG of the size asked for, colours follow the model's position."""
+import re
 import struct
 
 import matplotlib.pyplot as plt
@@ -39,13 +40,53 @@ def assert_png(path, inches):
     assert plt.get_fignums() == []
 
 
-def test_moving_average_is_a_trailing_mean_with_an_expanding_start():
-    averaged = plots.moving_average([1, 2, 3, 4, 10], window=3)
-    np.testing.assert_allclose(averaged, [1, 1.5, 2, 3, 17 / 3])
-    np.testing.assert_allclose(plots.moving_average([4, 2], window=1), [4, 2])
-    np.testing.assert_allclose(plots.moving_average([4, 2], window=10), [4, 3])
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures the plot functions save, in order (closed, but still readable)."""
+    figures = []
+    real_save = plots._save
+
+    def save(fig, path):
+        figures.append(fig)
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, '_save', save)
+    return figures
+
+
+def test_the_centred_average_is_centred_and_cut_at_the_ends():
+    step = [0] * 10 + [1] * 10
+    averaged = plots.centred_average(step, window=5)
+    # Centred on the step: the average crosses 1/2 between the last 0 and the first 1, symmetrically.
+    np.testing.assert_allclose(averaged[8:12], [0.2, 0.4, 0.6, 0.8])
+    np.testing.assert_allclose(averaged[8:10], 1 - averaged[10:12][::-1])
+    np.testing.assert_allclose(plots.centred_average([3.0] * 7, window=5), [3.0] * 7)
+    # At the ends the window shrinks: the first point averages itself and the two after it.
+    np.testing.assert_allclose(plots.centred_average([1, 2, 3, 4, 10], window=5), [2, 2.5, 4, 4.75, 17 / 3])
+    np.testing.assert_allclose(plots.centred_average([4, 2], window=1), [4, 2])
     with pytest.raises(ValueError):
-        plots.moving_average([1], window=0)
+        plots.centred_average([1], window=0)
+
+
+def test_a_figure_save_interrupted_midway_leaves_the_previous_figure_and_no_temporary_file(tmp_path, monkeypatch):
+    path = tmp_path / 'sft_loss.png'
+    history = [{'iter': 10 * i, 'loss': 2.4 - 0.1 * i} for i in range(10)]
+    plots.plot_sft_loss(history, 1.17, path)
+    before = path.read_bytes()
+
+    def savefig_then_interrupted(self, file, **kwargs):
+        file.write(b'\x89PNG half a figure')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plt.Figure, 'savefig', savefig_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        plots.plot_sft_loss(history[:5], 1.17, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ['sft_loss.png']
+    assert plt.get_fignums() == []
+    with pytest.raises(KeyboardInterrupt):
+        plots.plot_sft_loss(history, 1.17, tmp_path / 'new.png')
+    assert not (tmp_path / 'new.png').exists()
 
 
 def test_model_colors_depend_only_on_position_and_are_distinct():
@@ -64,36 +105,58 @@ def test_sft_loss_figure(tmp_path):
     assert_png(path, plots.FIGURE_SIZES['sft_loss'])
 
 
-def test_reward_model_figure(tmp_path):
+def test_reward_model_figure(tmp_path, drawn):
     torch.manual_seed(0)
     reward_model = GPT(reward_model_config())
     history = [{'iter': 10 * i, 'chosen': 0.3 * i, 'rejected': -0.3 * i} for i in range(8)]
     path = plots.plot_reward_model(history, reward_model, PROMPT, RESPONSE, tmp_path / 'reward.png')
     assert_png(path, plots.FIGURE_SIZES['reward_model'])
+    assert all(ax.get_ylabel() for ax in drawn[0].axes)
 
 
-def test_ppo_curves_figure(tmp_path):
-    histories = {beta: [{'samples': 64 * i, 'objective/scores': i * scale, 'objective/kl_full': 0.1 * i,
-                         'gold/preference_rate': min(1.0, 0.3 + 0.05 * i)} for i in range(12)]
-                 for beta, scale in (('beta=1', 0.5), ('beta=0', 1.0))}
+def test_ppo_curves_figure_marks_where_each_policy_first_reached_99_percent(tmp_path, drawn):
+    rates = {'beta=1': [0.3, 0.6, 0.9, 0.995, 0.98, 0.999], 'beta=0': [0.3, 0.5, 0.7, 0.9, 0.95, 0.97],
+             'beta=0.1': [0.4, 0.99, 1.0, 1.0, 1.0, 1.0]}
+    histories = {label: [{'samples': 384 * (i + 1), 'objective/scores': rate, 'objective/kl_full': 0.1 * i,
+                          'gold/preference_rate': rate} for i, rate in enumerate(values)]
+                 for label, values in rates.items()}
     path = plots.plot_ppo_curves(histories, tmp_path / 'ppo.png')
     assert_png(path, plots.FIGURE_SIZES['ppo_curves'])
+    preference = drawn[0].axes[2]
+    legend = [text.get_text() for text in preference.get_legend().get_texts()]
+    # The markers sit where samples_to_preference puts the crossing, which the report quotes.
+    assert 'beta=1 first at 99%: 1,536 samples' in legend
+    assert 'beta=0.1 first at 99%: 768 samples' in legend
+    assert not any(text.startswith('beta=0 first') for text in legend)
+    assert '99% preference' in legend
+    # One dash per policy, the first drawn on top of the others.
+    averaged = {line.get_label(): line for line in preference.get_lines() if line.get_label() in histories}
+    assert len({line.get_linestyle() for line in averaged.values()}) == 3
+    assert averaged['beta=1'].get_zorder() > averaged['beta=0'].get_zorder() > averaged['beta=0.1'].get_zorder()
 
 
-def test_next_token_probs_figure(tmp_path, models):
+def test_next_token_probs_figure_keeps_the_star_inside_its_panel(tmp_path, models, drawn):
     path = plots.plot_next_token_probs(models, PROMPT, RESPONSE, tmp_path / 'next_token.png')
     assert_png(path, plots.next_token_figure_size(len(models)))
+    first_step = drawn[0].axes[0]
+    star = next(line for line in first_step.get_lines() if line.get_marker() == '*')
+    assert star.get_ydata()[0] < first_step.get_ylim()[1]  # drawn inside the axes, below the title
+    assert 'teacher forced' in drawn[0].get_suptitle()
 
 
-def test_attention_figure(tmp_path, models):
+def test_attention_figure_names_each_key_by_its_role(tmp_path, models, drawn):
     n_layer, n_head = len(models['beta=1'].transformer.h), models['beta=1'].transformer.h[0].attn.n_head
     path = plots.plot_attention(models, PROMPT, RESPONSE, tmp_path / 'attention.png')
     assert_png(path, plots.attention_figure_size(len(models), n_layer * n_head))
+    keys = [label.get_text() for label in drawn[0].axes[0].get_xticklabels()]
+    assert keys == ['x1 = 5', 'x2 = 7', 'x3 = 1', 'x4 = 5', 'SEP']
 
 
-def test_first_token_figure(tmp_path, models):
+def test_first_token_figure_gives_means_in_percent(tmp_path, models, drawn):
     path = plots.plot_first_token(models, tmp_path / 'first_token.png', n_prompts=200)
     assert_png(path, plots.FIGURE_SIZES['first_token'])
+    legend = [text.get_text() for text in drawn[0].axes[0].get_legend().get_texts()]
+    assert all(re.search(r'\(mean \d+\.\d%\)$', text) for text in legend), legend
 
 
 def test_plots_evaluate_models_in_eval_mode(tmp_path, models):

@@ -17,14 +17,16 @@ import torch
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from toy_rlhf.files import atomic_write
 from toy_rlhf.language import (DIGITS, PROMPT_LENGTH, VOCAB_SIZE, join,
                                next_token_distribution, preferred_first_token, sample_prompts)
 from toy_rlhf.methods import METHODS
-from toy_rlhf.metrics import true_distributions
+from toy_rlhf.metrics import PREFERENCE_TARGET, samples_to_preference, true_distributions
 from toy_rlhf.policy import response_log_probs
 from toy_rlhf.reward import first_digit_rewards
 
 DPI = 100
+STAR_HEIGHT = 1.1  # where next_token_probs marks the aligned target, above probability 1
 TOKEN_NAMES = [str(digit) for digit in range(DIGITS)] + ['SEP']
 REFERENCE_COLOR = '#6b7f99'  # grey-blue: the reference (SFT) policy, always first
 # The models after the reference, in order: green (the first, aligned beta), red, then more.
@@ -32,6 +34,7 @@ MODEL_COLORS = ['#2ca02c', '#d62728', '#ff7f0e', '#9467bd', '#8c564b', '#e377c2'
                 '#bcbd22', '#1f77b4']
 PREFERRED_COLOR = '#e6b800'  # gold: the preferred first digit and the responses that have it
 OTHER_COLOR = '#a7b0ba'  # light grey: everything else
+DASHES = ['-', '--', ':', '-.']  # line styles, by position, where curves of several policies overlap
 # Figure sizes in inches (width, height); the two per-model grids grow with the models they show.
 FIGURE_SIZES = {'sft_loss': (8, 4.5), 'reward_model': (13, 4.8), 'ppo_curves': (16, 4.8),
                 'first_token': (11, 5.5), 'frontier': (18, 6.5), 'ppo_variants': (13, 4.8),
@@ -57,23 +60,10 @@ def model_colors(labels):
             for i, label in enumerate(labels)}
 
 
-def moving_average(values, window):
-    """Trailing mean with an expanding start: out[i] = mean(values[max(0, i - window + 1) : i + 1]).
-
-    Same length as values (so it plots against the same x); the first window - 1 points average
-    the fewer values available. values: sequence of numbers -> (len(values),) float array."""
-    values = np.asarray(values, dtype=float)
-    if window < 1:
-        raise ValueError(f'window must be >= 1, got {window}')
-    sums = np.cumsum(np.concatenate([[0.0], values]))
-    ends = np.arange(1, len(values) + 1)
-    starts = np.maximum(0, ends - window)
-    return (sums[ends] - sums[starts]) / (ends - starts)
-
-
 def centred_average(values, window):
     """Centred mean: out[i] = mean(values[i - h : i + h + 1]), h = window // 2, the window cut at the
-    ends. A trailing mean lags by half its window, which reads as a slower learner than it is."""
+    ends (same length as values, so it plots against the same x). A trailing mean lags by half its
+    window, which reads as a slower learner than it is (PPO: ~770 samples at the default schedule)."""
     values = np.asarray(values, dtype=float)
     if window < 1:
         raise ValueError(f'window must be >= 1, got {window}')
@@ -90,12 +80,13 @@ def _words(tokens):
 
 
 def _save(fig, path):
-    """Write fig to path as a PNG at DPI (parents created), close it, return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    """Write fig to path as a PNG at DPI, atomically (an interrupted save leaves the previous figure,
+    or none), close it, return the path."""
+    try:
+        atomic_write(path, lambda file: fig.savefig(file, format='png', dpi=DPI))
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 def plot_sft_loss(history, entropy_floor, path):
@@ -130,11 +121,11 @@ def plot_reward_model(history, reward_model, prompt, response, path, window=5):
     for key, color in (('chosen', PREFERRED_COLOR), ('rejected', OTHER_COLOR)):
         values = [row[key] for row in history]
         curves.plot(iters, values, color=color, alpha=0.3, linewidth=1)
-        curves.plot(iters, moving_average(values, window), color=color, linewidth=2,
+        curves.plot(iters, centred_average(values, window), color=color, linewidth=2,
                     label=f'{key} responses')
     curves.set_xlabel('iteration')
     curves.set_ylabel('mean reward of the batch')
-    curves.set_title(f'Training (moving average over {window} logged iterations)')
+    curves.set_title(f'Training (centred moving average over {window} logged iterations)')
     curves.legend()
     curves.grid(alpha=0.3)
 
@@ -147,7 +138,7 @@ def plot_reward_model(history, reward_model, prompt, response, path, window=5):
     bars.margins(y=0.25)
     bars.set_xticks(range(DIGITS))
     bars.set_xlabel('first output digit')
-    bars.set_ylabel('reward')
+    bars.set_ylabel('reward-model score r(x, y)')
     bars.set_title(f'prompt {_words(prompt)}, response _ {_words(response[1:])}')
     bars.grid(axis='y', alpha=0.3)
     fig.suptitle('Reward model: training curves and the reward of each possible first digit')
@@ -156,34 +147,47 @@ def plot_reward_model(history, reward_model, prompt, response, path, window=5):
 
 def plot_ppo_curves(histories, path, window=5):
     """PPO training curves of each beta vs rollout samples: reward-model score, KL to the reference,
-    preference rate (moving average over `window` iterations, raw values faint behind).
+    preference rate (centred moving average over `window` iterations, raw values faint behind), with
+    the 99% preference line and where each policy's rollouts first crossed it (the report's "samples
+    to 99%").
 
     histories: ordered dict label -> list of rows with keys 'samples', 'objective/scores',
     'objective/kl_full', 'gold/preference_rate'. Colours are those the policies have in the other
-    figures (the reference's slot is skipped)."""
+    figures (the reference's slot is skipped); each policy has its own dash, and the first is drawn
+    on top, so a later policy that lands on the same values does not hide it."""
     colors = model_colors(['reference (SFT)', *histories])
+    styles = {label: DASHES[i % len(DASHES)] for i, label in enumerate(histories)}
     panels = [('objective/scores', 'reward-model score (mean over the batch)', 'Reward-model score'),
               ('objective/kl_full', 'KL(policy || reference), nats per response', 'KL to the reference'),
               ('gold/preference_rate', 'P(first digit is the preferred one)', 'Preference rate (exact)')]
     fig, axes = plt.subplots(1, len(panels), figsize=FIGURE_SIZES['ppo_curves'], layout='constrained')
-    _curve_panels(axes, histories, colors, panels, window)
-    axes[2].set_ylim(0, 1.02)
-    axes[0].legend(title='PPO policy')
-    fig.suptitle(f'PPO training (moving average over {window} iterations, raw values faint)')
+    _curve_panels(axes, histories, colors, panels, window, styles)
+    preference = axes[2]
+    preference.axhline(PREFERENCE_TARGET, color='black', linestyle='--', linewidth=1,
+                       label=f'{PREFERENCE_TARGET:.0%} preference')
+    for label, rows in histories.items():
+        crossing = samples_to_preference(rows, PREFERENCE_TARGET)
+        if crossing is not None:
+            preference.plot(crossing, PREFERENCE_TARGET, marker='v', markersize=10, color=colors[label],
+                            markeredgecolor='black', linestyle='none', zorder=5,
+                            label=f'{label} first at {PREFERENCE_TARGET:.0%}: {crossing:,} samples')
+    preference.set_ylim(0, 1.02)
+    preference.legend(loc='lower right', fontsize=8, ncols=1 if len(histories) <= 3 else 2)
+    fig.suptitle(f'PPO training (centred moving average over {window} iterations, raw values faint)')
     return _save(fig, path)
 
 
 def _curve_panels(axes, histories, colors, panels, window, styles=None):
-    """One panel per (key, ylabel, title): each history's values against rollout samples, a moving
-    average over raw values drawn faint."""
+    """One panel per (key, ylabel, title): each history's values against rollout samples, a centred
+    moving average over raw values drawn faint. The first history is drawn on top."""
     for ax, (key, ylabel, title) in zip(axes, panels):
-        for label, rows in histories.items():
+        for order, (label, rows) in enumerate(histories.items()):
             samples = [row['samples'] for row in rows]
             values = [row[key] for row in rows]
             style = (styles or {}).get(label, '-')
             ax.plot(samples, values, color=colors[label], alpha=0.2, linewidth=1, linestyle=style)
-            ax.plot(samples, moving_average(values, window), color=colors[label], linewidth=2,
-                    linestyle=style, label=label)
+            ax.plot(samples, centred_average(values, window), color=colors[label], linewidth=2.5,
+                    linestyle=style, label=label, zorder=3 + len(histories) - order)
         ax.set_xlabel('rollout samples')
         ax.set_ylabel(ylabel)
         ax.set_title(title)
@@ -199,15 +203,14 @@ def plot_ppo_variants(histories, path, window=5):
     variant_colors = {'leave-one-out': MODEL_COLORS[0], 'critic': MODEL_COLORS[3]}
     colors = {label: variant_colors[label.split(',')[0]] for label in histories}
     seeds = sorted({label.split('seed ')[-1] for label in histories})
-    dashes = ['-', '--', ':', '-.']
-    styles = {label: dashes[seeds.index(label.split('seed ')[-1]) % len(dashes)] for label in histories}
+    styles = {label: DASHES[seeds.index(label.split('seed ')[-1]) % len(DASHES)] for label in histories}
     panels = [('gold/preference_rate', 'P(first digit is the preferred one)', 'Preference rate (exact)'),
               ('objective/rlhf_reward', 'score - beta * KL (mean over the batch)', 'Objective')]
     fig, axes = plt.subplots(1, len(panels), figsize=FIGURE_SIZES['ppo_variants'], layout='constrained')
     _curve_panels(axes, histories, colors, panels, window, styles)
     axes[0].set_ylim(0, 1.02)
     axes[1].legend(fontsize=8)
-    fig.suptitle(f'PPO with a leave-one-out baseline vs a learned critic (moving average over {window} iterations)')
+    fig.suptitle(f'PPO with a leave-one-out baseline vs a learned critic (centred moving average over {window} iterations)')
     return _save(fig, path)
 
 
@@ -300,14 +303,13 @@ def plot_methods(frontier, rows, histories, path, window=5):
     points.set_title('Where each method lands (exact)')
     points.grid(alpha=0.3)
 
-    dashes = ['-', '--', ':', '-.']
     betas = sorted({label.split('beta=')[-1] for label in histories})
     for ax, key, title in ((preference, 'gold/preference_rate', 'Preference rate of the rollouts (exact)'),
                            (objective, 'objective/rlhf_reward', 'score - beta * KL of the rollouts')):
         for label, (name, history) in histories.items():
             samples = [row['samples'] for row in history]
             ax.plot(samples, centred_average([row[key] for row in history], window), color=METHODS[name].color,
-                    linewidth=2, linestyle=dashes[betas.index(label.split('beta=')[-1]) % len(dashes)])
+                    linewidth=2, linestyle=DASHES[betas.index(label.split('beta=')[-1]) % len(DASHES)])
         ax.set_xlabel('rollout samples')
         ax.set_title(f'{title}\n(centred moving average over {window} iterations)')
         ax.grid(alpha=0.3)
@@ -340,11 +342,12 @@ def plot_next_token_probs(models, prompt, response, path):
             ax = axes[row, step]
             ax.bar(range(VOCAB_SIZE), probs[label][step].numpy(), color=colors[label])
             ax.bar(range(VOCAB_SIZE), language[step].numpy(), fill=False, edgecolor='black', linewidth=1.3)
-            if step == 0:
-                ax.plot(preferred, 1.0, marker='*', markersize=15, color=PREFERRED_COLOR,
-                        markeredgecolor='black', clip_on=False, zorder=5)
+            if step == 0:  # inside the panel, above the bars' highest possible value, clear of the title
+                ax.plot(preferred, STAR_HEIGHT, marker='*', markersize=15, color=PREFERRED_COLOR,
+                        markeredgecolor='black', zorder=5)
             ax.set_xticks(range(VOCAB_SIZE), TOKEN_NAMES, fontsize=8)
-            ax.set_ylim(0, 1)
+            ax.set_ylim(0, STAR_HEIGHT + 0.08)
+            ax.set_yticks(np.linspace(0, 1, 6))
             ax.grid(axis='y', alpha=0.3)
             if row == 0:
                 ax.set_title(prefixes[step])
@@ -356,8 +359,16 @@ def plot_next_token_probs(models, prompt, response, path):
                Line2D([], [], marker='*', markersize=15, color=PREFERRED_COLOR, markeredgecolor='black',
                       linestyle='none', label='aligned target: all mass on the preferred digit')]
     fig.legend(handles=handles, loc='outside lower center', ncol=3)
-    fig.suptitle(f'Next-token probabilities for {_words(sentence[0])} (teacher forced)')
+    fig.suptitle(f'Next-token probabilities for {_words(sentence[0])}, teacher forced: each step is '
+                 "conditioned on this sentence's own earlier tokens, not on the model's samples")
     return _save(fig, path)
+
+
+def key_names(tokens):
+    """Axis labels of the keys of plot_attention: the prompt's digits by role and value, then SEP
+    (e.g. 'x1 = 5', ..., 'x4 = 5', 'SEP'); the README's point is about x4."""
+    return [f'x{i + 1} = {TOKEN_NAMES[int(token)]}' if i < PROMPT_LENGTH else TOKEN_NAMES[int(token)]
+            for i, token in enumerate(tokens)]
 
 
 def plot_attention(models, prompt, response, path):
@@ -384,7 +395,7 @@ def plot_attention(models, prompt, response, path):
                     color='white' if value > 0.6 else 'black')
         for layer in range(1, n_layer):
             ax.axhline(layer * n_head - 0.5, color='black', linewidth=1.5)
-        ax.set_xticks(range(n_keys), [TOKEN_NAMES[int(t)] for t in idx[0, :n_keys]])
+        ax.set_xticks(range(n_keys), key_names(idx[0, :n_keys]))
         ax.set_yticks(range(n_layer * n_head),
                       [f'L{layer + 1} H{head + 1}' for layer in range(n_layer) for head in range(n_head)])
         ax.set_xlabel('key (token attended to)')
@@ -411,11 +422,11 @@ def plot_first_token(models, path, n_prompts=2000, seed=0):
 
     fig, ax = plt.subplots(figsize=FIGURE_SIZES['first_token'], layout='constrained')
     ax.plot(share, language.sort(descending=True).values.numpy(), color='black', linestyle='--',
-            label=f'language, exact (mean {language.mean():.2f})')
+            label=f'language, exact (mean {language.mean():.1%})')
     for i, (label, p) in enumerate(probability.items()):
         # The reference is drawn wider so that it still shows under a policy that stayed on top of it.
         ax.plot(share, p.sort(descending=True).values.numpy(), color=colors[label],
-                linewidth=4 if i == 0 else 2, label=f'{label} (mean {p.mean():.2f})')
+                linewidth=4 if i == 0 else 2, label=f'{label} (mean {p.mean():.1%})')
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel('share of prompts (sorted by probability, highest first)')
