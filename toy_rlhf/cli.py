@@ -25,6 +25,7 @@ from toy_rlhf.flags import Bounds, PositiveInt, Seed, add_config_flags, config_f
 from toy_rlhf.methods import METHODS
 from toy_rlhf.metrics import EVALUATION_PROMPTS
 from toy_rlhf.optimal import EXACT_PROMPTS
+from toy_rlhf.preferences import PreferenceError, resolve_preference
 from toy_rlhf.run_all import RunAllConfig, quick_schedule, run_all
 from toy_rlhf.run_dir import RunDirError, open_run_dir
 from toy_rlhf.sweep import SweepConfig, compare_critic, sweep
@@ -85,7 +86,8 @@ def method_command(method):
 def add_all_arguments(parser):
     add_config_flags(parser, RunAllConfig, skip=('sft', 'reward', 'ppo'))
     for stage in ('sft', 'reward', 'ppo'):
-        add_config_flags(parser, type(getattr(RunAllConfig(), stage)), prefix=stage, skip=('seed', 'device', 'beta'))
+        add_config_flags(parser, type(getattr(RunAllConfig(), stage)), prefix=stage,
+                         skip=('seed', 'device', 'beta', 'preference'))
     add_plots_dir(parser, 'the six figures')
 
 
@@ -188,7 +190,8 @@ def evaluate(args):
         return
     print(f'{path} against {reference}, {args.prompts} prompts (seed {args.seed}):')
     for name, value in metrics.items():
-        print(f'  {name:<32} {value:.4f}')
+        shown = ' '.join(f'{item:.4f}' for item in value) if isinstance(value, list) else f'{value:.4f}'
+        print(f'  {name:<32} {shown}')
 
 
 @dataclass(frozen=True)
@@ -254,6 +257,9 @@ def prepare(args, writes_run_dir):
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if getattr(args, 'device', None) == 'cuda' and not torch.cuda.is_available():
         raise UsageError('--device cuda: no CUDA device is available here; use --device cpu')
+    for name, value in vars(args).items():
+        if name.rpartition('.')[2] == 'preference':
+            check_preference(value)
     if args.threads:
         torch.set_num_threads(args.threads)
     if writes_run_dir and args.run_dir is None:
@@ -270,6 +276,14 @@ def prepare(args, writes_run_dir):
         else:
             args.plots_dir = args.run_dir / 'plots'
     args.progress = not args.quiet
+
+
+def check_preference(name):
+    """Refuse a --preference that is neither a built-in nor a working module:function, before training."""
+    try:
+        resolve_preference(name)
+    except PreferenceError as error:
+        raise UsageError(str(error)) from None
 
 
 def _check_writable(folder):
@@ -302,7 +316,7 @@ def run_command(command, argv=None, prog=None):
         prepare(args, spec.writes_run_dir)
         with open_run_dir(args.run_dir) if spec.writes_run_dir else contextlib.nullcontext():
             spec.run(args)
-    except (UsageError, CheckpointError, TrainingError, WriteError, RunDirError) as error:
+    except (UsageError, CheckpointError, TrainingError, WriteError, RunDirError, PreferenceError) as error:
         print(f'{parser.prog}: error: {error}', file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as stop:

@@ -2,8 +2,9 @@
 import torch
 from torch.utils.data import Dataset
 
-from toy_rlhf.language import (CLS, PROMPT_LENGTH, WINDOW, increments, join,
-                               preferred_first_token, sample_prompts, sample_responses)
+from toy_rlhf.language import CLS, PROMPT_LENGTH, WINDOW, increments, join, sample_prompts, sample_responses
+from toy_rlhf.policy import generate_responses
+from toy_rlhf.preferences import DEFAULT_PREFERENCE, PREFERENCES
 
 
 def supervised_batch(n, generator=None):
@@ -33,20 +34,20 @@ class SupervisedDataset(Dataset):
         return self.x[i], self.y[i]
 
 
-def gold_reward(prompts, responses, margin):
-    """The hidden true reward the labeler judges by: `margin` if the first output digit is the
-    preferred one, else 0. prompts (B, 4), responses (B, >=1) -> (B,) float."""
-    preferred = responses[:, 0] == preferred_first_token(prompts)
-    return preferred.to(torch.float32) * margin
+def gold_reward(prompts, responses, margin, preference=PREFERENCES[DEFAULT_PREFERENCE]):
+    """The hidden true reward the labeler judges by: the preference's gold reward times `margin`
+    (first-digit: `margin` if the first output digit is the preferred one, else 0).
+    prompts (B, 4), responses (B, 4) -> (B,) float."""
+    return preference.reward(prompts, responses) * margin
 
 
-def labeler(prompts, first, second, margin, generator=None):
+def labeler(prompts, first, second, margin, generator=None, preference=PREFERENCES[DEFAULT_PREFERENCE]):
     """The stand-in for a human: True where `first` is chosen over `second`.
 
     Bradley-Terry: P(first chosen) = sigmoid(r_gold(first) - r_gold(second)), so a large margin gives
-    (almost) noiseless labels and a small one noisy labels.
+    (almost) noiseless labels and a small one noisy labels. Equal gold rewards give a coin flip.
     """
-    difference = gold_reward(prompts, first, margin) - gold_reward(prompts, second, margin)
+    difference = gold_reward(prompts, first, margin, preference) - gold_reward(prompts, second, margin, preference)
     return torch.rand(len(prompts), generator=generator) < torch.sigmoid(difference)
 
 
@@ -56,24 +57,35 @@ def with_cls(responses):
 
 
 class PreferenceDataset(Dataset):
-    """`size` labelled pairs: item i -> (prompt + SEP (5,), chosen (5,), rejected (5,)).
+    """`size` labelled pairs: item i -> (prompt + SEP (5,), chosen (5,), rejected (5,)), responses
+    ending with CLS; the labeler decides which of a pair is chosen, by the preference's gold reward.
 
-    Both responses are valid sentences of the language and end with CLS. One starts with the
-    preferred first digit (x4 + 1) % 10, the other with another digit the rule allows; the labeler
-    decides which is chosen. Prompts whose four digits are all equal allow only the preferred
-    first digit, so they cannot form a pair and are not drawn.
+    source 'first-digit' (the notebook's, for a preference with a first_token): both responses are
+    valid sentences, one starts with the preferred first digit, the other with another digit the rule
+    allows. Prompts whose four digits are all equal allow only the preferred first digit, so they
+    cannot form a pair and are not drawn. 'language' / 'sft': two responses sampled independently for
+    the same prompt from the language / from `policy` (InstructGPT's way); pairs of equal gold reward
+    get coin-flip labels. 'default': the preference's own choice.
     """
 
-    def __init__(self, size, gold_margin, seed=0):
+    def __init__(self, size, gold_margin, seed=0, preference=PREFERENCES[DEFAULT_PREFERENCE], source='default',
+                 policy=None):
         generator = torch.Generator().manual_seed(seed)
-        prompts = _pairable_prompts(size, generator)
-        preferred = preferred_first_token(prompts)
-        good = sample_responses(prompts, generator, first_token=preferred)
-        bad = sample_responses(prompts, generator, first_token=_other_allowed_first(prompts, generator))
-        good_wins = labeler(prompts, good, bad, gold_margin, generator).unsqueeze(1)
+        source = preference.pairs if source == 'default' else source
+        if source == 'first-digit':
+            prompts = _pairable_prompts(size, generator)
+            preferred = preference.first_token(prompts)
+            first = sample_responses(prompts, generator, first_token=preferred)
+            second = sample_responses(prompts, generator,
+                                      first_token=_other_allowed_first(prompts, preferred, generator))
+        else:
+            prompts = sample_prompts(size, generator)
+            first, second = (_sampled_responses(prompts, source, policy, generator) for _ in range(2))
+        first_wins = labeler(prompts, first, second, gold_margin, generator, preference).unsqueeze(1)
+        self.decisive = preference.reward(prompts, first) != preference.reward(prompts, second)  # (size,): not a tie
         self.context = join(prompts)
-        self.chosen = with_cls(torch.where(good_wins, good, bad))
-        self.rejected = with_cls(torch.where(good_wins, bad, good))
+        self.chosen = with_cls(torch.where(first_wins, first, second))
+        self.rejected = with_cls(torch.where(first_wins, second, first))
 
     def __len__(self):
         return len(self.context)
@@ -98,11 +110,18 @@ def _pairable_prompts(n, generator):
         prompts[unpairable] = sample_prompts(int(unpairable.sum()), generator)
 
 
-def _other_allowed_first(prompts, generator):
-    """A first output digit the rule allows that is not the preferred one, uniform over the window
+def _sampled_responses(prompts, source, policy, generator):
+    """One response per prompt (B, 4) from the language or from policy (source 'sft'): (B, 4)."""
+    if source == 'language':
+        return sample_responses(prompts, generator)
+    return generate_responses(policy.eval(), prompts, generator)[:, PROMPT_LENGTH + 1:]
+
+
+def _other_allowed_first(prompts, preferred, generator):
+    """A first output digit the rule allows that is not `preferred` (B,), uniform over the window
     slots that give one: (B, 4) -> (B,)."""
     allowed = increments(prompts[:, -WINDOW:])
-    other = allowed != preferred_first_token(prompts).unsqueeze(1)
+    other = allowed != preferred.unsqueeze(1)
     weights = other.to(torch.float32)
     choice = torch.multinomial(weights, 1, generator=generator)
     return allowed.gather(1, choice).squeeze(1)

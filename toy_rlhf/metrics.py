@@ -7,10 +7,11 @@ only the prefixes themselves are sampled, with a seeded generator.
 import torch
 import torch.nn.functional as F
 
-from toy_rlhf.language import (PROMPT_LENGTH, RESPONSE_LENGTH, VOCAB_SIZE, join,
+from toy_rlhf.language import (PROMPT_LENGTH, RESPONSE_LENGTH, VOCAB_SIZE, is_valid_output, join,
                                next_token_distribution, preferred_first_token, sample_prompts,
                                sample_responses)
 from toy_rlhf.policy import generate_responses, response_log_probs
+from toy_rlhf.preferences import DEFAULT_PREFERENCE, PREFERENCES, aligned_paths, reaches_best
 
 EVALUATION_PROMPTS = 2000  # prompts of the sampled exact metrics: standard error ~0.1 points on a rate
 PREFERENCE_TARGET = 0.99  # "learned the preference": the rate the samples-to-target counts are measured to
@@ -35,6 +36,31 @@ def kl_divergence(p, log_q):
 def preferred_probability(log_probs, sentences):
     """The probability a policy puts on the preferred first digit: log_probs (B, 4, V) -> (B,)."""
     return log_probs[:, 0].exp().gather(1, preferred_first_token(sentences).unsqueeze(1)).squeeze(1)
+
+
+def best_level_rate(preference, log_probs, sentences):
+    """Per sentence (B, 9), whether the policy reaches the best gold level the language reaches for the
+    prompt: for a first-digit preference, the exact probability of the preferred first digit given the
+    prompt (from log_probs (B, 4, V)); otherwise the indicator of the sampled response. (B,)"""
+    if preference.first_token is not None:
+        return log_probs[:, 0].exp().gather(1, preference.first_token(sentences).unsqueeze(1)).squeeze(1)
+    return reaches_best(preference, sentences[:, :PROMPT_LENGTH], sentences[:, PROMPT_LENGTH + 1:]).float()
+
+
+def aligned_distributions(preference, prompts, generator=None):
+    """Sentences (B, 9) drawn from the aligned language (the language conditioned on the best gold
+    level reachable for the prompt) and its exact next-token distribution at each of their response
+    positions (B, 4, vocab), by enumerating the language's 256 paths per prompt."""
+    paths, aligned = aligned_paths(preference, prompts)  # (B, 256, 4), (B, 256)
+    choice = torch.multinomial(aligned.float(), 1, generator=generator)  # (B, 1)
+    responses = paths.gather(1, choice.unsqueeze(2).expand(-1, -1, RESPONSE_LENGTH)).squeeze(1)  # (B, 4)
+    distributions = []
+    for step in range(RESPONSE_LENGTH):
+        # The aligned paths that wrote this response's first `step` digits, and their next digit.
+        same_prefix = aligned & (paths[:, :, :step] == responses[:, None, :step]).all(dim=2)  # (B, 256)
+        counts = F.one_hot(paths[:, :, step], VOCAB_SIZE).float() * same_prefix.unsqueeze(2)
+        distributions.append(counts.sum(dim=1) / same_prefix.sum(dim=1, keepdim=True))
+    return join(prompts, responses), torch.stack(distributions, dim=1)
 
 
 def rule_probability(log_probs, sentences):
@@ -79,30 +105,45 @@ def gold_rate(policy, prompts, generator=None):
 
 
 @torch.no_grad()
-def evaluate_policy(policy, reference, n_prompts=EVALUATION_PROMPTS, seed=0):
+def evaluate_policy(policy, reference, n_prompts=EVALUATION_PROMPTS, seed=0,
+                    preference=PREFERENCES[DEFAULT_PREFERENCE]):
     """The exact gold metrics of a policy, on n_prompts prompts drawn with `seed`.
 
-    preference_rate  P(first digit == preferred)
+    preference_rate  P(gold reward >= the best level the language reaches for the prompt); for
+                     first-digit, P(first digit == preferred)
+    gold_reward      E[gold reward] (0 to 1 for the built-ins)
     fidelity         share of digits 2-4 that obey the rule
-    gold_rate        P(preferred first digit and all later digits valid)
+    gold_rate        P(best level and all digits valid)
     kl_to_reference  KL(policy || reference) of whole responses, nats (full next-token KL summed
                      along responses sampled from the policy: exact in expectation)
-    kl_to_aligned    KL(aligned language || policy) of whole responses, nats (along aligned sentences)
+    kl_to_reference_by_position  its four terms, one per response position
+    kl_to_aligned    KL(aligned language || policy) of whole responses, nats (along aligned sentences;
+                     the aligned language is the language conditioned on the best reachable level)
+
+    A first-digit preference keeps the notebook's lower-variance estimators (exact given the prompt).
     """
     policy, reference = policy.eval(), reference.eval()
     generator = torch.Generator().manual_seed(seed)
     prompts = sample_prompts(n_prompts, generator)
     sentences = generate_responses(policy, prompts, generator)
     log_probs = response_log_probs(policy, sentences)
-    aligned = join(prompts, sample_responses(prompts, generator, first_token=preferred_first_token(prompts)))
+    if preference.first_token is not None:
+        aligned = join(prompts, sample_responses(prompts, generator, first_token=preference.first_token(prompts)))
+        aligned_targets = true_distributions(aligned, aligned=True)
+        gold = gold_rate(policy, prompts, generator)
+    else:
+        aligned, aligned_targets = aligned_distributions(preference, prompts, generator)
+        responses = sentences[:, PROMPT_LENGTH + 1:]
+        gold = reaches_best(preference, prompts, responses) & is_valid_output(prompts, responses).all(dim=1)
+    kl_to_reference = kl_divergence(log_probs.exp(), response_log_probs(reference, sentences))  # (B, 4)
     return {
-        'preference_rate': preferred_probability(log_probs, sentences).mean().item(),
+        'preference_rate': best_level_rate(preference, log_probs, sentences).mean().item(),
+        'gold_reward': preference.reward(prompts, sentences[:, PROMPT_LENGTH + 1:]).mean().item(),
         'fidelity': rule_probability(log_probs, sentences)[:, 1:].mean().item(),
-        'gold_rate': gold_rate(policy, prompts, generator).mean().item(),
-        'kl_to_reference': kl_divergence(log_probs.exp(), response_log_probs(reference, sentences))
-                           .sum(dim=1).mean().item(),
-        'kl_to_aligned': kl_divergence(true_distributions(aligned, aligned=True),
-                                       response_log_probs(policy, aligned)).sum(dim=1).mean().item(),
+        'gold_rate': gold.float().mean().item(),
+        'kl_to_reference': kl_to_reference.sum(dim=1).mean().item(),
+        'kl_to_reference_by_position': kl_to_reference.mean(dim=0).tolist(),
+        'kl_to_aligned': kl_divergence(aligned_targets, response_log_probs(policy, aligned)).sum(dim=1).mean().item(),
     }
 
 

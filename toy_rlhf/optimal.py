@@ -16,12 +16,15 @@ writing four digits). The mass a policy puts on responses with SEP in them is re
 such as J_beta(pi*) = J*_beta hold to ~1e-12.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from toy_rlhf.data import gold_reward
-from toy_rlhf.language import CLS, DIGITS, RESPONSE_LENGTH, is_valid_output, join, preferred_first_token
+from toy_rlhf.language import CLS, DIGITS, RESPONSE_LENGTH, is_valid_output, join
+from toy_rlhf.preferences import DEFAULT_PREFERENCE, PREFERENCES, Preference, best_reachable
+
+FIRST_DIGIT = PREFERENCES[DEFAULT_PREFERENCE]
 
 RESPONSES = DIGITS ** RESPONSE_LENGTH  # 10^4 digit responses per prompt
 # Prompts of an exact evaluation (each: all 10^4 responses): the gap closed to J* then has a standard
@@ -196,7 +199,7 @@ def objective(log_pi, log_ref, rewards, beta):
 
 def kl_split(log_pi, log_ref):
     """KL(pi || pi_ref) of responses, split by the chain rule into the first digit and the rest:
-    (P, 10^4), (P, 10^4) -> {'kl_total', 'kl_first', 'kl_later'}, each (P,).
+    (P, 10^4), (P, 10^4) -> {'kl_total', 'kl_first', 'kl_later', 'kl_1', .., 'kl_4'}, each (P,).
 
     kl_first = KL(pi(y1) || pi_ref(y1)) of the first-digit marginals; kl_later = kl_total - kl_first
     = E_{y1~pi} KL(pi(y2 y3 y4 | y1) || pi_ref(y2 y3 y4 | y1)) >= 0.
@@ -207,60 +210,71 @@ def kl_split(log_pi, log_ref):
     The gold reward is of that kind and the learned one nearly so; KL a trained policy spends on
     digits 2-4 beyond what pi* of the same reward spends is waste (noise from the optimiser) or
     reward hacking (exploiting how the learned reward reads the later digits).
+
+    The same chain rule, one position at a time, gives kl_1..kl_4 (kl_1 = kl_first): position t's
+    term E_{y<t~pi} KL(pi(y_t | y<t) || pi_ref(y_t | y<t)), the KL of the first t digits' marginals
+    less that of the first t - 1. A preference on the last digit moves every position.
     """
-    first_pi, first_ref = (_first_digit_marginal(log_probs) for log_probs in (log_pi, log_ref))
-    total = response_kl(log_pi, log_ref)
-    first = response_kl(first_pi, first_ref)
-    return {'kl_total': total, 'kl_first': first, 'kl_later': total - first}
+    prefix_kls = [response_kl(*(_prefix_marginal(log_probs, length) for log_probs in (log_pi, log_ref)))
+                  for length in range(1, RESPONSE_LENGTH)] + [response_kl(log_pi, log_ref)]
+    total, first = prefix_kls[-1], prefix_kls[0]
+    by_position = {f'kl_{t + 1}': kl - (prefix_kls[t - 1] if t else 0) for t, kl in enumerate(prefix_kls)}
+    return {'kl_total': total, 'kl_first': first, 'kl_later': total - first, **by_position}
 
 
-def _first_digit_marginal(log_pi):
-    """log pi(y1) over digit responses: (P, 10^4) -> (P, 10)."""
-    return digit_distribution(log_pi).view(len(log_pi), DIGITS, -1).logsumexp(dim=2)
+def _prefix_marginal(log_pi, length):
+    """log pi(y1..y_length) over digit responses: (P, 10^4) -> (P, 10^length)."""
+    return digit_distribution(log_pi).view(len(log_pi), DIGITS ** length, -1).logsumexp(dim=2)
 
 
-def gold_metrics(log_pi, prompts):
+def gold_metrics(log_pi, prompts, preference=FIRST_DIGIT):
     """Exact gold metrics of a response distribution, over digit responses: log_pi (P, 10^4),
-    prompts (P, 4) -> {'preference_rate', 'fidelity', 'gold_rate'}, each (P,).
+    prompts (P, 4) -> {'preference_rate', 'gold_reward', 'fidelity', 'gold_rate'}, each (P,).
 
-    preference_rate  mass on y1 == (x4 + 1) % 10
+    preference_rate  mass on responses at least as good as the best gold level a valid response
+                     reaches for the prompt (first-digit: y1 == (x4 + 1) % 10)
+    gold_reward      expected gold reward
     fidelity         expected share of digits 2-4 that obey the rule
-    gold_rate        mass on responses with the preferred y1 and all of digits 2-4 valid
+    gold_rate        mass on responses of the best level with all four digits valid
     """
     P = len(prompts)
     responses = all_responses().repeat(P, 1)  # (P * 10^4, 4)
-    valid = is_valid_output(prompts.repeat_interleave(RESPONSES, dim=0), responses).view(P, RESPONSES, -1)
-    preferred = responses[:, 0].view(P, RESPONSES) == preferred_first_token(prompts).unsqueeze(1)
+    repeated_prompts = prompts.repeat_interleave(RESPONSES, dim=0)
+    valid = is_valid_output(repeated_prompts, responses).view(P, RESPONSES, -1)
+    gold = preference.reward(repeated_prompts, responses).view(P, RESPONSES)
+    best = gold >= best_reachable(preference, prompts).unsqueeze(1)
     later_valid = valid[:, :, 1:]  # (P, 10^4, 3)
     pi = digit_distribution(log_pi).exp()
     return {
-        'preference_rate': (pi * preferred).sum(dim=1),
+        'preference_rate': (pi * best).sum(dim=1),
+        'gold_reward': (pi * gold.double()).sum(dim=1),
         'fidelity': (pi * later_valid.double().mean(dim=2)).sum(dim=1),
-        'gold_rate': (pi * (preferred & later_valid.all(dim=2))).sum(dim=1),
+        'gold_rate': (pi * (best & valid.all(dim=2))).sum(dim=1),
     }
 
 
 # ---------------------------------------------------------------------------------------------
 # Summaries: means over prompts, as plain floats.
 
-def distribution_summary(log_pi, log_ref, rewards, prompts):
+def distribution_summary(log_pi, log_ref, rewards, prompts, preference=FIRST_DIGIT):
     """A response distribution against the reference: means over prompts of E[r], the KL split and
-    the gold metrics, {name: float}."""
+    the gold metrics of `preference`, {name: float}."""
     per_prompt = {'reward': expected_reward(log_pi, rewards), **kl_split(log_pi, log_ref),
-                  **gold_metrics(log_pi, prompts)}
+                  **gold_metrics(log_pi, prompts, preference)}
     return {name: value.mean().item() for name, value in per_prompt.items()}
 
 
-def optimal_frontier(log_ref, rewards, prompts, betas):
+def optimal_frontier(log_ref, rewards, prompts, betas, preference=FIRST_DIGIT):
     """The optimum at each beta, from one reference table and one reward table: a list of
-    {'beta', 'J_star', 'reward', 'kl_total', 'kl_first', 'kl_later', 'preference_rate',
-    'fidelity', 'gold_rate'} (means over prompts), one per beta."""
+    {'beta', 'J_star', 'reward', the KL split, the gold metrics of `preference`} (means over
+    prompts), one per beta."""
     return [{'beta': beta, 'J_star': optimal_value(log_ref, rewards, beta).mean().item(),
-             **distribution_summary(optimal_log_probs(log_ref, rewards, beta), log_ref, rewards, prompts)}
+             **distribution_summary(optimal_log_probs(log_ref, rewards, beta), log_ref, rewards, prompts,
+                                    preference)}
             for beta in betas]
 
 
-def compare_to_optimum(log_pi, log_ref, rewards, prompts, beta):
+def compare_to_optimum(log_pi, log_ref, rewards, prompts, beta, preference=FIRST_DIGIT):
     """A policy's table against the optimum at beta, all from precomputed (P, 10^4) tables.
 
     Returns means over prompts: J (the policy's objective), J_star, J_ref (= E_ref[r], the
@@ -272,22 +286,28 @@ def compare_to_optimum(log_pi, log_ref, rewards, prompts, beta):
     J = objective(log_pi, log_ref, rewards, beta).mean().item()
     J_star = optimal_value(log_ref, rewards, beta).mean().item()
     J_ref = expected_reward(log_ref, rewards).mean().item()
-    optimum = distribution_summary(optimal_log_probs(log_ref, rewards, beta), log_ref, rewards, prompts)
+    optimum = distribution_summary(optimal_log_probs(log_ref, rewards, beta), log_ref, rewards, prompts, preference)
     return {'beta': beta, 'J': J, 'J_star': J_star, 'J_ref': J_ref,
             'gap_closed': (J - J_ref) / (J_star - J_ref) if J_star > J_ref else float('nan'),
-            **distribution_summary(log_pi, log_ref, rewards, prompts),
+            **distribution_summary(log_pi, log_ref, rewards, prompts, preference),
             **{f'optimal_{name}': value for name, value in optimum.items()},
             'non_digit_mass': non_digit_mass(log_pi).mean().item()}
 
 
-def evaluate_against_optimum(policy, reference, reward_model, beta, prompts):
+def evaluate_against_optimum(policy, reference, reward_model, beta, prompts, preference=FIRST_DIGIT,
+                             gold_margin=None):
     """A policy model against the exact optimum of its objective at beta on prompts (P, 4): see
-    compare_to_optimum for the keys. For several policies or betas, compute the tables once
-    (response_log_probs_exact, response_rewards_exact) and call compare_to_optimum or
-    optimal_frontier directly."""
-    return compare_to_optimum(response_log_probs_exact(policy.eval(), prompts),
-                              response_log_probs_exact(reference.eval(), prompts),
-                              response_rewards_exact(reward_model.eval(), prompts), prompts, beta)
+    compare_to_optimum for the keys, with `preference`'s gold metrics; with gold_margin, also
+    'gold_gap_closed', the gap closed under the gold reward (times gold_margin) instead of the reward
+    model's. For several policies or betas, compute the tables once (exact_tables) and call
+    compare_to_optimum or optimal_frontier directly."""
+    tables = exact_tables(reference, reward_model, prompts, preference)
+    log_pi = response_log_probs_exact(policy.eval(), prompts)
+    row = compare_to_optimum(log_pi, tables.log_ref, tables.rewards, prompts, beta, preference)
+    if gold_margin is not None:
+        gold = compare_to_optimum(log_pi, tables.log_ref, tables.gold(gold_margin), prompts, beta, preference)
+        row.update({'gold_J': gold['J'], 'gold_J_star': gold['J_star'], 'gold_gap_closed': gold['gap_closed']})
+    return row
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,19 +316,20 @@ def evaluate_against_optimum(policy, reference, reward_model, beta, prompts):
 @dataclass
 class ExactTables:
     """prompts (P, 4); log_ref: log pi_ref of every response (P, 10^4); rewards: the reward model's
-    score of every response (P, 10^4); float64."""
+    score of every response (P, 10^4); float64; the preference the labeler judged by."""
     prompts: torch.Tensor
     log_ref: torch.Tensor
     rewards: torch.Tensor
+    preference: Preference = field(default=FIRST_DIGIT)
 
     def gold(self, margin):
         """The labeler's gold reward of every response (P, 10^4), at `margin`."""
         responses = all_responses()
-        return torch.stack([gold_reward(prompt.expand(len(responses), -1), responses, margin)
+        return torch.stack([gold_reward(prompt.expand(len(responses), -1), responses, margin, self.preference)
                             for prompt in self.prompts]).double()
 
 
-def exact_tables(reference, reward_model, prompts):
-    """The ExactTables of `prompts` (P, 4) for a reference policy and a reward model."""
+def exact_tables(reference, reward_model, prompts, preference=FIRST_DIGIT):
+    """The ExactTables of `prompts` (P, 4) for a reference policy, a reward model and a preference."""
     return ExactTables(prompts, response_log_probs_exact(reference.eval(), prompts),
-                       response_rewards_exact(reward_model.eval(), prompts))
+                       response_rewards_exact(reward_model.eval(), prompts), preference)

@@ -17,13 +17,13 @@ import numpy
 import torch
 
 from toy_rlhf.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
-from toy_rlhf.data import PreferenceDataset
 from toy_rlhf.files import jsonl_text, write_text
 from toy_rlhf.language import entropy_floor, sample_prompts
 from toy_rlhf.methods import METHODS
 from toy_rlhf.metrics import EVALUATION_PROMPTS, evaluate_policy, language_kl
 from toy_rlhf.optimal import EXACT_PROMPTS, evaluate_against_optimum
-from toy_rlhf.reward import RewardConfig, pairwise_accuracy, rank_rate, train_reward
+from toy_rlhf.preferences import DEFAULT_PREFERENCE, resolve_preference
+from toy_rlhf.reward import RewardConfig, pairwise_accuracy, preference_pairs, rank_rate, train_reward
 from toy_rlhf.sft import SFTConfig, train_sft
 
 
@@ -128,9 +128,9 @@ def reward_stage(run_dir, config, progress=True):
     sft_policy = load_model(sft_path, 'policy')
     start = time.perf_counter()
     model, history = train_reward(sft_policy, config, progress)
-    held_out = PreferenceDataset(config.held_out_pairs, config.gold_margin, seed=config.seed + 1)
+    held_out = preference_pairs(config, config.held_out_pairs, config.seed + 1, sft_policy)
     metrics = {'pairwise_accuracy': pairwise_accuracy(model, held_out),
-               'rank_rate': rank_rate(model, seed=config.seed + 2),
+               'rank_rate': rank_rate(model, seed=config.seed + 2, preference=resolve_preference(config.preference)),
                'seconds': time.perf_counter() - start}
     _save(run_dir, 'reward', model, 'reward', config, metrics, history, inputs=(sft_path,))
     print(f"Reward model: held-out pairwise accuracy {metrics['pairwise_accuracy']:.2%}, rank rate "
@@ -153,7 +153,7 @@ def method_stage(run_dir, config, progress=True, *, method):
     models = {'reward_model': load_model(inputs[1], 'reward')} if method.needs_reward_model else {}
     start = time.perf_counter()
     policy, history = method.train(reference, config=config, progress=progress, **models)
-    metrics = {**evaluate_policy(policy, reference, EVALUATION_PROMPTS, seed=config.seed),
+    metrics = {**evaluate_policy(policy, reference, EVALUATION_PROMPTS, config.seed, stage_preference(config)),
                'seconds': time.perf_counter() - start}
     name = method.stem(config.beta)
     _save(run_dir, name, policy, 'policy', config, metrics, history, inputs)
@@ -161,6 +161,13 @@ def method_stage(run_dir, config, progress=True, *, method):
           f"{metrics['fidelity']:.2%}, gold {metrics['gold_rate']:.2%}, KL to reference "
           f"{metrics['kl_to_reference']:.3f} nats; {metrics['seconds']:.1f} s -> {run_dir / name}.pt")
     return metrics
+
+
+def stage_preference(settings):
+    """The preference a stage was trained for: its config's (or stored settings') `preference`, the
+    default where it has none."""
+    stored = settings.get('preference') if isinstance(settings, dict) else getattr(settings, 'preference', None)
+    return resolve_preference(stored or DEFAULT_PREFERENCE)
 
 
 def check_trained_from(policy_path, inputs):
@@ -181,12 +188,14 @@ def evaluate_checkpoint(policy_path, reference_path, n_prompts=EVALUATION_PROMPT
     reference = load_model(reference_path, 'policy')
     if check_inputs:
         check_trained_from(policy_path, {'sft.pt': reference_path})
-    return evaluate_policy(policy, reference, n_prompts, seed)
+    settings = load_checkpoint(policy_path, 'policy')['train_config']
+    return evaluate_policy(policy, reference, n_prompts, seed, stage_preference(settings))
 
 
 def optimum_gap(policy_path, reference_path, reward_path, n_prompts=EXACT_PROMPTS, seed=0, check_inputs=True):
     """The policy at policy_path against the exact optimum of the objective at its own beta (read
-    from its checkpoint), over all 10^4 responses of n_prompts prompts: J, J*, gap closed, KL split."""
+    from its checkpoint), over all 10^4 responses of n_prompts prompts: J, J*, gap closed (for the
+    reward model, and for the gold reward at the labeler's margin), KL split, gold metrics."""
     settings = load_checkpoint(policy_path, 'policy')['train_config']
     if 'beta' not in settings:
         raise CheckpointError(f'{policy_path}: not made by a training method (no beta stored); '
@@ -195,4 +204,6 @@ def optimum_gap(policy_path, reference_path, reward_path, n_prompts=EXACT_PROMPT
     if check_inputs:
         check_trained_from(policy_path, {'sft.pt': reference_path, 'reward.pt': reward_path})
     prompts = sample_prompts(n_prompts, torch.Generator().manual_seed(seed))
-    return evaluate_against_optimum(*models, settings['beta'], prompts)
+    reward_settings = load_checkpoint(reward_path, 'reward')['train_config']
+    return evaluate_against_optimum(*models, settings['beta'], prompts, stage_preference(reward_settings),
+                                    reward_settings.get('gold_margin', RewardConfig.gold_margin))

@@ -1,6 +1,7 @@
 """The reward model: a GPT that reads prompt + SEP + response + CLS and scores it at the CLS token,
 trained on labelled pairs with the Bradley-Terry loss."""
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -9,9 +10,9 @@ from mingpt.model import GPT
 from mingpt.utils import CfgNode, set_seed
 from toy_rlhf.data import PreferenceDataset, with_cls
 from toy_rlhf.flags import Device, NonNegativeFloat, PositiveFloat, PositiveInt, Seed
-from toy_rlhf.language import DIGITS, SEQUENCE_LENGTH, VOCAB_SIZE, join, preferred_first_token, \
-    sample_prompts, sample_responses
+from toy_rlhf.language import DIGITS, SEQUENCE_LENGTH, VOCAB_SIZE, join, sample_prompts, sample_responses
 from toy_rlhf.policy import started_from
+from toy_rlhf.preferences import DEFAULT_PREFERENCE, aligned_paths, resolve_preference
 from toy_rlhf.training import (check_finite, gradient_step, learning_rate_at, progress_bar,
                                set_learning_rate)
 
@@ -30,6 +31,10 @@ class RewardConfig:
     # Labels are Bradley-Terry draws from a gold reward of gold_margin for the preferred first
     # digit: at 20 a label is wrong with probability sigmoid(-20) = 2e-9, effectively never.
     gold_margin: PositiveFloat = 20.0  # gold reward of the preferred first digit: smaller means noisier labels
+    preference: str = DEFAULT_PREFERENCE  # what the labeler prefers: a built-in name or module:function
+    # Where the two responses of a pair come from: the preference's own choice (the notebook's
+    # first-digit pairs for first-digit, language samples otherwise), the language, or the SFT policy.
+    pair_source: Literal['default', 'language', 'sft'] = 'default'  # default, language or sft
     seed: Seed = 0  # random seed: the same seed gives the same run
     device: Device = 'cpu'  # where it trains; auto picks cuda if present
     log_every: PositiveInt = 10  # iterations between rows of the log
@@ -60,6 +65,13 @@ def initial_reward_model(sft_policy):
     return started_from(sft_policy, reward_model_config(sizes.n_layer, sizes.n_head, sizes.n_embd))
 
 
+def preference_pairs(config, size, seed, sft_policy):
+    """`size` labelled pairs drawn with `seed` as config (a RewardConfig) says: its preference, margin
+    and pair source."""
+    return PreferenceDataset(size, config.gold_margin, seed, resolve_preference(config.preference),
+                             config.pair_source, sft_policy)
+
+
 def reward_scores(reward_model, sequences):
     """The reward of each sequence prompt + SEP + response + CLS (B, 10): the head's output at CLS, (B,)."""
     values, _ = reward_model(sequences)
@@ -84,7 +96,7 @@ def train_reward(sft_policy, config, progress=True):
     (mean scores of the batch's chosen and rejected responses).
     """
     set_seed(config.seed)
-    pairs = PreferenceDataset(config.pairs, config.gold_margin, seed=config.seed)
+    pairs = preference_pairs(config, config.pairs, config.seed, sft_policy)
     model = initial_reward_model(sft_policy).to(config.device)
     optimizer = model.configure_optimizers(CfgNode(
         learning_rate=config.learning_rate, betas=(0.9, 0.95), weight_decay=config.weight_decay))
@@ -114,9 +126,10 @@ def train_reward(sft_policy, config, progress=True):
 
 @torch.no_grad()
 def pairwise_accuracy(reward_model, pairs):
-    """Share of pairs whose chosen response scores higher than the rejected one."""
+    """Share of pairs whose chosen response scores higher than the rejected one, over the pairs whose
+    gold rewards differ (a tie's label is a coin flip: no model can predict it)."""
     chosen, rejected = (reward_scores(reward_model, sequences) for sequences in pairs.sequences())
-    return (chosen > rejected).float().mean().item()
+    return (chosen > rejected)[pairs.decisive].float().mean().item()
 
 
 @torch.no_grad()
@@ -130,10 +143,22 @@ def first_digit_rewards(reward_model, prompts, responses):
 
 
 @torch.no_grad()
-def rank_rate(reward_model, n_prompts=2000, seed=0):
-    """Over fresh prompts with a language response each, how often the preferred first digit gets the
-    highest reward of all ten first digits (the other digits fixed)."""
+def rank_rate(reward_model, n_prompts=2000, seed=0, preference=None):
+    """How often the reward model ranks the best first, over fresh prompts. For a first-digit
+    preference: how often the preferred first digit gets the highest reward of all ten first digits
+    (the other digits a language response's). For any other: over the prompts whose language
+    responses are not all of one gold level, how often a response of the best level scores above one
+    of a lower level (both drawn from the language)."""
+    preference = preference or resolve_preference(DEFAULT_PREFERENCE)
     generator = torch.Generator().manual_seed(seed)
     prompts = sample_prompts(n_prompts, generator)
-    rewards = first_digit_rewards(reward_model, prompts, sample_responses(prompts, generator))
-    return (rewards.argmax(dim=1) == preferred_first_token(prompts)).float().mean().item()
+    if preference.first_token is not None:
+        rewards = first_digit_rewards(reward_model, prompts, sample_responses(prompts, generator))
+        return (rewards.argmax(dim=1) == preference.first_token(prompts)).float().mean().item()
+    paths, best = aligned_paths(preference, prompts)  # (B, 256, 4), (B, 256)
+    mixed = ~best.all(dim=1)
+    prompts, paths, best = prompts[mixed], paths[mixed], best[mixed]
+    better, worse = (paths.gather(1, torch.multinomial(mask.float(), 1, generator=generator)[:, :, None]
+                                  .expand(-1, -1, paths.size(2))).squeeze(1) for mask in (best, ~best))
+    return (score_sentences(reward_model, join(prompts, better))
+            > score_sentences(reward_model, join(prompts, worse))).float().mean().item()

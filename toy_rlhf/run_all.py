@@ -21,6 +21,7 @@ from toy_rlhf.methods.ppo import PPOConfig
 from toy_rlhf.metrics import EVALUATION_PROMPTS, PREFERENCE_TARGET, evaluate_policy, samples_to_preference
 from toy_rlhf.pipeline import (RewardConfig, SFTConfig, ensure_method, ensure_stage, machine, reward_stage,
                                sft_stage, versions)
+from toy_rlhf.preferences import DEFAULT_PREFERENCE, resolve_preference
 from toy_rlhf.report import write_report
 
 REFERENCE = 'reference (SFT)'
@@ -36,8 +37,9 @@ class RunAllConfig:
     prompt: tuple[Digit, Digit, Digit, Digit] = (5, 7, 1, 5)  # the prompt of the per-sentence figures
     response: tuple[Digit, Digit, Digit, Digit] = (6, 2, 7, 3)  # the response of the per-sentence figures
     device: Device = 'cpu'  # where SFT and the reward model train (PPO and evaluation run on the CPU)
+    preference: str = DEFAULT_PREFERENCE  # what the labeler prefers: a built-in name or module:function
     # The stages' own settings (flags --sft.iters, --reward.pairs, --ppo.learning-rate, ...); seed,
-    # device and beta come from the fields above.
+    # device, preference and beta come from the fields above.
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -53,8 +55,8 @@ def quick_schedule(config):
 def stage_configs(config):
     """The settings of each training stage, keyed by checkpoint stem."""
     sft = replace(config.sft, seed=config.seed, device=config.device)
-    reward = replace(config.reward, seed=config.seed, device=config.device)
-    ppo = replace(config.ppo, seed=config.seed)
+    reward = replace(config.reward, seed=config.seed, device=config.device, preference=config.preference)
+    ppo = replace(config.ppo, seed=config.seed, preference=config.preference)
     return {'sft': sft, 'reward': reward, **{PPO.stem(beta): replace(ppo, beta=beta) for beta in config.betas}}
 
 
@@ -86,6 +88,7 @@ def run_all(run_dir, plots_dir, config, progress=True):
     timings['total'] = {'seconds': sum(stage['seconds'] for stage in timings.values())}
 
     settings = {'seed': config.seed, 'betas': list(config.betas), 'quick': config.quick,
+                'preference': config.preference,
                 'stages': {name: asdict(stage_config) for name, stage_config in configs.items()},
                 'versions': versions(), 'machine': machine()}
     write_json(run_dir / 'metrics.json', {'settings': settings, **metrics})
@@ -100,10 +103,11 @@ def measure(run_dir, models, histories, config):
     sft = load_checkpoint(run_dir / 'sft.pt')['metrics']
     reward = load_checkpoint(run_dir / 'reward.pt')['metrics']
     reference = models[REFERENCE]
+    preference = resolve_preference(config.preference)
     return {
         'sft': {'language_kl': sft['language_kl'], 'entropy_floor': entropy_floor()},
         'reward': {'pairwise_accuracy': reward['pairwise_accuracy'], 'rank_rate': reward['rank_rate']},
-        'policies': {label: evaluate_policy(model, reference, EVALUATION_PROMPTS, seed=config.seed)
+        'policies': {label: evaluate_policy(model, reference, EVALUATION_PROMPTS, config.seed, preference)
                      for label, model in models.items()},
         'ppo_samples_to_99_percent_preference': {label: samples_to_preference(history, PREFERENCE_TARGET)
                                                  for label, history in histories.items()},

@@ -42,6 +42,7 @@ from toy_rlhf.methods.rollout import (RolloutConfig, TrainingLog, clipped_surrog
                                       rollout_row, start_training)
 from toy_rlhf.optimal import digit_distribution, optimal_log_probs
 from toy_rlhf.policy import token_log_probs
+from toy_rlhf.preferences import resolve_preference
 from toy_rlhf.training import check_finite, gradient_step
 
 
@@ -92,6 +93,7 @@ def train_grpo(sft_policy, reward_model, config, progress=True):
     Returns the actor (eval mode) and the log: one dict per iteration with TRL's metric names.
     """
     actor, reference, optimizer, generator = start_training(sft_policy, config)
+    preference = resolve_preference(config.preference)  # whose exact rate the log follows
     K = config.samples_per_prompt
 
     samples = 0
@@ -99,7 +101,8 @@ def train_grpo(sft_policy, reward_model, config, progress=True):
                      shown=('objective/scores', 'objective/kl_full', 'gold/preference_rate')) as log:
         for iteration in range(config.iters):
             # 1. rollout: P prompts x K samples, everything computed once with the rollout policy
-            batch = rollout(actor, reference, reward_model, prompt_groups(config, generator), generator)
+            batch = rollout(actor, reference, reward_model, prompt_groups(config, generator), generator,
+                            preference)
             # 2. rewards: the score of each response (minus beta times its k1 log-ratio, for k1-in-reward)
             rewards = batch['score']
             if config.kl == 'k1-in-reward':

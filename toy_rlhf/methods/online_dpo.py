@@ -49,6 +49,7 @@ from toy_rlhf.language import PROMPT_LENGTH
 from toy_rlhf.methods.dpo import dpo_loss, sequence_log_probs
 from toy_rlhf.methods.rollout import (TrainingLog, mean_rows, minibatches, prompt_groups, rollout,
                                       rollout_row, start_training)
+from toy_rlhf.preferences import DEFAULT_PREFERENCE, resolve_preference
 from toy_rlhf.training import check_finite, gradient_step
 
 
@@ -69,6 +70,7 @@ class OnlineDPOConfig:
     learning_rate: PositiveFloat = 3e-4  # Adam step size
     max_grad_norm: PositiveFloat = 1.0  # gradient-norm clip
     seed: Seed = 0  # random seed: the same seed gives the same run
+    preference: str = DEFAULT_PREFERENCE  # the preference whose exact rate the log follows (built-in or module:function)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,13 +105,15 @@ def train_online_dpo(sft_policy, reward_model, config, progress=True):
     policy's own pairs. Returns the policy (eval mode) and the log: one row per round, the rollout's
     metrics (rollout_row) and the DPO loss, implicit rewards, margins and accuracies of its pairs."""
     actor, reference, optimizer, generator = start_training(sft_policy, config)
+    preference = resolve_preference(config.preference)  # whose exact rate the log follows
 
     samples = 0
     with TrainingLog(config.iters, f'online DPO beta={config.beta:g}', progress,
                      shown=('loss', 'rewards/margins', 'gold/preference_rate')) as log:
         for iteration in range(config.iters):
             # 1. rollout: two responses per prompt from the current policy, adjacent
-            batch = rollout(actor, reference, reward_model, prompt_groups(config, generator), generator)
+            batch = rollout(actor, reference, reward_model, prompt_groups(config, generator), generator,
+                            preference)
             check_finite('online_dpo', iteration, score=batch['score'])
             # 2. labels: the reward model picks the chosen response of each pair
             chosen, rejected = chosen_and_rejected(first_wins(batch['score'].view(-1, 2), config.labels, generator))

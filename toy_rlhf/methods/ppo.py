@@ -25,6 +25,7 @@ from toy_rlhf.methods.rollout import (RolloutConfig, TrainingLog, clipped_surrog
                                       leave_one_out_advantages, mean_rows, minibatches, per_token_rewards,
                                       prompt_groups, returns_to_go, rollout, rollout_row, start_training, whiten)
 from toy_rlhf.policy import started_from, token_log_probs
+from toy_rlhf.preferences import resolve_preference
 from toy_rlhf.training import check_finite, gradient_step
 
 
@@ -70,6 +71,7 @@ def train_ppo(sft_policy, reward_model, config, progress=True):
     Returns the actor (eval mode) and the log: one dict per iteration with TRL's metric names.
     """
     actor, reference, optimizer, generator = start_training(sft_policy, config)
+    preference = resolve_preference(config.preference)  # whose exact rate the log follows
     critic = value_model(sft_policy) if config.critic else None
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=config.learning_rate) if critic else None
 
@@ -78,7 +80,8 @@ def train_ppo(sft_policy, reward_model, config, progress=True):
                      shown=('objective/scores', 'objective/kl_full', 'gold/preference_rate')) as log:
         for iteration in range(config.iters):
             # 1. rollout: P prompts x K samples, everything computed once with the rollout policy
-            batch = rollout(actor, reference, reward_model, prompt_groups(config, generator), generator)
+            batch = rollout(actor, reference, reward_model, prompt_groups(config, generator), generator,
+                            preference)
             # 2. rewards: the k1 KL penalty at every token, the score at the last one
             batch['rewards'] = per_token_rewards(batch['score'], batch['logp_old'], batch['logp_ref'], config.beta)
             check_finite('ppo', iteration, rewards=batch['rewards'])

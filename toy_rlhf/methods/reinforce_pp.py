@@ -22,6 +22,7 @@ from toy_rlhf.flags import PositiveInt
 from toy_rlhf.methods.ppo import update
 from toy_rlhf.methods.rollout import (RolloutConfig, TrainingLog, per_token_rewards, prompt_groups, returns_to_go,
                                       rollout, rollout_row, start_training, whiten)
+from toy_rlhf.preferences import resolve_preference
 from toy_rlhf.training import check_finite
 
 
@@ -44,13 +45,15 @@ def train_reinforce_pp(sft_policy, reward_model, config, progress=True):
     """Fine-tune a copy of sft_policy against reward_model with REINFORCE++ and a KL penalty of
     config.beta. Returns the actor (eval mode) and the log: one dict per iteration, TRL's metric names."""
     actor, reference, optimizer, generator = start_training(sft_policy, config)
+    preference = resolve_preference(config.preference)  # whose exact rate the log follows
 
     samples = 0
     with TrainingLog(config.iters, f'REINFORCE++ beta={config.beta:g}', progress,
                      shown=('objective/scores', 'objective/kl_full', 'gold/preference_rate')) as log:
         for iteration in range(config.iters):
             # 1. rollout, everything computed once with the rollout policy
-            batch = rollout(actor, reference, reward_model, prompt_groups(config, generator), generator)
+            batch = rollout(actor, reference, reward_model, prompt_groups(config, generator), generator,
+                            preference)
             # 2. and 3. rewards and advantages: the KL-penalised return to go, whitened over the batch
             batch['advantages'] = reinforce_pp_advantages(batch['score'], batch['logp_old'], batch['logp_ref'],
                                                           config.beta)

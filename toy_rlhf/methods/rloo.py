@@ -31,6 +31,7 @@ from toy_rlhf.methods.rollout import (RolloutConfig, TrainingLog, clipped_surrog
                                       mean_rows, minibatches, per_token_rewards, prompt_groups, rollout,
                                       rollout_row, start_training, whiten)
 from toy_rlhf.policy import token_log_probs
+from toy_rlhf.preferences import resolve_preference
 from toy_rlhf.training import check_finite, gradient_step
 
 
@@ -74,13 +75,15 @@ def train_rloo(sft_policy, reward_model, config, progress=True):
     Returns the actor (eval mode) and the log: one dict per iteration with TRL's metric names.
     """
     actor, reference, optimizer, generator = start_training(sft_policy, config)
+    preference = resolve_preference(config.preference)  # whose exact rate the log follows
 
     samples = 0
     with TrainingLog(config.iters, f'RLOO beta={config.beta:g}', progress,
                      shown=('objective/scores', 'objective/kl_full', 'gold/preference_rate')) as log:
         for iteration in range(config.iters):
             # 1. rollout: P prompts x K samples, everything computed once with the rollout policy
-            batch = rollout(actor, reference, reward_model, prompt_groups(config, generator), generator)
+            batch = rollout(actor, reference, reward_model, prompt_groups(config, generator), generator,
+                            preference)
             # 2. rewards: one per response, the score minus the k1 KL of the whole sequence
             batch['rewards'] = sequence_rewards(batch['score'], batch['logp_old'], batch['logp_ref'], config.beta)
             check_finite('rloo', iteration, rewards=batch['rewards'])

@@ -14,8 +14,9 @@ import torch
 from mingpt.utils import set_seed
 from toy_rlhf.flags import GroupSize, NonNegativeFloat, PositiveFloat, PositiveInt, Seed
 from toy_rlhf.language import sample_prompts
-from toy_rlhf.metrics import kl_divergence, preferred_probability, rule_probability
+from toy_rlhf.metrics import best_level_rate, kl_divergence, rule_probability
 from toy_rlhf.policy import generate_responses, log_probs_of_responses, response_log_probs
+from toy_rlhf.preferences import DEFAULT_PREFERENCE
 from toy_rlhf.reward import score_sentences
 from toy_rlhf.training import progress_bar
 
@@ -39,6 +40,7 @@ class RolloutConfig:
     clip_epsilon: PositiveFloat = 0.2  # ratio clip: how far one rollout may move a token's probability
     max_grad_norm: PositiveFloat = 1.0  # gradient-norm clip
     seed: Seed = 0  # random seed: the same seed gives the same run
+    preference: str = DEFAULT_PREFERENCE  # the preference whose exact rate the log follows (built-in or module:function)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,13 +155,14 @@ def prompt_groups(config, generator):
 
 
 @torch.no_grad()
-def rollout(actor, reference, reward_model, prompts, generator):
+def rollout(actor, reference, reward_model, prompts, generator, preference):
     """Sample a response per prompt from the actor and compute, once, with the rollout policy:
 
     sentences (B, 9); logp_old, logp_ref (B, 4): log-probs of the sampled tokens only (the actions
     actually taken) under the actor and the reference; score (B,): the reward model's; and, for the
     log, the exact next-token KL to the reference summed along each response, the entropy, and the
-    probabilities of the preferred first digit and of valid later digits, (B,) each.
+    rates of the preference's best gold level (toy_rlhf.metrics.best_level_rate) and of valid later
+    digits, (B,) each.
     """
     reward_model.eval()  # frozen: only ever called here, under no_grad
     sentences = generate_responses(actor, prompts, generator)
@@ -172,7 +175,7 @@ def rollout(actor, reference, reward_model, prompts, generator):
         'score': score_sentences(reward_model, sentences),  # (B,)
         'kl_full': kl_divergence(actor_log_probs.exp(), reference_log_probs).sum(dim=1),  # (B,)
         'entropy': -(actor_log_probs.exp() * actor_log_probs).sum(dim=-1).mean(dim=1),  # (B,)
-        'preferred': preferred_probability(actor_log_probs, sentences),  # (B,)
+        'preferred': best_level_rate(preference, actor_log_probs, sentences),  # (B,)
         'fidelity': rule_probability(actor_log_probs, sentences)[:, 1:].mean(dim=1),  # (B,)
     }
 

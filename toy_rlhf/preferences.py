@@ -1,0 +1,170 @@
+"""What people prefer: a gold reward over whole responses, as a value, and the registry of built-ins.
+
+A preference is the hidden truth the labeler judges by. Everything that depends on it (the pairs the
+reward model learns from, the exact metrics, the optimum, the figures) asks the Preference it was
+given; nothing else knows what people prefer.
+
+Every response of the language is one of 4^4 = 256 equally likely paths (which window digit each
+output digit increments), so the language's distribution of any gold reward, the best level it can
+reach for a prompt and the language conditioned on that level (the *aligned* language) are exact
+enumerations, not estimates.
+"""
+import importlib
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional
+
+import torch
+
+from toy_rlhf.language import DIGITS, PROMPT_LENGTH, RESPONSE_LENGTH, WINDOW, increments, preferred_first_token
+
+
+class PreferenceError(ValueError):
+    """A --preference that names no built-in and no usable user callable."""
+
+
+@dataclass(frozen=True)
+class Preference:
+    name: str  # registry key, or module:function for a user-defined one
+    description: str  # one line, for --help and the report
+    # reward(prompts (B, 4) long, responses (B, 4) long) -> (B,) float, 0 worst and 1 best for the
+    # built-ins: the labeler's P(first chosen) is sigmoid(gold_margin * (r_first - r_second)).
+    reward: Callable
+    levels: Optional[tuple] = None  # the values reward takes, when it is discrete
+    # Where the reward model's pairs come from by default: 'first-digit' pairs one response with the
+    # preferred first digit and one without (the notebook's); 'language' and 'sft' sample both
+    # responses of a pair for the same prompt from the language or the SFT policy.
+    pairs: Literal['first-digit', 'language', 'sft'] = 'language'
+    # The one first digit the preference asks for, where the reward is 1[y1 == first_token(x)]: then
+    # the rates given a prefix are exact from the policy's next-token distribution (lower variance
+    # than counting samples), and the notebook's pairs can be built.
+    first_token: Optional[Callable] = None
+
+
+def first_digit_reward(prompts, responses):
+    """1 if the first output digit is (x4 + 1) % 10, else 0."""
+    return (responses[:, 0] == preferred_first_token(prompts)).to(torch.float32)
+
+
+def last_digit_target(prompts):
+    """The last digit the last-digit preference asks for: (x4 + 4) % 10, the end of counting up from x4."""
+    return (prompts[:, PROMPT_LENGTH - 1] + RESPONSE_LENGTH) % DIGITS
+
+
+def last_digit_reward(prompts, responses):
+    """1 if the last output digit is (x4 + 4) % 10, else 0. The rule writes it only by incrementing a
+    digit of its window x4 y1 y2 y3 that is (x4 + 3) % 10, so earning it means setting up the earlier
+    digits: 5 7 1 5 | 6 7 8 9 counts up and earns it."""
+    return (responses[:, -1] == last_digit_target(prompts)).to(torch.float32)
+
+
+def digit_sum_reward(prompts, responses):
+    """The sum of the four output digits divided by 36: 37 levels from 0 to 1."""
+    return responses.sum(dim=1).to(torch.float32) / (RESPONSE_LENGTH * (DIGITS - 1))
+
+
+def distinct_reward(prompts, responses):
+    """1 if the four output digits are all different, else 0."""
+    sorted_digits = responses.sort(dim=1).values
+    return (sorted_digits[:, 1:] != sorted_digits[:, :-1]).all(dim=1).to(torch.float32)
+
+
+PREFERENCES = {preference.name: preference for preference in (
+    Preference('first-digit', 'the first output digit is (x4 + 1) % 10 (the notebook\'s)', first_digit_reward,
+               levels=(0.0, 1.0), pairs='first-digit', first_token=preferred_first_token),
+    Preference('last-digit', 'the last output digit is (x4 + 4) % 10', last_digit_reward, levels=(0.0, 1.0)),
+    Preference('digit-sum', 'the larger the sum of the output digits, the better (sum / 36)', digit_sum_reward,
+               levels=tuple(level / 36 for level in range(37))),
+    Preference('distinct', 'the four output digits are all different', distinct_reward, levels=(0.0, 1.0)),
+)}
+DEFAULT_PREFERENCE = 'first-digit'
+
+
+def resolve_preference(name):
+    """The Preference called `name`: a built-in, or `module:function` naming a user's gold reward with
+    the built-ins' signature. A user's function is tried on a probe batch first, so a bad one fails
+    here, with one line (PreferenceError), before any training starts."""
+    if name in PREFERENCES:
+        return PREFERENCES[name]
+    if ':' not in name:
+        raise PreferenceError(f'--preference {name!r}: not a built-in ({", ".join(PREFERENCES)}) '
+                              'nor module:function')
+    module_name, _, function_name = name.partition(':')
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except Exception as error:  # any import failure is the user's path, reported in one line
+        raise PreferenceError(f'--preference {name}: cannot import it ({type(error).__name__}: {error})') from None
+    if not callable(function):
+        raise PreferenceError(f'--preference {name}: not a function')
+    check_signature(name, function)
+    check_on_probe(name, function)
+    return Preference(name, f'user-defined: {name}', function)
+
+
+def check_signature(name, function):
+    """Refuse a callable that cannot be called as function(prompts, responses)."""
+    try:
+        inspect.signature(function).bind(None, None)
+    except TypeError:
+        raise PreferenceError(f'--preference {name}: must take (prompts, responses), takes '
+                              f'{inspect.signature(function)}') from None
+    except ValueError:  # a builtin without a signature: the probe call will tell
+        pass
+
+
+def check_on_probe(name, function):
+    """Call function on every response of two prompts and refuse anything but a finite float (B,)."""
+    prompts = torch.tensor([[5, 7, 1, 5], [0, 0, 3, 9]]).repeat_interleave(DIGITS ** RESPONSE_LENGTH, dim=0)
+    responses = torch.cartesian_prod(*[torch.arange(DIGITS)] * RESPONSE_LENGTH).repeat(2, 1)
+    try:
+        rewards = function(prompts, responses)
+    except Exception as error:  # the user's code failing on valid input is the user's to fix
+        raise PreferenceError(f'--preference {name}: failed on a probe batch ({type(error).__name__}: {error})') \
+            from None
+    if not isinstance(rewards, torch.Tensor) or rewards.shape != (len(prompts),):
+        shape = tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards).__name__
+        raise PreferenceError(f'--preference {name}: must return a tensor of shape (B,), got {shape} for B = '
+                              f'{len(prompts)}')
+    if not rewards.is_floating_point():
+        raise PreferenceError(f'--preference {name}: must return floats, got {rewards.dtype}')
+    if not torch.isfinite(rewards).all():
+        raise PreferenceError(f'--preference {name}: returned NaN or infinite rewards on a probe batch')
+
+
+# ---------------------------------------------------------------------------------------------
+# The language's responses, enumerated: what it gives a preference, and the aligned language.
+
+def language_paths(prompts):
+    """Every response the language can write after each prompt, one per path (the window slot each
+    digit increments), each path of probability 1/256: (B, 4) -> (B, 256, 4). A response reached by
+    several paths appears several times, so uniform weights give the language's distribution."""
+    digits = prompts.unsqueeze(1)  # (B, 1, 4): one path so far
+    for _ in range(RESPONSE_LENGTH):
+        allowed = increments(digits[:, :, -WINDOW:])  # (B, paths, 4): one continuation per slot
+        digits = torch.cat([digits.repeat_interleave(WINDOW, dim=1), allowed.flatten(1).unsqueeze(2)], dim=2)
+    return digits[:, :, PROMPT_LENGTH:]
+
+
+def path_rewards(preference, prompts, paths):
+    """The gold reward of every path: prompts (B, 4), paths (B, N, 4) -> (B, N)."""
+    B, N, _ = paths.shape
+    return preference.reward(prompts.repeat_interleave(N, dim=0), paths.flatten(0, 1)).view(B, N)
+
+
+def best_reachable(preference, prompts):
+    """The best gold level a valid response can reach for each prompt: (B, 4) -> (B,)."""
+    return path_rewards(preference, prompts, language_paths(prompts)).amax(dim=1)
+
+
+def reaches_best(preference, prompts, responses):
+    """Whether each response's gold reward is at least the best a valid response reaches for its
+    prompt: (B, 4), (B, 4) -> (B,) bool. (An invalid response can score above it.)"""
+    return preference.reward(prompts, responses) >= best_reachable(preference, prompts)
+
+
+def aligned_paths(preference, prompts):
+    """The paths of the aligned language: the language conditioned on the best reachable gold level.
+    Returns the paths (B, 256, 4) and which of them are aligned (B, 256) bool."""
+    paths = language_paths(prompts)
+    rewards = path_rewards(preference, prompts, paths)
+    return paths, rewards == rewards.amax(dim=1, keepdim=True)
