@@ -1,0 +1,219 @@
+"""Preferences as values: the built-in gold rewards on hand-checked sentences, the labeler's
+Bradley-Terry frequencies, what the exact optimum of each kind of preference moves, the aligned
+language, and a user's module:function preference end to end (or refused in one line)."""
+import math
+
+import pytest
+import torch
+
+from toy_rlhf import cli
+from toy_rlhf.data import PreferenceDataset, labeler
+from toy_rlhf.language import RESPONSE_LENGTH, sample_prompts
+from toy_rlhf.methods.ppo import PPOConfig, train_ppo
+from toy_rlhf.metrics import aligned_distributions, evaluate_policy, true_distributions
+from toy_rlhf.optimal import RESPONSES, compare_to_optimum, exact_tables, kl_split, optimal_log_probs
+from toy_rlhf.preferences import PREFERENCES, PreferenceError, best_reachable, language_paths, resolve_preference
+from toy_rlhf.reward import RewardConfig, train_reward
+
+torch.set_num_threads(1)
+
+PROMPT = torch.tensor([[5, 7, 1, 5]])
+
+
+def reward_of(name, response):
+    return PREFERENCES[name].reward(PROMPT, torch.tensor([response])).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# The built-in gold rewards, by hand.
+
+def test_first_digit_rewards_the_last_prompt_digit_plus_one_first():
+    assert reward_of('first-digit', [6, 2, 7, 3]) == 1.0  # 6 = 5 + 1
+    assert reward_of('first-digit', [2, 2, 0, 0]) == 0.0
+
+
+def test_last_digit_rewards_the_last_prompt_digit_plus_four_last():
+    assert reward_of('last-digit', [6, 7, 8, 9]) == 1.0  # counting up from x4 = 5 ends at 9
+    assert reward_of('last-digit', [6, 2, 7, 3]) == 0.0
+    assert reward_of('last-digit', [0, 0, 0, 9]) == 1.0  # the reward reads the last digit only
+
+
+def test_digit_sum_is_the_sum_over_thirty_six():
+    assert reward_of('digit-sum', [6, 2, 7, 3]) == pytest.approx(18 / 36)
+    assert reward_of('digit-sum', [9, 9, 9, 9]) == 1.0
+    assert reward_of('digit-sum', [0, 0, 0, 0]) == 0.0
+
+
+def test_distinct_rewards_four_different_digits():
+    assert reward_of('distinct', [6, 2, 7, 3]) == 1.0
+    assert reward_of('distinct', [6, 2, 7, 2]) == 0.0
+    assert reward_of('distinct', [6, 6, 6, 6]) == 0.0
+
+
+def test_the_language_paths_are_the_rule_applied_slot_by_slot():
+    paths = language_paths(PROMPT)[0]  # (256, 4)
+    assert paths.shape == (4 ** RESPONSE_LENGTH, RESPONSE_LENGTH)
+    # First digit: the increments of 5 7 1 5, one path in four each; 6 twice (from x1 and x4).
+    assert torch.bincount(paths[:, 0], minlength=10).tolist() == [0, 0, 64, 0, 0, 0, 128, 0, 64, 0]
+    assert [6, 2, 7, 3] in paths.tolist()  # the module docstring's sentence of the language
+
+
+def test_the_best_level_the_language_reaches_by_hand():
+    # 5 7 1 5: the largest first digit the rule allows is 8 = 7 + 1; then 9 = 8 + 1 (window 7 1 5 8),
+    # 9 = 8 + 1 (window 1 5 8 9), 9 = 8 + 1 (window 5 8 9 9): 8 9 9 9, sum 35, and no digit can do better.
+    assert best_reachable(PREFERENCES['digit-sum'], PROMPT).item() == pytest.approx(35 / 36)
+    assert best_reachable(PREFERENCES['last-digit'], PROMPT).item() == 1.0  # 6 7 8 9 is valid
+
+
+# ---------------------------------------------------------------------------------------------
+# The labeler.
+
+N = 20000
+
+
+def chosen_share(first, second, margin, preference, seed):
+    prompts = PROMPT.expand(N, -1)
+    picks = labeler(prompts, torch.tensor([first]).expand(N, -1), torch.tensor([second]).expand(N, -1), margin,
+                    torch.Generator().manual_seed(seed), preference)
+    return picks.float().mean().item()
+
+
+@pytest.mark.parametrize('margin', [1.0, 3.0])
+def test_the_labeler_picks_the_better_sum_with_probability_sigmoid_of_the_gold_difference(margin):
+    # 9 9 9 0 against 1 1 1 0: gold difference 24 / 36. The share of N Bernoulli draws has standard
+    # error sqrt(p (1 - p) / N) (~0.003); 4 of them is a false alarm once in ~16,000 runs.
+    p = 1 / (1 + math.exp(-margin * 24 / 36))
+    share = chosen_share([9, 9, 9, 0], [1, 1, 1, 0], margin, PREFERENCES['digit-sum'], seed=1)
+    assert abs(share - p) < 4 * math.sqrt(p * (1 - p) / N)
+
+
+def test_equal_gold_rewards_are_a_coin_flip():
+    share = chosen_share([1, 2, 3, 4], [4, 3, 2, 1], 20.0, PREFERENCES['digit-sum'], seed=2)
+    assert abs(share - 0.5) < 4 * math.sqrt(0.25 / N)
+
+
+def test_sampled_pairs_are_chosen_by_the_gold_reward_and_ties_marked_not_decisive():
+    pairs = PreferenceDataset(2000, 20.0, seed=3, preference=PREFERENCES['distinct'])
+    gold = PREFERENCES['distinct'].reward
+    prompts = pairs.context[:, :4]
+    chosen, rejected = gold(prompts, pairs.chosen[:, :4]), gold(prompts, pairs.rejected[:, :4])
+    # At margin 20 a decisive label is wrong with probability sigmoid(-20) ~ 2e-9: never, here.
+    assert torch.all(chosen[pairs.decisive] > rejected[pairs.decisive])
+    assert torch.all(chosen[~pairs.decisive] == rejected[~pairs.decisive])
+    assert 0 < pairs.decisive.float().mean() < 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The exact optimum, with the exact language as pi_ref (no training needed).
+
+PROMPTS = torch.tensor([[5, 7, 1, 5], [0, 0, 3, 9], [2, 4, 4, 8]])
+
+
+def language_table(prompts):
+    """log P_language(y | x) of every digit response (P, 10^4), from the 256 equally likely paths."""
+    paths = language_paths(prompts)
+    index = (paths * torch.tensor([1000, 100, 10, 1])).sum(dim=2)  # (P, 256): row of all_responses()
+    counts = torch.zeros(len(prompts), RESPONSES, dtype=torch.float64)
+    counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.float64))
+    return (counts / paths.size(1)).log()
+
+
+def gold_table(preference, prompts):
+    responses = torch.cartesian_prod(*[torch.arange(10)] * RESPONSE_LENGTH)
+    return torch.stack([preference.reward(prompt.expand(RESPONSES, -1), responses)
+                        for prompt in prompts]).double() * 5.0
+
+
+def optimum_kls(name):
+    log_ref = language_table(PROMPTS)
+    optimum = optimal_log_probs(log_ref, gold_table(PREFERENCES[name], PROMPTS), beta=1.0)
+    return kl_split(optimum, log_ref)
+
+
+def test_for_first_digit_the_optimum_keeps_the_later_digits_of_the_language_exactly():
+    kls = optimum_kls('first-digit')
+    assert torch.all(kls['kl_1'] > 0.1)
+    for position in (2, 3, 4):
+        assert torch.all(kls[f'kl_{position}'].abs() < 1e-12)
+
+
+def test_for_last_digit_the_optimum_moves_the_earlier_digits_too():
+    # Reaching (x4 + 4) % 10 last takes a (x4 + 3) % 10 in the window: pi* shifts y1..y3 towards it.
+    kls = optimum_kls('last-digit')
+    for position in (1, 2, 3, 4):
+        assert torch.all(kls[f'kl_{position}'] > 1e-3)
+
+
+def test_for_first_digit_the_generic_aligned_language_is_the_notebooks():
+    prompts = sample_prompts(500, torch.Generator().manual_seed(4))
+    sentences, targets = aligned_distributions(PREFERENCES['first-digit'], prompts, torch.Generator().manual_seed(5))
+    assert torch.equal(targets, true_distributions(sentences, aligned=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# A user's preference: module:function (this module's own functions).
+
+def even_last_digit(prompts, responses):
+    return (responses[:, -1] % 2 == 0).float()
+
+
+def takes_one_argument(responses):
+    return responses[:, 0].float()
+
+
+def returns_nan(prompts, responses):
+    return torch.full((len(prompts),), float('nan'))
+
+
+def returns_a_column(prompts, responses):
+    return responses[:, :1].float()
+
+
+def returns_integers(prompts, responses):
+    return responses[:, 0]
+
+
+def test_a_user_preference_is_resolved_and_checked():
+    preference = resolve_preference('test_preferences:even_last_digit')
+    assert preference.reward(PROMPT, torch.tensor([[6, 2, 7, 4]])).item() == 1.0
+    assert preference.first_token is None and preference.pairs == 'language'
+
+
+@pytest.mark.parametrize('name, says', [
+    ('no-such-preference', 'not a built-in'),
+    ('no_such_module_anywhere:f', 'cannot import'),
+    ('test_preferences:not_there', 'cannot import'),
+    ('test_preferences:PROMPT', 'not a function'),
+    ('test_preferences:takes_one_argument', 'must take (prompts, responses)'),
+    ('test_preferences:returns_nan', 'NaN'),
+    ('test_preferences:returns_a_column', 'shape'),
+    ('test_preferences:returns_integers', 'floats'),
+])
+def test_a_bad_user_preference_is_one_line_and_status_two_before_training(name, says, tmp_path, capsys):
+    with pytest.raises(PreferenceError, match=says.replace('(', r'\(').replace(')', r'\)')):
+        resolve_preference(name)
+    # Through the command line: no sft.pt exists, so reaching training would be another error.
+    with pytest.raises(SystemExit) as exit_:
+        cli.run_command('reward', ['--run-dir', str(tmp_path), '--preference', name, '--quiet'])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count('\n') == 1 and says in error and 'Traceback' not in error
+
+
+def test_a_user_preference_runs_the_reward_model_and_ppo_end_to_end(sft_policy):
+    name = 'test_preferences:even_last_digit'
+    reward_model, _ = train_reward(sft_policy, RewardConfig(preference=name, pairs=500, held_out_pairs=100, iters=30),
+                                   progress=False)
+    policy, history = train_ppo(sft_policy, reward_model, PPOConfig(preference=name, iters=2, prompts_per_iter=16),
+                                progress=False)
+    preference = resolve_preference(name)
+    # The rollout log follows the user's preference: half the digits are even, and the language's
+    # best level (an even last digit) is reachable for every prompt, so the rate is near 0.5, not
+    # the first digit's 0.33.
+    assert 0.2 < history[0]['gold/preference_rate'] < 0.8
+    metrics = evaluate_policy(policy, sft_policy, 200, preference=preference)
+    assert all(math.isfinite(value) for value in metrics.values() if isinstance(value, float))
+    tables = exact_tables(sft_policy, reward_model, PROMPTS[:1], preference)
+    row = compare_to_optimum(tables.log_ref, tables.log_ref, tables.gold(1.0), PROMPTS[:1], 1.0, preference)
+    assert row['gap_closed'] == pytest.approx(0.0, abs=1e-9)  # the reference itself closes none of the gap
+    assert 0 < row['optimal_preference_rate'] <= 1
