@@ -8,9 +8,9 @@ import torch
 
 from toy_rlhf import cli
 from toy_rlhf.data import PreferenceDataset, labeler
-from toy_rlhf.language import RESPONSE_LENGTH, sample_prompts
+from toy_rlhf.language import RESPONSE_LENGTH, join, sample_prompts
 from toy_rlhf.methods.ppo import PPOConfig, train_ppo
-from toy_rlhf.metrics import aligned_distributions, evaluate_policy, true_distributions
+from toy_rlhf.metrics import aligned_next_tokens, evaluate_policy, sample_aligned, true_distributions
 from toy_rlhf.optimal import RESPONSES, compare_to_optimum, exact_tables, kl_split, optimal_log_probs
 from toy_rlhf.preferences import PREFERENCES, PreferenceError, best_reachable, language_paths, resolve_preference
 from toy_rlhf.reward import RewardConfig, train_reward
@@ -146,8 +146,10 @@ def test_for_last_digit_the_optimum_moves_the_earlier_digits_too():
 
 def test_for_first_digit_the_generic_aligned_language_is_the_notebooks():
     prompts = sample_prompts(500, torch.Generator().manual_seed(4))
-    sentences, targets = aligned_distributions(PREFERENCES['first-digit'], prompts, torch.Generator().manual_seed(5))
-    assert torch.equal(targets, true_distributions(sentences, aligned=True))
+    responses = sample_aligned(PREFERENCES['first-digit'], prompts, torch.Generator().manual_seed(5))
+    assert torch.equal(aligned_next_tokens(PREFERENCES['first-digit'], prompts, responses),
+                       true_distributions(join(prompts, responses), aligned=True))
+    assert torch.all(responses[:, 0] == (prompts[:, 3] + 1) % 10)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,9 +7,10 @@ from toy_rlhf.report import figure_captions, write_report
 FIGURES = ('sft_loss', 'reward_model', 'ppo_curves', 'next_token_probs', 'attention', 'first_token')
 
 
-def policy(preference, fidelity, kl_to_reference, kl_to_aligned):
+def policy(preference, fidelity, kl_to_reference, kl_to_aligned, by_position=None):
     return {'preference_rate': preference, 'fidelity': fidelity, 'gold_rate': preference * fidelity,
-            'kl_to_reference': kl_to_reference, 'kl_to_aligned': kl_to_aligned}
+            'kl_to_reference': kl_to_reference, 'kl_to_aligned': kl_to_aligned,
+            'kl_to_reference_by_position': by_position or [kl_to_reference, 0.0, 0.0, 0.0]}
 
 
 def run_metrics(policies, samples):
@@ -35,6 +36,14 @@ def test_when_beta_0_behaves_better_the_captions_say_so():
     curves = figure_captions(metrics)['ppo_curves']
     assert 'beta=1 ends at 97.0% preference and a KL of 2.50 nats; it never reached 99% preference' in curves
     assert 'beta=0 ends at 99.5% preference and a KL of 1.10 nats; it first reached 99% preference after 12,288' in curves
+
+
+def test_the_kl_caption_names_the_position_each_policy_spends_most_on():
+    metrics = run_metrics({'beta=1': policy(0.9, 0.9, 1.0, 1.0, [0.1, 0.2, 0.3, 0.4]),
+                           'beta=0': policy(0.9, 0.9, 2.0, 1.0, [1.5, 0.5, 0.0, 0.0])}, {'beta=1': None, 'beta=0': None})
+    caption = figure_captions(metrics)['kl_by_position']
+    assert 'beta=1 spends the most on y4 (y1 10.0%, y2 20.0%, y3 30.0%, y4 40.0% of 1.00 nats)' in caption
+    assert 'beta=0 spends the most on y1 (y1 75.0%, y2 25.0%, y3 0.0%, y4 0.0% of 2.00 nats)' in caption
 
 
 def test_the_opposite_story_gives_the_opposite_captions():

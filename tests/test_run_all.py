@@ -28,7 +28,8 @@ from toy_rlhf.sweep import SweepConfig
 from toy_rlhf.training import TrainingError
 
 SCRIPTS = Path(__file__).resolve().parent.parent / 'scripts'
-FIGURES = ('sft_loss', 'reward_model', 'ppo_curves', 'next_token_probs', 'attention', 'first_token')
+FIGURES = ('sft_loss', 'reward_model', 'ppo_curves', 'next_token_probs', 'kl_by_position', 'attention',
+           'first_token')
 CHECKPOINTS = ('sft.pt', 'reward.pt', 'ppo_beta1.pt', 'ppo_beta0.pt')
 
 

@@ -47,20 +47,27 @@ def best_level_rate(preference, log_probs, sentences):
     return reaches_best(preference, sentences[:, :PROMPT_LENGTH], sentences[:, PROMPT_LENGTH + 1:]).float()
 
 
-def aligned_distributions(preference, prompts, generator=None):
-    """Sentences (B, 9) drawn from the aligned language (the language conditioned on the best gold
-    level reachable for the prompt) and its exact next-token distribution at each of their response
-    positions (B, 4, vocab), by enumerating the language's 256 paths per prompt."""
+def aligned_next_tokens(preference, prompts, responses):
+    """The aligned language's exact next-token distribution at each response position of prompt +
+    response (B, 4) each -> (B, 4, vocab), by enumerating the language's 256 paths per prompt. The
+    aligned language is the language conditioned on the best gold level reachable for the prompt; a
+    row is all zeros where no aligned path writes that prefix."""
     paths, aligned = aligned_paths(preference, prompts)  # (B, 256, 4), (B, 256)
-    choice = torch.multinomial(aligned.float(), 1, generator=generator)  # (B, 1)
-    responses = paths.gather(1, choice.unsqueeze(2).expand(-1, -1, RESPONSE_LENGTH)).squeeze(1)  # (B, 4)
     distributions = []
     for step in range(RESPONSE_LENGTH):
         # The aligned paths that wrote this response's first `step` digits, and their next digit.
         same_prefix = aligned & (paths[:, :, :step] == responses[:, None, :step]).all(dim=2)  # (B, 256)
-        counts = F.one_hot(paths[:, :, step], VOCAB_SIZE).float() * same_prefix.unsqueeze(2)
-        distributions.append(counts.sum(dim=1) / same_prefix.sum(dim=1, keepdim=True))
-    return join(prompts, responses), torch.stack(distributions, dim=1)
+        counts = (F.one_hot(paths[:, :, step], VOCAB_SIZE).float() * same_prefix.unsqueeze(2)).sum(dim=1)
+        distributions.append(counts / counts.sum(dim=1, keepdim=True).clamp_min(1))
+    return torch.stack(distributions, dim=1)
+
+
+def sample_aligned(preference, prompts, generator=None):
+    """One response of the aligned language per prompt (B, 4): a uniform draw among its paths, so a
+    response reached by several paths is drawn as often as the language writes it. -> (B, 4)."""
+    paths, aligned = aligned_paths(preference, prompts)
+    choice = torch.multinomial(aligned.float(), 1, generator=generator)  # (B, 1)
+    return paths.gather(1, choice.unsqueeze(2).expand(-1, -1, RESPONSE_LENGTH)).squeeze(1)
 
 
 def rule_probability(log_probs, sentences):
@@ -132,7 +139,9 @@ def evaluate_policy(policy, reference, n_prompts=EVALUATION_PROMPTS, seed=0,
         aligned_targets = true_distributions(aligned, aligned=True)
         gold = gold_rate(policy, prompts, generator)
     else:
-        aligned, aligned_targets = aligned_distributions(preference, prompts, generator)
+        aligned_responses = sample_aligned(preference, prompts, generator)
+        aligned = join(prompts, aligned_responses)
+        aligned_targets = aligned_next_tokens(preference, prompts, aligned_responses)
         responses = sentences[:, PROMPT_LENGTH + 1:]
         gold = reaches_best(preference, prompts, responses) & is_valid_output(prompts, responses).all(dim=1)
     kl_to_reference = kl_divergence(log_probs.exp(), response_log_probs(reference, sentences))  # (B, 4)

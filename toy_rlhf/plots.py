@@ -21,8 +21,9 @@ from toy_rlhf.files import atomic_write
 from toy_rlhf.language import (DIGITS, PROMPT_LENGTH, VOCAB_SIZE, join,
                                next_token_distribution, preferred_first_token, sample_prompts)
 from toy_rlhf.methods import METHODS
-from toy_rlhf.metrics import PREFERENCE_TARGET, samples_to_preference, true_distributions
+from toy_rlhf.metrics import PREFERENCE_TARGET, aligned_next_tokens, samples_to_preference, true_distributions
 from toy_rlhf.policy import response_log_probs
+from toy_rlhf.preferences import DEFAULT_PREFERENCE, PREFERENCES, best_reachable
 from toy_rlhf.reward import first_digit_rewards
 
 DPI = 100
@@ -38,7 +39,8 @@ DASHES = ['-', '--', ':', '-.']  # line styles, by position, where curves of sev
 # Figure sizes in inches (width, height); the two per-model grids grow with the models they show.
 FIGURE_SIZES = {'sft_loss': (8, 4.5), 'reward_model': (13, 4.8), 'ppo_curves': (16, 4.8),
                 'first_token': (11, 5.5), 'frontier': (18, 6.5), 'ppo_variants': (13, 4.8),
-                'methods': (18, 7.5)}
+                'methods': (18, 7.5), 'kl_by_position': (8, 4.5)}
+FIRST_DIGIT = PREFERENCES[DEFAULT_PREFERENCE]
 
 
 def next_token_figure_size(n_models):
@@ -104,17 +106,20 @@ def plot_sft_loss(history, entropy_floor, path):
     return _save(fig, path)
 
 
-def plot_reward_model(history, reward_model, prompt, response, path, window=5):
+def plot_reward_model(history, reward_model, prompt, response, path, window=5, preference=FIRST_DIGIT):
     """Reward model training and its rewards on one sentence.
 
     history: list of {'iter', 'chosen', 'rejected'} (mean rewards of a batch); prompt, response:
     (4,) long. Left: chosen and rejected mean reward vs iteration (moving average over `window`
     logged rows, raw values faint behind). Right: the reward with each of the ten first digits in
-    place of the response's first one, the preferred digit (x4 + 1) % 10 highlighted.
+    place of the response's first one, highlighted where the variant reaches the preference's best
+    gold level for the prompt (first-digit: the preferred digit (x4 + 1) % 10, annotated).
     """
     with torch.no_grad():
         rewards = first_digit_rewards(reward_model.eval(), prompt[None], response[None])[0]  # (10,)
-    preferred = preferred_first_token(prompt[None]).item()
+    variants = response.repeat(DIGITS, 1)
+    variants[:, 0] = torch.arange(DIGITS)
+    best = preference.reward(prompt.expand(DIGITS, -1), variants) >= best_reachable(preference, prompt[None])
     fig, (curves, bars) = plt.subplots(1, 2, figsize=FIGURE_SIZES['reward_model'], layout='constrained')
 
     iters = [row['iter'] for row in history]
@@ -130,11 +135,13 @@ def plot_reward_model(history, reward_model, prompt, response, path, window=5):
     curves.grid(alpha=0.3)
 
     bars.bar(range(DIGITS), rewards.numpy(), edgecolor='black',
-             color=[PREFERRED_COLOR if digit == preferred else OTHER_COLOR for digit in range(DIGITS)])
+             color=[PREFERRED_COLOR if best[digit] else OTHER_COLOR for digit in range(DIGITS)])
     bars.axhline(0, color='black', linewidth=0.8)
-    bars.annotate(f'preferred\n({prompt[-1].item()} + 1) mod 10 = {preferred}',
-                  (preferred, max(rewards[preferred].item(), 0)), xytext=(0, 4),
-                  textcoords='offset points', ha='center', va='bottom', fontsize=9)
+    if preference.first_token is not None:
+        preferred = preference.first_token(prompt[None]).item()
+        bars.annotate(f'preferred\n({prompt[-1].item()} + 1) mod 10 = {preferred}',
+                      (preferred, max(rewards[preferred].item(), 0)), xytext=(0, 4),
+                      textcoords='offset points', ha='center', va='bottom', fontsize=9)
     bars.margins(y=0.25)
     bars.set_xticks(range(DIGITS))
     bars.set_xlabel('first output digit')
@@ -145,7 +152,7 @@ def plot_reward_model(history, reward_model, prompt, response, path, window=5):
     return _save(fig, path)
 
 
-def plot_ppo_curves(histories, path, window=5):
+def plot_ppo_curves(histories, path, window=5, rate_label='P(first digit is the preferred one)'):
     """PPO training curves of each beta vs rollout samples: reward-model score, KL to the reference,
     preference rate (centred moving average over `window` iterations, raw values faint behind), with
     the 99% preference line and where each policy's rollouts first crossed it (the report's "samples
@@ -159,7 +166,7 @@ def plot_ppo_curves(histories, path, window=5):
     styles = {label: DASHES[i % len(DASHES)] for i, label in enumerate(histories)}
     panels = [('objective/scores', 'reward-model score (mean over the batch)', 'Reward-model score'),
               ('objective/kl_full', 'KL(policy || reference), nats per response', 'KL to the reference'),
-              ('gold/preference_rate', 'P(first digit is the preferred one)', 'Preference rate (exact)')]
+              ('gold/preference_rate', rate_label, 'Preference rate (exact)')]
     fig, axes = plt.subplots(1, len(panels), figsize=FIGURE_SIZES['ppo_curves'], layout='constrained')
     _curve_panels(axes, histories, colors, panels, window, styles)
     preference = axes[2]
@@ -318,9 +325,11 @@ def plot_methods(frontier, rows, histories, path, window=5):
     return _save(fig, path)
 
 
-def plot_next_token_probs(models, prompt, response, path):
+def plot_next_token_probs(models, prompt, response, path, preference=FIRST_DIGIT):
     """Each model's next-token probabilities at the 4 output steps of one sentence, teacher forced,
-    against the exact language (black outlines) and, at the first step, the aligned target.
+    against the exact language (black outlines) and, with stars, the tokens of the aligned language
+    (the language conditioned on the preference's best reachable level) at the steps where it
+    differs from the language: for first-digit, the preferred first digit.
 
     models: ordered dict label -> policy GPT (one row each); prompt, response: (4,) long."""
     sentence = join(prompt[None], response[None])  # (1, 9)
@@ -328,7 +337,9 @@ def plot_next_token_probs(models, prompt, response, path):
         probs = {label: response_log_probs(model.eval(), sentence).exp()[0]  # (4, V)
                  for label, model in models.items()}
     language = true_distributions(sentence)[0]  # (4, V)
-    preferred = preferred_first_token(prompt[None]).item()
+    aligned = aligned_next_tokens(preference, prompt[None], response[None])[0]  # (4, V)
+    starred = [torch.nonzero(aligned[step]).flatten().tolist() if not torch.equal(aligned[step], language[step])
+               else [] for step in range(len(language))]
     colors = model_colors(models)
     steps = language.size(0)
     prefixes = [f'after {_words(sentence[0, :PROMPT_LENGTH + 1])}'] + \
@@ -342,8 +353,8 @@ def plot_next_token_probs(models, prompt, response, path):
             ax = axes[row, step]
             ax.bar(range(VOCAB_SIZE), probs[label][step].numpy(), color=colors[label])
             ax.bar(range(VOCAB_SIZE), language[step].numpy(), fill=False, edgecolor='black', linewidth=1.3)
-            if step == 0:  # inside the panel, above the bars' highest possible value, clear of the title
-                ax.plot(preferred, STAR_HEIGHT, marker='*', markersize=15, color=PREFERRED_COLOR,
+            for token in starred[step]:  # inside the panel, above the bars' highest value, clear of the title
+                ax.plot(token, STAR_HEIGHT, marker='*', markersize=15, color=PREFERRED_COLOR,
                         markeredgecolor='black', zorder=5)
             ax.set_xticks(range(VOCAB_SIZE), TOKEN_NAMES, fontsize=8)
             ax.set_ylim(0, STAR_HEIGHT + 0.08)
@@ -357,7 +368,7 @@ def plot_next_token_probs(models, prompt, response, path):
     handles = [Patch(facecolor=OTHER_COLOR, label="model's probability (bar colour = model)"),
                Patch(fill=False, edgecolor='black', label='language, exact'),
                Line2D([], [], marker='*', markersize=15, color=PREFERRED_COLOR, markeredgecolor='black',
-                      linestyle='none', label='aligned target: all mass on the preferred digit')]
+                      linestyle='none', label='aligned target: its tokens where it differs from the language')]
     fig.legend(handles=handles, loc='outside lower center', ncol=3)
     fig.suptitle(f'Next-token probabilities for {_words(sentence[0])}, teacher forced: each step is '
                  "conditioned on this sentence's own earlier tokens, not on the model's samples")
@@ -434,4 +445,23 @@ def plot_first_token(models, path, n_prompts=2000, seed=0):
     ax.set_title(f'Probability of the preferred first digit (x4 + 1) mod 10, {n_prompts} prompts')
     ax.legend(loc='upper left', bbox_to_anchor=(1.02, 1))  # beside the axes: curves fill the panel
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_kl_by_position(policies, path):
+    """KL(policy || reference) split by the chain rule into the four response positions, one group of
+    bars per policy: where each policy spent its KL. policies: {label: metrics with
+    'kl_to_reference_by_position'} (the reference first, drawn too: its bars are 0)."""
+    colors = model_colors(policies)
+    fig, ax = plt.subplots(figsize=FIGURE_SIZES['kl_by_position'], layout='constrained')
+    width = 0.8 / len(policies)
+    for i, (label, metrics) in enumerate(policies.items()):
+        ax.bar(np.arange(1, 5) + (i - (len(policies) - 1) / 2) * width, metrics['kl_to_reference_by_position'],
+               width, color=colors[label], label=label)
+    ax.set_xticks(range(1, 5), [f'y{position}' for position in range(1, 5)])
+    ax.set_xlabel('response position')
+    ax.set_ylabel('KL(policy || reference) at the position, nats')
+    ax.set_title('Where each policy spends its KL: the chain rule, one response position at a time')
+    ax.legend()
+    ax.grid(axis='y', alpha=0.3)
     return _save(fig, path)

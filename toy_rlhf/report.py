@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from toy_rlhf.files import write_text
+from toy_rlhf.preferences import DEFAULT_PREFERENCE, resolve_preference
 
 COLUMNS = [('preference_rate', 'preference', '{:.2%}'), ('fidelity', 'fidelity', '{:.2%}'),
            ('gold_rate', 'gold', '{:.2%}'), ('kl_to_reference', 'KL to reference (nats)', '{:.3f}'),
@@ -51,6 +52,15 @@ def _closest_to_aligned(policies):
             f'nats) and {farthest} the farthest ({policies[farthest]["kl_to_aligned"]:.2f}).')
 
 
+def _kl_where(label, policy):
+    """Where a policy spends its KL: each position's share, and which position takes the most."""
+    by_position = policy['kl_to_reference_by_position']
+    total = sum(by_position) or 1.0
+    shares = ', '.join(f'y{i + 1} {_percent(kl / total)}' for i, kl in enumerate(by_position))
+    most = max(range(len(by_position)), key=lambda i: by_position[i])
+    return f'{label} spends the most on y{most + 1} ({shares} of {sum(by_position):.2f} nats).'
+
+
 def _samples(samples):
     return 'never reached 99% preference' if samples is None else f'first reached 99% preference after {samples:,} samples'
 
@@ -80,12 +90,29 @@ def figure_captions(metrics):
                             f'({_percent(reference["preference_rate"])} on the preferred one). '
                             + ' '.join(f'{_later_digits(label, policy, reference)}.' for label, policy in tuned.items())
                             + ' ' + _closest_to_aligned(tuned),
+        'kl_by_position': 'KL(policy || reference) of each policy split by the chain rule into the four response '
+                          'positions. ' + ' '.join(_kl_where(label, policy) for label, policy in tuned.items()),
         'attention': 'Attention weights of every layer and head at the position that predicts the first '
                      'output digit. Compare where each model looks when it chooses the first digit.',
         'first_token': 'The probability each model puts on the preferred first digit, prompts sorted. Mean: '
                        + ', '.join(f'{label} {_percent(policy["preference_rate"])}'
                                    for label, policy in metrics['policies'].items()) + '.',
     }
+
+
+def _definitions(preference_name):
+    """What the table's columns mean for the run's preference."""
+    preference = resolve_preference(preference_name)
+    if preference.first_token is not None:
+        return '''Preference: probability of the preferred first digit. Fidelity: share of digits 2-4 that obey the rule.
+Gold: preferred first digit and all later digits valid. KL to reference: KL(policy || SFT) of whole
+responses. KL to aligned: KL(aligned language || policy), the aligned language being the true one
+with the first digit forced to the preferred one.'''
+    return (f'Preference ({preference.name}: {preference.description}): probability of a response at least as '
+            'good as the best gold level a valid response reaches for the prompt. Fidelity: share of digits 2-4 '
+            'that obey the rule. Gold: the best level and all four digits valid. KL to reference: KL(policy || '
+            'SFT) of whole responses. KL to aligned: KL(aligned language || policy), the aligned language being '
+            'the true one conditioned on the best gold level reachable for the prompt.')
 
 
 def write_report(path, settings, metrics, timings, figures):
@@ -126,10 +153,7 @@ rank rate {metrics['reward']['rank_rate']:.2%}.
 PPO rollout samples until the preference rate first reached 99%: \
 {', '.join(f'{label} {"never" if samples is None else f"{samples:,}"}' for label, samples in metrics['ppo_samples_to_99_percent_preference'].items())}.
 
-Preference: probability of the preferred first digit. Fidelity: share of digits 2-4 that obey the rule.
-Gold: preferred first digit and all later digits valid. KL to reference: KL(policy || SFT) of whole
-responses. KL to aligned: KL(aligned language || policy), the aligned language being the true one
-with the first digit forced to the preferred one.
+{_definitions(settings.get('preference', DEFAULT_PREFERENCE))}
 
 ## Figures
 

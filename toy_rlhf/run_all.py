@@ -83,7 +83,7 @@ def run_all(run_dir, plots_dir, config, progress=True):
     timings['evaluation'] = {'seconds': time.perf_counter() - start}
 
     start = time.perf_counter()
-    figures = draw(run_dir, plots_dir, models, histories, config)
+    figures = draw(run_dir, plots_dir, models, histories, config, metrics)
     timings['figures'] = {'seconds': time.perf_counter() - start}
     timings['total'] = {'seconds': sum(stage['seconds'] for stage in timings.values())}
 
@@ -114,18 +114,26 @@ def measure(run_dir, models, histories, config):
     }
 
 
-def draw(run_dir, plots_dir, models, histories, config):
-    """The six figures; returns their paths by name."""
+def draw(run_dir, plots_dir, models, histories, config, metrics):
+    """The figures; returns their paths by name. The first-digit probabilities are drawn for a
+    preference on the first digit only."""
     prompt, response = torch.tensor(config.prompt), torch.tensor(config.response)
     reward_model = load_model(run_dir / 'reward.pt', 'reward')
-    return {
+    preference = resolve_preference(config.preference)
+    rate_label = 'P(first digit is the preferred one)' if preference.first_token is not None \
+        else 'P(the best gold level reachable)'
+    figures = {
         'sft_loss': plots.plot_sft_loss(load_checkpoint(run_dir / 'sft.pt')['history'], entropy_floor(),
                                         plots_dir / 'sft_loss.png'),
         'reward_model': plots.plot_reward_model(load_checkpoint(run_dir / 'reward.pt')['history'], reward_model,
-                                                prompt, response, plots_dir / 'reward_model.png'),
-        'ppo_curves': plots.plot_ppo_curves(histories, plots_dir / 'ppo_curves.png'),
+                                                prompt, response, plots_dir / 'reward_model.png',
+                                                preference=preference),
+        'ppo_curves': plots.plot_ppo_curves(histories, plots_dir / 'ppo_curves.png', rate_label=rate_label),
         'next_token_probs': plots.plot_next_token_probs(models, prompt, response,
-                                                        plots_dir / 'next_token_probs.png'),
+                                                        plots_dir / 'next_token_probs.png', preference),
+        'kl_by_position': plots.plot_kl_by_position(metrics['policies'], plots_dir / 'kl_by_position.png'),
         'attention': plots.plot_attention(models, prompt, response, plots_dir / 'attention.png'),
-        'first_token': plots.plot_first_token(models, plots_dir / 'first_token.png', seed=config.seed),
     }
+    if preference.first_token is not None:
+        figures['first_token'] = plots.plot_first_token(models, plots_dir / 'first_token.png', seed=config.seed)
+    return figures
