@@ -24,7 +24,7 @@ from toy_rlhf.methods import METHODS
 from toy_rlhf.metrics import samples_to_preference
 from toy_rlhf.optimal import (EXACT_PROMPTS, compare_to_optimum, exact_tables, expected_reward, objective, optimal_frontier,
                               optimal_log_probs, optimal_value, response_kl, response_log_probs_exact)
-from toy_rlhf.pipeline import ensure_method
+from toy_rlhf.pipeline import ensure_method, run_preference
 from toy_rlhf.reward import RewardConfig
 
 # The optimum's frontier is drawn through these betas (log-spaced, plus the limit beta -> 0).
@@ -51,7 +51,7 @@ def exact_row(label, method, config, log_pi, tables):
     target = method.target(tables, config) if method.target is not None else optimum
     gold = tables.gold(getattr(config, 'gold_margin', RewardConfig.gold_margin))
     row = {'label': label, 'method': method.name,
-           **compare_to_optimum(log_pi, tables.log_ref, tables.rewards, tables.prompts, beta),
+           **compare_to_optimum(log_pi, tables.log_ref, tables.rewards, tables.prompts, beta, tables.preference),
            'kl_to_optimum': response_kl(log_pi, optimum).mean().item(),
            'target': method.target_label, 'kl_to_target': response_kl(log_pi, target).mean().item(),
            'gold_gap_closed': gap_closed(log_pi, tables.log_ref, gold, beta)}
@@ -69,11 +69,12 @@ def gap_closed(log_pi, log_ref, rewards, beta):
     return (J - J_ref) / (J_star - J_ref) if J_star > J_ref else float('nan')
 
 
-def at(beta, seed, method_config):
-    """method_config at beta, with the comparison's seed where the method has one (best-of-n samples
-    nothing, so it has none)."""
-    seeded = {'seed': seed} if any(field.name == 'seed' for field in fields(method_config)) else {}
-    return replace(method_config, beta=beta, **seeded)
+def at(beta, seed, preference, method_config):
+    """method_config at beta, with the comparison's seed and the run's preference where the method
+    has them (best-of-n samples nothing and learns nothing, so it has neither)."""
+    names = {field.name for field in fields(method_config)}
+    given = {'seed': seed, 'preference': preference}
+    return replace(method_config, beta=beta, **{name: value for name, value in given.items() if name in names})
 
 
 def _train(run_dir, method, config, fresh):
@@ -88,7 +89,9 @@ def compare(run_dir, plots_dir, config, method_configs=None, progress=True):
     seed are set here). Returns the rows of the table."""
     run_dir, plots_dir = Path(run_dir), Path(plots_dir)
     methods = [METHODS[name] for name in (config.methods or METHODS)]
-    runs = [(method, at(beta, config.seed, (method_configs or {}).get(method.name) or method.config()))
+    preference = run_preference(run_dir)
+    runs = [(method, at(beta, config.seed, preference.name,
+                        (method_configs or {}).get(method.name) or method.config()))
             for beta in config.betas for method in methods]
 
     # 1. train every method that trains (reusing current checkpoints)
@@ -105,7 +108,7 @@ def compare(run_dir, plots_dir, config, method_configs=None, progress=True):
     start = time.perf_counter()
     prompts = sample_prompts(config.prompts, torch.Generator().manual_seed(config.seed))
     tables = exact_tables(load_model(run_dir / 'sft.pt', 'policy'), load_model(run_dir / 'reward.pt', 'reward'),
-                          prompts)
+                          prompts, preference)
     rows, histories = [], {}
     for method, method_config in runs:
         label = f'{method.label} beta={method_config.beta:g}'
@@ -121,7 +124,7 @@ def compare(run_dir, plots_dir, config, method_configs=None, progress=True):
             if method.online:
                 histories[label] = (method.name, history)
         rows.append(row)
-    frontier = optimal_frontier(tables.log_ref, tables.rewards, prompts, FRONTIER_BETAS)
+    frontier = optimal_frontier(tables.log_ref, tables.rewards, prompts, FRONTIER_BETAS, preference)
     print(f'Exact evaluation of {len(rows)} policies on {config.prompts} prompts: {time.perf_counter() - start:.1f} s')
 
     # 3. the figure and the table

@@ -4,7 +4,7 @@ from torch.utils.data import Dataset
 
 from toy_rlhf.language import CLS, PROMPT_LENGTH, WINDOW, increments, join, sample_prompts, sample_responses
 from toy_rlhf.policy import generate_responses
-from toy_rlhf.preferences import DEFAULT_PREFERENCE, PREFERENCES
+from toy_rlhf.preferences import DEFAULT_PREFERENCE, PREFERENCES, aligned_paths
 
 
 def supervised_batch(n, generator=None):
@@ -64,8 +64,11 @@ class PreferenceDataset(Dataset):
     valid sentences, one starts with the preferred first digit, the other with another digit the rule
     allows. Prompts whose four digits are all equal allow only the preferred first digit, so they
     cannot form a pair and are not drawn. 'language' / 'sft': two responses sampled independently for
-    the same prompt from the language / from `policy` (InstructGPT's way); pairs of equal gold reward
-    get coin-flip labels. 'default': the preference's own choice.
+    the same prompt from the language / from `policy` (InstructGPT's way). 'aligned': one response of
+    the aligned language (the best gold level the language reaches for the prompt) and one of the
+    language, the first-digit construction for any preference: where the language rarely reaches the
+    best level, most language pairs are ties. Pairs of equal gold reward get coin-flip labels.
+    'default': the preference's own choice.
     """
 
     def __init__(self, size, gold_margin, seed=0, preference=PREFERENCES[DEFAULT_PREFERENCE], source='default',
@@ -78,6 +81,11 @@ class PreferenceDataset(Dataset):
             first = sample_responses(prompts, generator, first_token=preferred)
             second = sample_responses(prompts, generator,
                                       first_token=_other_allowed_first(prompts, preferred, generator))
+        elif source == 'aligned':
+            prompts = sample_prompts(size, generator)
+            paths, aligned = aligned_paths(preference, prompts)
+            choice = torch.multinomial(aligned.float(), 1, generator=generator)[:, :, None].expand(-1, -1, paths.size(2))
+            first, second = paths.gather(1, choice).squeeze(1), sample_responses(prompts, generator)
         else:
             prompts = sample_prompts(size, generator)
             first, second = (_sampled_responses(prompts, source, policy, generator) for _ in range(2))

@@ -33,11 +33,6 @@ def kl_divergence(p, log_q):
     return (torch.xlogy(p, p) - p * log_q).sum(dim=-1).clamp_min(0.0)
 
 
-def preferred_probability(log_probs, sentences):
-    """The probability a policy puts on the preferred first digit: log_probs (B, 4, V) -> (B,)."""
-    return log_probs[:, 0].exp().gather(1, preferred_first_token(sentences).unsqueeze(1)).squeeze(1)
-
-
 def best_level_rate(preference, log_probs, sentences):
     """Per sentence (B, 9), whether the policy reaches the best gold level the language reaches for the
     prompt: for a first-digit preference, the exact probability of the preferred first digit given the

@@ -170,6 +170,11 @@ def stage_preference(settings):
     return resolve_preference(stored or DEFAULT_PREFERENCE)
 
 
+def run_preference(run_dir):
+    """The preference a run's reward model was trained for (stored in reward.pt)."""
+    return stage_preference(load_checkpoint(Path(run_dir) / 'reward.pt', 'reward')['train_config'])
+
+
 def check_trained_from(policy_path, inputs):
     """Refuse an input checkpoint (sft.pt or reward.pt: its path) other than the one the policy at
     policy_path was trained from, by the fingerprints stored in the policy's provenance."""

@@ -33,8 +33,9 @@ class Preference:
     levels: Optional[tuple] = None  # the values reward takes, when it is discrete
     # Where the reward model's pairs come from by default: 'first-digit' pairs one response with the
     # preferred first digit and one without (the notebook's); 'language' and 'sft' sample both
-    # responses of a pair for the same prompt from the language or the SFT policy.
-    pairs: Literal['first-digit', 'language', 'sft'] = 'language'
+    # responses of a pair for the same prompt from the language or the SFT policy; 'aligned' pairs a
+    # response of the best reachable level with a language one (toy_rlhf.data.PreferenceDataset).
+    pairs: Literal['first-digit', 'language', 'sft', 'aligned'] = 'language'
     # The one first digit the preference asks for, where the reward is 1[y1 == first_token(x)]: then
     # the rates given a prefix are exact from the policy's next-token distribution (lower variance
     # than counting samples), and the notebook's pairs can be built.
@@ -72,10 +73,15 @@ def distinct_reward(prompts, responses):
 PREFERENCES = {preference.name: preference for preference in (
     Preference('first-digit', 'the first output digit is (x4 + 1) % 10 (the notebook\'s)', first_digit_reward,
                levels=(0.0, 1.0), pairs='first-digit', first_token=preferred_first_token),
-    Preference('last-digit', 'the last output digit is (x4 + 4) % 10', last_digit_reward, levels=(0.0, 1.0)),
+    # The language ends on (x4 + 4) % 10 in 6% of responses: nine language pairs in ten are ties, and
+    # 20,000 of them taught the reward model nothing (held-out accuracy 58%); aligned pairs do.
+    Preference('last-digit', 'the last output digit is (x4 + 4) % 10', last_digit_reward, levels=(0.0, 1.0),
+               pairs='aligned'),
     Preference('digit-sum', 'the larger the sum of the output digits, the better (sum / 36)', digit_sum_reward,
                levels=tuple(level / 36 for level in range(37))),
-    Preference('distinct', 'the four output digits are all different', distinct_reward, levels=(0.0, 1.0)),
+    # Four distinct digits in 23% of language responses: two language pairs in three are ties.
+    Preference('distinct', 'the four output digits are all different', distinct_reward, levels=(0.0, 1.0),
+               pairs='aligned'),
 )}
 DEFAULT_PREFERENCE = 'first-digit'
 

@@ -32,9 +32,10 @@ class RewardConfig:
     # digit: at 20 a label is wrong with probability sigmoid(-20) = 2e-9, effectively never.
     gold_margin: PositiveFloat = 20.0  # gold reward of the preferred first digit: smaller means noisier labels
     preference: str = DEFAULT_PREFERENCE  # what the labeler prefers: a built-in name or module:function
-    # Where the two responses of a pair come from: the preference's own choice (the notebook's
-    # first-digit pairs for first-digit, language samples otherwise), the language, or the SFT policy.
-    pair_source: Literal['default', 'language', 'sft'] = 'default'  # default, language or sft
+    # Where the two responses of a pair come from (toy_rlhf.data.PreferenceDataset): the preference's
+    # own choice (toy_rlhf.preferences), two language samples, two SFT samples, or an aligned-language
+    # response against a language one.
+    pair_source: Literal['default', 'language', 'sft', 'aligned'] = 'default'  # default, language, sft or aligned
     seed: Seed = 0  # random seed: the same seed gives the same run
     device: Device = 'cpu'  # where it trains; auto picks cuda if present
     log_every: PositiveInt = 10  # iterations between rows of the log

@@ -23,7 +23,7 @@ from toy_rlhf.methods import METHODS
 from toy_rlhf.methods.ppo import PPOConfig, train_ppo
 from toy_rlhf.metrics import PREFERENCE_TARGET, samples_to_preference
 from toy_rlhf.optimal import EXACT_PROMPTS, exact_tables, optimal_frontier, response_log_probs_exact
-from toy_rlhf.pipeline import ensure_method
+from toy_rlhf.pipeline import ensure_method, run_preference
 
 
 @dataclass
@@ -41,7 +41,7 @@ def train_policies(run_dir, config, progress=True):
     policies = {}
     for method, betas in ((METHODS['ppo'], config.betas), (METHODS['dpo'], config.dpo_betas)):
         for beta in betas:
-            method_config = method.config(beta=beta, seed=config.seed)
+            method_config = method.config(beta=beta, seed=config.seed, preference=run_preference(run_dir).name)
             ensure_method(run_dir, method, method_config, config.fresh, progress)
             policies[f'{method.label} beta={beta:g}'] = (method, method_config,
                                                          Path(run_dir) / f'{method.stem(beta)}.pt')
@@ -57,10 +57,10 @@ def sweep(run_dir, plots_dir, config, progress=True):
     start = time.perf_counter()
     prompts = sample_prompts(config.prompts, torch.Generator().manual_seed(config.seed))
     tables = exact_tables(load_model(run_dir / 'sft.pt', 'policy'), load_model(run_dir / 'reward.pt', 'reward'),
-                          prompts)
+                          prompts, run_preference(run_dir))
     rows = [exact_row(label, method, method_config, response_log_probs_exact(load_model(path, 'policy'), prompts),
                       tables) for label, (method, method_config, path) in policies.items()]
-    frontier = optimal_frontier(tables.log_ref, tables.rewards, prompts, FRONTIER_BETAS)
+    frontier = optimal_frontier(tables.log_ref, tables.rewards, prompts, FRONTIER_BETAS, tables.preference)
     seconds = time.perf_counter() - start
 
     figure = plots.plot_frontier(frontier, rows, plots_dir / 'frontier.png')

@@ -21,6 +21,7 @@ margin grows, past where the KL-regularised optimum would stop (at beta = 10) or
 the language. A small gold margin (noisy labels) gives a finite target.
 """
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +30,10 @@ from toy_rlhf.data import PreferenceDataset
 from toy_rlhf.flags import Device, PositiveFloat, PositiveInt, Seed
 from toy_rlhf.language import PROMPT_LENGTH, RESPONSE_LENGTH, join
 from toy_rlhf.methods.rollout import TrainingLog, start_training
-from toy_rlhf.metrics import preferred_probability
+from toy_rlhf.metrics import best_level_rate
 from toy_rlhf.optimal import optimal_log_probs
-from toy_rlhf.policy import token_log_probs
+from toy_rlhf.policy import generate_responses, response_log_probs, token_log_probs
+from toy_rlhf.preferences import DEFAULT_PREFERENCE, resolve_preference
 from toy_rlhf.reward import RewardConfig
 from toy_rlhf.training import check_finite, gradient_step, learning_rate_at, set_learning_rate
 
@@ -51,6 +53,8 @@ class DPOConfig:
     max_grad_norm: PositiveFloat = 1.0  # gradient-norm clip
     # The same default (and seed) as the reward model's, so both learn from the very same labels.
     gold_margin: PositiveFloat = RewardConfig.gold_margin  # the labeler's margin: smaller means noisier labels
+    preference: str = DEFAULT_PREFERENCE  # what the labeler prefers: a built-in name or module:function
+    pair_source: Literal['default', 'language', 'sft', 'aligned'] = 'default'  # as RewardConfig's
     seed: Seed = 0  # random seed: the same seed gives the same run
     device: Device = 'cpu'  # where the policy trains
     log_every: PositiveInt = 10  # iterations between rows of the log
@@ -116,7 +120,8 @@ def train_on_pairs(sft_policy, config, pair_loss, name, progress=True):
     # The reference is frozen, no gradient reaches it; requires_grad_ in start_training because the
     # SFT policy may have been frozen as another run's reference.
     policy, reference, optimizer, generator = start_training(sft_policy, config)
-    pairs = PreferenceDataset(config.pairs, config.gold_margin, seed=config.seed)
+    preference = resolve_preference(config.preference)
+    pairs = PreferenceDataset(config.pairs, config.gold_margin, config.seed, preference, config.pair_source, sft_policy)
     reference_chosen, reference_rejected = reference_log_probs(reference, pairs)
     # Adam without weight decay: decay would pull the weights towards 0, not towards the reference.
     policy = policy.to(config.device)  # in place: the optimizer keeps the same parameters
@@ -145,18 +150,25 @@ def train_on_pairs(sft_policy, config, pair_loss, name, progress=True):
                          'rewards/accuracies': (margins > 0).float().mean().item(),
                          'logps/chosen': policy_chosen.mean().item(),
                          'logps/rejected': policy_rejected.mean().item(),
-                         'gold/preference_rate': first_digit_preference(policy, context[:, :PROMPT_LENGTH]),
+                         'gold/preference_rate': best_level_share(policy, context[:, :PROMPT_LENGTH], preference,
+                                                                  step),
                          'lr': optimizer.param_groups[0]['lr']})
             log.step()
     return policy.eval(), log.rows
 
 
 @torch.no_grad()
-def first_digit_preference(policy, prompts):
-    """The policy's mean probability of the preferred first digit on prompts (B, 4): exact per prompt."""
-    context = join(prompts)
-    log_probs = policy(context)[0][:, -1:].log_softmax(dim=-1)  # (B, 1, V): the first response position
-    return preferred_probability(log_probs, context).mean().item()
+def best_level_share(policy, prompts, preference, step):
+    """The policy's mean rate of the preference's best gold level on prompts (B, 4): for first-digit,
+    its exact probability of the preferred first digit per prompt; otherwise the share of one sampled
+    response per prompt (drawn with a generator of its own, seeded by `step`, so the log does not
+    change the training's random numbers)."""
+    if preference.first_token is not None:
+        context = join(prompts)
+        log_probs = policy(context)[0][:, -1:].log_softmax(dim=-1)  # (B, 1, V): the first response position
+        return best_level_rate(preference, log_probs, context).mean().item()
+    sentences = generate_responses(policy, prompts, torch.Generator(device=prompts.device).manual_seed(step))
+    return best_level_rate(preference, response_log_probs(policy, sentences), sentences).mean().item()
 
 
 def gold_optimum(tables, config):
