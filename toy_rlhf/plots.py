@@ -61,17 +61,18 @@ def model_colors(labels):
 
 
 def centred_average(values, window):
-    """Centred mean: out[i] = mean(values[i - h : i + h + 1]), h = window // 2, the window cut at the
-    ends (same length as values, so it plots against the same x). A trailing mean lags by half its
-    window, which reads as a slower learner than it is (PPO: ~770 samples at the default schedule)."""
+    """Centred mean over `window` points (odd): out[i] = mean(values[i - h : i + h + 1]), where
+    h = window // 2 shrinks near the ends to min(h, i, len - 1 - i), so every point stays the centre
+    of its own window (the first and last are their raw values). Same length as values, so it plots
+    against the same x. A trailing mean lags by half its window, which reads as a slower learner than
+    it is (PPO: ~770 samples at the default schedule); a window cut on one side only lags at the ends."""
     values = np.asarray(values, dtype=float)
-    if window < 1:
-        raise ValueError(f'window must be >= 1, got {window}')
-    half = window // 2
-    sums = np.cumsum(np.concatenate([[0.0], values]))
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f'a centred window is an odd number of points >= 1, got {window}')
     index = np.arange(len(values))
-    starts, ends = np.maximum(0, index - half), np.minimum(len(values), index + half + 1)
-    return (sums[ends] - sums[starts]) / (ends - starts)
+    half = np.minimum(window // 2, np.minimum(index, len(values) - 1 - index))
+    sums = np.cumsum(np.concatenate([[0.0], values]))
+    return (sums[index + half + 1] - sums[index - half]) / (2 * half + 1)
 
 
 def _words(tokens):
