@@ -123,23 +123,26 @@ def test_ppo_curves_figure_marks_where_each_policy_first_reached_99_percent(tmp_
                  for label, values in rates.items()}
     path = plots.plot_ppo_curves(histories, tmp_path / 'ppo.png')
     assert_png(path, plots.FIGURE_SIZES['ppo_curves'])
-    preference = drawn[0].axes[2]
-    legend = [text.get_text() for text in preference.get_legend().get_texts()]
+    score, _, preference = drawn[0].axes
     # The markers sit on the 99% line where samples_to_preference puts the crossing (the report's
     # number): the first row at or above 99%, even when a later row dips below (beta=1), none for a
-    # policy that never got there (beta=0).
-    markers = {line.get_label(): (line.get_xdata()[0], line.get_ydata()[0])
+    # policy that never got there (beta=0). The legend quotes the same numbers.
+    markers = {line.get_color(): (line.get_xdata()[0], line.get_ydata()[0])
                for line in preference.get_lines() if line.get_marker() == 'v'}
-    assert markers == {'beta=1 first at 99%: 1,536 samples': (1536, 0.99),
-                       'beta=0.1 first at 99%: 768 samples': (768, 0.99)}
+    colors = plots.model_colors(['reference (SFT)', *histories])
     assert {samples_to_preference(histories[label]) for label in ('beta=1', 'beta=0.1')} == {1536, 768}
-    target = next(line for line in preference.get_lines() if line.get_label() == '99% preference')
-    assert tuple(target.get_ydata()) == (0.99, 0.99) and target.get_linestyle() == '--'
-    assert set(histories) | set(markers) | {'99% preference'} <= set(legend)
-    # One dash per policy, the first drawn on top of the others.
-    averaged = {line.get_label(): line for line in preference.get_lines() if line.get_label() in histories}
-    assert len({line.get_linestyle() for line in averaged.values()}) == 3
-    assert averaged['beta=1'].get_zorder() > averaged['beta=0'].get_zorder() > averaged['beta=0.1'].get_zorder()
+    assert markers == {colors['beta=1']: (1536, 0.99), colors['beta=0.1']: (768, 0.99)}
+    assert any(tuple(line.get_ydata()) == (0.99, 0.99) and line.get_linestyle() == '--'
+               for line in preference.get_lines())
+    legend = [text.get_text() for text in score.get_legend().get_texts()]
+    assert legend == ['beta=1: 99% after 1,536 samples', 'beta=0: never at 99%', 'beta=0.1: 99% after 768 samples']
+    # One dash per policy, each drawn narrower than and on top of the ones before it, so that where
+    # the curves coincide every one still shows.
+    averaged = [line for line in preference.get_lines() if line.get_label() in histories]
+    assert [line.get_label() for line in averaged] == list(histories)
+    assert len({line.get_linestyle() for line in averaged}) == 3
+    assert averaged[0].get_linewidth() > averaged[1].get_linewidth() > averaged[2].get_linewidth()
+    assert averaged[0].get_zorder() < averaged[1].get_zorder() < averaged[2].get_zorder()
 
 
 def test_next_token_probs_figure_keeps_the_star_inside_its_panel(tmp_path, models, drawn):
