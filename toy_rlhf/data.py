@@ -4,7 +4,7 @@ from torch.utils.data import Dataset
 
 from toy_rlhf.language import CLS, PROMPT_LENGTH, WINDOW, increments, join, sample_prompts, sample_responses
 from toy_rlhf.policy import generate_responses
-from toy_rlhf.preferences import DEFAULT_PREFERENCE, PREFERENCES, aligned_paths
+from toy_rlhf.preferences import DEFAULT_PREFERENCE, PREFERENCES, sample_aligned
 
 
 def supervised_batch(n, generator=None):
@@ -83,9 +83,7 @@ class PreferenceDataset(Dataset):
                                       first_token=_other_allowed_first(prompts, preferred, generator))
         elif source == 'aligned':
             prompts = sample_prompts(size, generator)
-            paths, aligned = aligned_paths(preference, prompts)
-            choice = torch.multinomial(aligned.float(), 1, generator=generator)[:, :, None].expand(-1, -1, paths.size(2))
-            first, second = paths.gather(1, choice).squeeze(1), sample_responses(prompts, generator)
+            first, second = sample_aligned(preference, prompts, generator), sample_responses(prompts, generator)
         else:
             prompts = sample_prompts(size, generator)
             first, second = (_sampled_responses(prompts, source, policy, generator) for _ in range(2))

@@ -11,7 +11,7 @@ from toy_rlhf.language import (PROMPT_LENGTH, RESPONSE_LENGTH, VOCAB_SIZE, is_va
                                next_token_distribution, preferred_first_token, sample_prompts,
                                sample_responses)
 from toy_rlhf.policy import generate_responses, response_log_probs
-from toy_rlhf.preferences import DEFAULT_PREFERENCE, PREFERENCES, aligned_paths, reaches_best
+from toy_rlhf.preferences import DEFAULT_PREFERENCE, PREFERENCES, aligned_paths, reaches_best, sample_aligned
 
 EVALUATION_PROMPTS = 2000  # prompts of the sampled exact metrics: standard error ~0.1 points on a rate
 PREFERENCE_TARGET = 0.99  # "learned the preference": the rate the samples-to-target counts are measured to
@@ -55,14 +55,6 @@ def aligned_next_tokens(preference, prompts, responses):
         counts = (F.one_hot(paths[:, :, step], VOCAB_SIZE).float() * same_prefix.unsqueeze(2)).sum(dim=1)
         distributions.append(counts / counts.sum(dim=1, keepdim=True).clamp_min(1))
     return torch.stack(distributions, dim=1)
-
-
-def sample_aligned(preference, prompts, generator=None):
-    """One response of the aligned language per prompt (B, 4): a uniform draw among its paths, so a
-    response reached by several paths is drawn as often as the language writes it. -> (B, 4)."""
-    paths, aligned = aligned_paths(preference, prompts)
-    choice = torch.multinomial(aligned.float(), 1, generator=generator)  # (B, 1)
-    return paths.gather(1, choice.unsqueeze(2).expand(-1, -1, RESPONSE_LENGTH)).squeeze(1)
 
 
 def rule_probability(log_probs, sentences):

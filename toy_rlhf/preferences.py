@@ -174,3 +174,11 @@ def aligned_paths(preference, prompts):
     paths = language_paths(prompts)
     rewards = path_rewards(preference, prompts, paths)
     return paths, rewards == rewards.amax(dim=1, keepdim=True)
+
+
+def sample_aligned(preference, prompts, generator=None):
+    """One response of the aligned language per prompt (B, 4): a uniform draw among its paths, so a
+    response reached by several paths is drawn as often as the language writes it. -> (B, 4)."""
+    paths, aligned = aligned_paths(preference, prompts)
+    choice = torch.multinomial(aligned.float(), 1, generator=generator)  # (B, 1)
+    return paths.gather(1, choice.unsqueeze(2).expand(-1, -1, RESPONSE_LENGTH)).squeeze(1)

@@ -101,14 +101,17 @@ def figure_captions(metrics):
     }
 
 
+FIRST_DIGIT_DEFINITIONS = '''Preference: probability of the preferred first digit. Fidelity: share of digits 2-4 that obey the rule.
+Gold: preferred first digit and all later digits valid. KL to reference: KL(policy || SFT) of whole
+responses. KL to aligned: KL(aligned language || policy), the aligned language being the true one
+with the first digit forced to the preferred one.'''
+
+
 def _definitions(preference_name):
     """What the table's columns mean for the run's preference."""
     preference = resolve_preference(preference_name)
     if preference.first_token is not None:
-        return '''Preference: probability of the preferred first digit. Fidelity: share of digits 2-4 that obey the rule.
-Gold: preferred first digit and all later digits valid. KL to reference: KL(policy || SFT) of whole
-responses. KL to aligned: KL(aligned language || policy), the aligned language being the true one
-with the first digit forced to the preferred one.'''
+        return FIRST_DIGIT_DEFINITIONS
     return (f'Preference ({preference.name}: {preference.description}): probability of a response at least as '
             'good as the best gold level a valid response reaches for the prompt. Fidelity: share of digits 2-4 '
             'that obey the rule. Gold: the best level and all four digits valid. KL to reference: KL(policy || '

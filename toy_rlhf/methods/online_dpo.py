@@ -70,7 +70,7 @@ class OnlineDPOConfig:
     learning_rate: PositiveFloat = 3e-4  # Adam step size
     max_grad_norm: PositiveFloat = 1.0  # gradient-norm clip
     seed: Seed = 0  # random seed: the same seed gives the same run
-    preference: str = DEFAULT_PREFERENCE  # the preference whose exact rate the log follows (built-in or module:function)
+    preference: str = DEFAULT_PREFERENCE  # whose exact rate the log follows: a built-in or module:function
 
 
 # ---------------------------------------------------------------------------------------------

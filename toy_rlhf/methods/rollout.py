@@ -40,7 +40,7 @@ class RolloutConfig:
     clip_epsilon: PositiveFloat = 0.2  # ratio clip: how far one rollout may move a token's probability
     max_grad_norm: PositiveFloat = 1.0  # gradient-norm clip
     seed: Seed = 0  # random seed: the same seed gives the same run
-    preference: str = DEFAULT_PREFERENCE  # the preference whose exact rate the log follows (built-in or module:function)
+    preference: str = DEFAULT_PREFERENCE  # whose exact rate the log follows: a built-in or module:function
 
 
 # ---------------------------------------------------------------------------------------------
