@@ -84,3 +84,11 @@ def test_the_report_records_threads_processor_and_versions(tmp_path):
     text = (tmp_path / 'report.md').read_text()
     assert '3 torch thread(s) on Some CPU 3000' in text and 'torch 9.9.9' in text
     assert '](plots/first_token.png)' in text
+
+
+def test_the_captions_of_another_preference_speak_of_its_best_level_not_the_preferred_digit():
+    metrics = run_metrics({'beta=1': policy(0.14, 0.99, 0.5, 2.9)}, {'beta=1': None})
+    captions = figure_captions(metrics, 'last-digit')
+    assert 'a language response of the best gold level outscores one of a lower level 99.0%' in captions['reward_model']
+    assert 'The reference reaches the best gold level 33.0% of the time' in captions['next_token_probs']
+    assert 'preferred' not in captions['reward_model'] + captions['next_token_probs']

@@ -65,9 +65,11 @@ def _samples(samples):
     return 'never reached 99% preference' if samples is None else f'first reached 99% preference after {samples:,} samples'
 
 
-def figure_captions(metrics):
+def figure_captions(metrics, preference_name=DEFAULT_PREFERENCE):
     """Two or three sentences per figure, each comparison computed from this run's numbers: the
-    reference is the first policy, every other policy (one per beta) is described."""
+    reference is the first policy, every other policy (one per beta) is described. The sentences
+    about the preference follow the run's (first-digit's words for a preference on the first digit)."""
+    on_first_digit = resolve_preference(preference_name).first_token is not None
     reference_label, *labels = metrics['policies']
     reference = metrics['policies'][reference_label]
     tuned = {label: metrics['policies'][label] for label in labels}
@@ -78,17 +80,22 @@ def figure_captions(metrics):
                     f'ends {metrics["sft"]["language_kl"]:.4f} nats per token from the true distribution.',
         'reward_model': f'Left: mean reward of chosen and rejected responses during training. Right: '
                         f'the reward of each possible first digit for one sentence; over fresh prompts '
-                        f'the preferred digit scores highest {_percent(metrics["reward"]["rank_rate"])} of the time.',
+                        + (f'the preferred digit scores highest {_percent(metrics["reward"]["rank_rate"])} of the time.'
+                           if on_first_digit else
+                           f'a language response of the best gold level outscores one of a lower level '
+                           f'{_percent(metrics["reward"]["rank_rate"])} of the time.'),
         'ppo_curves': 'Reward-model score, KL to the reference and preference rate during PPO, per beta. '
                       + ' '.join(f'{label} ends at {_percent(policy["preference_rate"])} preference and a KL of '
                                  f'{policy["kl_to_reference"]:.2f} nats; it {_samples(samples.get(label))}.'
                                  for label, policy in tuned.items()),
         'next_token_probs': 'Next-token probabilities of each model on one fixed sentence (bars) with the '
-                            'exact language distribution (outlines) and, on the first step, the aligned '
-                            'target (star). Teacher forced: at each step the model is given this sentence\'s '
-                            'own earlier tokens, not the ones it would have sampled itself. The reference '
-                            'spreads its first digit over the increments '
-                            f'({_percent(reference["preference_rate"])} on the preferred one). '
+                            'exact language distribution (outlines) and, where it differs from the language, '
+                            'the tokens of the aligned target (stars). Teacher forced: at each step the model is '
+                            'given this sentence\'s own earlier tokens, not the ones it would have sampled itself. '
+                            + (f'The reference spreads its first digit over the increments '
+                               f'({_percent(reference["preference_rate"])} on the preferred one). ' if on_first_digit
+                               else 'The reference reaches the best gold level '
+                                    f'{_percent(reference["preference_rate"])} of the time. ')
                             + ' '.join(f'{_later_digits(label, policy, reference)}.' for label, policy in tuned.items())
                             + ' ' + _closest_to_aligned(tuned),
         'kl_by_position': 'KL(policy || reference) of each policy split by the chain rule into the four response '
@@ -101,7 +108,8 @@ def figure_captions(metrics):
     }
 
 
-FIRST_DIGIT_DEFINITIONS = '''Preference: probability of the preferred first digit. Fidelity: share of digits 2-4 that obey the rule.
+FIRST_DIGIT_DEFINITIONS = '''Preference: probability of the preferred first digit. Fidelity: share of digits 2-4 \
+that obey the rule.
 Gold: preferred first digit and all later digits valid. KL to reference: KL(policy || SFT) of whole
 responses. KL to aligned: KL(aligned language || policy), the aligned language being the true one
 with the first digit forced to the preferred one.'''
@@ -125,7 +133,7 @@ def write_report(path, settings, metrics, timings, figures):
     stage_rows = '\n'.join(
         f"| {name} | {timing['seconds']:.1f}{' (reused)' if timing.get('reused') else ''} |"
         for name, timing in timings.items())
-    captions = figure_captions(metrics)
+    captions = figure_captions(metrics, settings.get('preference', DEFAULT_PREFERENCE))
     figure_sections = '\n\n'.join(
         f'### {name}\n\n![{name}]({Path(os.path.relpath(figure, path.parent)).as_posix()})\n\n{captions[name]}'
         for name, figure in figures.items())

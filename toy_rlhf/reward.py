@@ -31,7 +31,7 @@ class RewardConfig:
     # Labels are Bradley-Terry draws from a gold reward of gold_margin for the preferred first
     # digit: at 20 a label is wrong with probability sigmoid(-20) = 2e-9, effectively never.
     gold_margin: PositiveFloat = 20.0  # gold reward of the preferred first digit: smaller means noisier labels
-    preference: str = DEFAULT_PREFERENCE  # what the labeler prefers: a built-in name or module:function
+    preference: str = DEFAULT_PREFERENCE  # first-digit, last-digit, digit-sum, distinct or module:function
     # Where the two responses of a pair come from (toy_rlhf.data.PreferenceDataset): the preference's
     # own choice (toy_rlhf.preferences), two language samples, two SFT samples, or an aligned-language
     # response against a language one.

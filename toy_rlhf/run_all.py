@@ -37,7 +37,7 @@ class RunAllConfig:
     prompt: tuple[Digit, Digit, Digit, Digit] = (5, 7, 1, 5)  # the prompt of the per-sentence figures
     response: tuple[Digit, Digit, Digit, Digit] = (6, 2, 7, 3)  # the response of the per-sentence figures
     device: Device = 'cpu'  # where SFT and the reward model train (PPO and evaluation run on the CPU)
-    preference: str = DEFAULT_PREFERENCE  # what the labeler prefers: a built-in name or module:function
+    preference: str = DEFAULT_PREFERENCE  # first-digit, last-digit, digit-sum, distinct or module:function
     # The stages' own settings (flags --sft.iters, --reward.pairs, --ppo.learning-rate, ...); seed,
     # device, preference and beta come from the fields above.
     sft: SFTConfig = field(default_factory=SFTConfig)

@@ -53,8 +53,8 @@ class DPOConfig:
     max_grad_norm: PositiveFloat = 1.0  # gradient-norm clip
     # The same default (and seed) as the reward model's, so both learn from the very same labels.
     gold_margin: PositiveFloat = RewardConfig.gold_margin  # the labeler's margin: smaller means noisier labels
-    preference: str = DEFAULT_PREFERENCE  # what the labeler prefers: a built-in name or module:function
-    pair_source: Literal['default', 'language', 'sft', 'aligned'] = 'default'  # as RewardConfig's
+    preference: str = DEFAULT_PREFERENCE  # first-digit, last-digit, digit-sum, distinct or module:function
+    pair_source: Literal['default', 'language', 'sft', 'aligned'] = 'default'  # where pairs come from (RewardConfig)
     seed: Seed = 0  # random seed: the same seed gives the same run
     device: Device = 'cpu'  # where the policy trains
     log_every: PositiveInt = 10  # iterations between rows of the log
