@@ -18,6 +18,7 @@ from toy_rlhf.compare import CompareConfig, compare
 from toy_rlhf.flags import NonNegativeFloat, PositiveFloat, Seed, config_from_args, field_comments
 from toy_rlhf.methods import METHODS, Method, method_of_stem, register, rollout, unregister
 from toy_rlhf.policy import policy_config
+from toy_rlhf.preferences import PREFERENCES
 from toy_rlhf.reward import reward_model_config
 from toy_rlhf.run_all import RunAllConfig
 from toy_rlhf.sweep import SweepConfig
@@ -37,7 +38,7 @@ def train_dummy(sft_policy, reward_model, config, progress=True):
     """A stand-in method: one rollout, and the output head shifted by `step` (no learning)."""
     actor, reference, _, generator = rollout.start_training(sft_policy, config)
     batch = rollout.rollout(actor, reference, reward_model, rollout.prompt_groups(
-        rollout.RolloutConfig(prompts_per_iter=4), generator), generator)
+        rollout.RolloutConfig(prompts_per_iter=4), generator), generator, PREFERENCES['first-digit'])
     with torch.no_grad():
         actor.lm_head.weight.add_(config.step * torch.randn_like(actor.lm_head.weight) * 0.01)
     return actor.eval(), [{'iter': 0, **rollout.rollout_row(batch, config.beta, 16, 0.0)}]
@@ -120,7 +121,7 @@ def config_classes():
     """(command, config class, flag prefix, fields set by the command itself) of every config."""
     yield 'all', RunAllConfig, '', ('sft', 'reward', 'ppo')
     for stage in ('sft', 'reward', 'ppo'):
-        yield 'all', type(getattr(RunAllConfig(), stage)), stage, ('seed', 'device', 'beta')
+        yield 'all', type(getattr(RunAllConfig(), stage)), stage, ('seed', 'device', 'beta', 'preference')
     yield 'sweep', SweepConfig, '', ()
     yield 'sft', cli.pipeline.SFTConfig, '', ()
     yield 'reward', cli.pipeline.RewardConfig, '', ()
@@ -128,7 +129,7 @@ def config_classes():
     for method in METHODS.values():
         if method.train is not None:
             yield method.name, method.config, '', ()
-        yield 'compare', method.config, method.name, ('seed', 'beta')
+        yield 'compare', method.config, method.name, ('seed', 'beta', 'preference')
 
 
 @pytest.mark.parametrize('command, config_class, prefix, skipped',

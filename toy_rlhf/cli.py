@@ -130,7 +130,8 @@ def add_compare_arguments(parser):
     add_config_flags(parser, CompareConfig)
     add_plots_dir(parser, 'methods.png')
     for method in METHODS.values():
-        add_config_flags(parser, method.config, prefix=method.name, skip=('seed', 'beta'))
+        # The run's preference is the reward model's (read from reward.pt), not a flag per method.
+        add_config_flags(parser, method.config, prefix=method.name, skip=('seed', 'beta', 'preference'))
 
 
 def run_compare(args):
