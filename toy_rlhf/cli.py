@@ -25,6 +25,7 @@ from toy_rlhf.flags import Bounds, PositiveInt, Seed, add_config_flags, config_f
 from toy_rlhf.methods import METHODS
 from toy_rlhf.metrics import EVALUATION_PROMPTS
 from toy_rlhf.optimal import EXACT_PROMPTS
+from toy_rlhf.overoptimisation import OverOptConfig, overoptimisation
 from toy_rlhf.run_all import RunAllConfig, quick_schedule, run_all
 from toy_rlhf.run_dir import RunDirError, open_run_dir
 from toy_rlhf.sweep import SweepConfig, compare_critic, sweep
@@ -141,6 +142,22 @@ def run_compare(args):
     compare(args.run_dir, args.plots_dir, config, method_configs, args.progress)
 
 
+def add_overopt_arguments(parser):
+    add_config_flags(parser, OverOptConfig, skip=('reward', 'ppo'))
+    for stage in ('reward', 'ppo'):
+        add_config_flags(parser, type(getattr(OverOptConfig(), stage)), prefix=stage,
+                         skip=('seed', 'device', 'beta', 'pairs', 'gold_margin'))
+    add_plots_dir(parser, 'overoptimisation.png')
+
+
+def run_overopt(args):
+    config = config_from_args(args, OverOptConfig)
+    config = replace(config, **{stage: config_from_args(args, type(getattr(config, stage)), prefix=stage,
+                                                        base=getattr(config, stage)) for stage in ('reward', 'ppo')})
+    check_betas('--ppo-betas', config.ppo_betas)
+    overoptimisation(args.run_dir, args.plots_dir, config, progress=args.progress)
+
+
 def add_benchmark_arguments(parser):
     parser.add_argument('--repeats', type=positive_int, default=3,
                         help='fresh runs of the whole pipeline to take medians over (default: 3)')
@@ -228,6 +245,11 @@ def commands():
         'compare': Command('compare_methods.py', 'every registered method against pi* and its own exact target',
                            "From the run's SFT policy and reward model; draws methods.png, writes runs/RUN/methods.md; "
                            '--METHOD.* set any method setting.', add_compare_arguments, run_compare),
+        'overopt': Command('overoptimisation.py', 'reward over-optimisation: proxy against gold along sqrt(KL), exactly',
+                           "Proxy reward models on --pairs labelled pairs (and --gold-margin label noise) from the run's "
+                           'SFT policy; pi*_beta, best-of-n and PPO snapshots evaluated exactly; Gao et al.\'s forms '
+                           'fitted; draws overoptimisation.png, writes runs/RUN/overoptimisation.md and .json.',
+                           add_overopt_arguments, run_overopt),
         'benchmark': Command('benchmark.py', 'time the default pipeline over fresh runs',
                              'Median seconds and samples per second per stage, peak memory, and the quality '
                              'figures of the same runs, in a temporary folder.', add_benchmark_arguments,
