@@ -102,10 +102,11 @@ def run_everything(args):
 
 
 def check_betas(flag, betas):
-    """Each beta once: two betas that print alike (0.1 and 0.1000001) would share one checkpoint name."""
+    """Each value once: two betas (or pair counts, margins) that print alike (0.1 and 0.1000001) would
+    share one checkpoint name."""
     names = [f'{beta:g}' for beta in betas]
     if len(set(names)) != len(names):
-        raise UsageError(f'{flag}: each beta once (betas that print alike share a checkpoint), got {" ".join(names)}')
+        raise UsageError(f'{flag}: each value once (values that print alike share a checkpoint), got {" ".join(names)}')
 
 
 def add_sweep_arguments(parser):
@@ -154,7 +155,9 @@ def run_overopt(args):
     config = config_from_args(args, OverOptConfig)
     config = replace(config, **{stage: config_from_args(args, type(getattr(config, stage)), prefix=stage,
                                                         base=getattr(config, stage)) for stage in ('reward', 'ppo')})
-    check_betas('--ppo-betas', config.ppo_betas)
+    for flag, values in (('--pairs', config.pairs), ('--gold-margin', config.gold_margin),
+                         ('--ppo-betas', config.ppo_betas)):
+        check_betas(flag, values)
     overoptimisation(args.run_dir, args.plots_dir, config, progress=args.progress)
 
 
