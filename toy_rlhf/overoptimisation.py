@@ -19,6 +19,7 @@ drawn at: a Bradley-Terry labeler makes the proxy estimate margin * gold up to a
 so proxy / margin is the proxy's own estimate of the gold gain, on the same axis.
 """
 import functools
+import json
 import math
 import os
 import time
@@ -38,7 +39,7 @@ from toy_rlhf.methods.best_of_n import cumulative_masses, level_kl, level_log_pr
 from toy_rlhf.methods.ppo import PPOConfig, train_ppo
 from toy_rlhf.optimal import (EXACT_PROMPTS, all_responses, digit_distribution, optimal_log_probs, response_kl,
                               response_log_probs_exact, response_rewards_exact)
-from toy_rlhf.pipeline import SFTConfig, ensure_stage, reward_stage, save_stage, sft_stage
+from toy_rlhf.pipeline import SFTConfig, ensure_stage, fingerprint, reward_stage, save_stage, sft_stage
 from toy_rlhf.reward import RewardConfig
 
 # pi*_beta from beta = 10 (next to the reference) down to 1e-3, ten per decade, then the limit beta -> 0.
@@ -170,9 +171,42 @@ def gold_tables(gold, prompts):
             torch.stack([is_valid_output(*pair).all(dim=1) for pair in every]).double())
 
 
+class Tables:
+    """The evaluation's (P, 10^4) tables, each computed on first use and then kept: the reference's
+    log-probs, the gold reward and validity of every response, each proxy's scores. A rerun whose
+    checkpoints and results are all current needs none of them."""
+
+    def __init__(self, sft_path, prompts, gold):
+        self.sft_path, self.prompts, self.gold = sft_path, prompts, gold
+        self._rewards = {}
+
+    @functools.cached_property
+    def log_ref(self):
+        return response_log_probs_exact(load_model(self.sft_path, 'policy'), self.prompts)
+
+    @functools.cached_property
+    def gold_and_valid(self):
+        return gold_tables(self.gold, self.prompts)
+
+    def rewards(self, proxy_path):
+        if proxy_path not in self._rewards:
+            self._rewards[proxy_path] = response_rewards_exact(load_model(proxy_path, 'reward'), self.prompts)
+        return self._rewards[proxy_path]
+
+    def values(self, proxy_path, margin):
+        """The tables every point measures: proxy / margin, gold, gold on valid responses only."""
+        gold, valid = self.gold_and_valid
+        return {'proxy': self.rewards(proxy_path) / margin, 'gold': gold, 'gold_valid': gold * valid}
+
+    def measure(self, actor, *, proxy_path, margin):
+        """A policy's exact expectations(): its log-probs of every response against these tables."""
+        return expectations(response_log_probs_exact(actor, self.prompts), self.log_ref,
+                            self.values(proxy_path, margin))
+
+
 def snapshot_stage(run_dir, config, progress=True, *, name, proxy_path, measure):
-    """Train PPO on the proxy at proxy_path, measure(rounds, actor) every config.snapshot_every rounds
-    and at the end (the measurements ride in the log, inside the checkpoint); write name.pt and .jsonl."""
+    """Train PPO on the proxy at proxy_path, measure(actor) every config.snapshot_every rounds and at
+    the end (the measurements ride in the log, inside the checkpoint); write name.pt and .jsonl."""
     def every_few(rounds, actor):
         due = rounds % config.snapshot_every == 0 or rounds == config.iters
         return {f'exact/{key}': value for key, value in measure(actor).items()} if due else {}
@@ -192,6 +226,11 @@ def snapshot_curve(history, reference):
     return {'round': [0] + [row['iter'] + 1 for row in rows], **as_curve(points, reference)}
 
 
+def ppo_run_path(proxy_path, beta):
+    """reward_pairs250_ppo_beta0.pt beside reward_pairs250.pt."""
+    return proxy_path.with_name(f'{proxy_path.stem}_ppo_beta{beta:g}.pt')
+
+
 # ---------------------------------------------------------------------------------------------
 # The study.
 
@@ -204,51 +243,66 @@ def overoptimisation(run_dir, plots_dir, config, gold=first_digit_gold, progress
     sft_path = run_dir / 'sft.pt'
     if not sft_path.exists():
         sft_stage(run_dir, SFTConfig(seed=config.seed), progress)
-    prompts = sample_prompts(config.prompts, torch.Generator().manual_seed(config.seed))
-    log_ref = response_log_probs_exact(load_model(sft_path, 'policy'), prompts)
-    gold_table, valid = gold_tables(gold, prompts)
+    tables = Tables(sft_path, sample_prompts(config.prompts, torch.Generator().manual_seed(config.seed)), gold)
+    gold_name = getattr(gold, 'name', gold.__name__)
 
-    results = []
-    for margin in config.gold_margin:
-        for pairs in config.pairs:
-            # 2. a proxy: a reward model trained on `pairs` labels drawn at `margin`
-            name = proxy_name(pairs, margin)
-            proxy_config = replace(config.reward, pairs=pairs, gold_margin=margin, seed=config.seed)
-            ensure_stage(run_dir, name, proxy_config, (sft_path,), functools.partial(reward_stage, name=name),
-                         config.fresh, progress)
-            rewards = response_rewards_exact(load_model(run_dir / f'{name}.pt', 'reward'), prompts)
-            values = {'proxy': rewards / margin, 'gold': gold_table, 'gold_valid': gold_table * valid}
-            reference = expectations(log_ref, log_ref, values)
+    # 2. the proxies (reward models on `pairs` labels drawn at `margin`) and PPO on each, snapshots
+    # measured exactly as it trains; every stage reused when current
+    proxies = [(pairs, margin, run_dir / f'{proxy_name(pairs, margin)}.pt')
+               for margin in config.gold_margin for pairs in config.pairs]
+    for pairs, margin, path in proxies:
+        ensure_stage(run_dir, path.stem, replace(config.reward, pairs=pairs, gold_margin=margin, seed=config.seed),
+                     (sft_path,), functools.partial(reward_stage, name=path.stem), config.fresh, progress)
+        for beta in config.ppo_betas:
+            ppo_config = SnapshotPPOConfig(**{**asdict(config.ppo), 'beta': beta, 'seed': config.seed},
+                                           snapshot_every=config.snapshot_every, prompts=config.prompts,
+                                           gold=gold_name)
+            measure = functools.partial(tables.measure, proxy_path=path, margin=margin)
+            ensure_stage(run_dir, ppo_run_path(path, beta).stem, ppo_config, (sft_path, path),
+                         functools.partial(snapshot_stage, name=ppo_run_path(path, beta).stem, proxy_path=path,
+                                           measure=measure), config.fresh, progress)
 
-            # 3. spend KL on it: the optimum, best-of-n, PPO (snapshots measured exactly)
-            curves = {'optimum': optimum_curve(log_ref, rewards, values, BETAS),
-                      'best_of_n': best_of_n_curve(log_ref, rewards, values, BEST_OF_N)}
-            for beta in config.ppo_betas:
-                run = f'{name}_ppo_beta{beta:g}'
-                ppo_config = SnapshotPPOConfig(**{**asdict(config.ppo), 'beta': beta, 'seed': config.seed},
-                                               snapshot_every=config.snapshot_every, prompts=config.prompts,
-                                               gold=getattr(gold, 'name', gold.__name__))
-                measure = functools.partial(_measure, prompts=prompts, log_ref=log_ref, values=values)
-                ensure_stage(run_dir, run, ppo_config, (sft_path, run_dir / f'{name}.pt'),
-                             functools.partial(snapshot_stage, name=run, proxy_path=run_dir / f'{name}.pt',
-                                               measure=measure), config.fresh, progress)
-                curves[f'ppo_beta{beta:g}'] = snapshot_curve(load_checkpoint(run_dir / f'{run}.pt')['history'],
-                                                             reference)
+    # 3. every proxy's curves, fits and peaks, unless measured from these same checkpoints before
+    inputs = [sft_path] + [run for *_, path in proxies for run in (path, *(ppo_run_path(path, beta)
+                                                                          for beta in config.ppo_betas))]
+    key = json.loads(json.dumps({'settings': asdict(replace(config, fresh=False)), 'gold': gold_name,
+                                 'betas': BETAS, 'best_of_n': BEST_OF_N,
+                                 'inputs': {path.name: fingerprint(path) for path in inputs}}))
+    results = None if config.fresh else stored_results(run_dir / 'overoptimisation.json', key)
+    if results is None:
+        results = [proxy_results(tables, pairs, margin, path, config.ppo_betas) for pairs, margin, path in proxies]
+    else:
+        print(f'{run_dir / "overoptimisation.json"}: reusing the curves (made from the same checkpoints)')
 
-            # 4. Gao et al.'s forms through the gold curves, and where each curve peaks
-            results.append({'name': name, 'pairs': pairs, 'margin': margin, 'reference': reference,
-                            'curves': curves, 'fits': fits(curves), 'peaks': peaks(curves)})
-
+    # 4. the figure and the report
     figure = plots.plot_overoptimisation(results, plots_dir / 'overoptimisation.png')
-    write_json(run_dir / 'overoptimisation.json', {'settings': asdict(config), 'proxies': results})
+    write_json(run_dir / 'overoptimisation.json', {'key': key, 'proxies': results})
     write_text(run_dir / 'overoptimisation.md', report(results, config, figure, run_dir))
     print(peak_table(results))
     print(f'Report {run_dir / "overoptimisation.md"}, figure {figure}')
     return results
 
 
-def _measure(actor, *, prompts, log_ref, values):
-    return expectations(response_log_probs_exact(actor, prompts), log_ref, values)
+def proxy_results(tables, pairs, margin, proxy_path, ppo_betas):
+    """One proxy's exact curves (pi*_beta, best-of-n, each PPO run's snapshots), Gao et al.'s fits
+    and the peaks."""
+    log_ref, rewards, values = tables.log_ref, tables.rewards(proxy_path), tables.values(proxy_path, margin)
+    reference = expectations(log_ref, log_ref, values)
+    curves = {'optimum': optimum_curve(log_ref, rewards, values, BETAS),
+              'best_of_n': best_of_n_curve(log_ref, rewards, values, BEST_OF_N),
+              **{f'ppo_beta{beta:g}': snapshot_curve(load_checkpoint(ppo_run_path(proxy_path, beta))['history'],
+                                                     reference) for beta in ppo_betas}}
+    return {'name': proxy_path.stem, 'pairs': pairs, 'margin': margin, 'reference': reference,
+            'curves': curves, 'fits': fits(curves), 'peaks': peaks(curves)}
+
+
+def stored_results(path, key):
+    """The results in the study's JSON at path if they were made with this key, else None."""
+    try:
+        stored = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return stored.get('proxies') if isinstance(stored, dict) and stored.get('key') == key else None
 
 
 def rl_points(curves):
