@@ -42,8 +42,8 @@ from toy_rlhf.optimal import (EXACT_PROMPTS, all_responses, digit_distribution, 
 from toy_rlhf.pipeline import SFTConfig, ensure_stage, fingerprint, reward_stage, save_stage, sft_stage
 from toy_rlhf.reward import RewardConfig
 
-# pi*_beta from beta = 10 (next to the reference) down to 1e-3, ten per decade, then the limit beta -> 0.
-BETAS = [10 ** (k / 10) for k in range(10, -31, -1)] + [0.0]
+# pi*_beta from beta = 100 (d ~ 0.03, next to the reference) down to 1e-3, ten per decade, then beta -> 0.
+BETAS = [10 ** (k / 10) for k in range(20, -31, -1)] + [0.0]
 # n = 1..10^4, fifteen per decade (rounded, so a few coincide at small n).
 BEST_OF_N = sorted({round(10 ** (k / 15)) for k in range(61)})
 MEASURED = ('proxy', 'gold', 'gold_valid')  # the expectations every point of a curve has

@@ -441,7 +441,7 @@ def plot_overoptimisation(proxies, path):
     """Gold (solid) and proxy (dashed) gain against d = sqrt(KL) for each proxy, best-of-n and RL
     (pi*_beta as lines, PPO snapshots as markers), gold counted on valid responses below, Gao et al.'s
     fits dotted with a marker at each gold peak; best-of-n's exact KL against log n - (n-1)/n and the
-    fits' residuals on the right. proxies: toy_rlhf.overoptimisation's results."""
+    residuals of the fits to valid gold on the right. proxies: toy_rlhf.overoptimisation's results."""
     colors = plt.cm.viridis(np.linspace(0, 0.85, len(proxies)))
     fig, axes = plt.subplots(2, 3, figsize=FIGURE_SIZES['overoptimisation'], layout='constrained')
     ppo_markers = ['o', 's', '^', 'D', 'v']
@@ -476,10 +476,10 @@ def plot_overoptimisation(proxies, path):
                     label='gold peak')]
     runs = [name for name in proxies[0]['curves'] if name.startswith('ppo_beta')]
     style += [Line2D([], [], marker=marker, linestyle='none', color='grey', markeredgecolor='black',
-                     label=f"PPO {name.removeprefix('ppo_')} snapshots (open: proxy)")
+                     label=f"{name.replace('ppo_beta', 'PPO beta=')} snapshots (open: proxy)")
               for name, marker in zip(runs, ppo_markers)]
-    axes[0, 0].legend(loc='upper left', fontsize=8, title='proxy reward model')
-    axes[0, 1].legend(handles=style, loc='upper left', fontsize=8)
+    axes[0, 0].legend(loc='lower right', fontsize=8, title='proxy reward model')
+    axes[0, 1].legend(handles=style, loc='lower right', fontsize=8)
 
     ax = axes[0, 2]
     for proxy, color in zip(proxies, colors):
@@ -496,14 +496,14 @@ def plot_overoptimisation(proxies, path):
     ax = axes[1, 2]
     for proxy, color in zip(proxies, colors):
         for source, line in (('best_of_n', '-'), ('optimum', '--')):
-            ax.plot(proxy['curves'][source]['d'], proxy['fits'][source]['gold']['residual'], color=color,
+            ax.plot(proxy['curves'][source]['d'], proxy['fits'][source]['gold_valid']['residual'], color=color,
                     linestyle=line)
     ax.axhline(0, color='grey', linewidth=0.8)
     ax.legend(handles=[Line2D([], [], color='black', label='best-of-n'),
                        Line2D([], [], color='black', linestyle='--', label='pi*_beta')], fontsize=8)
     ax.set_xlabel('d = sqrt(KL(pi || SFT))')
-    ax.set_ylabel('gold minus fitted form')
-    ax.set_title('Residual of the fits to gold')
+    ax.set_ylabel('valid gold minus fitted form')
+    ax.set_title("Residual of Gao et al.'s forms fitted to valid gold")
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
