@@ -49,6 +49,14 @@ def test_the_fit_recovers_alpha_and_beta_from_noisy_points_within_four_standard_
     assert fit['rms'] == pytest.approx(sigma, rel=0.25)  # 80 residuals: the RMS is within ~10% of sigma
 
 
+def test_a_curve_peaks_where_it_first_reaches_its_highest_value_and_reports_its_fall():
+    curve = {'d': [0.0, 1.0, 2.0, 3.0, 4.0], 'kl': [0.0, 1.0, 4.0, 9.0, 16.0]}
+    rises_and_falls = study.peak({**curve, 'gold': [0.0, 0.5, 0.8, 0.6, 0.3]})
+    assert (rises_and_falls['d'], rises_and_falls['kl'], rises_and_falls['drop']) == (2.0, 4.0, pytest.approx(0.5))
+    saturates = study.peak({**curve, 'gold': [0.0, 0.5, 0.9, 0.9, 0.9 + 1e-9]})
+    assert (saturates['d'], saturates['drop']) == (2.0, 0.0)
+
+
 @pytest.fixture(scope='module')
 def language_tables():
     prompts = sample_prompts(3, torch.Generator().manual_seed(0))

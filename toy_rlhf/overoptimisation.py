@@ -145,13 +145,14 @@ def gao_fit(d, gain, form, points=60):
             'line': {'d': line.tolist(), 'gain': (np.stack([line, -FORMS[form](line)], 1) @ coefficients).tolist()}}
 
 
-def peak(curve, name='gold'):
-    """Where curve[name] is highest: {'d', 'kl', 'gain', 'drop'}, drop being how far it has fallen
-    from there by the largest d (0 if it never falls)."""
-    best = int(np.argmax(curve[name]))
-    last = int(np.argmax(curve['d']))
+def peak(curve, name='gold', tolerance=1e-3):
+    """Where curve[name] (ordered by d) first comes within `tolerance` of its highest value, so that a
+    curve that rises and stays flat peaks where it arrives: {'d', 'kl', 'gain', 'drop'}, drop being how
+    far it has fallen from its highest value by the largest d (0 if it never falls)."""
+    values = np.asarray(curve[name])
+    best = int(np.argmax(values >= values.max() - tolerance))
     return {'d': curve['d'][best], 'kl': curve['kl'][best], 'gain': curve[name][best],
-            'drop': curve[name][best] - curve[name][last]}
+            'drop': float(values.max() - values[int(np.argmax(curve['d']))])}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,17 +263,21 @@ def overoptimisation(run_dir, plots_dir, config, gold=first_digit_gold, progress
                          functools.partial(snapshot_stage, name=ppo_run_path(path, beta).stem, proxy_path=path,
                                            measure=measure), config.fresh, progress)
 
-    # 3. every proxy's curves, fits and peaks, unless measured from these same checkpoints before
+    # 3. every proxy's exact curves, unless measured from these same checkpoints before (the
+    # expensive part: the tables); Gao et al.'s forms through them and where they peak
     inputs = [sft_path] + [run for *_, path in proxies for run in (path, *(ppo_run_path(path, beta)
                                                                           for beta in config.ppo_betas))]
     key = json.loads(json.dumps({'settings': asdict(replace(config, fresh=False)), 'gold': gold_name,
                                  'betas': BETAS, 'best_of_n': BEST_OF_N,
                                  'inputs': {path.name: fingerprint(path) for path in inputs}}))
-    results = None if config.fresh else stored_results(run_dir / 'overoptimisation.json', key)
-    if results is None:
-        results = [proxy_results(tables, pairs, margin, path, config.ppo_betas) for pairs, margin, path in proxies]
+    curves = None if config.fresh else stored_curves(run_dir / 'overoptimisation.json', key)
+    if curves is None:
+        curves = [proxy_curves(tables, margin, path, config.ppo_betas) for _, margin, path in proxies]
     else:
-        print(f'{run_dir / "overoptimisation.json"}: reusing the curves (made from the same checkpoints)')
+        print(f'{run_dir / "overoptimisation.json"}: reusing the curves (measured from the same checkpoints)')
+    results = [{'name': path.stem, 'pairs': pairs, 'margin': margin, 'curves': measured,
+                'fits': fits(measured), 'peaks': peaks(measured)}
+               for (pairs, margin, path), measured in zip(proxies, curves)]
 
     # 4. the figure and the report
     figure = plots.plot_overoptimisation(results, plots_dir / 'overoptimisation.png')
@@ -283,26 +288,25 @@ def overoptimisation(run_dir, plots_dir, config, gold=first_digit_gold, progress
     return results
 
 
-def proxy_results(tables, pairs, margin, proxy_path, ppo_betas):
-    """One proxy's exact curves (pi*_beta, best-of-n, each PPO run's snapshots), Gao et al.'s fits
-    and the peaks."""
+def proxy_curves(tables, margin, proxy_path, ppo_betas):
+    """One proxy's exact curves: pi*_beta, best-of-n, and each PPO run's snapshots."""
     log_ref, rewards, values = tables.log_ref, tables.rewards(proxy_path), tables.values(proxy_path, margin)
     reference = expectations(log_ref, log_ref, values)
-    curves = {'optimum': optimum_curve(log_ref, rewards, values, BETAS),
-              'best_of_n': best_of_n_curve(log_ref, rewards, values, BEST_OF_N),
-              **{f'ppo_beta{beta:g}': snapshot_curve(load_checkpoint(ppo_run_path(proxy_path, beta))['history'],
-                                                     reference) for beta in ppo_betas}}
-    return {'name': proxy_path.stem, 'pairs': pairs, 'margin': margin, 'reference': reference,
-            'curves': curves, 'fits': fits(curves), 'peaks': peaks(curves)}
+    return {'optimum': optimum_curve(log_ref, rewards, values, BETAS),
+            'best_of_n': best_of_n_curve(log_ref, rewards, values, BEST_OF_N),
+            **{f'ppo_beta{beta:g}': snapshot_curve(load_checkpoint(ppo_run_path(proxy_path, beta))['history'],
+                                                   reference) for beta in ppo_betas}}
 
 
-def stored_results(path, key):
-    """The results in the study's JSON at path if they were made with this key, else None."""
+def stored_curves(path, key):
+    """The curves in the study's JSON at path if they were measured with this key, else None."""
     try:
         stored = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
-    return stored.get('proxies') if isinstance(stored, dict) and stored.get('key') == key else None
+    if not (isinstance(stored, dict) and stored.get('key') == key):
+        return None
+    return [proxy['curves'] for proxy in stored['proxies']]
 
 
 def rl_points(curves):
