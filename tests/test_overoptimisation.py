@@ -11,6 +11,7 @@ from toy_rlhf.metrics import true_distributions
 from toy_rlhf.optimal import all_responses
 from toy_rlhf.reward import RewardConfig
 from toy_rlhf.sft import SFTConfig
+from tests.test_plots import assert_png
 
 D = np.linspace(0.05, 4.0, 80)
 
@@ -124,3 +125,20 @@ def test_proxies_and_snapshots_are_reused_and_a_new_pair_count_trains_only_its_o
     kept = ['reward_pairs50.pt', 'reward_pairs50_ppo_beta0.pt', 'reward_pairs60.pt', 'reward_pairs60_ppo_beta0.pt']
     assert {name: after[name] for name in kept} == {name: before[name] for name in kept}
     assert {'reward_pairs70.pt', 'reward_pairs70_ppo_beta0.pt'} <= set(after)
+
+
+def test_the_figure_draws_every_proxy_with_its_fits_peaks_and_snapshots(language_tables, tmp_path):
+    log_ref, gold, valid = language_tables
+    results = []
+    for scale in (1.0, 3.0):  # two proxies: the gold reward itself, and a noisy one
+        noise = torch.randn(log_ref.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        rewards = gold + noise / scale
+        values = {'proxy': rewards, 'gold': gold, 'gold_valid': gold * valid}
+        optimum = study.optimum_curve(log_ref, rewards, values, study.BETAS)
+        snapshots = {key: value[::10] for key, value in optimum.items()}  # stands in for PPO's snapshots
+        curves = {'optimum': optimum, 'best_of_n': study.best_of_n_curve(log_ref, rewards, values, study.BEST_OF_N),
+                  'ppo_beta0': snapshots}
+        results.append({'name': f'noise{scale:g}', 'pairs': int(100 * scale), 'margin': 20.0, 'curves': curves,
+                        'fits': study.fits(curves), 'peaks': study.peaks(curves)})
+    path = study.plots.plot_overoptimisation(results, tmp_path / 'overoptimisation.png')
+    assert_png(path, study.plots.FIGURE_SIZES['overoptimisation'])
