@@ -52,7 +52,7 @@ MEASURED = ('proxy', 'gold', 'gold_valid')  # the expectations every point of a 
 @dataclass
 class OverOptConfig:
     pairs: tuple[PositiveInt, ...] = (250, 1000, 4000, 20000)  # labelled pairs of each proxy reward model
-    # The labeler's margin sets the label noise: P(wrong label) = sigmoid(-margin), 2e-9 at 20, 12% at 2.
+    # The labeler's margin sets the label noise: P(wrong label) = sigmoid(-margin), 2e-9 at 20, 12% at 2, 27% at 1.
     gold_margin: tuple[PositiveFloat, ...] = (RewardConfig.gold_margin,)  # label noise of the proxies (one set per margin)
     ppo_betas: tuple[NonNegativeFloat, ...] = (0.0, 0.03)  # PPO runs on each proxy, one per beta
     snapshot_every: PositiveInt = 5  # PPO rounds between exact evaluations of the policy
@@ -70,7 +70,7 @@ class SnapshotPPOConfig(PPOConfig):
     """PPO's settings and how its snapshots are measured: a run is reused only if both are the same."""
     snapshot_every: PositiveInt = 5  # rounds between exact evaluations
     prompts: PositiveInt = EXACT_PROMPTS  # prompts of each evaluation (drawn with the seed)
-    gold: str = 'first digit'  # the gold reward the snapshots are measured by
+    gold: str = 'first_digit_gold'  # the gold reward the snapshots are measured by (its name)
 
 
 def first_digit_gold(prompts, responses):
