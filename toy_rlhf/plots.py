@@ -464,6 +464,7 @@ def plot_overoptimisation(proxies, path):
                         ax.plot(snapshots['d'], snapshots['proxy'], marker=marker, linestyle='none',
                                 markerfacecolor='none', markeredgecolor=color, markersize=6)
             ax.axhline(0, color='grey', linewidth=0.8)
+            _limit_to_gold(ax, [value for proxy in proxies for curve in proxy['curves'].values() for value in curve[gold]])
             ax.set_xlabel('d = sqrt(KL(pi || SFT))')
             ax.set_ylabel(('gold' if gold == 'gold' else 'valid gold (every digit in the language)')
                           + ' gain over SFT, per unit of margin')
@@ -510,3 +511,13 @@ def plot_overoptimisation(proxies, path):
 
 def _proxy_label(proxy):
     return f"{proxy['pairs']:,} pairs, margin {proxy['margin']:g}"
+
+
+def _limit_to_gold(ax, golds):
+    """y-limits from the gold curves, so that a proxy whose own estimate runs far above them (an
+    overfitted one can claim several times the possible gain) does not flatten them; says so if cut."""
+    bottom, top = min(min(golds), 0.0), max(max(golds), 0.0)
+    span = top - bottom or 1.0
+    ax.set_ylim(bottom - 0.1 * span, top + 0.3 * span)
+    if any(line.get_ydata().max() > top + 0.3 * span for line in ax.get_lines() if len(line.get_ydata())):
+        ax.text(0.99, 0.99, 'proxy curves cut at the top', transform=ax.transAxes, ha='right', va='top', fontsize=8)
