@@ -9,6 +9,7 @@ import torch
 
 from mingpt.model import GPT
 from toy_rlhf import plots
+from toy_rlhf.metrics import samples_to_preference
 from toy_rlhf.policy import policy_config
 from toy_rlhf.reward import reward_model_config
 
@@ -54,39 +55,39 @@ def drawn(monkeypatch):
     return figures
 
 
-def test_the_centred_average_is_centred_and_cut_at_the_ends():
+def test_the_centred_average_is_centred_and_shrinks_symmetrically_at_the_ends():
     step = [0] * 10 + [1] * 10
     averaged = plots.centred_average(step, window=5)
-    # Centred on the step: the average crosses 1/2 between the last 0 and the first 1, symmetrically.
-    np.testing.assert_allclose(averaged[8:12], [0.2, 0.4, 0.6, 0.8])
-    np.testing.assert_allclose(averaged[8:10], 1 - averaged[10:12][::-1])
+    # Centred on the step: it crosses 1/2 between the last 0 and the first 1, symmetrically, and is
+    # flat two points away on either side (a trailing mean would reach 1/2 two points late).
+    np.testing.assert_allclose(averaged[7:13], [0, 0.2, 0.4, 0.6, 0.8, 1])
+    np.testing.assert_allclose(averaged, 1 - averaged[::-1])
     np.testing.assert_allclose(plots.centred_average([3.0] * 7, window=5), [3.0] * 7)
-    # At the ends the window shrinks: the first point averages itself and the two after it.
-    np.testing.assert_allclose(plots.centred_average([1, 2, 3, 4, 10], window=5), [2, 2.5, 4, 4.75, 17 / 3])
+    # Near the ends the window shrinks on both sides: the ends are their own values, the next points
+    # average one neighbour on each side, and no point is padded.
+    np.testing.assert_allclose(plots.centred_average([1, 2, 3, 4, 10], window=5), [1, 2, 4, 17 / 3, 10])
     np.testing.assert_allclose(plots.centred_average([4, 2], window=1), [4, 2])
-    with pytest.raises(ValueError):
-        plots.centred_average([1], window=0)
+    for window in (0, 4):
+        with pytest.raises(ValueError):
+            plots.centred_average([1], window=window)
 
 
 def test_a_figure_save_interrupted_midway_leaves_the_previous_figure_and_no_temporary_file(tmp_path, monkeypatch):
-    path = tmp_path / 'sft_loss.png'
     history = [{'iter': 10 * i, 'loss': 2.4 - 0.1 * i} for i in range(10)]
-    plots.plot_sft_loss(history, 1.17, path)
-    before = path.read_bytes()
+    existing = plots.plot_sft_loss(history, 1.17, tmp_path / 'sft_loss.png')
+    before = existing.read_bytes()
 
-    def savefig_then_interrupted(self, file, **kwargs):
+    def savefig_interrupted_midway(self, file, **kwargs):
         file.write(b'\x89PNG half a figure')
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(plt.Figure, 'savefig', savefig_then_interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        plots.plot_sft_loss(history[:5], 1.17, path)
-    assert path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ['sft_loss.png']
-    assert plt.get_fignums() == []
-    with pytest.raises(KeyboardInterrupt):
-        plots.plot_sft_loss(history, 1.17, tmp_path / 'new.png')
-    assert not (tmp_path / 'new.png').exists()
+    monkeypatch.setattr(plt.Figure, 'savefig', savefig_interrupted_midway)
+    for path in (existing, tmp_path / 'new.png'):
+        with pytest.raises(KeyboardInterrupt):
+            plots.plot_sft_loss(history[:5], 1.17, path)
+        assert plt.get_fignums() == []  # closed even so
+    assert existing.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ['sft_loss.png']  # no new.png, no temporary file
 
 
 def test_model_colors_depend_only_on_position_and_are_distinct():
@@ -122,17 +123,26 @@ def test_ppo_curves_figure_marks_where_each_policy_first_reached_99_percent(tmp_
                  for label, values in rates.items()}
     path = plots.plot_ppo_curves(histories, tmp_path / 'ppo.png')
     assert_png(path, plots.FIGURE_SIZES['ppo_curves'])
-    preference = drawn[0].axes[2]
-    legend = [text.get_text() for text in preference.get_legend().get_texts()]
-    # The markers sit where samples_to_preference puts the crossing, which the report quotes.
-    assert 'beta=1 first at 99%: 1,536 samples' in legend
-    assert 'beta=0.1 first at 99%: 768 samples' in legend
-    assert not any(text.startswith('beta=0 first') for text in legend)
-    assert '99% preference' in legend
-    # One dash per policy, the first drawn on top of the others.
-    averaged = {line.get_label(): line for line in preference.get_lines() if line.get_label() in histories}
-    assert len({line.get_linestyle() for line in averaged.values()}) == 3
-    assert averaged['beta=1'].get_zorder() > averaged['beta=0'].get_zorder() > averaged['beta=0.1'].get_zorder()
+    score, _, preference = drawn[0].axes
+    # The markers sit on the 99% line where samples_to_preference puts the crossing (the report's
+    # number): the first row at or above 99%, even when a later row dips below (beta=1), none for a
+    # policy that never got there (beta=0). The legend quotes the same numbers.
+    markers = {line.get_color(): (line.get_xdata()[0], line.get_ydata()[0])
+               for line in preference.get_lines() if line.get_marker() == 'v'}
+    colors = plots.model_colors(['reference (SFT)', *histories])
+    assert {samples_to_preference(histories[label]) for label in ('beta=1', 'beta=0.1')} == {1536, 768}
+    assert markers == {colors['beta=1']: (1536, 0.99), colors['beta=0.1']: (768, 0.99)}
+    assert any(tuple(line.get_ydata()) == (0.99, 0.99) and line.get_linestyle() == '--'
+               for line in preference.get_lines())
+    legend = [text.get_text() for text in score.get_legend().get_texts()]
+    assert legend == ['beta=1: 99% after 1,536 samples', 'beta=0: never at 99%', 'beta=0.1: 99% after 768 samples']
+    # One dash per policy, each drawn narrower than and on top of the ones before it, so that where
+    # the curves coincide every one still shows.
+    averaged = [line for line in preference.get_lines() if line.get_label() in histories]
+    assert [line.get_label() for line in averaged] == list(histories)
+    assert len({line.get_linestyle() for line in averaged}) == 3
+    assert averaged[0].get_linewidth() > averaged[1].get_linewidth() > averaged[2].get_linewidth()
+    assert averaged[0].get_zorder() < averaged[1].get_zorder() < averaged[2].get_zorder()
 
 
 def test_next_token_probs_figure_keeps_the_star_inside_its_panel(tmp_path, models, drawn):

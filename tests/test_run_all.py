@@ -81,32 +81,25 @@ def test_the_report_table_holds_the_numbers_of_metrics_json(quick_run):
     assert f"{metrics['sft']['language_kl']:.4f}" in report
 
 
-def test_a_second_call_reuses_every_stage_and_a_fresh_run_gives_identical_metrics(quick_run, tmp_path):
+def test_a_second_call_reuses_every_stage_repairs_broken_logs_and_a_fresh_run_gives_identical_metrics(
+        quick_run, tmp_path):
     run_dir, plots_dir, _ = quick_run
     first = (run_dir / 'metrics.json').read_bytes()
+    # Logs broken beside current checkpoints: one missing, one truncated, one another stage's.
+    (run_dir / 'sft.jsonl').unlink()
+    (run_dir / 'reward.jsonl').write_text('{"loss": 0.1, "ite')
+    (run_dir / 'ppo_beta1.jsonl').write_text((run_dir / 'ppo_beta0.jsonl').read_text())
     _, _, printed = _run(run_dir, plots_dir)
     assert printed.count('reusing') == len(CHECKPOINTS)
+    assert printed.count('rewritten from the history in its checkpoint') == 3
+    for name in CHECKPOINTS:
+        log = (run_dir / name).with_suffix('.jsonl')
+        assert log.read_text() == jsonl_text(load_checkpoint(run_dir / name)['history']), name
     assert (run_dir / 'metrics.json').read_bytes() == first
     # Retrained from scratch in another folder with the same seed: the same numbers, byte for byte.
     other, _, printed = _run(tmp_path / 'runs' / 'b', tmp_path / 'plots')
     assert 'reusing' not in printed
     assert (other / 'metrics.json').read_bytes() == first
-
-
-def test_a_missing_or_corrupt_log_beside_a_current_checkpoint_is_rewritten_from_it(quick_run, tmp_path):
-    run_dir, _, _ = quick_run
-    copy = tmp_path / 'runs' / 'a'
-    shutil.copytree(run_dir, copy)
-    (copy / 'sft.jsonl').unlink()
-    (copy / 'reward.jsonl').write_text('{"loss": 0.1, "ite')  # truncated mid-line
-    (copy / 'ppo_beta1.jsonl').write_text((copy / 'ppo_beta0.jsonl').read_text())  # another stage's log
-    _, _, printed = _run(copy, tmp_path / 'plots')
-    assert printed.count('reusing') == len(CHECKPOINTS)
-    for name in CHECKPOINTS:
-        log = (copy / name).with_suffix('.jsonl')
-        assert log.read_text() == jsonl_text(load_checkpoint(copy / name)['history']), name
-    assert printed.count('rewritten from the history in its checkpoint') == 3
-    assert (copy / 'metrics.json').read_bytes() == (run_dir / 'metrics.json').read_bytes()
 
 
 def test_a_stage_killed_between_its_checkpoint_and_its_log_gets_its_own_log_back(quick_run, tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.ticker import NullFormatter
 
 from toy_rlhf.files import atomic_write
 from toy_rlhf.language import (DIGITS, PROMPT_LENGTH, VOCAB_SIZE, join,
@@ -34,6 +35,8 @@ MODEL_COLORS = ['#2ca02c', '#d62728', '#ff7f0e', '#9467bd', '#8c564b', '#e377c2'
                 '#bcbd22', '#1f77b4']
 PREFERRED_COLOR = '#e6b800'  # gold: the preferred first digit and the responses that have it
 OTHER_COLOR = '#a7b0ba'  # light grey: everything else
+PREFERENCE_RATE_TOP = 0.9995  # top of ppo_curves' preference panel: rates above 99.95% run along it
+PREFERENCE_RATE_TICKS = np.array([0.1, 0.3, 0.5, 0.7, 0.9, 0.99, 0.999])
 DASHES = ['-', '--', ':', '-.']  # line styles, by position, where curves of several policies overlap
 # Figure sizes in inches (width, height); the two per-model grids grow with the models they show.
 FIGURE_SIZES = {'sft_loss': (8, 4.5), 'reward_model': (13, 4.8), 'ppo_curves': (16, 4.8),
@@ -61,17 +64,18 @@ def model_colors(labels):
 
 
 def centred_average(values, window):
-    """Centred mean: out[i] = mean(values[i - h : i + h + 1]), h = window // 2, the window cut at the
-    ends (same length as values, so it plots against the same x). A trailing mean lags by half its
-    window, which reads as a slower learner than it is (PPO: ~770 samples at the default schedule)."""
+    """Centred mean over `window` points (odd): out[i] = mean(values[i - h : i + h + 1]), where
+    h = window // 2 shrinks near the ends to min(h, i, len - 1 - i), so every point stays the centre
+    of its own window (the first and last are their raw values). Same length as values, so it plots
+    against the same x. A trailing mean lags by half its window, which reads as a slower learner than
+    it is (PPO: ~770 samples at the default schedule); a window cut on one side only lags at the ends."""
     values = np.asarray(values, dtype=float)
-    if window < 1:
-        raise ValueError(f'window must be >= 1, got {window}')
-    half = window // 2
-    sums = np.cumsum(np.concatenate([[0.0], values]))
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f'a centred window is an odd number of points >= 1, got {window}')
     index = np.arange(len(values))
-    starts, ends = np.maximum(0, index - half), np.minimum(len(values), index + half + 1)
-    return (sums[ends] - sums[starts]) / (ends - starts)
+    half = np.minimum(window // 2, np.minimum(index, len(values) - 1 - index))
+    sums = np.cumsum(np.concatenate([[0.0], values]))
+    return (sums[index + half + 1] - sums[index - half]) / (2 * half + 1)
 
 
 def _words(tokens):
@@ -153,41 +157,59 @@ def plot_ppo_curves(histories, path, window=5):
 
     histories: ordered dict label -> list of rows with keys 'samples', 'objective/scores',
     'objective/kl_full', 'gold/preference_rate'. Colours are those the policies have in the other
-    figures (the reference's slot is skipped); each policy has its own dash, and the first is drawn
-    on top, so a later policy that lands on the same values does not hide it."""
+    figures (the reference's slot is skipped), and each policy has its own dash."""
     colors = model_colors(['reference (SFT)', *histories])
     styles = {label: DASHES[i % len(DASHES)] for i, label in enumerate(histories)}
     panels = [('objective/scores', 'reward-model score (mean over the batch)', 'Reward-model score'),
               ('objective/kl_full', 'KL(policy || reference), nats per response', 'KL to the reference'),
-              ('gold/preference_rate', 'P(first digit is the preferred one)', 'Preference rate (exact)')]
+              ('gold/preference_rate', 'P(first digit is the preferred one), logit scale',
+               f'Preference rate (exact); ▼ first at {PREFERENCE_TARGET:.0%}')]
     fig, axes = plt.subplots(1, len(panels), figsize=FIGURE_SIZES['ppo_curves'], layout='constrained')
     _curve_panels(axes, histories, colors, panels, window, styles)
     preference = axes[2]
-    preference.axhline(PREFERENCE_TARGET, color='black', linestyle='--', linewidth=1,
-                       label=f'{PREFERENCE_TARGET:.0%} preference')
+    # On a logit scale 90%, 99% and 99.9% are equally far apart, so the approach to the target shows
+    # (a rate that rounds to 1 is drawn off the top rather than dropped).
+    preference.set_yscale('logit', nonpositive='clip')
+    preference.set_ylim(top=PREFERENCE_RATE_TOP)
+    preference.set_yticks(PREFERENCE_RATE_TICKS, [f'{tick:.3g}%' for tick in 100 * PREFERENCE_RATE_TICKS])
+    preference.yaxis.set_minor_formatter(NullFormatter())
+    limits = preference.get_ylim()  # the ticks may have widened them
+    preference.axhline(PREFERENCE_TARGET, color='black', linestyle='--', linewidth=1)
+    reached = {}  # label -> the legend's words for where the policy first reached the target
     for label, rows in histories.items():
         crossing = samples_to_preference(rows, PREFERENCE_TARGET)
-        if crossing is not None:
-            preference.plot(crossing, PREFERENCE_TARGET, marker='v', markersize=10, color=colors[label],
-                            markeredgecolor='black', linestyle='none', zorder=5,
-                            label=f'{label} first at {PREFERENCE_TARGET:.0%}: {crossing:,} samples')
-    preference.set_ylim(0, 1.02)
-    preference.legend(loc='lower right', fontsize=8, ncols=1 if len(histories) <= 3 else 2)
+        if crossing is None:
+            reached[label] = f'never at {PREFERENCE_TARGET:.0%}'
+            continue
+        # A marker on the line, and a line down to the axis to read its x where markers crowd.
+        preference.plot(crossing, PREFERENCE_TARGET, marker='v', markersize=10, color=colors[label],
+                        markeredgecolor='black', linestyle='none', zorder=10)
+        preference.vlines(crossing, limits[0], PREFERENCE_TARGET, color=colors[label], linewidth=1,
+                          linestyle=styles[label])
+        reached[label] = f'{PREFERENCE_TARGET:.0%} after {crossing:,} samples'
+    preference.set_ylim(limits)
+    # One legend, where the score panel is empty once it has levelled off: each policy's line and the
+    # number the report quotes for it.
+    handles = axes[0].get_legend_handles_labels()[0][:len(histories)]
+    axes[0].legend(handles, [f'{label}: {reached[label]}' for label in histories], title='PPO policy',
+                   loc='lower right')
     fig.suptitle(f'PPO training (centred moving average over {window} iterations, raw values faint)')
     return _save(fig, path)
 
 
-def _curve_panels(axes, histories, colors, panels, window, styles=None):
+def _curve_panels(axes, histories, colors, panels, window, styles):
     """One panel per (key, ylabel, title): each history's values against rollout samples, a centred
-    moving average over raw values drawn faint. The first history is drawn on top."""
+    moving average over raw values drawn faint. Each history is drawn narrower than and on top of
+    the ones before it, so where two curves coincide the later one's dashes show inside the earlier
+    one's line and neither hides the other."""
+    widths = np.linspace(4, 1.5, len(histories))
     for ax, (key, ylabel, title) in zip(axes, panels):
         for order, (label, rows) in enumerate(histories.items()):
             samples = [row['samples'] for row in rows]
             values = [row[key] for row in rows]
-            style = (styles or {}).get(label, '-')
-            ax.plot(samples, values, color=colors[label], alpha=0.2, linewidth=1, linestyle=style)
-            ax.plot(samples, centred_average(values, window), color=colors[label], linewidth=2.5,
-                    linestyle=style, label=label, zorder=3 + len(histories) - order)
+            ax.plot(samples, values, color=colors[label], alpha=0.2, linewidth=1, linestyle=styles[label])
+            ax.plot(samples, centred_average(values, window), color=colors[label], linewidth=widths[order],
+                    linestyle=styles[label], label=label, zorder=3 + order)
         ax.set_xlabel('rollout samples')
         ax.set_ylabel(ylabel)
         ax.set_title(title)

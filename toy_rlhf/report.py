@@ -75,8 +75,9 @@ def figure_captions(metrics):
                                  for label, policy in tuned.items()),
         'next_token_probs': 'Next-token probabilities of each model on one fixed sentence (bars) with the '
                             'exact language distribution (outlines) and, on the first step, the aligned '
-                            'target (star), teacher forced: each step is conditioned on the sentence\'s own '
-                            f'earlier tokens, not on what the model would have sampled. The reference spreads its first digit over the increments '
+                            'target (star). Teacher forced: at each step the model is given this sentence\'s '
+                            'own earlier tokens, not the ones it would have sampled itself. The reference '
+                            'spreads its first digit over the increments '
                             f'({_percent(reference["preference_rate"])} on the preferred one). '
                             + ' '.join(f'{_later_digits(label, policy, reference)}.' for label, policy in tuned.items())
                             + ' ' + _closest_to_aligned(tuned),
