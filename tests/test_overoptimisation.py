@@ -1,4 +1,6 @@
 """Reward over-optimisation: Gao et al.'s fits, the exact curves, and the study's stages reused."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -130,15 +132,16 @@ def test_proxies_and_snapshots_are_reused_and_a_new_pair_count_trains_only_its_o
 def test_the_figure_draws_every_proxy_with_its_fits_peaks_and_snapshots(language_tables, tmp_path):
     log_ref, gold, valid = language_tables
     results = []
-    for scale in (1.0, 3.0):  # two proxies: the gold reward itself, and a noisy one
+    for margin in (1.0, 20.0):  # two proxies: the gold reward itself, and a noisy one in units of 20
         noise = torch.randn(log_ref.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-        rewards = gold + noise / scale
-        values = {'proxy': rewards, 'gold': gold, 'gold_valid': gold * valid}
+        rewards = margin * gold + (margin > 1) * noise
+        values = {'proxy': rewards / margin, 'gold': gold, 'gold_valid': gold * valid}
         optimum = study.optimum_curve(log_ref, rewards, values, study.BETAS)
         snapshots = {key: value[::10] for key, value in optimum.items()}  # stands in for PPO's snapshots
         curves = {'optimum': optimum, 'best_of_n': study.best_of_n_curve(log_ref, rewards, values, study.BEST_OF_N),
                   'ppo_beta0': snapshots}
-        results.append({'name': f'noise{scale:g}', 'pairs': int(100 * scale), 'margin': 20.0, 'curves': curves,
+        results.append({'name': f'margin{margin:g}', 'pairs': 100, 'margin': margin, 'curves': curves,
                         'fits': study.fits(curves), 'peaks': study.peaks(curves)})
-    path = study.plots.plot_overoptimisation(results, tmp_path / 'overoptimisation.png')
+    # As a rerun reads them back from overoptimisation.json: plain lists and numbers.
+    path = study.plots.plot_overoptimisation(json.loads(json.dumps(results)), tmp_path / 'overoptimisation.png')
     assert_png(path, study.plots.FIGURE_SIZES['overoptimisation'])

@@ -361,12 +361,13 @@ def report(results, config, figure, run_dir):
     relative_figure = Path(os.path.relpath(figure, run_dir)).as_posix()
     return f"""# Reward over-optimisation, measured exactly
 
-Proxies: reward models from the run's SFT policy on {', '.join(map(str, config.pairs))} labelled pairs at
-gold margin {', '.join(f'{m:g}' for m in config.gold_margin)}; seed {config.seed}. Every point is exact over
-all 10^4 responses of {config.prompts} prompts: d = sqrt(KL(pi || SFT)); gains over the SFT policy; gold
-per unit of margin (gold: preferred first digit; valid gold: that and every digit in the language);
-proxy divided by its labels' margin. Curves: `optimum` is pi*_beta of the proxy (beta 10 .. 1e-3, 0),
-`best_of_n` n = 1 .. 10^4, `ppo_betaB` PPO snapshots every {config.snapshot_every} rounds.
+Proxies: reward models from the run's SFT policy on {', '.join(f'{n:,}' for n in config.pairs)} labelled
+pairs at gold margin {', '.join(f'{m:g}' for m in config.gold_margin)}; seed {config.seed}. Every point is
+exact over all 10^4 responses of {config.prompts} prompts: d = sqrt(KL(pi || SFT)); gains over the SFT
+policy; gold per unit of margin (gold: the preferred first digit; valid gold: that, and every digit in
+the language); proxy divided by its labels' margin. Curves: `optimum` is pi*_beta of the proxy (beta
+{max(BETAS):g} .. {min(b for b in BETAS if b > 0):g}, then 0), `best_of_n` n = 1 .. {max(BEST_OF_N):,},
+`ppo_betaB` PPO snapshots every {config.snapshot_every} rounds.
 
 ## Where gold peaks
 

@@ -541,5 +541,5 @@ def _limit_to_gold(ax, golds):
     bottom, top = min(min(golds), 0.0), max(max(golds), 0.0)
     span = top - bottom or 1.0
     ax.set_ylim(bottom - 0.1 * span, top + 0.3 * span)
-    if any(line.get_ydata().max() > top + 0.3 * span for line in ax.get_lines() if len(line.get_ydata())):
+    if any(np.max(line.get_ydata()) > top + 0.3 * span for line in ax.get_lines() if len(line.get_ydata())):
         ax.text(0.99, 0.99, 'proxy curves cut at the top', transform=ax.transAxes, ha='right', va='top', fontsize=8)
