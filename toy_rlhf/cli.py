@@ -25,6 +25,7 @@ from toy_rlhf.flags import Bounds, PositiveInt, Seed, add_config_flags, config_f
 from toy_rlhf.methods import METHODS
 from toy_rlhf.metrics import EVALUATION_PROMPTS
 from toy_rlhf.optimal import EXACT_PROMPTS
+from toy_rlhf.overoptimisation import OverOptConfig, overoptimisation
 from toy_rlhf.preferences import PreferenceError, resolve_preference
 from toy_rlhf.run_all import RunAllConfig, quick_schedule, run_all
 from toy_rlhf.run_dir import RunDirError, open_run_dir
@@ -103,10 +104,11 @@ def run_everything(args):
 
 
 def check_betas(flag, betas):
-    """Each beta once: two betas that print alike (0.1 and 0.1000001) would share one checkpoint name."""
+    """Each value once: two betas (or pair counts, margins) that print alike (0.1 and 0.1000001) would
+    share one checkpoint name."""
     names = [f'{beta:g}' for beta in betas]
     if len(set(names)) != len(names):
-        raise UsageError(f'{flag}: each beta once (betas that print alike share a checkpoint), got {" ".join(names)}')
+        raise UsageError(f'{flag}: each value once (values that print alike share a checkpoint), got {" ".join(names)}')
 
 
 def add_sweep_arguments(parser):
@@ -142,6 +144,24 @@ def run_compare(args):
         raise UsageError(f'--methods: unknown method {unknown[0]!r}; registered: {", ".join(METHODS)}')
     method_configs = {name: config_from_args(args, method.config, prefix=name) for name, method in METHODS.items()}
     compare(args.run_dir, args.plots_dir, config, method_configs, args.progress)
+
+
+def add_overopt_arguments(parser):
+    add_config_flags(parser, OverOptConfig, skip=('reward', 'ppo'))
+    for stage in ('reward', 'ppo'):
+        add_config_flags(parser, type(getattr(OverOptConfig(), stage)), prefix=stage,
+                         skip=('seed', 'device', 'beta', 'pairs', 'gold_margin'))
+    add_plots_dir(parser, 'overoptimisation.png')
+
+
+def run_overopt(args):
+    config = config_from_args(args, OverOptConfig)
+    config = replace(config, **{stage: config_from_args(args, type(getattr(config, stage)), prefix=stage,
+                                                        base=getattr(config, stage)) for stage in ('reward', 'ppo')})
+    for flag, values in (('--pairs', config.pairs), ('--gold-margin', config.gold_margin),
+                         ('--ppo-betas', config.ppo_betas)):
+        check_betas(flag, values)
+    overoptimisation(args.run_dir, args.plots_dir, config, progress=args.progress)
 
 
 def add_benchmark_arguments(parser):
@@ -232,6 +252,11 @@ def commands():
         'compare': Command('compare_methods.py', 'every registered method against pi* and its own exact target',
                            "From the run's SFT policy and reward model; draws methods.png, writes runs/RUN/methods.md; "
                            '--METHOD.* set any method setting.', add_compare_arguments, run_compare),
+        'overopt': Command('overoptimisation.py', 'reward over-optimisation: proxy against gold along sqrt(KL), exactly',
+                           "Proxy reward models on --pairs labelled pairs (and --gold-margin label noise) from the run's "
+                           'SFT policy; pi*_beta, best-of-n and PPO snapshots evaluated exactly; Gao et al.\'s forms '
+                           'fitted; draws overoptimisation.png, writes runs/RUN/overoptimisation.md and .json.',
+                           add_overopt_arguments, run_overopt),
         'benchmark': Command('benchmark.py', 'time the default pipeline over fresh runs',
                              'Median seconds and samples per second per stage, peak memory, and the quality '
                              'figures of the same runs, in a temporary folder.', add_benchmark_arguments,

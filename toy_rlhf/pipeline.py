@@ -53,7 +53,9 @@ def fingerprint(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def _save(run_dir, name, model, kind, config, metrics, history, inputs=()):
+def save_stage(run_dir, name, model, kind, config, metrics, history, inputs=()):
+    """Write a stage's checkpoint (with its settings, the fingerprints of its inputs and its history),
+    then its .jsonl log."""
     run_dir = Path(run_dir)
     provenance = {**asdict(config), 'versions': versions(),
                   'inputs': {Path(path).name: fingerprint(path) for path in inputs}}
@@ -114,16 +116,16 @@ def sft_stage(run_dir, config, progress=True):
     model, history = train_sft(config, progress)
     metrics = {'language_kl': language_kl(model, seed=config.seed), 'final_loss': history[-1]['loss'],
                'entropy_floor': entropy_floor(), 'seconds': time.perf_counter() - start}
-    _save(run_dir, 'sft', model, 'policy', config, metrics, history)
+    save_stage(run_dir, 'sft', model, 'policy', config, metrics, history)
     print(f"SFT: KL(true || model) {metrics['language_kl']:.4f} nats per token; loss "
           f"{metrics['final_loss']:.4f} (floor {metrics['entropy_floor']:.4f}); "
           f"{metrics['seconds']:.1f} s -> {Path(run_dir) / 'sft.pt'}")
     return metrics
 
 
-def reward_stage(run_dir, config, progress=True):
+def reward_stage(run_dir, config, progress=True, name='reward'):
     """Train the reward model from the run's SFT policy, measure it on fresh pairs and prompts, write
-    reward.pt and reward.jsonl; returns its metrics."""
+    <name>.pt and <name>.jsonl (reward.pt unless a study trains several); returns its metrics."""
     sft_path = Path(run_dir) / 'sft.pt'
     sft_policy = load_model(sft_path, 'policy')
     start = time.perf_counter()
@@ -132,9 +134,9 @@ def reward_stage(run_dir, config, progress=True):
     metrics = {'pairwise_accuracy': pairwise_accuracy(model, held_out),
                'rank_rate': rank_rate(model, seed=config.seed + 2, preference=resolve_preference(config.preference)),
                'seconds': time.perf_counter() - start}
-    _save(run_dir, 'reward', model, 'reward', config, metrics, history, inputs=(sft_path,))
+    save_stage(run_dir, name, model, 'reward', config, metrics, history, inputs=(sft_path,))
     print(f"Reward model: held-out pairwise accuracy {metrics['pairwise_accuracy']:.2%}, rank rate "
-          f"{metrics['rank_rate']:.2%}; {metrics['seconds']:.1f} s -> {Path(run_dir) / 'reward.pt'}")
+          f"{metrics['rank_rate']:.2%}; {metrics['seconds']:.1f} s -> {Path(run_dir) / name}.pt")
     return metrics
 
 
@@ -156,7 +158,7 @@ def method_stage(run_dir, config, progress=True, *, method):
     metrics = {**evaluate_policy(policy, reference, EVALUATION_PROMPTS, config.seed, stage_preference(config)),
                'seconds': time.perf_counter() - start}
     name = method.stem(config.beta)
-    _save(run_dir, name, policy, 'policy', config, metrics, history, inputs)
+    save_stage(run_dir, name, policy, 'policy', config, metrics, history, inputs)
     print(f"{method.label} beta={config.beta:g}: preference {metrics['preference_rate']:.2%}, fidelity "
           f"{metrics['fidelity']:.2%}, gold {metrics['gold_rate']:.2%}, KL to reference "
           f"{metrics['kl_to_reference']:.3f} nats; {metrics['seconds']:.1f} s -> {run_dir / name}.pt")

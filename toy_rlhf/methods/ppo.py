@@ -65,10 +65,12 @@ def state_values(critic, sentences):
     return values[:, -4:, 0]
 
 
-def train_ppo(sft_policy, reward_model, config, progress=True):
+def train_ppo(sft_policy, reward_model, config, progress=True, measure=None):
     """Fine-tune a copy of sft_policy against reward_model with PPO and a KL penalty of config.beta.
 
-    Returns the actor (eval mode) and the log: one dict per iteration with TRL's metric names.
+    Returns the actor (eval mode) and the log: one dict per iteration with TRL's metric names, plus
+    what measure(rounds done, actor) returns after each round (a dict of numbers; no randomness, so
+    measuring leaves the run unchanged).
     """
     actor, reference, optimizer, generator = start_training(sft_policy, config)
     preference = resolve_preference(config.preference)  # whose exact rate the log follows
@@ -98,7 +100,9 @@ def train_ppo(sft_policy, reward_model, config, progress=True):
             stats = update(actor, optimizer, batch, config, critic, critic_optimizer)
             check_finite('ppo', iteration, loss=stats['policy/loss'])
             samples += len(batch['sentences'])
-            log.add({'iter': iteration, **rollout_row(batch, config.beta, samples, log.seconds()), **stats})
+            measured = measure(iteration + 1, actor) if measure is not None else {}
+            log.add({'iter': iteration, **rollout_row(batch, config.beta, samples, log.seconds()), **stats,
+                     **measured})
             log.step()
     return actor.eval(), log.rows
 

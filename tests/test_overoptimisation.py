@@ -1,0 +1,147 @@
+"""Reward over-optimisation: Gao et al.'s fits, the exact curves, and the study's stages reused."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from toy_rlhf import overoptimisation as study, pipeline
+from toy_rlhf.language import join, sample_prompts
+from toy_rlhf.methods.best_of_n import best_of_n_log_probs
+from toy_rlhf.methods.ppo import PPOConfig
+from toy_rlhf.metrics import true_distributions
+from toy_rlhf.optimal import all_responses
+from toy_rlhf.reward import RewardConfig
+from toy_rlhf.sft import SFTConfig
+from tests.test_plots import assert_png
+
+D = np.linspace(0.05, 4.0, 80)
+
+
+def language_log_probs(prompts):
+    """log pi(y|x) of every response under the exact language: (P, 10^4), -inf off the language."""
+    responses = all_responses()
+    tables = []
+    for prompt in prompts:
+        sentences = join(prompt.expand(len(responses), -1), responses)
+        probabilities = true_distributions(sentences).gather(2, responses.unsqueeze(2)).squeeze(2)  # (N, 4)
+        tables.append(probabilities.double().log().sum(dim=1))
+    return torch.stack(tables)
+
+
+@pytest.mark.parametrize('form', ['best_of_n', 'rl'])
+def test_the_fit_recovers_alpha_and_beta_from_noiseless_points_of_its_form(form):
+    gain = 0.7 * D - 0.15 * study.FORMS[form](D)
+    fit = study.gao_fit(D, gain, form)
+    # Least squares on exact data is exact up to the conditioning of a 2-column system: ~1e-14.
+    assert fit['alpha'] == pytest.approx(0.7, rel=1e-8)
+    assert fit['beta'] == pytest.approx(0.15, rel=1e-8)
+    assert fit['rms'] < 1e-10
+
+
+@pytest.mark.parametrize('form', ['best_of_n', 'rl'])
+def test_the_fit_recovers_alpha_and_beta_from_noisy_points_within_four_standard_errors(form):
+    sigma = 0.02
+    noise = np.random.default_rng(0).normal(0, sigma, len(D))
+    fit = study.gao_fit(D, 0.7 * D - 0.15 * study.FORMS[form](D) + noise, form)
+    design = np.stack([D, -study.FORMS[form](D)], axis=1)
+    standard_errors = sigma * np.sqrt(np.diag(np.linalg.inv(design.T @ design)))
+    # An unbiased estimator misses by more than 4 standard errors with probability ~6e-5.
+    assert abs(fit['alpha'] - 0.7) < 4 * standard_errors[0]
+    assert abs(fit['beta'] - 0.15) < 4 * standard_errors[1]
+    assert fit['rms'] == pytest.approx(sigma, rel=0.25)  # 80 residuals: the RMS is within ~10% of sigma
+
+
+def test_a_curve_peaks_where_it_first_reaches_its_highest_value_and_reports_its_fall():
+    curve = {'d': [0.0, 1.0, 2.0, 3.0, 4.0], 'kl': [0.0, 1.0, 4.0, 9.0, 16.0]}
+    rises_and_falls = study.peak({**curve, 'gold': [0.0, 0.5, 0.8, 0.6, 0.3]})
+    assert (rises_and_falls['d'], rises_and_falls['kl'], rises_and_falls['drop']) == (2.0, 4.0, pytest.approx(0.5))
+    saturates = study.peak({**curve, 'gold': [0.0, 0.5, 0.9, 0.9, 0.9 + 1e-9]})
+    assert (saturates['d'], saturates['drop']) == (2.0, 0.0)
+
+
+@pytest.fixture(scope='module')
+def language_tables():
+    prompts = sample_prompts(3, torch.Generator().manual_seed(0))
+    gold, valid = study.gold_tables(study.first_digit_gold, prompts)
+    return language_log_probs(prompts), gold, valid
+
+
+def test_with_the_gold_reward_as_proxy_gold_and_proxy_coincide_and_neither_falls(language_tables):
+    log_ref, gold, valid = language_tables
+    values = {'proxy': gold, 'gold': gold, 'gold_valid': gold * valid}
+    for curve in (study.optimum_curve(log_ref, gold, values, study.BETAS),
+                  study.best_of_n_curve(log_ref, gold, values, study.BEST_OF_N)):
+        assert curve['proxy'] == curve['gold']
+        assert np.all(np.diff(curve['d']) >= -1e-12)  # ordered by growing KL
+        assert np.all(np.diff(curve['gold']) >= -1e-12)  # the optimiser cannot hack the truth
+        # Within the language every response is valid, so nothing is lost to invalid digits either.
+        assert np.allclose(curve['gold_valid'], curve['gold'], atol=1e-12)
+        # At the far end (beta -> 0, n = 10^4) every prompt gets its preferred first digit.
+        assert curve['gold'][-1] == pytest.approx(1 - study.expectations(log_ref, log_ref, {'g': gold})['g'], abs=1e-9)
+
+
+def test_the_best_of_n_curve_is_the_enumerated_best_of_n_for_every_n(language_tables):
+    log_ref, gold, valid = language_tables
+    # Scores on a coarse grid, so that many responses tie as the reward model's float32 scores do.
+    rewards = (torch.randn(log_ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 4).round()
+    values = {'proxy': rewards, 'gold': gold, 'gold_valid': gold * valid}
+    ns = [1, 2, 7, 100, 10 ** 4]
+    curve = study.best_of_n_curve(log_ref, rewards, values, ns)
+    reference = study.expectations(log_ref, log_ref, values)
+    for i, n in enumerate(ns):
+        point = study.expectations(best_of_n_log_probs(log_ref, rewards, n), log_ref, values)
+        assert curve['kl'][i] == pytest.approx(point['kl'], abs=1e-10)
+        for name in study.MEASURED:
+            assert curve[name][i] == pytest.approx(point[name] - reference[name], abs=1e-10)
+
+
+def test_proxies_and_snapshots_are_reused_and_a_new_pair_count_trains_only_its_own(tmp_path, monkeypatch):
+    # What is tested is which stages run: the figure and the proxies' rank rate (2,000 prompts, the
+    # reward tests' business) are left out, and every schedule is a few steps.
+    monkeypatch.setattr(study.plots, 'plot_overoptimisation', lambda results, path: path)
+    monkeypatch.setattr(pipeline, 'rank_rate', lambda model, seed: 0.0)
+    pipeline.sft_stage(tmp_path, SFTConfig(iters=2, batch_size=8), progress=False)
+    config = study.OverOptConfig(pairs=(50, 60), ppo_betas=(0.0,), snapshot_every=1, prompts=1,
+                                 reward=RewardConfig(iters=4, held_out_pairs=50),
+                                 ppo=PPOConfig(iters=2, prompts_per_iter=4))
+
+    def made():
+        return {path.name: path.stat().st_mtime_ns for path in tmp_path.glob('reward_*.pt')}
+
+    first = study.overoptimisation(tmp_path, tmp_path / 'plots', config, progress=False)
+    assert set(made()) == {'reward_pairs50.pt', 'reward_pairs60.pt', 'reward_pairs50_ppo_beta0.pt',
+                           'reward_pairs60_ppo_beta0.pt'}
+    assert first[0]['curves']['ppo_beta0']['round'] == [0, 1, 2]  # the reference, then every round
+    before = made()
+    with monkeypatch.context() as rerun:  # everything current: no exact table is computed again
+        for table in ('response_log_probs_exact', 'response_rewards_exact'):
+            rerun.setattr(study, table, lambda *args: pytest.fail(f'{table} computed on a rerun'))
+        again = study.overoptimisation(tmp_path, tmp_path / 'plots', config, progress=False)
+    assert made() == before
+    assert again[0]['curves'] == first[0]['curves']
+
+    study.overoptimisation(tmp_path, tmp_path / 'plots', study.OverOptConfig(
+        **{**config.__dict__, 'pairs': (50, 70)}), progress=False)
+    after = made()
+    kept = ['reward_pairs50.pt', 'reward_pairs50_ppo_beta0.pt', 'reward_pairs60.pt', 'reward_pairs60_ppo_beta0.pt']
+    assert {name: after[name] for name in kept} == {name: before[name] for name in kept}
+    assert {'reward_pairs70.pt', 'reward_pairs70_ppo_beta0.pt'} <= set(after)
+
+
+def test_the_figure_draws_every_proxy_with_its_fits_peaks_and_snapshots(language_tables, tmp_path):
+    log_ref, gold, valid = language_tables
+    results = []
+    for margin in (1.0, 20.0):  # two proxies: the gold reward itself, and a noisy one in units of 20
+        noise = torch.randn(log_ref.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        rewards = margin * gold + (margin > 1) * noise
+        values = {'proxy': rewards / margin, 'gold': gold, 'gold_valid': gold * valid}
+        optimum = study.optimum_curve(log_ref, rewards, values, study.BETAS)
+        snapshots = {key: value[::10] for key, value in optimum.items()}  # stands in for PPO's snapshots
+        curves = {'optimum': optimum, 'best_of_n': study.best_of_n_curve(log_ref, rewards, values, study.BEST_OF_N),
+                  'ppo_beta0': snapshots}
+        results.append({'name': f'margin{margin:g}', 'pairs': 100, 'margin': margin, 'curves': curves,
+                        'fits': study.fits(curves), 'peaks': study.peaks(curves)})
+    # As a rerun reads them back from overoptimisation.json: plain lists and numbers.
+    path = study.plots.plot_overoptimisation(json.loads(json.dumps(results)), tmp_path / 'overoptimisation.png')
+    assert_png(path, study.plots.FIGURE_SIZES['overoptimisation'])
