@@ -100,7 +100,7 @@ def test_proxies_and_snapshots_are_reused_and_a_new_pair_count_trains_only_its_o
     # What is tested is which stages run: the figure and the proxies' rank rate (2,000 prompts, the
     # reward tests' business) are left out, and every schedule is a few steps.
     monkeypatch.setattr(study.plots, 'plot_overoptimisation', lambda results, path: path)
-    monkeypatch.setattr(pipeline, 'rank_rate', lambda model, seed: 0.0)
+    monkeypatch.setattr(pipeline, 'rank_rate', lambda model, seed, preference: 0.0)
     pipeline.sft_stage(tmp_path, SFTConfig(iters=2, batch_size=8), progress=False)
     config = study.OverOptConfig(pairs=(50, 60), ppo_betas=(0.0,), snapshot_every=1, prompts=1,
                                  reward=RewardConfig(iters=4, held_out_pairs=50),
