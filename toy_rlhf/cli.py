@@ -89,7 +89,7 @@ def add_all_arguments(parser):
     for stage in ('sft', 'reward', 'ppo'):
         add_config_flags(parser, type(getattr(RunAllConfig(), stage)), prefix=stage,
                          skip=('seed', 'device', 'beta', 'preference'))
-    add_plots_dir(parser, 'the six figures')
+    add_plots_dir(parser, 'the figures')
 
 
 def run_everything(args):
@@ -243,7 +243,7 @@ def commands():
                                          *method_command(method))
     table.update({
         'all': Command('run_all.py', 'the whole pipeline: SFT, reward model, PPO per beta, figures, report',
-                       'Exact evaluation, six figures and runs/RUN/report.md. Stages whose checkpoints were made '
+                       'Exact evaluation, the figures and runs/RUN/report.md. Stages whose checkpoints were made '
                        'with the same settings are reused; --sft.*, --reward.* and --ppo.* set any stage setting.',
                        add_all_arguments, run_everything),
         'sweep': Command('sweep_beta.py', 'PPO for several betas (and DPO) against the exact optimum',
