@@ -107,7 +107,7 @@ def test_a_stage_killed_between_its_checkpoint_and_its_log_gets_its_own_log_back
     run_dir, _, _ = quick_run
     copy = tmp_path / 'runs' / 'a'
     shutil.copytree(run_dir, copy)
-    longer = dataclasses.replace(stage_configs(quick_schedule(RunAllConfig()))['sft'], iters=70)
+    longer = dataclasses.replace(stage_configs(quick_schedule(RunAllConfig()))['sft'], iters=3, batch_size=8)
     real_write_text = pipeline.write_text
 
     def killed_before_the_log(path, text):
@@ -126,31 +126,26 @@ def test_a_stage_killed_between_its_checkpoint_and_its_log_gets_its_own_log_back
     assert (copy / 'sft.jsonl').read_text() == jsonl_text(history)
 
 
-def test_the_main_command_leaves_a_clone_of_the_repository_unchanged(quick_run, tmp_path, monkeypatch):
-    # The quick run's checkpoints are current for `run_all.py --quick`, so this run reuses them and
-    # only evaluates, draws and reports: every file a run writes, in a clone, as a new user's would.
-    repository = SCRIPTS.parent
-    clone = tmp_path / 'clone'
-    subprocess.run(['git', 'clone', '--quiet', str(repository), str(clone)], check=True)
-    shutil.copytree(quick_run[0], clone / 'runs' / 'default')
-    monkeypatch.chdir(clone)
-    from toy_rlhf.cli import run_command
-    run_command('all', ['--quick', '--quiet'])
-    assert (clone / 'runs' / 'default' / 'plots' / 'ppo_curves.png').is_file()
-    status = subprocess.run(['git', 'status', '--porcelain'], cwd=clone, capture_output=True, text=True, check=True)
-    assert status.stdout == ''
-
-
-def test_a_changed_sft_model_retrains_the_reward_model_and_ppo_which_start_from_it(quick_run, tmp_path):
+def test_a_changed_sft_model_makes_the_reward_model_and_ppo_which_start_from_it_stale(quick_run, tmp_path):
+    # What run_all retrains is what current_checkpoint refuses (the retraining itself is the fresh
+    # run of the reuse test).
     run_dir, _, _ = quick_run
     copy = tmp_path / 'runs' / 'a'
     shutil.copytree(run_dir, copy)
+    configs = stage_configs(quick_schedule(RunAllConfig()))
+    inputs = {'sft': (), 'reward': (copy / 'sft.pt',),
+              **{name: pipeline.method_inputs(copy, METHODS['ppo']) for name in ('ppo_beta1', 'ppo_beta0')}}
+
+    def current():
+        return {name: pipeline.current_checkpoint(copy / f'{name}.pt', configs[name], stage_inputs) is not None
+                for name, stage_inputs in inputs.items()}
+
+    assert all(current().values())
     # The same settings, other weights (as another thread count could give): SFT itself is current.
     checkpoint = torch.load(copy / 'sft.pt', weights_only=True)
     checkpoint['state_dict']['transformer.wte.weight'] += 0.01
     torch.save(checkpoint, copy / 'sft.pt')
-    _, _, printed = _run(copy, tmp_path / 'plots')
-    assert printed.count('reusing') == 1 and 'sft: reusing' in printed
+    assert current() == {'sft': True, 'reward': False, 'ppo_beta1': False, 'ppo_beta0': False}
 
 
 def test_the_sweep_puts_every_policy_at_or_below_the_exact_optimum_and_reuses_its_checkpoints(
@@ -178,22 +173,39 @@ def test_the_sweep_puts_every_policy_at_or_below_the_exact_optimum_and_reuses_it
     assert [row['J'] for row in again] == [row['J'] for row in rows]
 
 
-def test_ctrl_c_during_a_stage_leaves_finished_checkpoints_intact_and_the_next_run_resumes(quick_run, tmp_path):
-    run_dir, plots_dir, _ = quick_run
+def test_ctrl_c_during_a_stage_keeps_finished_checkpoints_and_the_main_command_resumes_leaving_git_status_clean(
+        quick_run, tmp_path, monkeypatch, capsys):
+    # In a clone of the repository, as a new user's: the quick run's checkpoints are current for
+    # `run_all.py --quick`, so after the interruption the main command reuses them all and only
+    # evaluates, draws and reports, and every file it writes stays out of git's way.
+    clone = tmp_path / 'clone'
+    subprocess.run(['git', 'clone', '--quiet', str(SCRIPTS.parent), str(clone)], check=True)
+    run_dir = clone / 'runs' / 'default'
+    shutil.copytree(quick_run[0], run_dir)
     before = {name: (run_dir / name).read_bytes() for name in CHECKPOINTS}
-    # A long SFT run into the same folder, interrupted while it trains.
+    # A long SFT run into the same folder, interrupted while it trains. SIGINT as a terminal delivers
+    # it: a shell starts a background job (pytest in `cmd &`, say) with SIGINT ignored, and its
+    # children would inherit that.
     process = subprocess.Popen(
-        [sys.executable, str(SCRIPTS / 'train_sft.py'), '--iters', '100000', '--quiet',
-         '--run', run_dir.name], cwd=run_dir.parent.parent, stderr=subprocess.PIPE, text=True)
-    _wait_until_training(process)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+        [sys.executable, str(SCRIPTS / 'train_sft.py'), '--iters', '100000', '--quiet'], cwd=clone,
+        stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        _wait_until_training(process)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()  # never leave a 100,000-step run behind a failed test
     assert process.returncode == 130
     assert len(stderr.strip().splitlines()) == 1 and 'Traceback' not in stderr
     assert {name: (run_dir / name).read_bytes() for name in CHECKPOINTS} == before
     assert not [path for path in run_dir.iterdir() if path.name.startswith('.')]
-    _, _, printed = _run(run_dir, plots_dir)
-    assert printed.count('reusing') == len(CHECKPOINTS)
+    monkeypatch.chdir(clone)
+    from toy_rlhf.cli import run_command
+    run_command('all', ['--quick', '--quiet'])
+    assert capsys.readouterr().out.count('reusing') == len(CHECKPOINTS)
+    assert (run_dir / 'plots' / 'ppo_curves.png').is_file()
+    status = subprocess.run(['git', 'status', '--porcelain'], cwd=clone, capture_output=True, text=True, check=True)
+    assert status.stdout == ''
 
 
 def _wait_until_training(process, timeout=60):
