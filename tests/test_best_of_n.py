@@ -11,7 +11,6 @@ from toy_rlhf.methods.best_of_n import (MAX_N, BestOfNConfig, best_of_n_kl, best
                                         exact_policy, n_matching_kl, textbook_kl)
 from toy_rlhf.optimal import ExactTables, expected_reward, optimal_log_probs, response_kl
 
-torch.set_num_threads(1)  # avoids thread oversubscription on 2 shared cores
 
 REFERENCE = (0.1, 0.2, 0.3, 0.15, 0.25)
 REWARDS = (1.0, 2.0, 2.0, 0.0, 1.0)  # three levels: {3} < {0, 4} < {1, 2}

@@ -15,7 +15,6 @@ from toy_rlhf.policy import policy_config
 
 # The models here are tiny: a second thread only adds overhead, and on a shared machine whose other
 # core is busy it makes every step wait for it (tens of times slower).
-torch.set_num_threads(1)
 
 REQUIRED_KEYS = {'format_version', 'kind', 'model_config', 'train_config', 'metrics', 'history', 'state_dict'}
 TRAIN_CONFIG = {'learning_rate': 3e-4, 'betas': (0.9, 0.95), 'steps': 10}

@@ -26,7 +26,6 @@ from toy_rlhf.methods import METHODS
 from toy_rlhf.policy import policy_config
 from toy_rlhf.reward import reward_model_config
 
-torch.set_num_threads(1)  # avoids thread oversubscription on 2 shared cores
 
 SCRIPTS = Path(__file__).resolve().parent.parent / 'scripts'
 NO_CUDA = not torch.cuda.is_available()

@@ -13,7 +13,6 @@ from toy_rlhf.language import CLS
 from toy_rlhf.metrics import evaluate_policy
 from toy_rlhf.policy import policy_config, response_log_probs
 
-torch.set_num_threads(1)  # avoids thread oversubscription on 2 shared cores
 
 LOG_TWO = math.log(2)
 

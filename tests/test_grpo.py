@@ -13,8 +13,6 @@ from toy_rlhf.metrics import evaluate_policy
 from toy_rlhf.optimal import (ExactTables, all_responses, digit_distribution, exact_tables, objective,
                               optimal_log_probs, optimal_value, response_kl, response_log_probs_exact)
 
-torch.set_num_threads(1)  # avoids thread oversubscription on 2 shared cores
-
 
 def rows(*values, dtype=torch.float32):
     return torch.tensor(values, dtype=dtype)

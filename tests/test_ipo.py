@@ -11,8 +11,6 @@ from toy_rlhf.methods.ipo import IPOConfig, ipo_loss, ipo_margin, ipo_target, tr
 from toy_rlhf.metrics import evaluate_policy
 from toy_rlhf.optimal import ExactTables, gold_metrics, response_kl, response_log_probs_exact
 
-torch.set_num_threads(1)  # avoids thread oversubscription on 2 shared cores
-
 
 def rows(*values):
     return torch.tensor(values, dtype=torch.float32)

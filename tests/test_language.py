@@ -11,7 +11,6 @@ from toy_rlhf.language import (CLS, SEP, VOCAB_SIZE, entropy_floor, is_valid_out
 
 # The tensors here are small: a second thread only adds overhead, and on a shared machine whose other
 # core is busy it makes every step wait for it (tens of times slower).
-torch.set_num_threads(1)
 
 # The module docstring's example sentence: 5 7 1 5 | 6 2 7 3.
 EXAMPLE_PROMPT = torch.tensor([[5, 7, 1, 5]])

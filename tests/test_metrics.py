@@ -13,7 +13,6 @@ from toy_rlhf.language import (PROMPT_LENGTH, SEQUENCE_LENGTH, VOCAB_SIZE, is_va
 from toy_rlhf.metrics import evaluate_policy, gold_rate, kl_divergence, language_kl
 from toy_rlhf.policy import generate_responses, policy_config
 
-torch.set_num_threads(1)  # avoids thread oversubscription on 2 shared cores
 
 # The probability an oracle gives a token the language forbids (log 0 is not a logit). With at most
 # 10 such tokens, every exact metric below is off by at most ~1e-11 because of it.

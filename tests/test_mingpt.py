@@ -23,7 +23,6 @@ from mingpt.utils import CfgNode, set_seed, setup_logging
 
 # The models here are tiny: a second thread only adds overhead, and on a shared machine whose other
 # core is busy it makes every step wait for it (tens of times slower).
-torch.set_num_threads(1)
 
 VOCAB = 7
 BLOCK = 8

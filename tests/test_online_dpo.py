@@ -13,7 +13,6 @@ from toy_rlhf.methods.online_dpo import OnlineDPOConfig, chosen_and_rejected, fi
 from toy_rlhf.metrics import evaluate_policy
 from toy_rlhf.optimal import exact_tables, objective, optimal_value, response_log_probs_exact
 
-torch.set_num_threads(1)  # avoids thread oversubscription on 2 shared cores
 
 DRAWS = 20000  # labels per score difference
 

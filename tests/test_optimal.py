@@ -15,7 +15,6 @@ from toy_rlhf.optimal import (all_responses, compare_to_optimum, evaluate_agains
 from toy_rlhf.policy import policy_config, response_log_probs
 from toy_rlhf.reward import reward_model_config, score_sentences
 
-torch.set_num_threads(1)  # avoids thread oversubscription on 2 shared cores
 
 BETAS = (0.05, 0.3, 1.0, 4.0)
 # Float64 tables of O(10) numbers summed over 10^4 responses: rounding is ~1e-13, so 1e-9 is loose

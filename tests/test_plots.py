@@ -13,7 +13,6 @@ from toy_rlhf.metrics import samples_to_preference
 from toy_rlhf.policy import policy_config
 from toy_rlhf.reward import reward_model_config
 
-torch.set_num_threads(1)  # avoids thread oversubscription on 2 shared cores
 
 PROMPT = torch.tensor([5, 7, 1, 5])
 RESPONSE = torch.tensor([6, 2, 7, 3])

@@ -13,7 +13,6 @@ from toy_rlhf.methods.ppo import PPOConfig, clipped_value_loss, train_ppo
 from toy_rlhf.methods.rollout import (clipped_surrogate_loss, gae_advantages, leave_one_out_advantages,
                                       per_token_rewards, returns_to_go, whiten)
 
-torch.set_num_threads(1)  # avoids thread oversubscription on 2 shared cores
 
 EPSILON = 0.2
 

@@ -16,7 +16,6 @@ from toy_rlhf.preferences import (PREFERENCES, PreferenceError, best_reachable, 
                                   sample_aligned)
 from toy_rlhf.reward import RewardConfig, train_reward
 
-torch.set_num_threads(1)
 
 PROMPT = torch.tensor([[5, 7, 1, 5]])
 

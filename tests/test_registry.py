@@ -15,6 +15,7 @@ from mingpt.model import GPT
 from toy_rlhf import cli, plots
 from toy_rlhf.checkpoint import how_to_make, save_checkpoint
 from toy_rlhf.compare import CompareConfig, compare
+from toy_rlhf.credit_assignment import CreditConfig
 from toy_rlhf.flags import NonNegativeFloat, PositiveFloat, Seed, config_from_args, field_comments
 from toy_rlhf.methods import METHODS, Method, method_of_stem, register, rollout, unregister
 from toy_rlhf.policy import policy_config
@@ -22,8 +23,6 @@ from toy_rlhf.preferences import PREFERENCES
 from toy_rlhf.reward import reward_model_config
 from toy_rlhf.run_all import RunAllConfig
 from toy_rlhf.sweep import SweepConfig
-
-torch.set_num_threads(1)  # avoids thread oversubscription on 2 shared cores
 
 
 @dataclass
@@ -126,6 +125,7 @@ def config_classes():
     yield 'sft', cli.pipeline.SFTConfig, '', ()
     yield 'reward', cli.pipeline.RewardConfig, '', ()
     yield 'compare', CompareConfig, '', ()
+    yield 'credit', CreditConfig, '', ()
     for method in METHODS.values():
         if method.train is not None:
             yield method.name, method.config, '', ()

@@ -13,8 +13,6 @@ from toy_rlhf.methods.rollout import group_normalised_advantages
 from toy_rlhf.metrics import evaluate_policy
 from toy_rlhf.optimal import compare_to_optimum, exact_tables, objective, optimal_value, response_log_probs_exact
 
-torch.set_num_threads(1)  # avoids thread oversubscription on 2 shared cores
-
 
 def rows(*values):
     return torch.tensor(values, dtype=torch.float32)

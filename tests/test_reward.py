@@ -11,8 +11,6 @@ from toy_rlhf.language import CLS, SEP, VOCAB_SIZE, is_valid_output, preferred_f
 from toy_rlhf.reward import RewardConfig, bradley_terry_loss, initial_reward_model, pairwise_accuracy, \
     rank_rate, train_reward
 
-torch.set_num_threads(1)  # avoids thread oversubscription on 2 shared cores
-
 
 def generator(seed):
     return torch.Generator().manual_seed(seed)

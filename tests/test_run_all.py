@@ -36,19 +36,29 @@ FIGURES = ('sft_loss', 'reward_model', 'ppo_curves', 'next_token_probs', 'kl_by_
 CHECKPOINTS = ('sft.pt', 'reward.pt', 'ppo_beta1.pt', 'ppo_beta0.pt')
 
 
+# The quick schedule cut further: what these tests check is the pipeline around the stages, not what
+# they learn. The same schedule as command-line flags, for the tests that run the main command.
+TINY = {'sft': {'iters': 20}, 'reward': {'iters': 20, 'pairs': 256, 'held_out_pairs': 128},
+        'ppo': {'iters': 3, 'prompts_per_iter': 16}}
+TINY_FLAGS = [word for stage, settings in TINY.items() for name, value in settings.items()
+              for word in (f"--{stage}.{name.replace('_', '-')}", str(value))]
+
+
+def tiny_schedule():
+    config = quick_schedule(RunAllConfig())
+    return dataclasses.replace(config, **{stage: dataclasses.replace(getattr(config, stage), **settings)
+                                          for stage, settings in TINY.items()})
+
+
 @pytest.fixture(scope='module')
 def quick_run(tmp_path_factory):
-    """One quick pipeline run: (run folder, plots folder, printed output)."""
-    root = tmp_path_factory.mktemp('quick')
-    return _run(root / 'runs' / 'a', root / 'plots')
-
-
-def _run(run_dir, plots_dir, **settings):
+    """One pipeline run at the tiny schedule: (run folder, plots folder, printed output)."""
     import contextlib
     import io
-    printed = io.StringIO()
+    root = tmp_path_factory.mktemp('quick')
+    run_dir, plots_dir, printed = root / 'runs' / 'a', root / 'plots', io.StringIO()
     with contextlib.redirect_stdout(printed):
-        run_all(run_dir, plots_dir, quick_schedule(RunAllConfig(**settings)), progress=False)
+        run_all(run_dir, plots_dir, tiny_schedule(), progress=False)
     return run_dir, plots_dir, printed.getvalue()
 
 
@@ -89,7 +99,7 @@ def test_every_stage_retrained_with_the_same_seed_gives_the_same_weights_and_his
     # With the reuse run of the Ctrl-C test (every stage reused, metrics.json the same byte for
     # byte), this says a fresh run with the same seed repeats every number. Tiny schedules: what is
     # tested is determinism, not quality.
-    configs = stage_configs(quick_schedule(RunAllConfig()))
+    configs = stage_configs(tiny_schedule())
     sft_config = dataclasses.replace(configs['sft'], iters=4, batch_size=16, warmup_iters=1)
     reward_config = dataclasses.replace(configs['reward'], iters=4, pairs=64, held_out_pairs=32)
     ppo_config = dataclasses.replace(configs['ppo_beta1'], iters=2, prompts_per_iter=8)
@@ -113,7 +123,7 @@ def test_a_stage_killed_between_its_checkpoint_and_its_log_gets_its_own_log_back
     run_dir, _, _ = quick_run
     copy = tmp_path / 'runs' / 'a'
     shutil.copytree(run_dir, copy)
-    longer = dataclasses.replace(stage_configs(quick_schedule(RunAllConfig()))['sft'], iters=3, batch_size=8)
+    longer = dataclasses.replace(stage_configs(tiny_schedule())['sft'], iters=3, batch_size=8)
     real_write_text = pipeline.write_text
 
     def killed_before_the_log(path, text):
@@ -138,7 +148,7 @@ def test_a_changed_sft_model_makes_the_reward_model_and_ppo_which_start_from_it_
     run_dir, _, _ = quick_run
     copy = tmp_path / 'runs' / 'a'
     shutil.copytree(run_dir, copy)
-    configs = stage_configs(quick_schedule(RunAllConfig()))
+    configs = stage_configs(tiny_schedule())
     inputs = {'sft': (), 'reward': (copy / 'sft.pt',),
               **{name: pipeline.method_inputs(copy, METHODS['ppo']) for name in ('ppo_beta1', 'ppo_beta0')}}
 
@@ -182,7 +192,7 @@ def test_the_sweep_puts_every_policy_at_or_below_the_exact_optimum_and_reuses_it
 def test_ctrl_c_during_a_stage_keeps_finished_checkpoints_and_the_main_command_resumes_repairing_logs_leaving_git_status_clean(
         quick_run, tmp_path, monkeypatch, capsys):
     # In a clone of the repository, as a new user's: the quick run's checkpoints are current for
-    # `run_all.py --quick`, so after the interruption the main command reuses them all and only
+    # `run_all.py --quick` with the tiny schedule's flags, so after the interruption the main command reuses them all and only
     # evaluates, draws and reports (the same metrics, byte for byte), rewrites broken logs from the
     # checkpoints' histories, and every file it writes stays out of git's way.
     clone = tmp_path / 'clone'
@@ -213,7 +223,7 @@ def test_ctrl_c_during_a_stage_keeps_finished_checkpoints_and_the_main_command_r
     metrics = (run_dir / 'metrics.json').read_bytes()
     monkeypatch.chdir(clone)
     from toy_rlhf.cli import run_command
-    run_command('all', ['--quick', '--quiet'])
+    run_command('all', ['--quick', '--quiet', *TINY_FLAGS])
     printed = capsys.readouterr().out
     assert printed.count('reusing') == len(CHECKPOINTS)
     assert printed.count('rewritten from the history in its checkpoint') == 3

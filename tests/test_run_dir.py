@@ -8,13 +8,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from toy_rlhf import cli, pipeline
 from toy_rlhf.files import atomic_write
 from toy_rlhf.run_dir import LOCK, open_run_dir
 
-torch.set_num_threads(1)
 
 TINY_SFT = ['--iters', '1', '--batch-size', '2', '--quiet']
 

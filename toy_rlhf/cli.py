@@ -20,8 +20,9 @@ from toy_rlhf import pipeline
 from toy_rlhf.benchmark import benchmark, format_report
 from toy_rlhf.checkpoint import CheckpointError
 from toy_rlhf.compare import CompareConfig, compare
+from toy_rlhf.credit_assignment import CreditConfig, credit_assignment
 from toy_rlhf.files import WriteError
-from toy_rlhf.flags import Bounds, PositiveInt, Seed, add_config_flags, config_from_args
+from toy_rlhf.flags import Bounds, add_config_flags, config_from_args
 from toy_rlhf.methods import METHODS
 from toy_rlhf.metrics import EVALUATION_PROMPTS
 from toy_rlhf.optimal import EXACT_PROMPTS
@@ -29,7 +30,7 @@ from toy_rlhf.overoptimisation import OverOptConfig, overoptimisation
 from toy_rlhf.preferences import PreferenceError, resolve_preference
 from toy_rlhf.run_all import RunAllConfig, quick_schedule, run_all
 from toy_rlhf.run_dir import RunDirError, open_run_dir
-from toy_rlhf.sweep import SweepConfig, compare_critic, sweep
+from toy_rlhf.sweep import SweepConfig, sweep
 from toy_rlhf.training import TrainingError
 
 
@@ -113,10 +114,7 @@ def check_betas(flag, betas):
 
 def add_sweep_arguments(parser):
     add_config_flags(parser, SweepConfig)
-    add_plots_dir(parser, 'frontier.png and ppo_variants.png')
-    parser.add_argument('--critic-seeds', type=seed, nargs='*', default=[], metavar='SEED',
-                        help='also compare PPO with and without --critic on these seeds and draw '
-                             'ppo_variants.png (default: none)')
+    add_plots_dir(parser, 'frontier.png')
 
 
 def run_sweep(args):
@@ -124,8 +122,15 @@ def run_sweep(args):
     check_betas('--betas', config.betas)
     check_betas('--dpo-betas', config.dpo_betas)
     sweep(args.run_dir, args.plots_dir, config, args.progress)
-    if args.critic_seeds:
-        compare_critic(args.run_dir, args.plots_dir, tuple(args.critic_seeds), progress=args.progress)
+
+
+def add_credit_arguments(parser):
+    add_config_flags(parser, CreditConfig)
+    add_plots_dir(parser, 'credit_assignment.png')
+
+
+def run_credit(args):
+    credit_assignment(args.run_dir, args.plots_dir, config_from_args(args, CreditConfig), args.progress)
 
 
 def add_compare_arguments(parser):
@@ -252,6 +257,11 @@ def commands():
         'compare': Command('compare_methods.py', 'every registered method against pi* and its own exact target',
                            "From the run's SFT policy and reward model; draws methods.png, writes runs/RUN/methods.md; "
                            '--METHOD.* set any method setting.', add_compare_arguments, run_compare),
+        'credit': Command('credit_assignment.py', 'credit assignment: PPO with a baseline or a critic, RLOO, GRPO',
+                          "From the run's SFT policy and reward model, every variant on every seed, measured exactly every "
+                          'few rounds: samples to the target rate, gap closed, KL per position; draws '
+                          'credit_assignment.png, writes runs/RUN/credit_assignment.md and .json.',
+                          add_credit_arguments, run_credit),
         'overopt': Command('overoptimisation.py', 'reward over-optimisation: proxy against gold along sqrt(KL), exactly',
                            "Proxy reward models on --pairs labelled pairs (and --gold-margin label noise) from the run's "
                            'SFT policy; pi*_beta, best-of-n and PPO snapshots evaluated exactly; Gao et al.\'s forms '

@@ -30,6 +30,7 @@ RESPONSES = DIGITS ** RESPONSE_LENGTH  # 10^4 digit responses per prompt
 # Prompts of an exact evaluation (each: all 10^4 responses): the gap closed to J* then has a standard
 # error of ~0.1 points across prompt draws, and the reward model's tables take about a second.
 EXACT_PROMPTS = 100
+KL_POSITIONS = [f'kl_{t}' for t in range(1, RESPONSE_LENGTH + 1)]  # kl_split's per-position keys
 
 
 def all_responses():
@@ -218,7 +219,7 @@ def kl_split(log_pi, log_ref):
     prefix_kls = [response_kl(*(_prefix_marginal(log_probs, length) for log_probs in (log_pi, log_ref)))
                   for length in range(1, RESPONSE_LENGTH)] + [response_kl(log_pi, log_ref)]
     total, first = prefix_kls[-1], prefix_kls[0]
-    by_position = {f'kl_{t + 1}': kl - (prefix_kls[t - 1] if t else 0) for t, kl in enumerate(prefix_kls)}
+    by_position = {name: kl - (prefix_kls[t - 1] if t else 0) for t, (name, kl) in enumerate(zip(KL_POSITIONS, prefix_kls))}
     return {'kl_total': total, 'kl_first': first, 'kl_later': total - first, **by_position}
 
 

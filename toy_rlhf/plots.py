@@ -23,6 +23,7 @@ from toy_rlhf.language import (DIGITS, PROMPT_LENGTH, VOCAB_SIZE, join,
                                next_token_distribution, preferred_first_token, sample_prompts)
 from toy_rlhf.methods import METHODS
 from toy_rlhf.metrics import PREFERENCE_TARGET, aligned_next_tokens, samples_to_preference, true_distributions
+from toy_rlhf.optimal import KL_POSITIONS
 from toy_rlhf.policy import response_log_probs
 from toy_rlhf.preferences import DEFAULT_PREFERENCE, PREFERENCES, best_reachable
 from toy_rlhf.reward import first_digit_rewards
@@ -41,7 +42,7 @@ PREFERENCE_RATE_TICKS = np.array([0.1, 0.3, 0.5, 0.7, 0.9, 0.99, 0.999])
 DASHES = ['-', '--', ':', '-.']  # line styles, by position, where curves of several policies overlap
 # Figure sizes in inches (width, height); the two per-model grids grow with the models they show.
 FIGURE_SIZES = {'sft_loss': (8, 4.5), 'reward_model': (13, 4.8), 'ppo_curves': (16, 4.8),
-                'first_token': (11, 5.5), 'frontier': (18, 6.5), 'ppo_variants': (13, 4.8),
+                'first_token': (11, 5.5), 'frontier': (18, 6.5), 'credit_assignment': (18, 6),
                 'methods': (18, 7.5), 'overoptimisation': (20, 11), 'kl_by_position': (8, 4.5)}
 FIRST_DIGIT = PREFERENCES[DEFAULT_PREFERENCE]
 
@@ -223,23 +224,54 @@ def _curve_panels(axes, histories, colors, panels, window, styles):
         ax.grid(alpha=0.3)
 
 
-def plot_ppo_variants(histories, path, window=5):
-    """PPO with and without a critic on the same seeds: preference rate and the KL-regularised
-    objective (score - beta * KL) against rollout samples.
+def plot_credit_assignment(histories, colors, result, path):
+    """The credit-assignment study (toy_rlhf.credit_assignment): the exact best-level rate and the gap
+    to J* closed against rollout samples, one line per variant and seed (colour: variant, dashes:
+    seed), and the KL each variant spends per position at the end (median over seeds) beside pi*'s.
 
-    histories: dict label -> rows; labels 'leave-one-out, seed S' or 'critic, seed S'. Colour by
-    variant (green leave-one-out, purple critic), line style by seed."""
-    variant_colors = {'leave-one-out': MODEL_COLORS[0], 'critic': MODEL_COLORS[3]}
-    colors = {label: variant_colors[label.split(',')[0]] for label in histories}
-    seeds = sorted({label.split('seed ')[-1] for label in histories})
-    styles = {label: DASHES[seeds.index(label.split('seed ')[-1]) % len(DASHES)] for label in histories}
-    panels = [('gold/preference_rate', 'P(first digit is the preferred one)', 'Preference rate (exact)'),
-              ('objective/rlhf_reward', 'score - beta * KL (mean over the batch)', 'Objective')]
-    fig, axes = plt.subplots(1, len(panels), figsize=FIGURE_SIZES['ppo_variants'], layout='constrained')
-    _curve_panels(axes, histories, colors, panels, window, styles)
-    axes[0].set_ylim(0, 1.02)
-    axes[1].legend(fontsize=8)
-    fig.suptitle(f'PPO with a leave-one-out baseline vs a learned critic (centred moving average over {window} iterations)')
+    histories: dict 'VARIANT, seed S' -> rows, the measured rows carrying 'exact/...' numbers;
+    colors: variant -> colour; result: credit_assignment's summary."""
+    seeds = sorted({label.rsplit('seed ', 1)[-1] for label in histories})
+    fig, (rate, gap, kl) = plt.subplots(1, 3, figsize=FIGURE_SIZES['credit_assignment'], layout='constrained')
+    for label, rows in histories.items():
+        variant, seed = label.rsplit(', seed ', 1)
+        measured = [row for row in rows if 'exact/best_level_rate' in row]
+        samples = [row['samples'] for row in measured]
+        style = dict(color=colors[variant], linestyle=DASHES[seeds.index(seed) % len(DASHES)], linewidth=1.5)
+        rate.plot(samples, [row['exact/best_level_rate'] for row in measured], **style)
+        gap.plot(samples, [row['exact/gap_closed'] for row in measured], **style)
+    optimum = result['optimum']
+    rate.axhline(optimum['preference_rate'], color='black', linestyle='--', linewidth=1)
+    rate.axhline(result['target_rate'], color='black', linestyle=':', linewidth=1)
+    rate.set_ylim(0, 1.02)
+    rate.set_ylabel('rate of the best gold level (exact)')
+    rate.set_title(f"Best-level rate ({result['preference']}); dashed: pi*, dotted: the target")
+    gap.axhline(1.0, color='black', linestyle='--', linewidth=1)
+    gap.set_ylim(min(0.0, gap.get_ylim()[0]), 1.05)
+    gap.set_ylabel('gap to J* closed (reward model)')
+    gap.set_title('(J - J_ref) / (J* - J_ref); dashed: pi*')
+    for ax in (rate, gap):
+        ax.set_xlabel('rollout samples')
+        ax.grid(alpha=0.3)
+    variants = result['variants']
+    positions = np.arange(len(KL_POSITIONS))
+    width = 0.8 / len(variants)
+    for i, (variant, row) in enumerate(variants.items()):
+        kl.bar(positions - 0.4 + width * (i + 0.5), [row[name] for name in KL_POSITIONS], width,
+               color=colors[variant], label=variant)
+    kl.scatter(positions, [optimum[name] for name in KL_POSITIONS], marker='_', s=900, color='black', linewidth=2.5,
+               zorder=3, label='pi*')
+    kl.set_xticks(positions, [f'y{t + 1}' for t in positions])
+    kl.set_ylabel('KL at the position, nats (median over seeds)')
+    kl.set_title('Where the KL is spent, at the end')
+    kl.grid(alpha=0.3, axis='y')
+    handles = [Line2D([], [], color=colors[variant], linewidth=2.5, label=variant) for variant in variants]
+    handles += [Line2D([], [], color='black', linestyle=DASHES[i % len(DASHES)], label=f'seed {seed}')
+                for i, seed in enumerate(seeds)]
+    handles.append(Line2D([], [], color='black', marker='_', markersize=20, linestyle='none', label='pi*'))
+    fig.legend(handles=handles, loc='outside lower center', ncols=min(len(handles), 5), fontsize=9)
+    fig.suptitle(f"Credit assignment at beta = {result['settings']['beta']:g}: every variant from the same SFT "
+                 'policy and reward model, measured exactly')
     return _save(fig, path)
 
 

@@ -6,7 +6,6 @@ prompt) are computed once and reused for every policy and every beta.
 """
 import math
 import os
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +19,6 @@ from toy_rlhf.files import write_json, write_text
 from toy_rlhf.flags import NonNegativeFloat, PositiveFloat, PositiveInt, Seed
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods import METHODS
-from toy_rlhf.methods.ppo import PPOConfig, train_ppo
-from toy_rlhf.metrics import PREFERENCE_TARGET, samples_to_preference
 from toy_rlhf.optimal import EXACT_PROMPTS, exact_tables, optimal_frontier, response_log_probs_exact
 from toy_rlhf.pipeline import ensure_method, run_preference
 
@@ -116,30 +113,3 @@ The optimum itself at each beta (what the best possible policy under this reward
 
 ![frontier]({relative_figure})
 """
-
-
-def compare_critic(run_dir, plots_dir, seeds=(0, 1, 2), beta=1.0, progress=True):
-    """PPO at beta with the leave-one-out baseline and with a critic, on the same seeds, from the
-    run's SFT policy and reward model: draws plots_dir/ppo_variants.png and returns, per variant,
-    the median rollout samples to 99% preference and the median wall seconds."""
-    run_dir = Path(run_dir)
-    reference = load_model(run_dir / 'sft.pt', 'policy')
-    reward_model = load_model(run_dir / 'reward.pt', 'reward')
-    histories, summary = {}, {}
-    for variant, critic in (('leave-one-out', False), ('critic', True)):
-        samples, seconds = [], []
-        for seed in seeds:
-            start = time.perf_counter()
-            _, history = train_ppo(reference, reward_model, PPOConfig(beta=beta, seed=seed, critic=critic), progress)
-            seconds.append(time.perf_counter() - start)
-            samples.append(samples_to_preference(history, PREFERENCE_TARGET))
-            histories[f'{variant}, seed {seed}'] = history
-        reached = [count for count in samples if count is not None]
-        summary[variant] = {'samples_to_99_percent_preference': samples,
-                            'median_samples': statistics.median(reached) if reached else None,
-                            'median_seconds': statistics.median(seconds)}
-        print(f"{variant}: samples to 99% preference {samples}, median {summary[variant]['median_seconds']:.1f} s")
-    figure = plots.plot_ppo_variants(histories, plots_dir / 'ppo_variants.png')
-    write_json(run_dir / 'ppo_variants.json', summary)
-    print(f'PPO variants: {figure}, {run_dir / "ppo_variants.json"}')
-    return summary

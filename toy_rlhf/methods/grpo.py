@@ -87,10 +87,11 @@ def uniform_groups(scores, samples_per_prompt):
 # ---------------------------------------------------------------------------------------------
 # The loop.
 
-def train_grpo(sft_policy, reward_model, config, progress=True):
+def train_grpo(sft_policy, reward_model, config, progress=True, measure=None):
     """Fine-tune a copy of sft_policy against reward_model with GRPO (the variant config names).
 
-    Returns the actor (eval mode) and the log: one dict per iteration with TRL's metric names.
+    Returns the actor (eval mode) and the log: one dict per iteration with TRL's metric names, plus
+    what measure(rounds done, actor) returns after each round (as train_ppo's).
     """
     actor, reference, optimizer, generator = start_training(sft_policy, config)
     preference = resolve_preference(config.preference)  # whose exact rate the log follows
@@ -117,8 +118,9 @@ def train_grpo(sft_policy, reward_model, config, progress=True):
             stats = update(actor, optimizer, batch, kept, config) if len(kept) else {}
             check_finite('grpo', iteration, loss=stats.get('policy/loss', 0.0))
             samples += len(batch['sentences'])
+            measured = measure(iteration + 1, actor) if measure is not None else {}
             log.add({'iter': iteration, **rollout_row(batch, config.beta, samples, log.seconds()),
-                     'frac_reward_zero_std': uniform.float().mean().item(), **stats})
+                     'frac_reward_zero_std': uniform.float().mean().item(), **stats, **measured})
             log.step()
     return actor.eval(), log.rows
 

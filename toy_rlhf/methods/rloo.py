@@ -69,10 +69,11 @@ def sequence_surrogate_loss(logp_new, logp_old, advantages, clip_epsilon):
 # ---------------------------------------------------------------------------------------------
 # The loop.
 
-def train_rloo(sft_policy, reward_model, config, progress=True):
+def train_rloo(sft_policy, reward_model, config, progress=True, measure=None):
     """Fine-tune a copy of sft_policy against reward_model with RLOO and a KL penalty of config.beta.
 
-    Returns the actor (eval mode) and the log: one dict per iteration with TRL's metric names.
+    Returns the actor (eval mode) and the log: one dict per iteration with TRL's metric names, plus
+    what measure(rounds done, actor) returns after each round (as train_ppo's).
     """
     actor, reference, optimizer, generator = start_training(sft_policy, config)
     preference = resolve_preference(config.preference)  # whose exact rate the log follows
@@ -94,7 +95,9 @@ def train_rloo(sft_policy, reward_model, config, progress=True):
             stats = update(actor, optimizer, batch, config)
             check_finite('rloo', iteration, loss=stats['policy/loss'])
             samples += len(batch['sentences'])
-            log.add({'iter': iteration, **rollout_row(batch, config.beta, samples, log.seconds()), **stats})
+            measured = measure(iteration + 1, actor) if measure is not None else {}
+            log.add({'iter': iteration, **rollout_row(batch, config.beta, samples, log.seconds()), **stats,
+                     **measured})
             log.step()
     return actor.eval(), log.rows
 

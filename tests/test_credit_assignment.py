@@ -1,0 +1,75 @@
+"""The credit-assignment study: measuring leaves a run unchanged, samples are counted on measured
+rounds only, and a tiny study measures every variant and seed exactly and draws its figure."""
+import dataclasses
+import functools
+import json
+
+import pytest
+import torch
+
+from mingpt.model import GPT
+from toy_rlhf.checkpoint import save_checkpoint
+from toy_rlhf.credit_assignment import VARIANTS, CreditConfig, credit_assignment, samples_to_target
+from toy_rlhf.methods import METHODS
+from toy_rlhf.optimal import KL_POSITIONS
+from toy_rlhf.policy import policy_config
+from toy_rlhf.reward import reward_model_config
+
+
+def test_samples_count_only_the_measured_rounds_where_the_rate_first_reaches_the_target():
+    history = [{'samples': 0, 'exact/best_level_rate': 0.1}, {'samples': 8},  # an unmeasured round
+               {'samples': 16, 'exact/best_level_rate': 0.5}, {'samples': 24, 'exact/best_level_rate': 0.4},
+               {'samples': 32, 'exact/best_level_rate': 0.7}]
+    assert samples_to_target(history, 0.5) == 16
+    assert samples_to_target(history, 0.6) == 32
+    assert samples_to_target(history, 0.8) is None
+
+
+@pytest.fixture(scope='module')
+def models():
+    torch.manual_seed(0)
+    return GPT(policy_config()), GPT(reward_model_config())
+
+
+@pytest.mark.parametrize('name', ['ppo', 'rloo', 'grpo'])
+def test_a_measured_run_is_the_same_run_as_an_unmeasured_one(models, name):
+    reference, reward_model = models
+    config = METHODS[name].config(iters=3, prompts_per_iter=4)
+    measured_rounds = []
+
+    def measure(rounds, actor):  # as ExactMeasure: forward passes, no random numbers drawn
+        measured_rounds.append(rounds)
+        actor(torch.zeros(2, 8, dtype=torch.long))
+        return {'exact/rounds': rounds}
+
+    plain, _ = METHODS[name].train(reference, reward_model=reward_model, config=config, progress=False)
+    measured, history = METHODS[name].train(reference, reward_model=reward_model, config=config, progress=False,
+                                            measure=measure)
+    assert measured_rounds == [1, 2, 3] and [row['exact/rounds'] for row in history] == [1, 2, 3]
+    assert all(torch.equal(plain.state_dict()[key], value) for key, value in measured.state_dict().items())
+
+
+def test_a_tiny_study_measures_every_variant_and_seed_exactly_and_draws_its_figure(models, tmp_path, monkeypatch):
+    reference, reward_model = models
+    for name in {variant.method for variant in VARIANTS}:  # tiny rollouts: the study is tested, not learning
+        short = functools.partial(METHODS[name].config, prompts_per_iter=8)
+        monkeypatch.setitem(METHODS, name, dataclasses.replace(METHODS[name], config=short))
+    run_dir = tmp_path / 'runs' / 'default'
+    save_checkpoint(run_dir / 'sft.pt', reference, 'policy', {}, {})
+    save_checkpoint(run_dir / 'reward.pt', reward_model, 'reward', {}, {})
+    config = CreditConfig(runs=2, iters=2, measure_every=2, prompts=1)
+    result = credit_assignment(run_dir, tmp_path / 'plots', config, progress=False)
+    assert list(result['variants']) == [variant.label for variant in VARIANTS]
+    for label, row in result['variants'].items():
+        assert [run['seed'] for run in row['runs']] == [0, 1]
+        for run in row['runs']:
+            # Exact: no policy beats J*, and the chain rule splits the KL into its positions.
+            assert run['gap_closed'] <= 1 + 1e-9, label
+            assert sum(run[name] for name in KL_POSITIONS) == pytest.approx(run['kl_total'], abs=1e-6)
+    optimum = result['optimum']
+    assert result['target_rate'] == pytest.approx(0.95 * optimum['preference_rate'])
+    assert sum(optimum[name] for name in KL_POSITIONS) == pytest.approx(optimum['kl_total'], abs=1e-6)
+    assert json.loads((run_dir / 'credit_assignment.json').read_text())['variants'].keys() == result['variants'].keys()
+    report = (run_dir / 'credit_assignment.md').read_text()
+    assert all(f'| {variant.label} |' in report for variant in VARIANTS)
+    assert (tmp_path / 'plots' / 'credit_assignment.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

@@ -1,0 +1,195 @@
+"""Credit assignment, measured: how each online method passes the reward back to the tokens that earned it.
+
+The reward model scores the whole response at its last token. Where the preference depends on earlier
+tokens (last-digit: the last digit can be (x4 + 4) % 10 only if the earlier ones counted up to it), a
+method has to tell which tokens earned the score, each its own way:
+
+  PPO, leave-one-out        every token's return to go minus the mean of the other samples' of the
+                            prompt at the same position: no network
+  PPO, critic, GAE 0.95     a learned value of every prefix; GAE with lambda 0.95 leans on it
+  PPO, critic, GAE 1        the Monte-Carlo return to go minus the learned value
+  RLOO                      one advantage for the whole response: score - beta * KL, leave-one-out
+  GRPO                      one group-normalised advantage for the whole response, k3 KL in the loss
+                            (TRL's default, whose fixed point is not pi*: toy_rlhf/methods/grpo.py)
+
+Each is trained from the run's SFT policy and reward model on the same seeds and measured exactly
+(all 10^4 responses of the evaluation prompts) every few rounds: the rate of the preference's best
+gold level, the gap to J* closed under the reward model and under the gold reward, and the KL per
+position next to pi*'s. The measurements ride in each run's log; they draw no random numbers, so a
+measured run is the same run as an unmeasured one.
+"""
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from toy_rlhf import plots
+from toy_rlhf.checkpoint import load_model
+from toy_rlhf.files import write_json, write_text
+from toy_rlhf.flags import NonNegativeFloat, PositiveInt, Probability, Seed
+from toy_rlhf.language import sample_prompts
+from toy_rlhf.methods import METHODS
+from toy_rlhf.optimal import (EXACT_PROMPTS, KL_POSITIONS, distribution_summary, exact_tables, expected_reward,
+                              gold_metrics, kl_split, objective, optimal_log_probs, optimal_value,
+                              response_log_probs_exact)
+from toy_rlhf.pipeline import run_preference
+from toy_rlhf.reward import RewardConfig
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    method: str  # registry name
+    settings: tuple = ()  # (field, value) pairs of the method's config that make the variant
+    color: str = 'black'
+
+
+VARIANTS = (
+    Variant('PPO, leave-one-out', 'ppo', color='#2ca02c'),
+    Variant('PPO, critic, GAE lambda 0.95', 'ppo', (('critic', True), ('gae_lambda', 0.95)), '#1f77b4'),
+    Variant('PPO, critic, GAE lambda 1', 'ppo', (('critic', True), ('gae_lambda', 1.0)), '#17becf'),
+    Variant('RLOO', 'rloo', color=METHODS['rloo'].color),
+    Variant('GRPO', 'grpo', color=METHODS['grpo'].color),
+)
+
+
+@dataclass
+class CreditConfig:
+    seed: Seed = 0  # seed of the evaluation prompts and of the first run of each variant
+    runs: PositiveInt = 3  # runs of each variant, on seeds seed, seed + 1, ...
+    beta: NonNegativeFloat = 1.0  # KL strength of every run
+    # On last-digit PPO's best-level rate takes off after 50-100 rounds and levels off by 200.
+    iters: PositiveInt = 200  # rollout-and-update rounds of every run
+    measure_every: PositiveInt = 10  # rounds between exact measurements
+    target: Probability = 0.95  # samples to this fraction of pi*'s best-level rate are counted
+    prompts: PositiveInt = EXACT_PROMPTS  # prompts of the exact evaluation (each: all 10^4 responses)
+
+
+def samples_to_target(history, target_rate):
+    """Rollout samples drawn until the exactly measured best-level rate first reached target_rate
+    (None if it never did); only rounds that were measured count."""
+    return next((row['samples'] for row in history if row.get('exact/best_level_rate', -1) >= target_rate), None)
+
+
+class ExactMeasure:
+    """measure(rounds, actor) for a training loop: every `every` rounds and at `last`, the policy's
+    exact best-level rate, gap to J* closed (reward model and gold) and KL per position; and the
+    seconds it spends, so that they can be left out of the run's time. J* and J_ref are the same for
+    every measurement, so they are computed once."""
+
+    def __init__(self, tables, gold, beta, every, last):
+        self.tables, self.beta, self.every, self.last = tables, beta, every, last
+        self.rewards = {'gap_closed': tables.rewards, 'gold_gap_closed': gold}
+        self.bounds = {name: (expected_reward(tables.log_ref, rewards).mean().item(),
+                              optimal_value(tables.log_ref, rewards, beta).mean().item())
+                       for name, rewards in self.rewards.items()}
+        self.seconds = 0.0
+
+    def __call__(self, rounds, actor):
+        if rounds % self.every and rounds != self.last:
+            return {}
+        start = time.perf_counter()
+        tables = self.tables
+        log_pi = response_log_probs_exact(actor.eval(), tables.prompts)
+        kl = kl_split(log_pi, tables.log_ref)
+        best_level_rate = gold_metrics(log_pi, tables.prompts, tables.preference)['preference_rate']
+        row = {'exact/best_level_rate': best_level_rate.mean().item(),
+               **{f'exact/{name}': kl[name].mean().item() for name in ('kl_total', *KL_POSITIONS)}}
+        for name, rewards in self.rewards.items():
+            J_ref, J_star = self.bounds[name]
+            J = objective(log_pi, tables.log_ref, rewards, self.beta).mean().item()
+            row[f'exact/{name}'] = (J - J_ref) / (J_star - J_ref)
+        self.seconds += time.perf_counter() - start
+        return row
+
+
+def credit_assignment(run_dir, plots_dir, config, progress=True):
+    """Train every variant on every seed from the run's checkpoints, measure exactly, draw
+    plots_dir/credit_assignment.png, write run_dir/credit_assignment.md and .json; returns the summary."""
+    run_dir, plots_dir = Path(run_dir), Path(plots_dir)
+    preference = run_preference(run_dir)
+    reference, reward_model = load_model(run_dir / 'sft.pt', 'policy'), load_model(run_dir / 'reward.pt', 'reward')
+    prompts = sample_prompts(config.prompts, torch.Generator().manual_seed(config.seed))
+    tables = exact_tables(reference, reward_model, prompts, preference)
+    gold = tables.gold(RewardConfig.gold_margin)
+    optimum = distribution_summary(optimal_log_probs(tables.log_ref, tables.rewards, config.beta), tables.log_ref,
+                                   tables.rewards, prompts, preference)
+    target_rate = config.target * optimum['preference_rate']
+    # Every curve starts from the SFT policy, measured the same way (gap closed 0 by definition).
+    start = {'samples': 0, **ExactMeasure(tables, gold, config.beta, 1, 0)(0, reference)}
+
+    histories, summary = {}, {}
+    for variant in VARIANTS:
+        method = METHODS[variant.method]
+        runs = []
+        for seed in range(config.seed, config.seed + config.runs):
+            method_config = method.config(beta=config.beta, iters=config.iters, seed=seed, preference=preference.name,
+                                          **dict(variant.settings))
+            measure = ExactMeasure(tables, gold, config.beta, config.measure_every, config.iters)
+            started = time.perf_counter()
+            _, history = method.train(reference, reward_model=reward_model, config=method_config, progress=progress,
+                                      measure=measure)
+            seconds = time.perf_counter() - started - measure.seconds
+            history = [start, *history]
+            histories[f'{variant.label}, seed {seed}'] = history
+            final = history[-1]
+            runs.append({'seed': seed, 'samples_to_target': samples_to_target(history, target_rate),
+                         'gap_closed': final['exact/gap_closed'], 'gold_gap_closed': final['exact/gold_gap_closed'],
+                         'best_level_rate': final['exact/best_level_rate'], 'kl_total': final['exact/kl_total'],
+                         **{name: final[f'exact/{name}'] for name in KL_POSITIONS}, 'seconds': seconds})
+        summary[variant.label] = {'runs': runs, **medians(runs)}
+        row = summary[variant.label]
+        print(f"{variant.label}: samples to target {[run['samples_to_target'] for run in runs]}, "
+              f"gap closed {row['gap_closed']:.2%} (gold {row['gold_gap_closed']:.2%}), median {row['seconds']:.1f} s")
+
+    result = {'preference': preference.name, 'settings': asdict(config), 'target_rate': target_rate,
+              'optimum': {name: optimum[name] for name in ('preference_rate', 'kl_total', *KL_POSITIONS)},
+              'variants': summary}
+    figure = plots.plot_credit_assignment(histories, {variant.label: variant.color for variant in VARIANTS},
+                                          result, plots_dir / 'credit_assignment.png')
+    write_json(run_dir / 'credit_assignment.json', result)
+    write_text(run_dir / 'credit_assignment.md', report(result, figure, run_dir))
+    print(f'Credit assignment: {run_dir / "credit_assignment.md"}, {figure}')
+    return result
+
+
+def medians(runs):
+    """The median over seeds of each number (samples to target: over the runs that reached it, and
+    how many did)."""
+    reached = [run['samples_to_target'] for run in runs if run['samples_to_target'] is not None]
+    numbers = [name for name in runs[0] if name not in ('seed', 'samples_to_target')]
+    return {'median_samples_to_target': statistics.median(reached) if reached else None, 'reached': len(reached),
+            **{name: statistics.median(run[name] for run in runs) for name in numbers}}
+
+
+def report(result, figure, run_dir):
+    """credit_assignment.md: the table of medians over seeds, against pi*."""
+    settings, optimum = result['settings'], result['optimum']
+    baseline_seconds = result['variants'][VARIANTS[0].label]['seconds']
+    lines = []
+    for label, row in result['variants'].items():
+        samples = 'not reached' if row['median_samples_to_target'] is None else f"{row['median_samples_to_target']:,.0f}"
+        kls = ' | '.join(f'{row[name]:.2f}' for name in KL_POSITIONS)
+        lines.append(f"| {label} | {samples} ({row['reached']}/{len(row['runs'])}) | {row['gap_closed']:.2%} | "
+                     f"{row['gold_gap_closed']:.2%} | {row['best_level_rate']:.2%} | {row['kl_total']:.2f} | {kls} | "
+                     f"{row['seconds'] / baseline_seconds:.2f}x |")
+    kls = ' | '.join(f'{optimum[name]:.2f}' for name in KL_POSITIONS)
+    relative_figure = Path(os.path.relpath(figure, run_dir)).as_posix()
+    return f"""# Credit assignment: {result['preference']}
+
+Every variant trained {settings['iters']} rounds at beta = {settings['beta']:g} from the run's SFT policy and
+reward model, seeds {settings['seed']} to {settings['seed'] + settings['runs'] - 1}; measured exactly over all 10^4 responses of
+{settings['prompts']} prompts every {settings['measure_every']} rounds. Medians over seeds. Samples: rollout
+samples until the best-level rate first reached {settings['target']:.0%} of pi*'s ({result['target_rate']:.2%}),
+and how many seeds did. Gap closed: (J - J_ref) / (J* - J_ref) under the reward model, and under the
+gold reward. Time: training seconds (measurements left out) relative to PPO with the leave-one-out baseline.
+
+| variant | samples to target | gap closed | gap closed (gold) | best level | KL | KL y1 | KL y2 | KL y3 | KL y4 | time |
+|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
+{chr(10).join(lines)}
+| pi* | | 100.00% | | {optimum['preference_rate']:.2%} | {optimum['kl_total']:.2f} | {kls} | |
+
+![credit assignment]({relative_figure})
+"""
