@@ -9,7 +9,7 @@ import torch
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.metrics import evaluate_policy
 from toy_rlhf.optimal import evaluate_against_optimum
-from toy_rlhf.methods.ppo import PPOConfig, clipped_value_loss, train_ppo
+from toy_rlhf.methods.ppo import PPOConfig, annealed_learning_rate, clipped_value_loss, train_ppo
 from toy_rlhf.methods.rollout import (clipped_surrogate_loss, gae_advantages, leave_one_out_advantages,
                                       per_token_rewards, returns_to_go, whiten)
 
@@ -76,6 +76,12 @@ def test_with_three_samples_per_prompt_each_is_baselined_by_the_mean_of_the_othe
     returns = rows([1.0], [2.0], [6.0], [0.0], [0.0], [3.0])
     expected = rows([-3.0], [-1.5], [4.5], [-1.5], [-1.5], [3.0])
     assert torch.equal(leave_one_out_advantages(returns, 3), expected)
+
+
+def test_the_learning_rate_is_constant_unless_annealed_and_then_falls_linearly_towards_zero():
+    constant, annealed = PPOConfig(learning_rate=4e-4, iters=4), PPOConfig(learning_rate=4e-4, iters=4, anneal_lr=True)
+    assert [annealed_learning_rate(constant, i) for i in range(4)] == [4e-4] * 4
+    assert [annealed_learning_rate(annealed, i) for i in range(4)] == pytest.approx([4e-4, 3e-4, 2e-4, 1e-4])
 
 
 def test_whitened_values_have_mean_zero_and_standard_deviation_one_whatever_the_scale():
@@ -278,6 +284,16 @@ def test_neither_the_reference_nor_the_reward_model_is_changed_or_given_a_gradie
         # ...while the actor, a separate copy, did move.
         assert not all(torch.equal(parameter, before['reference'][name][0])
                        for name, parameter in actor.named_parameters())
+
+
+def test_annealing_leaves_the_first_round_as_it_was_and_changes_the_steps_after_it(sft_policy, reward_model):
+    runs = [train_ppo(sft_policy, reward_model, PPOConfig(anneal_lr=anneal, **TINY_PPO), progress=False)
+            for anneal in (False, True)]
+    (_, constant), (_, annealed) = [(actor, [{k: v for k, v in row.items() if k != 'time/seconds'} for row in history])
+                                    for actor, history in runs]
+    assert constant[0] == annealed[0]  # round 0 runs at the full rate either way
+    weights, weights_annealed = (actor.state_dict() for actor, _ in runs)
+    assert not all(torch.equal(weights[name], weights_annealed[name]) for name in weights)
 
 
 def test_the_same_seed_gives_the_same_run_and_another_seed_a_different_one(sft_policy, reward_model):

@@ -34,11 +34,20 @@ class PPOConfig(RolloutConfig):
     critic: bool = False  # learn a value function (GAE) instead of the leave-one-out baseline
     gae_lambda: Probability = 0.95  # GAE lambda (critic only); gamma is 1
     value_clip: PositiveFloat = 0.2  # clip of the value update (critic only)
+    # CleanRL's default, off here: at beta=1 on first-digit the constant rate is already within 1% of
+    # J*; on digit-sum the decay took PPO from 97.5% to 98.3% of the gap in 200 rounds (README).
+    anneal_lr: bool = False  # decay the learning rate linearly to 0 over the rounds
 
 
 # ---------------------------------------------------------------------------------------------
 # The math, as pure functions (unit-tested with hand-computed values); the advantage estimators
 # and the clipped surrogate are shared with the other methods (toy_rlhf/methods/rollout.py).
+
+def annealed_learning_rate(config, iteration):
+    """The learning rate of round `iteration` (0-based): config.learning_rate, or with anneal_lr
+    that times 1 - iteration / iters, falling linearly towards 0 over the run."""
+    return config.learning_rate * (1 - iteration / config.iters) if config.anneal_lr else config.learning_rate
+
 
 def clipped_value_loss(values, values_old, returns, value_clip):
     """Half the squared error of the value, pessimistic over a clipped update as in PPO2:
@@ -81,6 +90,10 @@ def train_ppo(sft_policy, reward_model, config, progress=True, measure=None):
     with TrainingLog(config.iters, f'PPO beta={config.beta:g}', progress,
                      shown=('objective/scores', 'objective/kl_full', 'gold/preference_rate')) as log:
         for iteration in range(config.iters):
+            # 0. learning rate of this round: constant, or decayed with --anneal-lr (critic's too)
+            for adam in filter(None, (optimizer, critic_optimizer)):
+                for group in adam.param_groups:
+                    group['lr'] = annealed_learning_rate(config, iteration)
             # 1. rollout: P prompts x K samples, everything computed once with the rollout policy
             batch = rollout(actor, reference, reward_model, prompt_groups(config, generator), generator,
                             preference)
