@@ -38,6 +38,7 @@ from toy_rlhf.optimal import (EXACT_PROMPTS, KL_POSITIONS, distribution_summary,
 from toy_rlhf.pipeline import run_preference
 from toy_rlhf.reward import RewardConfig
 
+
 @dataclass(frozen=True)
 class Variant:
     label: str
