@@ -187,7 +187,7 @@ def test_a_user_preference_is_resolved_and_checked():
     ('test_preferences:not_there', 'cannot import'),
     ('test_preferences:PROMPT', 'not a function'),
     ('test_preferences:takes_one_argument', 'must take (prompts, responses)'),
-    ('test_preferences:returns_nan', 'NaN'),
+    ('test_preferences:returns_nan', 'returned nan for prompt 5 7 1 5, response 0 0 0 0; it must be finite'),
     ('test_preferences:returns_a_column', 'shape'),
     ('test_preferences:returns_integers', 'floats'),
 ])

@@ -33,7 +33,6 @@ from toy_rlhf.training import TrainingError
 SCRIPTS = Path(__file__).resolve().parent.parent / 'scripts'
 FIGURES = ('sft_loss', 'reward_model', 'ppo_curves', 'next_token_probs', 'kl_by_position', 'attention',
            'first_token')
-CHECKPOINTS = ('sft.pt', 'reward.pt', 'ppo_beta1.pt', 'ppo_beta0.pt')
 
 
 # The quick schedule cut further: what these tests check is the pipeline around the stages, not what
@@ -48,6 +47,12 @@ def tiny_schedule():
     config = quick_schedule(RunAllConfig())
     return dataclasses.replace(config, **{stage: dataclasses.replace(getattr(config, stage), **settings)
                                           for stage, settings in TINY.items()})
+
+
+# PPO's checkpoints at beta 1 and 0: the tiny schedule's settings differ from PPO's defaults, so their
+# names carry a hash of them (toy_rlhf.methods.Method.stem).
+PPO_STEMS = [METHODS['ppo'].stem(config) for config in stage_configs(tiny_schedule())['ppo'].values()]
+CHECKPOINTS = ('sft.pt', 'reward.pt', *(f'{stem}.pt' for stem in PPO_STEMS))
 
 
 @pytest.fixture(scope='module')
@@ -102,7 +107,7 @@ def test_every_stage_retrained_with_the_same_seed_gives_the_same_weights_and_his
     configs = stage_configs(tiny_schedule())
     sft_config = dataclasses.replace(configs['sft'], iters=4, batch_size=16, warmup_iters=1)
     reward_config = dataclasses.replace(configs['reward'], iters=4, pairs=64, held_out_pairs=32)
-    ppo_config = dataclasses.replace(configs['ppo_beta1'], iters=2, prompts_per_iter=8)
+    ppo_config = dataclasses.replace(configs['ppo'][1.0], iters=2, prompts_per_iter=8)
 
     def train_every_stage():
         policy, sft_history = train_sft(sft_config, progress=False)
@@ -149,19 +154,21 @@ def test_a_changed_sft_model_makes_the_reward_model_and_ppo_which_start_from_it_
     copy = tmp_path / 'runs' / 'a'
     shutil.copytree(run_dir, copy)
     configs = stage_configs(tiny_schedule())
-    inputs = {'sft': (), 'reward': (copy / 'sft.pt',),
-              **{name: pipeline.method_inputs(copy, METHODS['ppo']) for name in ('ppo_beta1', 'ppo_beta0')}}
+    stages = {'sft': (configs['sft'], ()), 'reward': (configs['reward'], (copy / 'sft.pt',)),
+              **{f'ppo beta={beta:g}': (ppo, pipeline.method_inputs(copy, METHODS['ppo']))
+                 for beta, ppo in configs['ppo'].items()}}
+    names = dict(zip(stages, CHECKPOINTS))
 
     def current():
-        return {name: pipeline.current_checkpoint(copy / f'{name}.pt', configs[name], stage_inputs) is not None
-                for name, stage_inputs in inputs.items()}
+        return {stage: pipeline.current_checkpoint(copy / names[stage], config, inputs) is not None
+                for stage, (config, inputs) in stages.items()}
 
     assert all(current().values())
     # The same settings, other weights (as another thread count could give): SFT itself is current.
     checkpoint = torch.load(copy / 'sft.pt', weights_only=True)
     checkpoint['state_dict']['transformer.wte.weight'] += 0.01
     torch.save(checkpoint, copy / 'sft.pt')
-    assert current() == {'sft': True, 'reward': False, 'ppo_beta1': False, 'ppo_beta0': False}
+    assert current() == {'sft': True, 'reward': False, 'ppo beta=1': False, 'ppo beta=0': False}
 
 
 def test_the_sweep_puts_every_policy_at_or_below_the_exact_optimum_and_reuses_its_checkpoints(
@@ -219,7 +226,7 @@ def test_ctrl_c_during_a_stage_keeps_finished_checkpoints_and_the_main_command_r
     # Logs broken beside current checkpoints: one missing, one truncated, one another stage's.
     (run_dir / 'sft.jsonl').unlink()
     (run_dir / 'reward.jsonl').write_text('{"loss": 0.1, "ite')
-    (run_dir / 'ppo_beta1.jsonl').write_text((run_dir / 'ppo_beta0.jsonl').read_text())
+    (run_dir / f'{PPO_STEMS[0]}.jsonl').write_text((run_dir / f'{PPO_STEMS[1]}.jsonl').read_text())
     metrics = (run_dir / 'metrics.json').read_bytes()
     monkeypatch.chdir(clone)
     from toy_rlhf.cli import run_command
@@ -259,10 +266,10 @@ def test_a_nan_reward_stops_ppo_naming_stage_iteration_and_quantity(quick_run, m
     copy.mkdir(parents=True)
     for name in ('sft.pt', 'reward.pt'):
         (copy / name).write_bytes((run_dir / name).read_bytes())
+    config = PPOConfig(iters=2, prompts_per_iter=8)
     with pytest.raises(TrainingError, match=r'^ppo: iteration 0: rewards is nan'):
-        method_stage(copy, PPOConfig(iters=2, prompts_per_iter=8), progress=False, method=METHODS['ppo'])
-    assert not (copy / 'ppo_beta1.pt').exists()
-    assert not (copy / 'ppo_beta1.jsonl').exists()
+        method_stage(copy, config, progress=False, method=METHODS['ppo'])
+    assert not [path for path in copy.iterdir() if path.name.startswith('ppo')]
 
 
 def test_a_nan_loss_stops_sft_with_one_line(monkeypatch):

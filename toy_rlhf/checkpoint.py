@@ -158,6 +158,8 @@ def how_to_make(path, kind=None):
     if name == 'sft.pt':
         return f'python scripts/train_sft.py{run}'
     method = method_of_stem(Path(name).stem) if name.endswith('.pt') else None
-    if method is not None:
-        return f'python scripts/train.py {method.name} --beta {Path(name).stem.rpartition("_beta")[2]}{run}'
+    if method is not None:  # a stem like ppo_beta1, ppo_beta0.1_seed2 or ppo_beta1_3f2a9c1d
+        beta, *rest = Path(name).stem.rpartition('_beta')[2].split('_')
+        seed = ''.join(f' --{part[:4]} {part[4:]}' for part in rest if part.startswith('seed'))
+        return f'python scripts/train.py {method.name} --beta {beta}{seed}{run}'
     return f'python scripts/run_all.py{run}'

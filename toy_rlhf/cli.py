@@ -22,7 +22,7 @@ from toy_rlhf.checkpoint import CheckpointError
 from toy_rlhf.compare import CompareConfig, compare
 from toy_rlhf.credit_assignment import CreditConfig, credit_assignment
 from toy_rlhf.files import WriteError
-from toy_rlhf.flags import Bounds, add_config_flags, config_from_args
+from toy_rlhf.flags import Bounds, ExactPrompts, SampledPrompts, Threads, add_config_flags, config_from_args
 from toy_rlhf.methods import METHODS
 from toy_rlhf.metrics import EVALUATION_PROMPTS
 from toy_rlhf.optimal import EXACT_PROMPTS
@@ -30,7 +30,7 @@ from toy_rlhf.overoptimisation import OverOptConfig, overoptimisation
 from toy_rlhf.preferences import PreferenceError, resolve_preference
 from toy_rlhf.run_all import RunAllConfig, quick_schedule, run_all
 from toy_rlhf.run_dir import RunDirError, open_run_dir
-from toy_rlhf.sweep import SweepConfig, sweep
+from toy_rlhf.sweep import SWEPT, SweepConfig, sweep
 from toy_rlhf.training import TrainingError
 
 
@@ -46,6 +46,8 @@ class Parser(argparse.ArgumentParser):
 
 
 positive_int = Bounds(low=1, description='a positive integer').parse(int)
+threads, sampled_prompts, exact_prompts = (hint.__metadata__[0].parse(int)  # their Bounds
+                                           for hint in (Threads, SampledPrompts, ExactPrompts))
 seed = Bounds(low=0, high=2 ** 32 - 1, description='an integer from 0 to 2^32 - 1').parse(int)
 
 
@@ -56,7 +58,7 @@ def add_common_arguments(parser, with_run):
                            help='run name: checkpoints and logs go to runs/NAME (default: default)')
         where.add_argument('--run-dir', default=None, metavar='PATH',
                            help='or any folder for the checkpoints and logs, instead of runs/NAME')
-    parser.add_argument('--threads', type=positive_int, default=None,
+    parser.add_argument('--threads', type=threads, default=None,
                         help='CPU threads for torch (default: all cores torch sees)')
     parser.add_argument('--quiet', action='store_true', help='no progress bars')
 
@@ -78,9 +80,14 @@ def train_command(config_class, stage):
 
 
 def method_command(method):
-    """(add_arguments, run) of the command that trains `method` (a registry entry)."""
+    """(add_arguments, run) of the command that trains `method` (a registry entry). Its preference is
+    the run's, its reward model's (a different --preference is refused); in a run without one (DPO
+    and IPO need none), the one named, or the flag's default."""
     def run(args):
         config = config_from_args(args, method.config)
+        named = getattr(args, 'preference', None)
+        if hasattr(config, 'preference') and Path(args.run_dir, 'reward.pt').exists():
+            config = replace(config, preference=pipeline.run_preference(args.run_dir, named).name)
         pipeline.method_stage(args.run_dir, config, args.progress, method=method)
     return (lambda parser: add_config_flags(parser, method.config)), run
 
@@ -115,13 +122,14 @@ def check_betas(flag, betas):
 def add_sweep_arguments(parser):
     add_config_flags(parser, SweepConfig)
     add_plots_dir(parser, 'frontier.png')
+    add_method_flags(parser, SWEPT)
 
 
 def run_sweep(args):
     config = config_from_args(args, SweepConfig)
     check_betas('--betas', config.betas)
     check_betas('--dpo-betas', config.dpo_betas)
-    sweep(args.run_dir, args.plots_dir, config, args.progress)
+    sweep(args.run_dir, args.plots_dir, config, method_configs(args, SWEPT), args.progress)
 
 
 def add_credit_arguments(parser):
@@ -136,9 +144,19 @@ def run_credit(args):
 def add_compare_arguments(parser):
     add_config_flags(parser, CompareConfig)
     add_plots_dir(parser, 'methods.png')
-    for method in METHODS.values():
-        # The run's preference is the reward model's (read from reward.pt), not a flag per method.
-        add_config_flags(parser, method.config, prefix=method.name, skip=('seed', 'beta', 'preference'))
+    add_method_flags(parser, METHODS)
+
+
+def add_method_flags(parser, names):
+    """--METHOD.FIELD for every setting of each named method; a study sets their beta and seed, and
+    the preference is the run's (its reward model's)."""
+    for name in names:
+        add_config_flags(parser, METHODS[name].config, prefix=name, skip=('seed', 'beta', 'preference'))
+
+
+def method_configs(args, names):
+    """{name: config} of each named method, from its --METHOD.* flags."""
+    return {name: config_from_args(args, METHODS[name].config, prefix=name) for name in names}
 
 
 def run_compare(args):
@@ -147,8 +165,7 @@ def run_compare(args):
     unknown = [name for name in config.methods if name not in METHODS]
     if unknown:
         raise UsageError(f'--methods: unknown method {unknown[0]!r}; registered: {", ".join(METHODS)}')
-    method_configs = {name: config_from_args(args, method.config, prefix=name) for name, method in METHODS.items()}
-    compare(args.run_dir, args.plots_dir, config, method_configs, args.progress)
+    compare(args.run_dir, args.plots_dir, config, method_configs(args, METHODS), args.progress)
 
 
 def add_overopt_arguments(parser):
@@ -188,16 +205,19 @@ def add_evaluate_arguments(parser):
     parser.add_argument('checkpoint', help='policy checkpoint to evaluate, e.g. runs/default/ppo_beta1.pt')
     parser.add_argument('--reference', default=None,
                         help='reference policy for the KL (default: sft.pt beside the checkpoint)')
-    parser.add_argument('--prompts', type=positive_int, default=EVALUATION_PROMPTS,
+    parser.add_argument('--prompts', type=sampled_prompts, default=EVALUATION_PROMPTS,
                         help=f'prompts to evaluate on (default: {EVALUATION_PROMPTS})')
     parser.add_argument('--optimal', action='store_true',
                         help="also compare with the exact optimum of the policy's objective at its own beta, "
                              'over all 10^4 responses of --optimal-prompts prompts (needs reward.pt beside the checkpoint)')
-    parser.add_argument('--optimal-prompts', type=positive_int, default=EXACT_PROMPTS, metavar='N',
+    parser.add_argument('--optimal-prompts', type=exact_prompts, default=EXACT_PROMPTS, metavar='N',
                         help=f'prompts of the comparison with the optimum (default: {EXACT_PROMPTS})')
     parser.add_argument('--other-inputs', action='store_true',
                         help='measure against a reference (or reward model) other than the one the policy was '
                              'trained from (default: refused, by the fingerprints stored in the policy)')
+    parser.add_argument('--preference', default=argparse.SUPPRESS, metavar='NAME',
+                        help='the preference the policy was trained for, needed only for a user-defined one '
+                             '(module:function): a module named in a checkpoint is imported only when you name it')
     parser.add_argument('--seed', type=seed, default=0, help='seed of the evaluation prompts (default: 0)')
     parser.add_argument('--json', action='store_true', help='print the metrics as JSON')
 
@@ -206,10 +226,11 @@ def evaluate(args):
     path = Path(args.checkpoint)
     reference = Path(args.reference) if args.reference else path.parent / 'sft.pt'
     check = not args.other_inputs
-    metrics = pipeline.evaluate_checkpoint(path, reference, args.prompts, args.seed, check)
+    named = getattr(args, 'preference', None)
+    metrics = pipeline.evaluate_checkpoint(path, reference, args.prompts, args.seed, check, named)
     if args.optimal:
         optimum = pipeline.optimum_gap(path, reference, path.parent / 'reward.pt', args.optimal_prompts, args.seed,
-                                       check)
+                                       check, named)
         metrics.update({f'optimum/{name}': value for name, value in optimum.items()})
     if args.json:
         print(json.dumps(metrics, indent=2, sort_keys=True))

@@ -18,7 +18,7 @@ import torch
 from toy_rlhf import plots
 from toy_rlhf.checkpoint import load_checkpoint, load_model
 from toy_rlhf.files import write_json, write_text
-from toy_rlhf.flags import NonNegativeFloat, PositiveInt, Seed
+from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, PositiveInt, Seed
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods import METHODS
 from toy_rlhf.metrics import samples_to_preference
@@ -35,11 +35,12 @@ FRONTIER_BETAS = [0.0] + [10 ** (k / 8) for k in range(-20, 13)]
 class CompareConfig:
     betas: tuple[NonNegativeFloat, ...] = (1.0,)  # the KL strengths every method is run at
     methods: tuple[str, ...] = ()  # the methods to compare, by registry name (default: all registered)
-    prompts: PositiveInt = EXACT_PROMPTS  # prompts of the exact evaluation (each: all 10^4 responses)
+    prompts: ExactPrompts = EXACT_PROMPTS  # prompts of the exact evaluation (each: all 10^4 responses)
     # Each training run is independent: with N workers, N run at once in processes of one thread each.
     workers: PositiveInt = 1  # training processes at once (one thread each; --threads 1 gives the same numbers serially)
     seed: Seed = 0  # random seed of every run and of the evaluation prompts
     fresh: bool = False  # retrain even where a checkpoint with the same settings exists
+    preference: str = ''  # the run's (its reward model's); name it only if it is module:function, imported only when named
 
 
 def exact_row(label, method, config, log_pi, tables):
@@ -89,7 +90,7 @@ def compare(run_dir, plots_dir, config, method_configs=None, progress=True):
     seed are set here). Returns the rows of the table."""
     run_dir, plots_dir = Path(run_dir), Path(plots_dir)
     methods = [METHODS[name] for name in (config.methods or METHODS)]
-    preference = run_preference(run_dir)
+    preference = run_preference(run_dir, config.preference)
     runs = [(method, at(beta, config.seed, preference.name,
                         (method_configs or {}).get(method.name) or method.config()))
             for beta in config.betas for method in methods]
@@ -115,7 +116,7 @@ def compare(run_dir, plots_dir, config, method_configs=None, progress=True):
         if method.train is None:
             row = exact_row(label, method, method_config, method.exact_policy(tables, method_config), tables)
         else:
-            path = run_dir / f'{method.stem(method_config.beta)}.pt'
+            path = run_dir / f'{method.stem(method_config)}.pt'
             row = exact_row(label, method, method_config,
                             response_log_probs_exact(load_model(path, 'policy'), prompts), tables)
             checkpoint = load_checkpoint(path)
@@ -153,13 +154,15 @@ def methods_table(rows):
     for row in rows:
         used = f"{row['samples']:,} samples" if 'samples' in row else \
             f"{row['pairs']:,} pairs" if 'pairs' in row else 'none (exact)'
+        # Samples to 99%: an online method that never reached it says so; the others consume no samples.
         to_target = row.get('samples_to_target')
+        to_target = f'{to_target:,}' if to_target is not None else 'never' if 'samples' in row else ''
         seconds = row.get('seconds')
         lines.append(
             f"| {row['label']} | {row['J']:.3f} | {row['J_star']:.3f} | {_number(row['gap_closed'], '.2%')} | "
             f"{row['kl_first']:.3f} | {row['kl_later']:.3f} | {row['preference_rate']:.2%} | "
             f"{row['fidelity']:.2%} | {row['gold_rate']:.2%} | {row['kl_to_optimum']:.3f} | {row['target']} | "
-            f"{row['kl_to_target']:.3f} | {used} | {'' if to_target is None else f'{to_target:,}'} | "
+            f"{row['kl_to_target']:.3f} | {used} | {to_target} | "
             f"{'' if seconds is None else f'{seconds:.1f}'} |")
     return '\n'.join(lines)
 

@@ -29,7 +29,7 @@ import torch
 from toy_rlhf import plots
 from toy_rlhf.checkpoint import load_model
 from toy_rlhf.files import write_json, write_text
-from toy_rlhf.flags import NonNegativeFloat, PositiveInt, Probability, Seed
+from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, PositiveInt, Probability, Seed
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods import METHODS
 from toy_rlhf.optimal import (EXACT_PROMPTS, KL_POSITIONS, distribution_summary, exact_tables, expected_reward,
@@ -65,7 +65,8 @@ class CreditConfig:
     iters: PositiveInt = 200  # rollout-and-update rounds of every run
     measure_every: PositiveInt = 10  # rounds between exact measurements
     target: Probability = 0.95  # samples to this fraction of pi*'s best-level rate are counted
-    prompts: PositiveInt = EXACT_PROMPTS  # prompts of the exact evaluation (each: all 10^4 responses)
+    prompts: ExactPrompts = EXACT_PROMPTS  # prompts of the exact evaluation (each: all 10^4 responses)
+    preference: str = ''  # the run's (its reward model's); name it only if it is module:function, imported only when named
 
 
 def samples_to_target(history, target_rate):
@@ -110,7 +111,7 @@ def credit_assignment(run_dir, plots_dir, config, progress=True):
     """Train every variant on every seed from the run's checkpoints, measure exactly, draw
     plots_dir/credit_assignment.png, write run_dir/credit_assignment.md and .json; returns the summary."""
     run_dir, plots_dir = Path(run_dir), Path(plots_dir)
-    preference = run_preference(run_dir)
+    preference = run_preference(run_dir, config.preference)
     reference, reward_model = load_model(run_dir / 'sft.pt', 'policy'), load_model(run_dir / 'reward.pt', 'reward')
     prompts = sample_prompts(config.prompts, torch.Generator().manual_seed(config.seed))
     tables = exact_tables(reference, reward_model, prompts, preference)
@@ -142,7 +143,9 @@ def credit_assignment(run_dir, plots_dir, config, progress=True):
                          **{name: final[f'exact/{name}'] for name in KL_POSITIONS}, 'seconds': seconds})
         summary[variant.label] = {'runs': runs, **medians(runs)}
         row = summary[variant.label]
-        print(f"{variant.label}: samples to target {[run['samples_to_target'] for run in runs]}, "
+        reached = ', '.join('never' if run['samples_to_target'] is None else f"{run['samples_to_target']:,}"
+                            for run in runs)
+        print(f"{variant.label}: samples to target {reached}, "
               f"gap closed {row['gap_closed']:.2%} (gold {row['gold_gap_closed']:.2%}), median {row['seconds']:.1f} s")
 
     result = {'preference': preference.name, 'settings': asdict(config), 'target_rate': target_rate,

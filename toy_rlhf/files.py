@@ -6,6 +6,7 @@ one. A process killed outright (SIGKILL) can leave its temporary file behind; te
 named `.NAME.XXXXXXXX.tmp` so that the next run in the folder can find and remove them
 (`toy_rlhf.run_dir`).
 """
+import hashlib
 import json
 import os
 import tempfile
@@ -53,3 +54,8 @@ def write_json(path, data):
 def jsonl_text(rows):
     """One JSON object per line."""
     return ''.join(json.dumps(row, sort_keys=True) + '\n' for row in rows)
+
+
+def fingerprint(path):
+    """A short hash of a file's bytes: which upstream file a result was made from."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]

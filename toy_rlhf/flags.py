@@ -13,6 +13,7 @@ import argparse
 import inspect
 import io
 import math
+import os
 import re
 import tokenize
 import typing
@@ -38,7 +39,7 @@ class Bounds:
             too_low = value <= self.low if self.low_open else value < self.low
             if not math.isfinite(value) or too_low or value > self.high:
                 raise argparse.ArgumentTypeError(f'must be {self.description}, got {text}')
-            return value
+            return value + 0  # -0.0 is 0.0: one value, one checkpoint name
         return parse
 
 
@@ -51,6 +52,19 @@ Probability = Annotated[float, Bounds(low=0, high=1, description='a number betwe
 Seed = Annotated[int, Bounds(low=0, high=2 ** 32 - 1, description='an integer from 0 to 2^32 - 1')]
 Digit = Annotated[int, Bounds(low=0, high=9, description='a digit 0-9')]
 Device = Literal['auto', 'cpu', 'cuda']
+Threads = Annotated[int, Bounds(low=1, high=os.cpu_count() or 1,
+                                description=f'an integer from 1 to {os.cpu_count() or 1} (the cores here)')]
+
+# Prompt counts within half this machine's memory. Peak memory per prompt, measured on the costliest
+# built-in preference (distinct): about 55 kB to sample and measure responses, about 3 MB to enumerate
+# all 10^4 responses exactly; the bounds allow a margin over both.
+MEMORY_BUDGET = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 2
+MAX_SAMPLED_PROMPTS = MEMORY_BUDGET // 80_000
+MAX_EXACT_PROMPTS = MEMORY_BUDGET // 4_000_000
+SampledPrompts = Annotated[int, Bounds(low=1, high=MAX_SAMPLED_PROMPTS, description=(
+    f'an integer from 1 to {MAX_SAMPLED_PROMPTS:,} (what half the memory here holds)'))]
+ExactPrompts = Annotated[int, Bounds(low=1, high=MAX_EXACT_PROMPTS, description=(
+    f'an integer from 1 to {MAX_EXACT_PROMPTS:,} (what half the memory here holds)'))]
 
 
 def field_comments(config_class):
@@ -110,9 +124,10 @@ def add_config_flags(parser, config_class, prefix='', skip=(), defaults=None):
         options = _argparse_options(hints[field.name], default)
         shown = ' '.join(f'{value:g}' if isinstance(value, float) else str(value) for value in default) \
             if isinstance(default, tuple) else default
+        comment = comments.get(field.name, '')
+        shown = '' if '(default:' in comment else f' (default: {shown})'  # a comment may say it in words
         group.add_argument(flag_name(field.name, prefix), dest=_destination(field.name, prefix),
-                           default=argparse.SUPPRESS, help=f'{comments.get(field.name, "")} (default: {shown})',
-                           **options)
+                           default=argparse.SUPPRESS, help=comment + shown, **options)
 
 
 def config_from_args(args, config_class, prefix='', base=None):

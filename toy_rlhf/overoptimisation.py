@@ -33,7 +33,7 @@ from toy_rlhf import plots
 from toy_rlhf.checkpoint import load_checkpoint, load_model
 from toy_rlhf.data import gold_reward
 from toy_rlhf.files import write_json, write_text
-from toy_rlhf.flags import NonNegativeFloat, PositiveFloat, PositiveInt, Seed
+from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, PositiveFloat, PositiveInt, Seed
 from toy_rlhf.language import is_valid_output, sample_prompts
 from toy_rlhf.methods.best_of_n import cumulative_masses, level_kl, level_log_probs, reward_levels, textbook_kl
 from toy_rlhf.methods.ppo import PPOConfig, train_ppo
@@ -56,7 +56,7 @@ class OverOptConfig:
     gold_margin: tuple[PositiveFloat, ...] = (RewardConfig.gold_margin,)  # label noise of the proxies (one set per margin)
     ppo_betas: tuple[NonNegativeFloat, ...] = (0.0, 0.03)  # PPO runs on each proxy, one per beta
     snapshot_every: PositiveInt = 5  # PPO rounds between exact evaluations of the policy
-    prompts: PositiveInt = EXACT_PROMPTS  # prompts of every exact evaluation (each: all 10^4 responses)
+    prompts: ExactPrompts = EXACT_PROMPTS  # prompts of every exact evaluation (each: all 10^4 responses)
     seed: Seed = 0  # random seed of every stage and of the evaluation prompts
     fresh: bool = False  # retrain even where a checkpoint with the same settings exists
     # The proxies' and PPO's own schedules (flags --reward.iters, --ppo.iters, ...); pairs, margin,
@@ -69,7 +69,7 @@ class OverOptConfig:
 class SnapshotPPOConfig(PPOConfig):
     """PPO's settings and how its snapshots are measured: a run is reused only if both are the same."""
     snapshot_every: PositiveInt = 5  # rounds between exact evaluations
-    prompts: PositiveInt = EXACT_PROMPTS  # prompts of each evaluation (drawn with the seed)
+    prompts: ExactPrompts = EXACT_PROMPTS  # prompts of each evaluation (drawn with the seed)
     gold: str = 'first_digit_gold'  # the gold reward the snapshots are measured by (its name)
 
 

@@ -6,8 +6,9 @@ The training history travels inside the checkpoint; the .jsonl log beside it is 
 written after the checkpoint and rewritten from it whenever the stage is reused, so the log of a
 checkpoint is always that checkpoint's own.
 """
+import contextlib
 import functools
-import hashlib
+import math
 import platform
 import time
 from dataclasses import asdict
@@ -17,14 +18,15 @@ import numpy
 import torch
 
 from toy_rlhf.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
-from toy_rlhf.files import jsonl_text, write_text
+from toy_rlhf.files import fingerprint, jsonl_text, write_text
 from toy_rlhf.language import entropy_floor, sample_prompts
 from toy_rlhf.methods import METHODS
 from toy_rlhf.metrics import EVALUATION_PROMPTS, evaluate_policy, language_kl
 from toy_rlhf.optimal import EXACT_PROMPTS, evaluate_against_optimum
-from toy_rlhf.preferences import DEFAULT_PREFERENCE, resolve_preference
+from toy_rlhf.preferences import PREFERENCES, PreferenceError, resolve_preference
 from toy_rlhf.reward import RewardConfig, pairwise_accuracy, preference_pairs, rank_rate, train_reward
 from toy_rlhf.sft import SFTConfig, train_sft
+from toy_rlhf.training import TrainingError
 
 
 def versions():
@@ -48,18 +50,25 @@ def _cpuinfo():
         return ''
 
 
-def fingerprint(path):
-    """A short hash of a file's bytes: which upstream checkpoint a later stage was trained from."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+def provenance(config, inputs=()):
+    """What a stage's result was made from: its settings, the fingerprints of its input checkpoints
+    and, for a user-defined preference, of the file that defines it."""
+    preference = getattr(config, 'preference', None)
+    origin = {'inputs': {Path(path).name: fingerprint(path) for path in inputs}}
+    if preference and preference not in PREFERENCES:
+        origin['preference_fingerprint'] = resolve_preference(preference).source_fingerprint
+    return {**asdict(config), **origin}
 
 
 def save_stage(run_dir, name, model, kind, config, metrics, history, inputs=()):
-    """Write a stage's checkpoint (with its settings, the fingerprints of its inputs and its history),
-    then its .jsonl log."""
+    """Write a stage's checkpoint (with its provenance and history), then its .jsonl log. Refuses
+    (TrainingError) metrics that are NaN or infinite: nothing is saved."""
     run_dir = Path(run_dir)
-    provenance = {**asdict(config), 'versions': versions(),
-                  'inputs': {Path(path).name: fingerprint(path) for path in inputs}}
-    save_checkpoint(run_dir / f'{name}.pt', model, kind, provenance, metrics, history)
+    broken = [key for key, value in metrics.items() if isinstance(value, float) and not math.isfinite(value)]
+    if broken:
+        raise TrainingError(f'{name}: its {broken[0]} is {metrics[broken[0]]}; stopped, nothing saved')
+    save_checkpoint(run_dir / f'{name}.pt', model, kind, {**provenance(config, inputs), 'versions': versions()},
+                    metrics, history)
     write_text(run_dir / f'{name}.jsonl', jsonl_text(history))
 
 
@@ -71,9 +80,8 @@ def current_checkpoint(path, config, inputs=()):
     except CheckpointError:
         return None
     stored = checkpoint['train_config']
-    same_settings = all(stored.get(key) == value for key, value in asdict(config).items())
-    same_inputs = stored.get('inputs') == {Path(p).name: fingerprint(p) for p in inputs}
-    return checkpoint if same_settings and same_inputs and checkpoint['history'] is not None else None
+    same = all(stored.get(key) == value for key, value in provenance(config, inputs).items())
+    return checkpoint if same and checkpoint['history'] is not None else None
 
 
 def repair_log(path, history):
@@ -105,9 +113,18 @@ def ensure_stage(run_dir, name, config, inputs, make, fresh=False, progress=True
 
 
 def ensure_method(run_dir, method, config, fresh=False, progress=True):
-    """ensure_stage for a training method's run at config.beta."""
-    return ensure_stage(run_dir, method.stem(config.beta), config, method_inputs(run_dir, method),
+    """ensure_stage for a training method's run with config."""
+    return ensure_stage(run_dir, method.stem(config), config, method_inputs(run_dir, method),
                         functools.partial(method_stage, method=method), fresh, progress)
+
+
+@contextlib.contextmanager
+def stage_named(name):
+    """A user-defined preference that fails inside a stage is reported with the stage's name."""
+    try:
+        yield
+    except PreferenceError as error:
+        raise PreferenceError(f'{name}: {error}') from None
 
 
 def sft_stage(run_dir, config, progress=True):
@@ -129,11 +146,12 @@ def reward_stage(run_dir, config, progress=True, name='reward'):
     sft_path = Path(run_dir) / 'sft.pt'
     sft_policy = load_model(sft_path, 'policy')
     start = time.perf_counter()
-    model, history = train_reward(sft_policy, config, progress)
-    held_out = preference_pairs(config, config.held_out_pairs, config.seed + 1, sft_policy)
-    metrics = {'pairwise_accuracy': pairwise_accuracy(model, held_out),
-               'rank_rate': rank_rate(model, seed=config.seed + 2, preference=resolve_preference(config.preference)),
-               'seconds': time.perf_counter() - start}
+    with stage_named(name):
+        model, history = train_reward(sft_policy, config, progress)
+        held_out = preference_pairs(config, config.held_out_pairs, config.seed + 1, sft_policy)
+        metrics = {'pairwise_accuracy': pairwise_accuracy(model, held_out),
+                   'rank_rate': rank_rate(model, seed=config.seed + 2, preference=resolve_preference(config.preference)),
+                   'seconds': time.perf_counter() - start}
     save_stage(run_dir, name, model, 'reward', config, metrics, history, inputs=(sft_path,))
     print(f"Reward model: held-out pairwise accuracy {metrics['pairwise_accuracy']:.2%}, rank rate "
           f"{metrics['rank_rate']:.2%}; {metrics['seconds']:.1f} s -> {Path(run_dir) / name}.pt")
@@ -148,16 +166,21 @@ def method_inputs(run_dir, method):
 
 def method_stage(run_dir, config, progress=True, *, method):
     """Fine-tune the run's SFT policy with `method` (a toy_rlhf.methods.Method) at config.beta,
-    evaluate it exactly against the SFT policy, write <name>_beta<B>.pt and .jsonl; returns its metrics."""
+    evaluate it exactly against the SFT policy, write method.stem(config).pt and .jsonl; returns its
+    metrics. A method that trains against the reward model must be set for the preference that model
+    learned (refused otherwise)."""
     run_dir = Path(run_dir)
     inputs = method_inputs(run_dir, method)
     reference = load_model(inputs[0], 'policy')
     models = {'reward_model': load_model(inputs[1], 'reward')} if method.needs_reward_model else {}
+    named = getattr(config, 'preference', None)
+    preference = run_preference(run_dir, named) if method.needs_reward_model else resolve_preference(named)
+    name = method.stem(config)
     start = time.perf_counter()
-    policy, history = method.train(reference, config=config, progress=progress, **models)
-    metrics = {**evaluate_policy(policy, reference, EVALUATION_PROMPTS, config.seed, stage_preference(config)),
-               'seconds': time.perf_counter() - start}
-    name = method.stem(config.beta)
+    with stage_named(name):
+        policy, history = method.train(reference, config=config, progress=progress, **models)
+        metrics = {**evaluate_policy(policy, reference, EVALUATION_PROMPTS, config.seed, preference),
+                   'seconds': time.perf_counter() - start}
     save_stage(run_dir, name, policy, 'policy', config, metrics, history, inputs)
     print(f"{method.label} beta={config.beta:g}: preference {metrics['preference_rate']:.2%}, fidelity "
           f"{metrics['fidelity']:.2%}, gold {metrics['gold_rate']:.2%}, KL to reference "
@@ -165,16 +188,37 @@ def method_stage(run_dir, config, progress=True, *, method):
     return metrics
 
 
-def stage_preference(settings):
-    """The preference a stage was trained for: its config's (or stored settings') `preference`, the
-    default where it has none."""
-    stored = settings.get('preference') if isinstance(settings, dict) else getattr(settings, 'preference', None)
-    return resolve_preference(stored or DEFAULT_PREFERENCE)
+def checkpoint_preference(path, settings, named=None, changed_file_ok=False):
+    """The preference the checkpoint at `path` (its stored settings) was trained for.
+
+    A file never makes us import code: a user-defined preference (module:function) stored in a
+    checkpoint is imported only when the user named the same one (`named`, from --preference), and
+    refused if its file changed since (unless changed_file_ok). A `named` preference other than the
+    stored one is refused: a policy and its reward model, or a measurement, for two preferences
+    would mix two truths without a word.
+    """
+    # Checkpoints made before preferences existed were all trained for the first digit.
+    stored = settings.get('preference', 'first-digit')
+    if named and named != stored:
+        raise PreferenceError(f'{path} was trained for the preference {stored}, not {named}: leave out '
+                              f'--preference, or train for {named} in another run (--run NAME --preference {named})')
+    if stored in PREFERENCES:
+        return PREFERENCES[stored]
+    if named != stored:
+        raise PreferenceError(f'{path} was trained for the user-defined preference {stored}; give --preference '
+                              f'{stored} to use it (a module named in a file is imported only when you name it)')
+    preference = resolve_preference(stored)
+    recorded = settings.get('preference_fingerprint')
+    if recorded not in (None, preference.source_fingerprint) and not changed_file_ok:
+        raise PreferenceError(f'--preference {stored}: its file changed since {path} was trained; train again '
+                              'with it as it is now (evaluate: or add --other-inputs to measure anyway)')
+    return preference
 
 
-def run_preference(run_dir):
-    """The preference a run's reward model was trained for (stored in reward.pt)."""
-    return stage_preference(load_checkpoint(Path(run_dir) / 'reward.pt', 'reward')['train_config'])
+def run_preference(run_dir, named=None, changed_file_ok=False):
+    """The preference a run's reward model was trained for (stored in reward.pt); see checkpoint_preference."""
+    path = Path(run_dir) / 'reward.pt'
+    return checkpoint_preference(path, load_checkpoint(path, 'reward')['train_config'], named, changed_file_ok)
 
 
 def check_trained_from(policy_path, inputs):
@@ -188,18 +232,22 @@ def check_trained_from(policy_path, inputs):
                                   'to measure against this one anyway')
 
 
-def evaluate_checkpoint(policy_path, reference_path, n_prompts=EVALUATION_PROMPTS, seed=0, check_inputs=True):
+def evaluate_checkpoint(policy_path, reference_path, n_prompts=EVALUATION_PROMPTS, seed=0, check_inputs=True,
+                        named=None):
     """The exact gold metrics of the policy at policy_path against the reference at reference_path
-    (refused if the policy was trained from another reference, unless check_inputs is False)."""
+    (refused if the policy was trained from another reference, unless check_inputs is False), for the
+    preference it was trained for (`named`: the one the user gave, see checkpoint_preference)."""
     policy = load_model(policy_path, 'policy')
     reference = load_model(reference_path, 'policy')
     if check_inputs:
         check_trained_from(policy_path, {'sft.pt': reference_path})
     settings = load_checkpoint(policy_path, 'policy')['train_config']
-    return evaluate_policy(policy, reference, n_prompts, seed, stage_preference(settings))
+    return evaluate_policy(policy, reference, n_prompts, seed,
+                           checkpoint_preference(policy_path, settings, named, not check_inputs))
 
 
-def optimum_gap(policy_path, reference_path, reward_path, n_prompts=EXACT_PROMPTS, seed=0, check_inputs=True):
+def optimum_gap(policy_path, reference_path, reward_path, n_prompts=EXACT_PROMPTS, seed=0, check_inputs=True,
+                named=None):
     """The policy at policy_path against the exact optimum of the objective at its own beta (read
     from its checkpoint), over all 10^4 responses of n_prompts prompts: J, J*, gap closed (for the
     reward model, and for the gold reward at the labeler's margin), KL split, gold metrics."""
@@ -212,5 +260,6 @@ def optimum_gap(policy_path, reference_path, reward_path, n_prompts=EXACT_PROMPT
         check_trained_from(policy_path, {'sft.pt': reference_path, 'reward.pt': reward_path})
     prompts = sample_prompts(n_prompts, torch.Generator().manual_seed(seed))
     reward_settings = load_checkpoint(reward_path, 'reward')['train_config']
-    return evaluate_against_optimum(*models, settings['beta'], prompts, stage_preference(reward_settings),
+    preference = checkpoint_preference(reward_path, reward_settings, named, not check_inputs)
+    return evaluate_against_optimum(*models, settings['beta'], prompts, preference,
                                     reward_settings.get('gold_margin', RewardConfig.gold_margin))

@@ -16,6 +16,7 @@ from typing import Callable, Literal, Optional
 
 import torch
 
+from toy_rlhf.files import fingerprint
 from toy_rlhf.language import DIGITS, PROMPT_LENGTH, RESPONSE_LENGTH, WINDOW, increments, preferred_first_token
 
 
@@ -40,6 +41,9 @@ class Preference:
     # the rates given a prefix are exact from the policy's next-token distribution (lower variance
     # than counting samples), and the notebook's pairs can be built.
     first_token: Optional[Callable] = None
+    # A user-defined preference's module file, hashed: stored with everything trained for it, so that
+    # a checkpoint trained against another version of the file is noticed.
+    source_fingerprint: Optional[str] = None
 
 
 def first_digit_reward(prompts, responses):
@@ -89,7 +93,8 @@ DEFAULT_PREFERENCE = 'first-digit'
 def resolve_preference(name):
     """The Preference called `name`: a built-in, or `module:function` naming a user's gold reward with
     the built-ins' signature. A user's function is tried on a probe batch first, so a bad one fails
-    here, with one line (PreferenceError), before any training starts."""
+    here, with one line (PreferenceError), before any training starts. Only call this with a name the
+    user gave: importing `module` runs its code."""
     if name in PREFERENCES:
         return PREFERENCES[name]
     if ':' not in name:
@@ -98,13 +103,57 @@ def resolve_preference(name):
     module_name, _, function_name = name.partition(':')
     try:
         function = getattr(importlib.import_module(module_name), function_name)
-    except Exception as error:  # any import failure is the user's path, reported in one line
+    except (Exception, SystemExit) as error:  # any import failure (an exit too) is the user's, in one line
         raise PreferenceError(f'--preference {name}: cannot import it ({type(error).__name__}: {error})') from None
     if not callable(function):
         raise PreferenceError(f'--preference {name}: not a function')
     check_signature(name, function)
-    check_on_probe(name, function)
-    return Preference(name, f'user-defined: {name}', function)
+    reward = guarded(name, function)
+    reward(*probe_batch())
+    return Preference(name, f'user-defined: {name}', reward, source_fingerprint=source_fingerprint(function))
+
+
+def guarded(name, function):
+    """The user's reward function, called on copies of its inputs (so it cannot change ours) and its
+    result checked wherever it is called: a finite float tensor (B,), or one line (PreferenceError)
+    naming the first response it failed on."""
+    def reward(prompts, responses):
+        try:
+            rewards = function(prompts.clone(), responses.clone())
+        except Exception as error:  # the user's code failing on valid input is the user's to fix
+            raise PreferenceError(f'--preference {name}: failed ({type(error).__name__}: {error})') from None
+        if not isinstance(rewards, torch.Tensor) or rewards.shape != (len(prompts),):
+            shape = tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards).__name__
+            raise PreferenceError(f'--preference {name}: must return a tensor of shape (B,), got {shape} for B = '
+                                  f'{len(prompts)}')
+        if not rewards.is_floating_point():
+            raise PreferenceError(f'--preference {name}: must return floats, got {rewards.dtype}')
+        bad = (~torch.isfinite(rewards)).nonzero()
+        if len(bad):
+            row = bad[0, 0]
+            raise PreferenceError(f'--preference {name}: returned {rewards[row].item()} for prompt '
+                                  f'{_digits(prompts[row])}, response {_digits(responses[row])}; it must be finite')
+        return rewards
+    return reward
+
+
+def _digits(tokens):
+    return ' '.join(str(token) for token in tokens.tolist())
+
+
+def probe_batch():
+    """Every response (valid or not) of two prompts: what a user's function is tried on first."""
+    prompts = torch.tensor([[5, 7, 1, 5], [0, 0, 3, 9]]).repeat_interleave(DIGITS ** RESPONSE_LENGTH, dim=0)
+    responses = torch.cartesian_prod(*[torch.arange(DIGITS)] * RESPONSE_LENGTH).repeat(2, 1)
+    return prompts, responses
+
+
+def source_fingerprint(function):
+    """A short hash of the file that defines function (None where there is none to read)."""
+    try:
+        return fingerprint(inspect.getsourcefile(function))
+    except (OSError, TypeError):
+        return None
 
 
 def check_signature(name, function):
@@ -116,25 +165,6 @@ def check_signature(name, function):
                               f'{inspect.signature(function)}') from None
     except ValueError:  # a builtin without a signature: the probe call will tell
         pass
-
-
-def check_on_probe(name, function):
-    """Call function on every response of two prompts and refuse anything but a finite float (B,)."""
-    prompts = torch.tensor([[5, 7, 1, 5], [0, 0, 3, 9]]).repeat_interleave(DIGITS ** RESPONSE_LENGTH, dim=0)
-    responses = torch.cartesian_prod(*[torch.arange(DIGITS)] * RESPONSE_LENGTH).repeat(2, 1)
-    try:
-        rewards = function(prompts, responses)
-    except Exception as error:  # the user's code failing on valid input is the user's to fix
-        raise PreferenceError(f'--preference {name}: failed on a probe batch ({type(error).__name__}: {error})') \
-            from None
-    if not isinstance(rewards, torch.Tensor) or rewards.shape != (len(prompts),):
-        shape = tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards).__name__
-        raise PreferenceError(f'--preference {name}: must return a tensor of shape (B,), got {shape} for B = '
-                              f'{len(prompts)}')
-    if not rewards.is_floating_point():
-        raise PreferenceError(f'--preference {name}: must return floats, got {rewards.dtype}')
-    if not torch.isfinite(rewards).all():
-        raise PreferenceError(f'--preference {name}: returned NaN or infinite rewards on a probe batch')
 
 
 # ---------------------------------------------------------------------------------------------

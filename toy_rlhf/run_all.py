@@ -57,7 +57,7 @@ def stage_configs(config):
     sft = replace(config.sft, seed=config.seed, device=config.device)
     reward = replace(config.reward, seed=config.seed, device=config.device, preference=config.preference)
     ppo = replace(config.ppo, seed=config.seed, preference=config.preference)
-    return {'sft': sft, 'reward': reward, **{PPO.stem(beta): replace(ppo, beta=beta) for beta in config.betas}}
+    return {'sft': sft, 'reward': reward, 'ppo': {beta: replace(ppo, beta=beta) for beta in config.betas}}
 
 
 def run_all(run_dir, plots_dir, config, progress=True):
@@ -69,16 +69,17 @@ def run_all(run_dir, plots_dir, config, progress=True):
     timings = {'sft': ensure_stage(run_dir, 'sft', configs['sft'], (), sft_stage, config.fresh, progress),
                'reward': ensure_stage(run_dir, 'reward', configs['reward'], (run_dir / 'sft.pt',), reward_stage,
                                       config.fresh, progress)}
-    for beta in config.betas:
-        timings[PPO.stem(beta)] = ensure_method(run_dir, PPO, configs[PPO.stem(beta)], config.fresh, progress)
+    stems = {beta: PPO.stem(ppo) for beta, ppo in configs['ppo'].items()}
+    for beta, ppo in configs['ppo'].items():
+        timings[stems[beta]] = ensure_method(run_dir, PPO, ppo, config.fresh, progress)
 
     start = time.perf_counter()
     reference = load_model(run_dir / 'sft.pt', 'policy')
     models = {REFERENCE: reference}
     histories = {}
     for beta in config.betas:
-        models[f'beta={beta:g}'] = load_model(run_dir / f'{PPO.stem(beta)}.pt', 'policy')
-        histories[f'beta={beta:g}'] = load_checkpoint(run_dir / f'{PPO.stem(beta)}.pt')['history']
+        models[f'beta={beta:g}'] = load_model(run_dir / f'{stems[beta]}.pt', 'policy')
+        histories[f'beta={beta:g}'] = load_checkpoint(run_dir / f'{stems[beta]}.pt')['history']
     metrics = measure(run_dir, models, histories, config)
     timings['evaluation'] = {'seconds': time.perf_counter() - start}
 
@@ -89,7 +90,8 @@ def run_all(run_dir, plots_dir, config, progress=True):
 
     settings = {'seed': config.seed, 'betas': list(config.betas), 'quick': config.quick,
                 'preference': config.preference,
-                'stages': {name: asdict(stage_config) for name, stage_config in configs.items()},
+                'stages': {'sft': asdict(configs['sft']), 'reward': asdict(configs['reward']),
+                           **{stems[beta]: asdict(ppo) for beta, ppo in configs['ppo'].items()}},
                 'versions': versions(), 'machine': machine()}
     write_json(run_dir / 'metrics.json', {'settings': settings, **metrics})
     write_json(run_dir / 'timings.json', timings)

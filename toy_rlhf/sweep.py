@@ -7,7 +7,7 @@ prompt) are computed once and reused for every policy and every beta.
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -16,45 +16,53 @@ from toy_rlhf import plots
 from toy_rlhf.checkpoint import load_model
 from toy_rlhf.compare import FRONTIER_BETAS, exact_row
 from toy_rlhf.files import write_json, write_text
-from toy_rlhf.flags import NonNegativeFloat, PositiveFloat, PositiveInt, Seed
+from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, PositiveFloat, PositiveInt, Seed
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods import METHODS
 from toy_rlhf.optimal import EXACT_PROMPTS, exact_tables, optimal_frontier, response_log_probs_exact
 from toy_rlhf.pipeline import ensure_method, run_preference
 
 
+SWEPT = ('ppo', 'dpo')  # the methods of the sweep (their settings: --ppo.*, --dpo.*)
+
+
 @dataclass
 class SweepConfig:
     betas: tuple[NonNegativeFloat, ...] = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0)  # PPO runs, one per beta
     dpo_betas: tuple[PositiveFloat, ...] = (0.1, 1.0)  # DPO runs on the same preference pairs
-    prompts: PositiveInt = EXACT_PROMPTS  # prompts of the exact evaluation (each: all 10^4 responses)
+    prompts: ExactPrompts = EXACT_PROMPTS  # prompts of the exact evaluation (each: all 10^4 responses)
     seed: Seed = 0  # random seed of every run and of the evaluation prompts
     fresh: bool = False  # retrain even where a checkpoint with the same settings exists
+    preference: str = ''  # the run's (its reward model's); name it only if it is module:function, imported only when named
 
 
-def train_policies(run_dir, config, progress=True):
-    """PPO for every beta and DPO for every DPO beta, reusing current checkpoints; returns
-    {label: (method, config, checkpoint path)}."""
+def train_policies(run_dir, config, preference, method_configs=None, progress=True):
+    """PPO for every beta and DPO for every DPO beta for `preference` (the run's), reusing current
+    checkpoints; returns {label: (method, config, checkpoint path)}. method_configs: {name: config},
+    their other settings."""
     policies = {}
-    for method, betas in ((METHODS['ppo'], config.betas), (METHODS['dpo'], config.dpo_betas)):
+    for method, betas in zip((METHODS[name] for name in SWEPT), (config.betas, config.dpo_betas)):
         for beta in betas:
-            method_config = method.config(beta=beta, seed=config.seed, preference=run_preference(run_dir).name)
+            method_config = replace((method_configs or {}).get(method.name) or method.config(), beta=beta,
+                                    seed=config.seed, preference=preference.name)
             ensure_method(run_dir, method, method_config, config.fresh, progress)
             policies[f'{method.label} beta={beta:g}'] = (method, method_config,
-                                                         Path(run_dir) / f'{method.stem(beta)}.pt')
+                                                         Path(run_dir) / f'{method.stem(method_config)}.pt')
     return policies
 
 
-def sweep(run_dir, plots_dir, config, progress=True):
+def sweep(run_dir, plots_dir, config, method_configs=None, progress=True):
     """Train, evaluate exactly, draw plots_dir/frontier.png and write run_dir/sweep.md and
-    sweep.json. Returns the rows of the table."""
+    sweep.json. method_configs: {'ppo': ..., 'dpo': ...}, the methods' other settings (their beta,
+    seed and preference are set here). Returns the rows of the table."""
     run_dir, plots_dir = Path(run_dir), Path(plots_dir)
-    policies = train_policies(run_dir, config, progress)
+    preference = run_preference(run_dir, config.preference)
+    policies = train_policies(run_dir, config, preference, method_configs, progress)
 
     start = time.perf_counter()
     prompts = sample_prompts(config.prompts, torch.Generator().manual_seed(config.seed))
     tables = exact_tables(load_model(run_dir / 'sft.pt', 'policy'), load_model(run_dir / 'reward.pt', 'reward'),
-                          prompts, run_preference(run_dir))
+                          prompts, preference)
     rows = [exact_row(label, method, method_config, response_log_probs_exact(load_model(path, 'policy'), prompts),
                       tables) for label, (method, method_config, path) in policies.items()]
     frontier = optimal_frontier(tables.log_ref, tables.rewards, prompts, FRONTIER_BETAS, tables.preference)

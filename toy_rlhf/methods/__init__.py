@@ -5,7 +5,9 @@ comparison, the benchmark, the figures, checkpoint names and the command line) r
 nothing else names a method. To add one: write its module (a config dataclass whose fields are its
 flags, its math as pure functions, one `train` function) and register it here.
 """
-from dataclasses import dataclass
+import hashlib
+import json
+from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
 from toy_rlhf.methods import best_of_n, dpo, grpo, ipo, online_dpo, ppo, reinforce_pp, rloo
@@ -31,9 +33,21 @@ class Method:
     exact_policy: Optional[Callable] = None
     online: bool = True  # samples its own responses (learning curves against samples, not pairs)
 
-    def stem(self, beta):
-        """Checkpoint file stem of a run at beta: ppo_beta1, dpo_beta0.1."""
-        return f'{self.name}_beta{beta:g}'
+    def stem(self, config):
+        """The checkpoint file stem of a run with `config` (one of self.config): ppo_beta1 with the
+        method's default settings, ppo_beta1_seed2 on another seed, and a short hash of the other
+        settings that differ (ppo_beta1_seed2_3f2a9c1d), so that two runs with different settings
+        never share a file. The preference is left out: a run folder has one (its reward model's)."""
+        defaults = self.config(beta=config.beta)
+        differ = {name: value for name, value in asdict(config).items()
+                  if name not in ('preference', 'seed') and getattr(defaults, name) != value}
+        seed = getattr(config, 'seed', None)
+        stem = f'{self.name}_beta{config.beta:g}'
+        if seed != getattr(defaults, 'seed', None):
+            stem += f'_seed{seed}'
+        if differ:
+            stem += '_' + hashlib.sha256(json.dumps(differ, sort_keys=True).encode()).hexdigest()[:8]
+        return stem
 
 
 METHODS = {}
