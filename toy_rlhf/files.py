@@ -3,19 +3,30 @@
 Every file the project writes goes through atomic_write: an interrupted or failed write (Ctrl-C,
 SIGTERM, a full disk) leaves the previous file, or none, under the final name, never a half-written
 one. A process killed outright (SIGKILL) can leave its temporary file behind; temporary files are
-named `.NAME.XXXXXXXX.tmp` so that the next run in the folder can find and remove them
-(`toy_rlhf.run_dir`).
+named `.NAME.toy-rlhf.XXXXXXXX.tmp` so that the next run in the folder can find and remove them, and
+only them (`toy_rlhf.run_dir`).
 """
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
+# A temporary file's name is '.' + the target's name + TEMPORARY_MARKER + mkstemp's 8 random
+# characters + TEMPORARY_SUFFIX. The marker is what tells our leftovers from a user's own
+# '.something.tmp', which a clean-up must never delete.
+TEMPORARY_MARKER = '.toy-rlhf.'
 TEMPORARY_SUFFIX = '.tmp'
+TEMPORARY_NAME = re.compile(rf'\..+{re.escape(TEMPORARY_MARKER)}[a-z0-9_]{{8}}{re.escape(TEMPORARY_SUFFIX)}')
 
 
 class WriteError(Exception):
     """A file that could not be written (disk full, no permission); the message is one line naming it."""
+
+
+def is_temporary(name):
+    """Whether a file called `name` is the temporary file of one of our atomic writes."""
+    return TEMPORARY_NAME.fullmatch(name) is not None
 
 
 def atomic_write(path, write):
@@ -25,7 +36,7 @@ def atomic_write(path, write):
     temporary = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.',
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}{TEMPORARY_MARKER}',
                                                  suffix=TEMPORARY_SUFFIX)
         with os.fdopen(descriptor, 'wb') as file:
             write(file)
