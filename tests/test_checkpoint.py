@@ -110,8 +110,18 @@ def test_saving_over_a_checkpoint_replaces_it(tmp_path):
     assert not torch.equal(loaded, logits_of(policy_model(seed=0), 11, 8))
 
 
-@pytest.mark.parametrize('failure, raised', [(OSError(errno.ENOSPC, 'No space left on device'), WriteError),
-                                             (KeyboardInterrupt(), KeyboardInterrupt)])
+def _caused_by(error, cause):
+    error.__cause__ = cause
+    return error
+
+
+DISK_FULL = OSError(errno.ENOSPC, 'No space left on device')
+
+
+@pytest.mark.parametrize('failure, raised', [
+    (DISK_FULL, WriteError),
+    (_caused_by(RuntimeError('file write failed'), DISK_FULL), WriteError),  # as torch.save may report it
+    (KeyboardInterrupt(), KeyboardInterrupt)])
 def test_a_write_that_fails_midway_leaves_the_previous_checkpoint_untouched(tmp_path, monkeypatch,
                                                                              failure, raised):
     path = saved_policy(tmp_path / 'sft.pt')

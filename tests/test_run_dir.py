@@ -1,8 +1,9 @@
 """A run folder under faults: a second run on a held folder, a lock and temporary files left by a
 killed run (and a user's own files beside them), a failure before anything was written, a full disk,
-SIGTERM. Most through the command line as a user meets it (cli.run_command,
+a value JSON cannot hold, SIGTERM. Most through the command line as a user meets it (cli.run_command,
 in this process), ending in one line and a known status."""
 import errno
+import math
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from toy_rlhf import cli, files, pipeline
-from toy_rlhf.files import atomic_write
+from toy_rlhf.files import WriteError, atomic_write, write_json
 from toy_rlhf.run_dir import LOCK, open_run_dir
 
 
@@ -126,6 +127,36 @@ def test_a_full_disk_ends_with_one_line_naming_the_file_and_nothing_half_written
     assert status == 2
     assert_one_line(lines, 'runs/default/sft.pt', os.strerror(errno.ENOSPC))
     assert list(tmp_path.iterdir()) == []  # no checkpoint, no temporary file, no empty folder
+
+
+@pytest.mark.parametrize('library_error', ['cause', 'context'])
+def test_a_full_disk_behind_a_library_error_is_one_line_too(tmp_path, capsys, monkeypatch, library_error):
+    def disk_full_inside_a_library(file):  # as torch.save reports ENOSPC: a RuntimeError chained to it
+        file.write(b'the first bytes')
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as error:
+            if library_error == 'cause':
+                raise RuntimeError('PytorchStreamWriter failed writing file data/0') from error
+            raise RuntimeError('PytorchStreamWriter failed writing file data/0')
+
+    real_atomic_write = atomic_write
+    monkeypatch.setattr('toy_rlhf.checkpoint.atomic_write',
+                        lambda path, write: real_atomic_write(path, disk_full_inside_a_library))
+    status, _, lines = run('sft', TINY_SFT, capsys)
+    assert status == 2
+    assert_one_line(lines, 'runs/default/sft.pt', os.strerror(errno.ENOSPC))
+    assert list(tmp_path.iterdir()) == []  # no checkpoint, no temporary file, no empty folder
+
+
+@pytest.mark.parametrize('value', [math.nan, math.inf, -math.inf])
+def test_json_with_a_nan_or_infinity_is_refused_naming_the_key_and_nothing_is_written(tmp_path, value):
+    path = tmp_path / 'metrics.json'
+    with pytest.raises(WriteError) as error:
+        write_json(path, {'settings': {'beta': 1.0}, 'policies': [{'J': 0.5}, {'J': 0.5, 'gap_closed': value}]})
+    assert '\n' not in str(error.value)
+    assert str(path) in str(error.value) and 'policies[1].gap_closed' in str(error.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_sigterm_during_a_stage_stops_it_like_ctrl_c(tmp_path, capsys, monkeypatch):

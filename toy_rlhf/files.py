@@ -7,6 +7,7 @@ named `.NAME.toy-rlhf.XXXXXXXX.tmp` so that the next run in the folder can find 
 only them (`toy_rlhf.run_dir`).
 """
 import json
+import math
 import os
 import re
 import tempfile
@@ -30,8 +31,9 @@ def is_temporary(name):
 
 
 def atomic_write(path, write):
-    """Call write(file) on a temporary file beside `path`, then rename it to `path`. Any OSError
-    (ENOSPC, EACCES, ...) becomes a WriteError naming `path`, with nothing left behind."""
+    """Call write(file) on a temporary file beside `path`, then rename it to `path`. An OSError
+    (ENOSPC, EACCES, ...), or any error caused by one, becomes a WriteError naming `path`, with
+    nothing left behind."""
     path = Path(path)
     temporary = None
     try:
@@ -47,10 +49,24 @@ def atomic_write(path, write):
     except BaseException as error:
         if temporary is not None:
             Path(temporary).unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise WriteError(f'cannot write {path}: {error.strerror or error}; free some space or '
+        os_error = _os_error_behind(error)
+        if os_error is not None:
+            raise WriteError(f'cannot write {path}: {os_error.strerror or os_error}; free some space or '
                              'choose a folder you can write to, then run the command again') from None
         raise
+
+
+def _os_error_behind(error):
+    """The OSError that error is or was caused by, following the chain a traceback shows; None if none.
+    Libraries wrap the OS's errors (torch.save turns ENOSPC into a RuntimeError). Ctrl-C and SIGTERM
+    (BaseExceptions) are never write errors, whatever they interrupted."""
+    seen = set()
+    while isinstance(error, Exception) and id(error) not in seen:  # a chain can loop
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def write_text(path, text):
@@ -58,7 +74,31 @@ def write_text(path, text):
 
 
 def write_json(path, data):
-    write_text(path, json.dumps(data, indent=2, sort_keys=True) + '\n')
+    """Write data as strict JSON: a NaN or infinity, which other JSON readers reject, is refused with
+    a WriteError naming the key that holds it."""
+    key = _non_finite_key(data)
+    if key is not None:
+        raise WriteError(f'cannot write {path}: {key or "the value"} is NaN or infinite, which JSON '
+                         'cannot hold')
+    write_text(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + '\n')
+
+
+def _non_finite_key(data, key=''):
+    """Where in data (nested dicts and lists) a NaN or infinite float is, as 'policies[0].gap_closed'
+    ('' for data itself); None if nowhere."""
+    if isinstance(data, float):
+        return None if math.isfinite(data) else key
+    if isinstance(data, dict):
+        children = ((f'{key}.{name}' if key else str(name), value) for name, value in data.items())
+    elif isinstance(data, (list, tuple)):
+        children = ((f'{key}[{index}]', value) for index, value in enumerate(data))
+    else:
+        return None
+    for child_key, value in children:
+        found = _non_finite_key(value, child_key)
+        if found is not None:
+            return found
+    return None
 
 
 def jsonl_text(rows):
