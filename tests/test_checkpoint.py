@@ -3,6 +3,7 @@ import errno
 import math
 import os
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -110,8 +111,18 @@ def test_saving_over_a_checkpoint_replaces_it(tmp_path):
     assert not torch.equal(loaded, logits_of(policy_model(seed=0), 11, 8))
 
 
-@pytest.mark.parametrize('failure, raised', [(OSError(errno.ENOSPC, 'No space left on device'), WriteError),
-                                             (KeyboardInterrupt(), KeyboardInterrupt)])
+def _caused_by(error, cause):
+    error.__cause__ = cause
+    return error
+
+
+DISK_FULL = OSError(errno.ENOSPC, 'No space left on device')
+
+
+@pytest.mark.parametrize('failure, raised', [
+    (DISK_FULL, WriteError),
+    (_caused_by(RuntimeError('file write failed'), DISK_FULL), WriteError),  # as torch.save may report it
+    (KeyboardInterrupt(), KeyboardInterrupt)])
 def test_a_write_that_fails_midway_leaves_the_previous_checkpoint_untouched(tmp_path, monkeypatch,
                                                                              failure, raised):
     path = saved_policy(tmp_path / 'sft.pt')
@@ -208,6 +219,18 @@ def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path, wr
     # The payload is live: an unrestricted load does run it (so the check above can fail).
     load_unrestricted(path)
     assert marker.exists()
+
+
+@pytest.mark.parametrize('protocol', [3, 4, 5])
+def test_a_pickle_torch_warns_about_is_reported_in_one_line_without_the_warning(tmp_path, capfd, protocol):
+    path = tmp_path / 'sft.pt'
+    path.write_bytes(pickle.dumps({'kind': 'policy'}, protocol=protocol))  # not a protocol torch writes
+    with warnings.catch_warnings(record=True) as shown, pytest.raises(CheckpointError) as error:
+        warnings.simplefilter('always')
+        load_checkpoint(path)
+    assert_one_line_naming_file_and_fix(error, path)
+    assert [str(warning.message) for warning in shown] == []
+    assert capfd.readouterr() == ('', '')
 
 
 @pytest.mark.parametrize('load', LOADERS)

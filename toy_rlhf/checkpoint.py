@@ -15,6 +15,7 @@ torch.load(weights_only=True), which refuses any pickle that would run code, the
 every field and that every weight is finite.
 """
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -70,7 +71,11 @@ def load_checkpoint(path, kind=None):
     if not path.is_file():
         raise CheckpointError(f'{path}: no such checkpoint; run `{run}` first')
     try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+        # torch warns about what it is unpickling (a pickle protocol it did not write, ...) before it
+        # refuses it; the user gets our one line, not torch's paragraph.
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except Exception:
         raise CheckpointError(f'{path}: not a readable checkpoint (truncated, corrupt or not made '
                               f'by toy-rlhf); run `{run}` to make it again') from None

@@ -29,7 +29,7 @@ from toy_rlhf.optimal import EXACT_PROMPTS
 from toy_rlhf.overoptimisation import OverOptConfig, overoptimisation
 from toy_rlhf.preferences import PreferenceError, resolve_preference
 from toy_rlhf.run_all import RunAllConfig, quick_schedule, run_all
-from toy_rlhf.run_dir import RunDirError, open_run_dir
+from toy_rlhf.run_dir import PLOTS, RunDirError, open_run_dir
 from toy_rlhf.sweep import SWEPT, SweepConfig, sweep
 from toy_rlhf.training import TrainingError
 
@@ -325,13 +325,15 @@ def prepare(args, writes_run_dir):
                              'its files go to runs/NAME (--run-dir PATH takes any folder)')
         args.run_dir = Path('runs') / args.run
     elif writes_run_dir:
+        if not args.run_dir:  # Path('') is the current folder: a quoting mistake, not a choice
+            raise UsageError("--run-dir '': an empty path; name a folder (--run-dir . for this one)")
         args.run_dir = Path(args.run_dir)
     if hasattr(args, 'plots_dir'):
         if args.plots_dir:  # a folder the user named: refuse it now, not after training
             args.plots_dir = Path(args.plots_dir)
             _check_writable(args.plots_dir)
         else:
-            args.plots_dir = args.run_dir / 'plots'
+            args.plots_dir = args.run_dir / PLOTS
     args.progress = not args.quiet
 
 

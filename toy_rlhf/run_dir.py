@@ -5,7 +5,8 @@ A command that writes into runs/NAME opens it with `open_run_dir`, which
   command on the same folder is refused with one line naming the process that holds it. The kernel
   drops a flock when its process dies, however it dies, so a lock file left by a killed run is not
   held by anyone and the next run takes it over (POSIX: Linux and macOS);
-- removes the temporary files a killed run left behind (atomic writes that never got renamed);
+- removes the temporary files a killed run left behind (atomic writes that never got renamed) in the
+  folders the project writes (the run folder and its plots/), and nothing else;
 - removes the folders it created if the command fails before writing anything into them, so a
   mistake leaves no empty run folders behind.
 """
@@ -14,9 +15,10 @@ import fcntl
 import os
 from pathlib import Path
 
-from toy_rlhf.files import TEMPORARY_SUFFIX
+from toy_rlhf.files import is_temporary
 
 LOCK = '.lock'
+PLOTS = 'plots'  # the run's figures, unless --plots-dir names another folder
 
 
 class RunDirError(Exception):
@@ -71,12 +73,15 @@ def _acquire(path):
     return descriptor
 
 
-def remove_stale_temporaries(folder):
-    """Remove the temporary files of atomic writes that were never renamed (a killed run's), anywhere
-    under folder. Only safe while holding the folder's lock: no one else is writing there."""
-    for path in Path(folder).rglob(f'.*{TEMPORARY_SUFFIX}'):
-        path.unlink(missing_ok=True)
-        print(f'{path}: removed (a temporary file left by an interrupted run)')
+def remove_stale_temporaries(run_dir):
+    """Remove the temporary files of atomic writes that were never renamed (a killed run's) from
+    run_dir and its plots folder. Only safe while holding the folder's lock: no one else is writing
+    there. Nothing else is touched: a user's own dot-files, and deeper folders, are theirs."""
+    for folder in (Path(run_dir), Path(run_dir) / PLOTS):
+        for path in folder.glob('.*'):
+            if is_temporary(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
+                print(f'{path}: removed (a temporary file left by an interrupted run)')
 
 
 def _remove_if_empty(folders):
