@@ -311,10 +311,35 @@ def _infinite_weight(stored):
     stored['state_dict']['lm_head.weight'][3, 1] = -math.inf
 
 
+def _beta_as_text(stored):
+    stored['train_config']['beta'] = '1'
+
+
+def _negative_gold_margin(stored):
+    stored['train_config']['gold_margin'] = -20.0
+
+
+def _a_preference_that_is_not_a_name(stored):
+    stored['train_config']['preference'] = 3
+
+
+def _an_unknown_setting_holding_a_tensor(stored):
+    stored['train_config']['extra'] = torch.zeros(2)
+
+
+def _inputs_not_a_dict_of_names(stored):
+    stored['train_config']['inputs'] = ['sft.pt']
+
+
+def _a_metric_that_is_text(stored):
+    stored['metrics']['language_kl'] = 'low'
+
+
 EDITS = [*(_without(key) for key in sorted(REQUIRED_KEYS)), _newer_format, _unknown_kind,
          _no_block_size, _model_config_none, _sizes_that_do_not_match_the_weights,
          _format_version_as_a_tensor, _history_not_a_list, _a_weight_that_is_not_a_tensor, _nan_weight,
-         _infinite_weight]
+         _infinite_weight, _beta_as_text, _negative_gold_margin, _a_preference_that_is_not_a_name,
+         _an_unknown_setting_holding_a_tensor, _inputs_not_a_dict_of_names, _a_metric_that_is_text]
 
 
 @pytest.mark.parametrize('edit', EDITS, ids=lambda edit: edit.__name__.strip('_'))
@@ -326,3 +351,18 @@ def test_a_checkpoint_with_missing_or_inconsistent_contents_is_reported_with_wha
     with pytest.raises(CheckpointError) as error:
         load_model(path)
     assert_one_line_naming_file_and_fix(error, path)
+
+
+def test_every_setting_the_project_writes_passes_the_check_it_is_read_with(tmp_path):
+    # The control for the settings edits above: every config's own defaults, as save_stage stores them.
+    from dataclasses import asdict
+    from toy_rlhf.methods import METHODS
+    from toy_rlhf.reward import RewardConfig
+    from toy_rlhf.sft import SFTConfig
+    for config in (SFTConfig, RewardConfig, *(method.config for method in METHODS.values())):
+        settings = {**asdict(config()), 'inputs': {'sft.pt': '0123456789abcdef'}, 'versions': {'torch': '2.13.0'}}
+        path = saved_policy(tmp_path / 'policy.pt')
+        stored = torch.load(path, weights_only=True)
+        stored['train_config'] = settings
+        torch.save(stored, path)
+        assert load_checkpoint(path)['train_config'] == settings

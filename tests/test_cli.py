@@ -61,6 +61,25 @@ def a_policy_with_a_nan_weight(folder):
     save_checkpoint(folder / 'runs' / 'default' / 'ppo_beta1.pt', policy, 'policy', train_config={}, metrics={})
 
 
+def a_policy_whose_preference_names_a_module(folder):
+    # `this` prints the Zen of Python when it is imported: were it ever imported, stdout would say so.
+    sft_and_reward_checkpoints(folder)
+    save_checkpoint(folder / 'runs' / 'default' / 'ppo_beta1.pt', GPT(policy_config()), 'policy',
+                    train_config={'beta': 1.0, 'preference': 'this:x'}, metrics={})
+
+
+def a_policy_with_a_beta_that_is_text(folder):
+    sft_and_reward_checkpoints(folder)
+    save_checkpoint(folder / 'runs' / 'default' / 'ppo_beta1.pt', GPT(policy_config()), 'policy',
+                    train_config={'beta': '1'}, metrics={})
+
+
+def a_first_digit_reward_model(folder):
+    sft_checkpoint(folder)
+    save_checkpoint(folder / 'runs' / 'default' / 'reward.pt', GPT(reward_model_config()), 'reward',
+                    train_config={'preference': 'first-digit'}, metrics={})
+
+
 def a_file_where_the_run_folder_goes(folder):
     # A regular file named like the run folder: nothing can be created inside it, even as root
     # (whom a read-only folder would not stop).
@@ -98,6 +117,18 @@ FAILURES = {
                     ['ppo_beta1.pt', 'NaN', 'lm_head.weight']),
     'unwritable run folder': ('train_sft.py', ['--run', 'x'] + TINY_SFT, a_file_where_the_run_folder_goes,
                               ['runs/x']),
+    'a module named by a checkpoint': ('evaluate.py', ['runs/default/ppo_beta1.pt'],
+                                       a_policy_whose_preference_names_a_module,
+                                       ['ppo_beta1.pt', 'give --preference this:x', 'only when you name it']),
+    'a stored beta that is text': ('evaluate.py', ['runs/default/ppo_beta1.pt', '--optimal'],
+                                   a_policy_with_a_beta_that_is_text, ['ppo_beta1.pt', "setting beta is '1'"]),
+    'PPO for another preference than its reward model': ('train_ppo.py', ['--preference', 'last-digit', '--quiet'],
+                                                         a_first_digit_reward_model,
+                                                         ['reward.pt', 'first-digit, not last-digit']),
+    'more threads than cores': ('train_sft.py', ['--threads', '10000'] + TINY_SFT, None, ['--threads', '10000']),
+    'more prompts than memory holds': ('evaluate.py', ['runs/default/sft.pt', '--prompts', '200000000'], None,
+                                       ['--prompts', '200000000']),
+    'beta 0 twice, once as -0': ('run_all.py', ['--betas', '0', '-0', '--quiet'], None, ['--betas', '0 0']),
 }
 if NO_CUDA:
     FAILURES['cuda without a cuda device'] = ('train_sft.py', ['--device', 'cuda'] + TINY_SFT, None,
@@ -222,6 +253,11 @@ def test_a_user_mistake_ends_with_status_two_and_one_line_naming_it(results, cas
     if setup:
         setup(tmp_path)
     assert checkpoints_in(folder) == checkpoints_in(tmp_path)
+
+
+def test_a_module_named_in_a_checkpoint_is_never_imported(results):
+    result, _ = results['a module named by a checkpoint']
+    assert result.stdout == ''
 
 
 def test_a_tiny_run_with_valid_flags_succeeds_and_writes_its_checkpoint_under_the_working_folder(results):

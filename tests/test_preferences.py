@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from toy_rlhf import cli
+from toy_rlhf.checkpoint import save_checkpoint
 from toy_rlhf.data import PreferenceDataset, labeler
 from toy_rlhf.language import RESPONSE_LENGTH, join, sample_prompts
 from toy_rlhf.methods.ppo import PPOConfig, train_ppo
 from toy_rlhf.metrics import aligned_next_tokens, evaluate_policy, true_distributions
 from toy_rlhf.optimal import RESPONSES, compare_to_optimum, exact_tables, kl_split, optimal_log_probs
+from toy_rlhf.pipeline import reward_stage
 from toy_rlhf.preferences import (PREFERENCES, PreferenceError, best_reachable, language_paths, resolve_preference,
                                   sample_aligned)
 from toy_rlhf.reward import RewardConfig, train_reward
@@ -167,6 +169,17 @@ def returns_nan(prompts, responses):
     return torch.full((len(prompts),), float('nan'))
 
 
+def nan_when_the_last_prompt_digit_is_3(prompts, responses):
+    # Finite on both probe prompts (they end in 5 and 9), NaN on every tenth prompt.
+    return torch.where(prompts[:, -1] == 3, float('nan'), 1.0)
+
+
+def changes_its_inputs(prompts, responses):
+    prompts.zero_()
+    responses.fill_(9)
+    return torch.ones(len(prompts))
+
+
 def returns_a_column(prompts, responses):
     return responses[:, :1].float()
 
@@ -219,3 +232,28 @@ def test_a_user_preference_runs_the_reward_model_and_ppo_end_to_end(sft_policy):
     row = compare_to_optimum(tables.log_ref, tables.log_ref, tables.gold(1.0), PROMPTS[:1], 1.0, preference)
     assert row['gap_closed'] == pytest.approx(0.0, abs=1e-9)  # the reference itself closes none of the gap
     assert 0 < row['optimal_preference_rate'] <= 1
+
+
+def test_a_user_preference_is_checked_wherever_it_is_called_and_named_with_the_stage(sft_policy, tmp_path):
+    preference = resolve_preference('test_preferences:nan_when_the_last_prompt_digit_is_3')  # the probe passes
+    with pytest.raises(PreferenceError, match=r'returned nan for prompt 1 2 3 3, response 4 4 4 4; it must be finite'):
+        preference.reward(torch.tensor([[1, 2, 3, 3]]), torch.tensor([[4, 4, 4, 4]]))
+    save_checkpoint(tmp_path / 'sft.pt', sft_policy, 'policy', {}, {})
+    config = RewardConfig(preference=preference.name, pairs=64, held_out_pairs=64, iters=1)
+    with pytest.raises(PreferenceError, match=r'^reward: --preference test_preferences:nan_when'):
+        reward_stage(tmp_path, config, progress=False)
+    assert not (tmp_path / 'reward.pt').exists()
+
+
+def test_a_user_preference_gets_copies_of_its_inputs():
+    preference = resolve_preference('test_preferences:changes_its_inputs')
+    prompts, responses = torch.tensor([[5, 7, 1, 5]]), torch.tensor([[6, 2, 7, 3]])
+    preference.reward(prompts, responses)
+    assert prompts.tolist() == [[5, 7, 1, 5]] and responses.tolist() == [[6, 2, 7, 3]]
+
+
+def test_a_user_module_that_exits_on_import_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / 'exits_on_import.py').write_text('import sys\nsys.exit(0)\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PreferenceError, match=r'cannot import it \(SystemExit: 0\)'):
+        resolve_preference('exits_on_import:f')

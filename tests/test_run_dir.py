@@ -181,7 +181,7 @@ def test_evaluate_measures_against_another_reference_only_when_asked(tmp_path, c
     run('sft', TINY_SFT, capsys)
     run('sft', ['--run', 'other', '--seed', '1'] + TINY_SFT, capsys)
     run('dpo', ['--iters', '1', '--pairs', '8', '--batch-size', '2', '--warmup-iters', '1', '--quiet'], capsys)
-    policy, other = 'runs/default/dpo_beta1.pt', 'runs/other/sft.pt'
+    [policy], other = [str(path) for path in Path('runs/default').glob('dpo_beta1*.pt')], 'runs/other/sft.pt'
     status, _, lines = run('evaluate', [policy, '--reference', other, '--prompts', '4'], capsys)
     assert status == 2
     assert_one_line(lines, other, '--other-inputs')

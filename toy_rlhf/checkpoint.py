@@ -14,6 +14,7 @@ interrupted write never leaves a half-written checkpoint under the final name. R
 torch.load(weights_only=True), which refuses any pickle that would run code, then checks the type of
 every field and that every weight is finite.
 """
+import dataclasses
 import re
 import warnings
 from pathlib import Path
@@ -22,8 +23,11 @@ import torch
 
 from mingpt.model import GPT
 from toy_rlhf.files import atomic_write
+from toy_rlhf.flags import value_fits
 from toy_rlhf.language import SEQUENCE_LENGTH, VOCAB_SIZE
-from toy_rlhf.methods import method_of_stem
+from toy_rlhf.methods import METHODS, method_of_stem
+from toy_rlhf.reward import RewardConfig
+from toy_rlhf.sft import SFTConfig
 
 FORMAT_VERSION = 3
 READABLE_FORMATS = (1, 2, 3)
@@ -142,7 +146,57 @@ def _malformed(checkpoint):
     if checkpoint['format_version'] >= 3 and not (isinstance(checkpoint.get('history'), list) and all(
             isinstance(row, dict) for row in checkpoint['history'])):
         return 'history is not a list of dicts'
+    return _settings_problem(checkpoint['train_config']) or _metrics_problem(checkpoint['metrics'])
+
+
+def _settings_problem(settings):
+    """What is wrong with a checkpoint's stored settings ('' if nothing). A setting that a config of
+    the project has (beta, seed, preference, ...) must be a value its flag would accept; the
+    provenance entries must be what save_stage writes; anything else, plain data."""
+    types = setting_types()
+    for name, value in settings.items():
+        if not isinstance(name, str):
+            return f'a setting named {name!r}'
+        if name in ('inputs', 'versions'):
+            fits = isinstance(value, dict) and all(isinstance(item, str) for pair in value.items() for item in pair)
+        elif name == 'preference_fingerprint':
+            fits = value is None or isinstance(value, str)
+        elif name in types:
+            fits = any(value_fits(hint, value) for hint in types[name])
+        else:
+            fits = _plain(value)
+        if not fits:
+            return f'its setting {name} is {value!r}'
     return ''
+
+
+def _metrics_problem(metrics):
+    """What is wrong with a checkpoint's stored metrics ('' if nothing): each a number or a list of them."""
+    for name, value in metrics.items():
+        numbers = value if isinstance(value, list) else [value]
+        if not isinstance(name, str) or not all(value_fits(float, number) for number in numbers):
+            return f'its metric {name} is {value!r}'
+    return ''
+
+
+def _plain(value):
+    """Whether value is plain data: None, a bool, number or string, or a list, tuple or dict of them."""
+    if isinstance(value, (list, tuple)):
+        return all(_plain(item) for item in value)
+    if isinstance(value, dict):
+        return all(isinstance(key, str) and _plain(item) for key, item in value.items())
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def setting_types():
+    """{setting name: the annotations it has in the configs of SFT, the reward model and every
+    registered method (read when asked: a method registered later counts)}: what a stored setting of
+    that name may hold."""
+    types = {}
+    for config in (SFTConfig, RewardConfig, *(method.config for method in METHODS.values())):
+        for field in dataclasses.fields(config()):
+            types.setdefault(field.name, []).append(field.type)
+    return types
 
 
 def _format_2_name(format_1_name):

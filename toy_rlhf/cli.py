@@ -237,7 +237,8 @@ def evaluate(args):
         return
     print(f'{path} against {reference}, {args.prompts} prompts (seed {args.seed}):')
     for name, value in metrics.items():
-        shown = ' '.join(f'{item:.4f}' for item in value) if isinstance(value, list) else f'{value:.4f}'
+        shown = ' '.join(f'{item:.4f}' for item in value) if isinstance(value, list) \
+            else 'n/a' if value is None else f'{value:.4f}'
         print(f'  {name:<32} {shown}')
 
 

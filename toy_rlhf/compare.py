@@ -53,8 +53,8 @@ def exact_row(label, method, config, log_pi, tables):
     gold = tables.gold(getattr(config, 'gold_margin', RewardConfig.gold_margin))
     row = {'label': label, 'method': method.name,
            **compare_to_optimum(log_pi, tables.log_ref, tables.rewards, tables.prompts, beta, tables.preference),
-           'kl_to_optimum': response_kl(log_pi, optimum).mean().item(),
-           'target': method.target_label, 'kl_to_target': response_kl(log_pi, target).mean().item(),
+           'kl_to_optimum': finite_or_none(response_kl(log_pi, optimum).mean().item()),
+           'target': method.target_label, 'kl_to_target': finite_or_none(response_kl(log_pi, target).mean().item()),
            'gold_gap_closed': gap_closed(log_pi, tables.log_ref, gold, beta)}
     if method.target is not None:  # where the method's own target lies, for the figure
         row['target_reward'] = expected_reward(target, tables.rewards).mean().item()
@@ -62,12 +62,19 @@ def exact_row(label, method, config, log_pi, tables):
     return row
 
 
+def finite_or_none(kl):
+    """A KL as JSON can hold it: None where it is infinite (at beta = 0, pi* puts no mass where a
+    policy still does); tables show that as inf."""
+    return kl if math.isfinite(kl) else None
+
+
 def gap_closed(log_pi, log_ref, rewards, beta):
-    """(J - J_ref) / (J* - J_ref) of a policy under `rewards`: 1 at the optimum, 0 for the reference."""
+    """(J - J_ref) / (J* - J_ref) of a policy under `rewards`: 1 at the optimum, 0 for the reference;
+    None where there is no gap to close (a reward no policy can improve on the reference)."""
     J = objective(log_pi, log_ref, rewards, beta).mean().item()
     J_ref = objective(log_ref, log_ref, rewards, beta).mean().item()
     J_star = optimal_value(log_ref, rewards, beta).mean().item()
-    return (J - J_ref) / (J_star - J_ref) if J_star > J_ref else float('nan')
+    return (J - J_ref) / (J_star - J_ref) if J_star > J_ref else None
 
 
 def at(beta, seed, preference, method_config):
@@ -161,14 +168,18 @@ def methods_table(rows):
         lines.append(
             f"| {row['label']} | {row['J']:.3f} | {row['J_star']:.3f} | {_number(row['gap_closed'], '.2%')} | "
             f"{row['kl_first']:.3f} | {row['kl_later']:.3f} | {row['preference_rate']:.2%} | "
-            f"{row['fidelity']:.2%} | {row['gold_rate']:.2%} | {row['kl_to_optimum']:.3f} | {row['target']} | "
-            f"{row['kl_to_target']:.3f} | {used} | {to_target} | "
+            f"{row['fidelity']:.2%} | {row['gold_rate']:.2%} | {_kl(row['kl_to_optimum'])} | {row['target']} | "
+            f"{_kl(row['kl_to_target'])} | {used} | {to_target} | "
             f"{'' if seconds is None else f'{seconds:.1f}'} |")
     return '\n'.join(lines)
 
 
+def _kl(value):
+    return 'inf' if value is None else f'{value:.3f}'
+
+
 def _number(value, style):
-    return 'n/a' if math.isnan(value) else format(value, style)
+    return 'n/a' if value is None else format(value, style)
 
 
 def methods_report(rows, config, figure, run_dir):

@@ -36,11 +36,14 @@ class Bounds:
                 value = kind(text)
             except ValueError:
                 raise argparse.ArgumentTypeError(f'must be {self.description}, got {text!r}') from None
-            too_low = value <= self.low if self.low_open else value < self.low
-            if not math.isfinite(value) or too_low or value > self.high:
+            if not self.contains(value):
                 raise argparse.ArgumentTypeError(f'must be {self.description}, got {text}')
             return value + 0  # -0.0 is 0.0: one value, one checkpoint name
         return parse
+
+    def contains(self, value):
+        too_low = value <= self.low if self.low_open else value < self.low
+        return math.isfinite(value) and not too_low and value <= self.high
 
 
 PositiveInt = Annotated[int, Bounds(low=1, description='a positive integer')]
@@ -136,6 +139,27 @@ def config_from_args(args, config_class, prefix='', base=None):
              if hasattr(args, _destination(field.name, prefix))}
     given = {name: tuple(value) if isinstance(value, list) else value for name, value in given.items()}
     return replace(base if base is not None else config_class(), **given)
+
+
+def value_fits(hint, value):
+    """Whether `value` (read back from a file) is one that a field annotated `hint` takes: what its
+    flag would accept, as a Python value rather than text."""
+    origin, items = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            return False
+        if len(items) == 2 and items[1] is Ellipsis:
+            return all(value_fits(items[0], item) for item in value)
+        return len(value) == len(items) and all(value_fits(*pair) for pair in zip(items, value))
+    if origin is Literal:
+        return any(type(value) is type(choice) and value == choice for choice in items)
+    if origin is Annotated:
+        return value_fits(items[0], value) and items[1].contains(value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
 
 
 def _default(field):

@@ -289,7 +289,7 @@ def compare_to_optimum(log_pi, log_ref, rewards, prompts, beta, preference=FIRST
     J_ref = expected_reward(log_ref, rewards).mean().item()
     optimum = distribution_summary(optimal_log_probs(log_ref, rewards, beta), log_ref, rewards, prompts, preference)
     return {'beta': beta, 'J': J, 'J_star': J_star, 'J_ref': J_ref,
-            'gap_closed': (J - J_ref) / (J_star - J_ref) if J_star > J_ref else float('nan'),
+            'gap_closed': (J - J_ref) / (J_star - J_ref) if J_star > J_ref else None,  # None: no gap to close
             **distribution_summary(log_pi, log_ref, rewards, prompts, preference),
             **{f'optimal_{name}': value for name, value in optimum.items()},
             'non_digit_mass': non_digit_mass(log_pi).mean().item()}

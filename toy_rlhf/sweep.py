@@ -4,7 +4,6 @@ closed-form optimum of its own objective, and the frontier they lie on.
 The tables that make exact evaluation possible (log pi_ref and the reward of all 10^4 responses per
 prompt) are computed once and reused for every policy and every beta.
 """
-import math
 import os
 import time
 from dataclasses import dataclass, replace
@@ -91,7 +90,7 @@ def sweep_table(rows):
 
 
 def _rate(value):
-    return '' if math.isnan(value) else f'{value:.4f}'
+    return 'n/a' if value is None else f'{value:.4f}'
 
 
 def sweep_report(rows, config, figure, run_dir):
