@@ -12,5 +12,5 @@ setup(
     # setuptools: tests/test_packaging.py builds the wheel offline, without build isolation (70.1 builds
     # wheels without the `wheel` package).
     extras_require={'test': ['pytest', 'setuptools>=70.1']},
-    entry_points={'console_scripts': ['toy-rlhf = toy_rlhf.cli:main']},
+    entry_points={'console_scripts': ['toy-rlhf = toy_rlhf.entry:main']},
 )

@@ -2,7 +2,9 @@
 
 Every failure a user can cause (a bad flag, a missing or broken checkpoint, an unwritable run folder,
 a full disk, a run folder another run holds, a NaN during training) ends with one line on stderr and
-exit status 2, never a traceback. SIGTERM stops a command the way Ctrl-C does.
+exit status 2, never a traceback. SIGTERM stops a command the way Ctrl-C does. What lies outside a
+command (Ctrl-C while torch is imported or the interpreter exits, output into a closed pipe) is
+toy_rlhf.entry's, which `toy-rlhf` and the scripts call.
 """
 import argparse
 import contextlib
