@@ -1,12 +1,16 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name='toy-rlhf',
     version='0.1.0',
     description='RLHF (SFT, a reward model, PPO with a KL penalty) on a toy digit language known exactly',
-    packages=['mingpt', 'toy_rlhf'],
+    # Every package under mingpt/ and toy_rlhf/, so that a new subpackage ships without an edit here
+    # (tests/ and scripts/ are not part of the install).
+    packages=find_packages(include=['mingpt', 'mingpt.*', 'toy_rlhf', 'toy_rlhf.*']),
     python_requires='>=3.10',
     install_requires=['torch>=2.1', 'numpy', 'matplotlib', 'tqdm'],
-    extras_require={'test': ['pytest']},
-    entry_points={'console_scripts': ['toy-rlhf = toy_rlhf.cli:main']},
+    # setuptools: tests/test_packaging.py builds the wheel offline, without build isolation (70.1 builds
+    # wheels without the `wheel` package).
+    extras_require={'test': ['pytest', 'setuptools>=70.1']},
+    entry_points={'console_scripts': ['toy-rlhf = toy_rlhf.entry:main']},
 )

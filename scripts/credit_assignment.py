@@ -1,5 +1,5 @@
 """Credit assignment, measured exactly: credit_assignment.png and runs/<run>/credit_assignment.md."""
-from toy_rlhf.cli import run_command
+from toy_rlhf.entry import run_command
 
 if __name__ == '__main__':
     run_command('credit')

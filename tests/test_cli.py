@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ import torch
 from mingpt.model import GPT
 from toy_rlhf import cli
 from toy_rlhf.checkpoint import load_model, save_checkpoint
-from toy_rlhf.methods import METHODS
+from toy_rlhf.methods import METHODS, register, unregister
 from toy_rlhf.policy import policy_config
 from toy_rlhf.reward import reward_model_config
 
@@ -294,3 +295,33 @@ def test_a_reward_checkpoint_given_as_the_policy_is_answered_with_a_command_that
 def test_a_seed_numpy_cannot_take_is_a_one_line_error(results):
     script, _, _, words = SEED_MISTAKES['negative seed']
     assert_one_line_error(results['negative seed'][0], script, words)
+
+
+@pytest.fixture
+def a_method_with_a_long_name():
+    method = register(replace(METHODS['ppo'], name='a_method_with_a_long_name', summary='a stand-in'))
+    yield method
+    unregister(method.name)
+
+
+def summary_columns(listing, summaries):
+    """{name: the column its summary starts at} in a listing of `  NAME  SUMMARY` lines."""
+    columns = {}
+    for name, summary in summaries.items():
+        (line,) = [line for line in listing.splitlines() if line.startswith(f'  {name} ')]
+        assert line.endswith(summary)
+        columns[name] = len(line) - len(summary)
+    return columns
+
+
+def test_the_command_list_keeps_its_summaries_in_one_column_whatever_the_longest_name(a_method_with_a_long_name):
+    summaries = {name: spec.summary for name, spec in cli.commands().items()}
+    assert len(set(summary_columns(cli.usage(), summaries).values())) == 1
+
+
+def test_the_method_list_keeps_its_summaries_in_one_column_whatever_the_longest_name(a_method_with_a_long_name,
+                                                                                     capsys):
+    with pytest.raises(SystemExit):
+        cli.train_main(['--help'])
+    summaries = {name: method.summary for name, method in METHODS.items() if method.train is not None}
+    assert len(set(summary_columns(capsys.readouterr().out, summaries).values())) == 1

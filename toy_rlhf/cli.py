@@ -2,7 +2,9 @@
 
 Every failure a user can cause (a bad flag, a missing or broken checkpoint, an unwritable run folder,
 a full disk, a run folder another run holds, a NaN during training) ends with one line on stderr and
-exit status 2, never a traceback. SIGTERM stops a command the way Ctrl-C does.
+exit status 2, never a traceback. SIGTERM stops a command the way Ctrl-C does. What lies outside a
+command (Ctrl-C while torch is imported or the interpreter exits, output into a closed pipe) is
+toy_rlhf.entry's, which `toy-rlhf` and the scripts call.
 """
 import argparse
 import contextlib
@@ -387,9 +389,15 @@ def run_command(command, argv=None, prog=None):
 
 def usage():
     """`toy-rlhf --help`: every command with its one line."""
-    lines = ['usage: toy-rlhf COMMAND [options]   (toy-rlhf COMMAND --help: its options)', '', 'commands:']
-    lines += [f'  {name:<12} {spec.summary}' for name, spec in commands().items()]
+    lines = ['usage: toy-rlhf COMMAND [options]   (toy-rlhf COMMAND --help: its options)', '', 'commands:',
+             name_table({name: spec.summary for name, spec in commands().items()})]
     return '\n'.join(lines)
+
+
+def name_table(summaries):
+    """One line per {name: summary}, the summaries in one column however long a registered name is."""
+    width = max(map(len, summaries))
+    return '\n'.join(f'  {name:<{width}}  {summary}' for name, summary in summaries.items())
 
 
 def train_main(argv=None):
@@ -399,7 +407,7 @@ def train_main(argv=None):
     if not argv or argv[0] not in names:
         if argv and argv[0] in ('-h', '--help'):
             print('usage: scripts/train.py METHOD [options]   (scripts/train.py METHOD --help: its options)\n\n'
-                  'methods:\n' + '\n'.join(f'  {name:<14} {METHODS[name].summary}' for name in names))
+                  'methods:\n' + name_table({name: METHODS[name].summary for name in names}))
             sys.exit(0)
         problem = 'no method given' if not argv else f'unknown method {argv[0]!r}'
         print(f'scripts/train.py: error: {problem}; methods: {", ".join(names)} (see --help)', file=sys.stderr)

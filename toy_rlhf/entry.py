@@ -1,0 +1,59 @@
+"""What `toy-rlhf` and scripts/*.py call: toy_rlhf.cli, with the edges of the process made quiet.
+
+toy_rlhf.cli turns every failure inside a command into one line. Three moments lie outside it, and a
+user meets each as a traceback unless it is caught here:
+- start-up: importing the command line imports torch, seconds in which Ctrl-C is likely. So this
+  module imports nothing heavy, and imports toy_rlhf.cli inside the guard.
+- a reader that left: `toy-rlhf --help | head -1` closes the pipe before the output is written.
+  The process ends as a Unix tool that SIGPIPE kills: silently, with the status a shell reports
+  for it, 141 (128 + SIGPIPE).
+- interpreter exit: after the command, torch's and matplotlib's exit handlers run, and Ctrl-C (or
+  SIGTERM, which toy_rlhf.cli turns into Ctrl-C) there would interrupt them.
+Each ends at once with os._exit: nothing is left to save (finished checkpoints are whole and the run
+folder is released), and a normal exit would flush into the closed pipe or rerun the handlers.
+"""
+import os
+import signal
+import sys
+
+
+def main():
+    """The console script `toy-rlhf COMMAND [options]`."""
+    _run(lambda cli: cli.main())
+
+
+def train_main():
+    """`python scripts/train.py METHOD [options]`."""
+    _run(lambda cli: cli.train_main())
+
+
+def run_command(name):
+    """`python scripts/X.py [options]`: the command `name` of toy_rlhf.cli."""
+    _run(lambda cli: cli.run_command(name))
+
+
+def _run(command):
+    """command(toy_rlhf.cli), then the interpreter's exit, each ending quietly however it is cut short."""
+    try:
+        try:
+            from toy_rlhf import cli  # imports torch: the seconds in which Ctrl-C is likeliest
+            command(cli)
+        finally:
+            sys.stdout.flush()  # here, where a closed pipe can be caught, not at interpreter exit
+    except BrokenPipeError:
+        os._exit(128 + signal.SIGPIPE)
+    except KeyboardInterrupt:  # before toy_rlhf.cli has its own handler: while importing, parsing
+        _stop(signal.SIGINT, None)
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _stop)
+
+
+def _stop(signum, frame):
+    """End now, with one line and the status a shell gives a process stopped by `signum`."""
+    name = 'interrupted' if signum == signal.SIGINT else 'terminated'
+    try:
+        os.write(2, f'{os.path.basename(sys.argv[0])}: {name}\n'.encode())
+    except OSError:  # stderr, too, may be a closed pipe
+        pass
+    os._exit(128 + signum)
