@@ -130,6 +130,9 @@ FAILURES = {
     'more prompts than memory holds': ('evaluate.py', ['runs/default/sft.pt', '--prompts', '200000000'], None,
                                        ['--prompts', '200000000']),
     'beta 0 twice, once as -0': ('run_all.py', ['--betas', '0', '-0', '--quiet'], None, ['--betas', '0 0']),
+    # 10^11 pairs: terabytes, which no allocation gets (and so no process is killed for trying).
+    'more pairs than memory holds': ('train_reward.py', ['--pairs', '100000000000', '--quiet'], sft_checkpoint,
+                                     ['out of memory', 'smaller sizes']),
 }
 if NO_CUDA:
     FAILURES['cuda without a cuda device'] = ('train_sft.py', ['--device', 'cuda'] + TINY_SFT, None,

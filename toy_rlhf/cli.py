@@ -358,6 +358,10 @@ def _check_writable(folder):
         raise UsageError(f'cannot write to folder {folder}: {error.strerror}') from None
 
 
+# How torch's CPU allocator words a failed allocation (a size no machine holds: --pairs 10^9, say).
+OUT_OF_MEMORY = re.compile(r"can't allocate memory|not enough memory|bad_alloc")
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised wherever the process is, so that it unwinds exactly as Ctrl-C does."""
 
@@ -380,6 +384,12 @@ def run_command(command, argv=None, prog=None):
             spec.run(args)
     except (UsageError, CheckpointError, TrainingError, WriteError, RunDirError, PreferenceError) as error:
         print(f'{parser.prog}: error: {error}', file=sys.stderr)
+        sys.exit(2)
+    except (MemoryError, RuntimeError) as error:
+        if not isinstance(error, (MemoryError, torch.OutOfMemoryError)) and not OUT_OF_MEMORY.search(str(error)):
+            raise  # a bug, not a setting: its traceback is what a report needs
+        print(f'{parser.prog}: error: out of memory; nothing half-written. Choose smaller sizes (pairs, batch '
+              'size, prompts per round, samples per prompt)', file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as stop:
         print(f'{parser.prog}: {"terminated" if isinstance(stop, Terminated) else "interrupted"}; finished '
