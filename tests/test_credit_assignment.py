@@ -9,7 +9,7 @@ import torch
 
 from mingpt.model import GPT
 from toy_rlhf.checkpoint import save_checkpoint
-from toy_rlhf.credit_assignment import VARIANTS, CreditConfig, credit_assignment, samples_to_target
+from toy_rlhf.credit_assignment import CreditConfig, credit_assignment, credit_variants, samples_to_target
 from toy_rlhf.methods import METHODS
 from toy_rlhf.optimal import KL_POSITIONS
 from toy_rlhf.policy import policy_config
@@ -31,8 +31,11 @@ def models():
     return GPT(policy_config()), GPT(reward_model_config())
 
 
-@pytest.mark.parametrize('name', ['ppo', 'rloo', 'grpo'])
-def test_a_measured_run_is_the_same_run_as_an_unmeasured_one(models, name):
+ONLINE = [name for name, method in METHODS.items() if method.online and method.train is not None]
+
+
+@pytest.mark.parametrize('name', ONLINE)
+def test_every_online_method_measured_is_the_same_run_as_unmeasured(models, name):
     reference, reward_model = models
     config = METHODS[name].config(iters=3, prompts_per_iter=4)
     measured_rounds = []
@@ -51,7 +54,8 @@ def test_a_measured_run_is_the_same_run_as_an_unmeasured_one(models, name):
 
 def test_a_tiny_study_measures_every_variant_and_seed_exactly_and_draws_its_figure(models, tmp_path, monkeypatch):
     reference, reward_model = models
-    for name in {variant.method for variant in VARIANTS}:  # tiny rollouts: the study is tested, not learning
+    variants = [variant for variant, _ in credit_variants()]
+    for name in {variant.method for variant in variants}:  # tiny rollouts: the study is tested, not learning
         short = functools.partial(METHODS[name].config, prompts_per_iter=8)
         monkeypatch.setitem(METHODS, name, dataclasses.replace(METHODS[name], config=short))
     run_dir = tmp_path / 'runs' / 'default'
@@ -59,7 +63,7 @@ def test_a_tiny_study_measures_every_variant_and_seed_exactly_and_draws_its_figu
     save_checkpoint(run_dir / 'reward.pt', reward_model, 'reward', {}, {})
     config = CreditConfig(runs=2, iters=2, measure_every=2, prompts=1)
     result = credit_assignment(run_dir, tmp_path / 'plots', config, progress=False)
-    assert list(result['variants']) == [variant.label for variant in VARIANTS]
+    assert list(result['variants']) == [variant.label for variant in variants]
     for label, row in result['variants'].items():
         assert [run['seed'] for run in row['runs']] == [0, 1]
         for run in row['runs']:
@@ -71,5 +75,5 @@ def test_a_tiny_study_measures_every_variant_and_seed_exactly_and_draws_its_figu
     assert sum(optimum[name] for name in KL_POSITIONS) == pytest.approx(optimum['kl_total'], abs=1e-6)
     assert json.loads((run_dir / 'credit_assignment.json').read_text())['variants'].keys() == result['variants'].keys()
     report = (run_dir / 'credit_assignment.md').read_text()
-    assert all(f'| {variant.label} |' in report for variant in VARIANTS)
+    assert all(f'| {variant.label} |' in report for variant in variants)
     assert (tmp_path / 'plots' / 'credit_assignment.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

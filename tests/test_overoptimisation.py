@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from toy_rlhf import overoptimisation as study, pipeline
+from toy_rlhf.preferences import PREFERENCES
 from toy_rlhf.language import join, sample_prompts
 from toy_rlhf.methods.best_of_n import best_of_n_log_probs
 from toy_rlhf.methods.ppo import PPOConfig
@@ -63,7 +64,7 @@ def test_a_curve_peaks_where_it_first_reaches_its_highest_value_and_reports_its_
 @pytest.fixture(scope='module')
 def language_tables():
     prompts = sample_prompts(3, torch.Generator().manual_seed(0))
-    gold, valid = study.gold_tables(study.first_digit_gold, prompts)
+    gold, valid = study.gold_tables(PREFERENCES['first-digit'].reward, prompts)
     return language_log_probs(prompts), gold, valid
 
 

@@ -1,7 +1,6 @@
 """The registry of methods is the one place a method is named: a method registered here (and nowhere
 else) has a command, flags, a checkpoint name, a row in the comparison and a point in its figure; and
 every field of every config is a flag of the same name, with the field's comment as its help."""
-import dataclasses
 import json
 import typing
 from dataclasses import dataclass, fields
@@ -15,8 +14,9 @@ from mingpt.model import GPT
 from toy_rlhf import cli, plots
 from toy_rlhf.checkpoint import how_to_make, save_checkpoint
 from toy_rlhf.compare import CompareConfig, compare
-from toy_rlhf.credit_assignment import CreditConfig
-from toy_rlhf.flags import NonNegativeFloat, PositiveFloat, Seed, config_from_args, field_comments
+from toy_rlhf import credit_assignment as credit_module
+from toy_rlhf.credit_assignment import CreditConfig, credit_assignment
+from toy_rlhf.flags import NonNegativeFloat, PositiveFloat, PositiveInt, Seed, config_from_args, field_comments
 from toy_rlhf.methods import METHODS, Method, method_of_stem, register, rollout, unregister
 from toy_rlhf.policy import policy_config
 from toy_rlhf.preferences import PREFERENCES
@@ -29,18 +29,25 @@ from toy_rlhf.sweep import SweepConfig
 class DummyConfig:
     learning_rate: PositiveFloat = 1e-3  # unused by the stand-in's update, needed by start_training
     beta: NonNegativeFloat = 1.0  # KL strength
-    step: PositiveFloat = 0.5  # how far the one update moves the output head
+    step: PositiveFloat = 0.5  # how far each round moves the output head
+    iters: PositiveInt = 1  # rounds
     seed: Seed = 0  # random seed
 
 
-def train_dummy(sft_policy, reward_model, config, progress=True):
-    """A stand-in method: one rollout, and the output head shifted by `step` (no learning)."""
+def train_dummy(sft_policy, reward_model, config, progress=True, measure=None):
+    """A stand-in online method that keeps the registry's contract: each round one rollout, the
+    output head shifted by `step` (no learning), the rollout's row and what measure returns logged."""
     actor, reference, _, generator = rollout.start_training(sft_policy, config)
-    batch = rollout.rollout(actor, reference, reward_model, rollout.prompt_groups(
-        rollout.RolloutConfig(prompts_per_iter=4), generator), generator, PREFERENCES['first-digit'])
-    with torch.no_grad():
-        actor.lm_head.weight.add_(config.step * torch.randn_like(actor.lm_head.weight) * 0.01)
-    return actor.eval(), [{'iter': 0, **rollout.rollout_row(batch, config.beta, 16, 0.0)}]
+    rows = []
+    for iteration in range(config.iters):
+        batch = rollout.rollout(actor, reference, reward_model, rollout.prompt_groups(
+            rollout.RolloutConfig(prompts_per_iter=4), generator), generator, PREFERENCES['first-digit'])
+        with torch.no_grad():
+            actor.lm_head.weight.add_(config.step * torch.randn_like(actor.lm_head.weight) * 0.01)
+        measured = measure(iteration + 1, actor) if measure is not None else {}
+        rows.append({'iter': iteration, **rollout.rollout_row(batch, config.beta, 16 * (iteration + 1), 0.0),
+                     **measured})
+    return actor.eval(), rows
 
 
 @pytest.fixture
@@ -60,7 +67,7 @@ def test_a_registered_method_gets_a_command_with_its_fields_as_flags(dummy, caps
     parser = cli.build_parser('dummy', 'toy-rlhf dummy')
     args = parser.parse_args(['--step', '2', '--beta', '0.5'])
     assert config_from_args(args, DummyConfig) == DummyConfig(beta=0.5, step=2.0)
-    assert 'how far the one update moves the output head' in parser.format_help()
+    assert 'how far each round moves the output head' in parser.format_help()
     compare_flags = cli.build_parser('compare', 'toy-rlhf compare').format_help()
     assert '--dummy.step' in compare_flags
 
@@ -95,6 +102,21 @@ def test_a_registered_method_appears_in_the_comparison_table_and_figure(dummy, t
     assert plt.get_fignums() == []
 
 
+def test_a_registered_online_method_appears_in_the_credit_study_and_its_figure(dummy, tmp_path, monkeypatch):
+    run_dir = tmp_path / 'runs' / 'default'
+    torch.manual_seed(0)
+    save_checkpoint(run_dir / 'sft.pt', GPT(policy_config()), 'policy', {}, {})
+    save_checkpoint(run_dir / 'reward.pt', GPT(reward_model_config()), 'reward', {}, {})
+    # The study trains every online method of the registry; here the stand-in alone, to keep it short.
+    monkeypatch.setattr(credit_module, 'METHODS', {'dummy': dummy})
+    result = credit_assignment(run_dir, tmp_path / 'plots', CreditConfig(runs=1, iters=2, measure_every=1, prompts=1),
+                               progress=False)
+    assert list(result['variants']) == ['Dummy']
+    (run,) = result['variants']['Dummy']['runs']
+    assert run['gap_closed'] <= 1 + 1e-9  # measured exactly, every round
+    assert '| Dummy |' in (run_dir / 'credit_assignment.md').read_text()
+
+
 # --- every setting reachable ----------------------------------------------------------------------
 
 def other_value(hint, default):
@@ -122,8 +144,8 @@ def config_classes():
     for stage in ('sft', 'reward', 'ppo'):
         yield 'all', type(getattr(RunAllConfig(), stage)), stage, ('seed', 'device', 'beta', 'preference')
     yield 'sweep', SweepConfig, '', ()
-    yield 'sft', cli.pipeline.SFTConfig, '', ()
-    yield 'reward', cli.pipeline.RewardConfig, '', ()
+    yield 'sft', cli.SFTConfig, '', ()
+    yield 'reward', cli.RewardConfig, '', ()
     yield 'compare', CompareConfig, '', ()
     yield 'credit', CreditConfig, '', ()
     for method in METHODS.values():

@@ -21,7 +21,7 @@ import torch
 from toy_rlhf import pipeline
 from toy_rlhf.benchmark import benchmark, format_report
 from toy_rlhf.checkpoint import CheckpointError
-from toy_rlhf.compare import CompareConfig, compare
+from toy_rlhf.compare import CompareConfig, checkpoint_row, compare
 from toy_rlhf.credit_assignment import CreditConfig, credit_assignment
 from toy_rlhf.files import WriteError
 from toy_rlhf.flags import Bounds, ExactPrompts, SampledPrompts, Threads, add_config_flags, config_from_args
@@ -30,8 +30,10 @@ from toy_rlhf.metrics import EVALUATION_PROMPTS
 from toy_rlhf.optimal import EXACT_PROMPTS
 from toy_rlhf.overoptimisation import OverOptConfig, overoptimisation
 from toy_rlhf.preferences import PreferenceError, resolve_preference
+from toy_rlhf.reward import RewardConfig
 from toy_rlhf.run_all import RunAllConfig, quick_schedule, run_all
 from toy_rlhf.run_dir import PLOTS, RunDirError, open_run_dir
+from toy_rlhf.sft import SFTConfig
 from toy_rlhf.sweep import SWEPT, SweepConfig, sweep
 from toy_rlhf.training import TrainingError
 
@@ -87,11 +89,19 @@ def method_command(method):
     and IPO need none), the one named, or the flag's default."""
     def run(args):
         config = config_from_args(args, method.config)
-        named = getattr(args, 'preference', None)
-        if hasattr(config, 'preference') and Path(args.run_dir, 'reward.pt').exists():
-            config = replace(config, preference=pipeline.run_preference(args.run_dir, named).name)
+        if hasattr(config, 'preference'):
+            config = replace(config, preference=working_preference(args, 'preference', config.preference))
         pipeline.method_stage(args.run_dir, config, args.progress, method=method)
     return (lambda parser: add_config_flags(parser, method.config)), run
+
+
+def working_preference(args, flag, default):
+    """The name of the preference a command works with: the run's, its reward model's (a different
+    one given with `flag` is refused); in a run without a reward model, the one given, or `default`."""
+    named = getattr(args, flag, None)
+    if Path(args.run_dir, 'reward.pt').exists():
+        return pipeline.run_preference(args.run_dir, named).name
+    return named or default
 
 
 def add_all_arguments(parser):
@@ -174,7 +184,7 @@ def add_overopt_arguments(parser):
     add_config_flags(parser, OverOptConfig, skip=('reward', 'ppo'))
     for stage in ('reward', 'ppo'):
         add_config_flags(parser, type(getattr(OverOptConfig(), stage)), prefix=stage,
-                         skip=('seed', 'device', 'beta', 'pairs', 'gold_margin'))
+                         skip=('seed', 'device', 'beta', 'pairs', 'gold_margin', 'preference'))
     add_plots_dir(parser, 'overoptimisation.png')
 
 
@@ -182,6 +192,9 @@ def run_overopt(args):
     config = config_from_args(args, OverOptConfig)
     config = replace(config, **{stage: config_from_args(args, type(getattr(config, stage)), prefix=stage,
                                                         base=getattr(config, stage)) for stage in ('reward', 'ppo')})
+    # The proxies learn, and are judged by, the run's preference.
+    preference = working_preference(args, 'reward.preference', config.reward.preference)
+    config = replace(config, reward=replace(config.reward, preference=preference))
     for flag, values in (('--pairs', config.pairs), ('--gold-margin', config.gold_margin),
                          ('--ppo-betas', config.ppo_betas)):
         check_betas(flag, values)
@@ -231,8 +244,8 @@ def evaluate(args):
     named = getattr(args, 'preference', None)
     metrics = pipeline.evaluate_checkpoint(path, reference, args.prompts, args.seed, check, named)
     if args.optimal:
-        optimum = pipeline.optimum_gap(path, reference, path.parent / 'reward.pt', args.optimal_prompts, args.seed,
-                                       check, named)
+        optimum = checkpoint_row(path, reference, path.parent / 'reward.pt', args.optimal_prompts, args.seed,
+                                 check, named)
         metrics.update({f'optimum/{name}': value for name, value in optimum.items()})
     if args.json:
         print(json.dumps(metrics, indent=2, sort_keys=True))
@@ -240,7 +253,7 @@ def evaluate(args):
     print(f'{path} against {reference}, {args.prompts} prompts (seed {args.seed}):')
     for name, value in metrics.items():
         shown = ' '.join(f'{item:.4f}' for item in value) if isinstance(value, list) \
-            else 'n/a' if value is None else f'{value:.4f}'
+            else 'n/a' if value is None else value if isinstance(value, str) else f'{value:.4f}'
         print(f'  {name:<32} {shown}')
 
 
@@ -259,10 +272,10 @@ def commands():
     registry when called, so a new method is a new command)."""
     table = {
         'sft': Command('train_sft.py', 'supervised fine-tuning: teach a GPT the digit language',
-                       'Writes runs/RUN/sft.pt and sft.jsonl.', *train_command(pipeline.SFTConfig, pipeline.sft_stage)),
+                       'Writes runs/RUN/sft.pt and sft.jsonl.', *train_command(SFTConfig, pipeline.sft_stage)),
         'reward': Command('train_reward.py', 'train the reward model on labelled preference pairs',
                           'Starts from the SFT policy; needs runs/RUN/sft.pt; writes runs/RUN/reward.pt and reward.jsonl.',
-                          *train_command(pipeline.RewardConfig, pipeline.reward_stage)),
+                          *train_command(RewardConfig, pipeline.reward_stage)),
     }
     for method in METHODS.values():
         if method.train is not None:

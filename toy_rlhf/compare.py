@@ -6,7 +6,6 @@ without a network (best-of-n) gives its exact distribution directly, and each re
 evaluated over all 10^4 responses of the same prompts: J against J*, the KL from pi* and from the
 method's own exact target (where that differs from pi*), gold metrics, and what it consumed.
 """
-import concurrent.futures
 import math
 import os
 import time
@@ -16,16 +15,17 @@ from pathlib import Path
 import torch
 
 from toy_rlhf import plots
-from toy_rlhf.checkpoint import load_checkpoint, load_model
+from toy_rlhf.checkpoint import CheckpointError, load_checkpoint, load_model
 from toy_rlhf.files import write_json, write_text
 from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, PositiveInt, Seed
 from toy_rlhf.language import sample_prompts
-from toy_rlhf.methods import METHODS
+from toy_rlhf.methods import METHODS, method_of_stem
 from toy_rlhf.metrics import samples_to_preference
-from toy_rlhf.optimal import (EXACT_PROMPTS, compare_to_optimum, exact_tables, expected_reward, objective, optimal_frontier,
-                              optimal_log_probs, optimal_value, response_kl, response_log_probs_exact)
-from toy_rlhf.pipeline import ensure_method, run_preference
+from toy_rlhf.optimal import (EXACT_PROMPTS, compare_to_optimum, exact_tables, expected_reward, objective,
+                              optimal_frontier, optimal_log_probs, optimal_value, response_kl, response_log_probs_exact)
+from toy_rlhf.pipeline import check_trained_from, checkpoint_preference
 from toy_rlhf.reward import RewardConfig
+from toy_rlhf.run import Run, Variant
 
 # The optimum's frontier is drawn through these betas (log-spaced, plus the limit beta -> 0).
 FRONTIER_BETAS = [0.0] + [10 ** (k / 8) for k in range(-20, 13)]
@@ -43,23 +43,36 @@ class CompareConfig:
     preference: str = ''  # the run's (its reward model's); name it only if it is module:function, imported only when named
 
 
-def exact_row(label, method, config, log_pi, tables):
+def exact_row(label, method, config, log_pi, tables, gold_margin):
     """A policy's exact numbers against the optimum at config.beta, from its log-probs of every
     response (P, 10^4) and the shared tables (toy_rlhf.optimal.ExactTables): compare_to_optimum's
-    keys, and the KL from pi* and from the method's own target, and the gap closed under the gold reward."""
+    keys, the KL from pi* and from the method's own target, and the gap closed under the gold reward
+    (at the run's labeler margin, gold_margin)."""
     beta = config.beta
     optimum = optimal_log_probs(tables.log_ref, tables.rewards, beta)
     target = method.target(tables, config) if method.target is not None else optimum
-    gold = tables.gold(getattr(config, 'gold_margin', RewardConfig.gold_margin))
     row = {'label': label, 'method': method.name,
            **compare_to_optimum(log_pi, tables.log_ref, tables.rewards, tables.prompts, beta, tables.preference),
            'kl_to_optimum': finite_or_none(response_kl(log_pi, optimum).mean().item()),
            'target': method.target_label, 'kl_to_target': finite_or_none(response_kl(log_pi, target).mean().item()),
-           'gold_gap_closed': gap_closed(log_pi, tables.log_ref, gold, beta)}
+           'gold_gap_closed': gap_closed(log_pi, tables.log_ref, tables.gold(gold_margin), beta)}
     if method.target is not None:  # where the method's own target lies, for the figure
         row['target_reward'] = expected_reward(target, tables.rewards).mean().item()
         row['target_kl_total'] = response_kl(target, tables.log_ref).mean().item()
     return row
+
+
+def variant_row(run, variant, tables):
+    """exact_row of a variant of the run (trained, or a method's exact distribution), with what a
+    trained one consumed and how long it trained."""
+    method, config = METHODS[variant.method], run.config(variant)
+    if method.train is None:
+        return exact_row(variant.describe(), method, config, method.exact_policy(tables, config), tables,
+                         run.gold_margin)
+    log_pi = response_log_probs_exact(run.policy(variant), tables.prompts)
+    row = exact_row(variant.describe(), method, config, log_pi, tables, run.gold_margin)
+    checkpoint = run.checkpoint(variant)
+    return {**row, **consumed(method, checkpoint['history']), 'seconds': checkpoint['metrics']['seconds']}
 
 
 def finite_or_none(kl):
@@ -77,62 +90,58 @@ def gap_closed(log_pi, log_ref, rewards, beta):
     return (J - J_ref) / (J_star - J_ref) if J_star > J_ref else None
 
 
-def at(beta, seed, preference, method_config):
-    """method_config at beta, with the comparison's seed and the run's preference where the method
-    has them (best-of-n samples nothing and learns nothing, so it has neither)."""
-    names = {field.name for field in fields(method_config)}
-    given = {'seed': seed, 'preference': preference}
-    return replace(method_config, beta=beta, **{name: value for name, value in given.items() if name in names})
+def checkpoint_row(policy_path, reference_path, reward_path, n_prompts, seed, check_inputs=True, named=None):
+    """exact_row of the policy at policy_path, by the method that made it (its settings and beta read
+    from the checkpoint), over all 10^4 responses of n_prompts prompts drawn with seed: against pi* and
+    the method's own target. Refuses a reference or reward model it was not trained from, unless
+    check_inputs is False."""
+    settings = load_checkpoint(policy_path, 'policy')['train_config']
+    method = METHODS.get(settings.get('method')) or method_of_stem(Path(policy_path).stem)
+    if method is None or 'beta' not in settings:
+        raise CheckpointError(f'{policy_path}: not made by a training method (no method or beta stored); '
+                              'run `python scripts/train.py METHOD` to make one')
+    if check_inputs:
+        check_trained_from(policy_path, {'sft.pt': reference_path, 'reward.pt': reward_path})
+    reward_settings = load_checkpoint(reward_path, 'reward')['train_config']
+    preference = checkpoint_preference(reward_path, reward_settings, named, not check_inputs)
+    config = method.config(**{field.name: settings[field.name] for field in fields(method.config)
+                              if field.name in settings})
+    prompts = sample_prompts(n_prompts, torch.Generator().manual_seed(seed))
+    tables = exact_tables(load_model(reference_path, 'policy'), load_model(reward_path, 'reward'), prompts, preference)
+    log_pi = response_log_probs_exact(load_model(policy_path, 'policy'), prompts)
+    return exact_row(Path(policy_path).stem, method, config, log_pi, tables,
+                     reward_settings.get('gold_margin', RewardConfig.gold_margin))
 
 
-def _train(run_dir, method, config, fresh):
-    """One training run in a worker process: one thread, so that runs at once do not fight over cores."""
-    torch.set_num_threads(1)
-    return ensure_method(run_dir, method, config, fresh, progress=False)
+def variants(config, method_configs=None):
+    """The comparison's variants: every method at every beta, on the comparison's seed, with the
+    settings in method_configs ({name: config}) where given."""
+    def at(name, beta):
+        base = (method_configs or {}).get(name) or METHODS[name].config()
+        names = {field.name for field in fields(base)}
+        return Variant.of(replace(base, beta=beta, **({'seed': config.seed} if 'seed' in names else {})), name)
+    return [at(name, beta) for beta in config.betas for name in (config.methods or METHODS)]
 
 
 def compare(run_dir, plots_dir, config, method_configs=None, progress=True):
     """Train and evaluate every method at every beta; write run_dir/methods.md and methods.json and
     draw plots_dir/methods.png. method_configs: {name: config} settings of the methods (their beta and
-    seed are set here). Returns the rows of the table."""
+    seed are set here). A run folder without an SFT policy or reward model gets them first. Returns
+    the rows of the table."""
     run_dir, plots_dir = Path(run_dir), Path(plots_dir)
-    methods = [METHODS[name] for name in (config.methods or METHODS)]
-    preference = run_preference(run_dir, config.preference)
-    runs = [(method, at(beta, config.seed, preference.name,
-                        (method_configs or {}).get(method.name) or method.config()))
-            for beta in config.betas for method in methods]
+    run = Run(run_dir, config.preference, config.fresh, progress).build(config.seed)
+    chosen = variants(config, method_configs)
 
     # 1. train every method that trains (reusing current checkpoints)
-    trained = [(method, method_config) for method, method_config in runs if method.train is not None]
-    if config.workers > 1:
-        with concurrent.futures.ProcessPoolExecutor(config.workers) as pool:
-            list(pool.map(_train, *zip(*[(run_dir, method, method_config, config.fresh)
-                                         for method, method_config in trained])))
-    else:
-        for method, method_config in trained:
-            ensure_method(run_dir, method, method_config, config.fresh, progress)
+    run.train(chosen, config.workers)
 
     # 2. evaluate every policy exactly on the same prompts
     start = time.perf_counter()
-    prompts = sample_prompts(config.prompts, torch.Generator().manual_seed(config.seed))
-    tables = exact_tables(load_model(run_dir / 'sft.pt', 'policy'), load_model(run_dir / 'reward.pt', 'reward'),
-                          prompts, preference)
-    rows, histories = [], {}
-    for method, method_config in runs:
-        label = f'{method.label} beta={method_config.beta:g}'
-        if method.train is None:
-            row = exact_row(label, method, method_config, method.exact_policy(tables, method_config), tables)
-        else:
-            path = run_dir / f'{method.stem(method_config)}.pt'
-            row = exact_row(label, method, method_config,
-                            response_log_probs_exact(load_model(path, 'policy'), prompts), tables)
-            checkpoint = load_checkpoint(path)
-            history = checkpoint['history']
-            row.update(consumed(method, history), seconds=checkpoint['metrics']['seconds'])
-            if method.online:
-                histories[label] = (method.name, history)
-        rows.append(row)
-    frontier = optimal_frontier(tables.log_ref, tables.rewards, prompts, FRONTIER_BETAS, preference)
+    tables = run.tables(sample_prompts(config.prompts, torch.Generator().manual_seed(config.seed)))
+    rows = [variant_row(run, variant, tables) for variant in chosen]
+    histories = {variant.describe(): (variant.method, run.checkpoint(variant)['history'])
+                 for variant in chosen if METHODS[variant.method].train is not None and METHODS[variant.method].online}
+    frontier = optimal_frontier(tables.log_ref, tables.rewards, tables.prompts, FRONTIER_BETAS, tables.preference)
     print(f'Exact evaluation of {len(rows)} policies on {config.prompts} prompts: {time.perf_counter() - start:.1f} s')
 
     # 3. the figure and the table

@@ -21,39 +21,32 @@ measured run is the same run as an unmeasured one.
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from toy_rlhf import plots
-from toy_rlhf.checkpoint import load_model
 from toy_rlhf.files import write_json, write_text
 from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, PositiveInt, Probability, Seed
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods import METHODS
-from toy_rlhf.optimal import (EXACT_PROMPTS, KL_POSITIONS, distribution_summary, exact_tables, expected_reward,
+from toy_rlhf.optimal import (EXACT_PROMPTS, KL_POSITIONS, distribution_summary, expected_reward,
                               gold_metrics, kl_split, objective, optimal_log_probs, optimal_value,
                               response_log_probs_exact)
-from toy_rlhf.pipeline import run_preference
-from toy_rlhf.reward import RewardConfig
+from toy_rlhf.run import Run, Variant
 
 
-@dataclass(frozen=True)
-class Variant:
-    label: str
-    method: str  # registry name
-    settings: tuple = ()  # (field, value) pairs of the method's config that make the variant
-    color: str = 'black'
-
-
-VARIANTS = (
-    Variant('PPO, leave-one-out', 'ppo', color='#2ca02c'),
-    Variant('PPO, critic, GAE lambda 0.95', 'ppo', (('critic', True), ('gae_lambda', 0.95)), '#1f77b4'),
-    Variant('PPO, critic, GAE lambda 1', 'ppo', (('critic', True), ('gae_lambda', 1.0)), '#17becf'),
-    Variant('RLOO', 'rloo', color=METHODS['rloo'].color),
-    Variant('GRPO', 'grpo', color=METHODS['grpo'].color),
-)
+def credit_variants():
+    """Every online method of the registry that learns from the reward model, at its defaults and at
+    each of its presets: [(Variant, colour)], seeds and schedule set by the study."""
+    variants = []
+    for method in METHODS.values():
+        if method.online and method.train is not None and method.needs_reward_model:
+            variants.append((Variant(method.name, label=method.label), method.color))
+            variants += [(Variant(method.name, settings=settings, label=label), color)
+                         for label, settings, color in method.presets]
+    return variants
 
 
 @dataclass
@@ -111,28 +104,27 @@ def credit_assignment(run_dir, plots_dir, config, progress=True):
     """Train every variant on every seed from the run's checkpoints, measure exactly, draw
     plots_dir/credit_assignment.png, write run_dir/credit_assignment.md and .json; returns the summary."""
     run_dir, plots_dir = Path(run_dir), Path(plots_dir)
-    preference = run_preference(run_dir, config.preference)
-    reference, reward_model = load_model(run_dir / 'sft.pt', 'policy'), load_model(run_dir / 'reward.pt', 'reward')
-    prompts = sample_prompts(config.prompts, torch.Generator().manual_seed(config.seed))
-    tables = exact_tables(reference, reward_model, prompts, preference)
-    gold = tables.gold(RewardConfig.gold_margin)
+    run = Run(run_dir, config.preference, progress=progress).build(config.seed)
+    preference = run.preference
+    tables = run.tables(sample_prompts(config.prompts, torch.Generator().manual_seed(config.seed)))
+    gold = tables.gold(run.gold_margin)
     optimum = distribution_summary(optimal_log_probs(tables.log_ref, tables.rewards, config.beta), tables.log_ref,
-                                   tables.rewards, prompts, preference)
+                                   tables.rewards, tables.prompts, preference)
     target_rate = config.target * optimum['preference_rate']
     # Every curve starts from the SFT policy, measured the same way (gap closed 0 by definition).
-    start = {'samples': 0, **ExactMeasure(tables, gold, config.beta, 1, 0)(0, reference)}
+    start = {'samples': 0, **ExactMeasure(tables, gold, config.beta, 1, 0)(0, run.sft_policy)}
 
+    variants = credit_variants()
     histories, summary = {}, {}
-    for variant in VARIANTS:
+    for variant, _ in variants:
         method = METHODS[variant.method]
         runs = []
         for seed in range(config.seed, config.seed + config.runs):
-            method_config = method.config(beta=config.beta, iters=config.iters, seed=seed, preference=preference.name,
-                                          **dict(variant.settings))
+            seeded = replace(variant, beta=config.beta, seed=seed, settings=(*variant.settings, ('iters', config.iters)))
             measure = ExactMeasure(tables, gold, config.beta, config.measure_every, config.iters)
             started = time.perf_counter()
-            _, history = method.train(reference, reward_model=reward_model, config=method_config, progress=progress,
-                                      measure=measure)
+            _, history = method.train(run.sft_policy, reward_model=run.reward_model, config=run.config(seeded),
+                                      progress=progress, measure=measure)
             seconds = time.perf_counter() - started - measure.seconds
             history = [start, *history]
             histories[f'{variant.label}, seed {seed}'] = history
@@ -151,7 +143,7 @@ def credit_assignment(run_dir, plots_dir, config, progress=True):
     result = {'preference': preference.name, 'settings': asdict(config), 'target_rate': target_rate,
               'optimum': {name: optimum[name] for name in ('preference_rate', 'kl_total', *KL_POSITIONS)},
               'variants': summary}
-    figure = plots.plot_credit_assignment(histories, {variant.label: variant.color for variant in VARIANTS},
+    figure = plots.plot_credit_assignment(histories, {variant.label: color for variant, color in variants},
                                           result, plots_dir / 'credit_assignment.png')
     write_json(run_dir / 'credit_assignment.json', result)
     write_text(run_dir / 'credit_assignment.md', report(result, figure, run_dir))
@@ -171,7 +163,7 @@ def medians(runs):
 def report(result, figure, run_dir):
     """credit_assignment.md: the table of medians over seeds, against pi*."""
     settings, optimum = result['settings'], result['optimum']
-    baseline_seconds = result['variants'][VARIANTS[0].label]['seconds']
+    baseline_seconds = next(iter(result['variants'].values()))['seconds']  # the first variant's: PPO's
     lines = []
     for label, row in result['variants'].items():
         samples = 'not reached' if row['median_samples_to_target'] is None else f"{row['median_samples_to_target']:,.0f}"

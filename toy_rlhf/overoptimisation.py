@@ -13,8 +13,8 @@ responses only (the language's rule holds in every digit): the proxy never saw a
 so its extrapolation there is where hacking happens. Gao et al.'s forms are fitted to the gold curves.
 
 Units: every reward is a gain over the reference (R(0) = 0, as the forms assume). Gold is the
-labeler's reward per unit of margin (1 for the preferred first digit: gold gain is preference-rate
-gain, valid gold gain is gold-rate gain), and each proxy is divided by the margin its labels were
+labeler's reward per unit of margin, the preference's own reward (0 to 1 for the built-ins; for the
+first digit, gold gain is preference-rate gain and valid gold gain is gold-rate gain), and each proxy is divided by the margin its labels were
 drawn at: a Bradley-Terry labeler makes the proxy estimate margin * gold up to a constant per prompt,
 so proxy / margin is the proxy's own estimate of the gold gain, on the same axis.
 """
@@ -31,16 +31,17 @@ import torch
 
 from toy_rlhf import plots
 from toy_rlhf.checkpoint import load_checkpoint, load_model
-from toy_rlhf.data import gold_reward
-from toy_rlhf.files import write_json, write_text
+from toy_rlhf.files import fingerprint, write_json, write_text
 from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, PositiveFloat, PositiveInt, Seed
 from toy_rlhf.language import is_valid_output, sample_prompts
 from toy_rlhf.methods.best_of_n import cumulative_masses, level_kl, level_log_probs, reward_levels, textbook_kl
 from toy_rlhf.methods.ppo import PPOConfig, train_ppo
 from toy_rlhf.optimal import (EXACT_PROMPTS, all_responses, digit_distribution, optimal_log_probs, response_kl,
                               response_log_probs_exact, response_rewards_exact)
-from toy_rlhf.pipeline import SFTConfig, ensure_stage, fingerprint, reward_stage, save_stage, sft_stage
+from toy_rlhf.pipeline import ensure_stage, reward_stage, save_stage, sft_stage
+from toy_rlhf.preferences import resolve_preference
 from toy_rlhf.reward import RewardConfig
+from toy_rlhf.sft import SFTConfig
 
 # pi*_beta from beta = 100 (d ~ 0.03, next to the reference) down to 1e-3, ten per decade, then beta -> 0.
 BETAS = [10 ** (k / 10) for k in range(20, -31, -1)] + [0.0]
@@ -70,16 +71,8 @@ class SnapshotPPOConfig(PPOConfig):
     """PPO's settings and how its snapshots are measured: a run is reused only if both are the same."""
     snapshot_every: PositiveInt = 5  # rounds between exact evaluations
     prompts: ExactPrompts = EXACT_PROMPTS  # prompts of each evaluation (drawn with the seed)
-    gold: str = 'first_digit_gold'  # the gold reward the snapshots are measured by (its name)
+    gold: str = ''  # the preference whose gold reward the snapshots are measured by (its name)
 
-
-def first_digit_gold(prompts, responses):
-    """The labeler's gold reward per unit of margin: 1 for the preferred first digit, else 0."""
-    return gold_reward(prompts, responses, 1.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# The math, as pure functions of (P, 10^4) tables; every curve is a dict of equal-length lists.
 
 def expectations(log_pi, log_ref, values):
     """KL(pi || pi_ref) and E_pi[v] of each table v (P, N) in values, means over prompts: {name: float}."""
@@ -235,17 +228,19 @@ def ppo_run_path(proxy_path, beta):
 # ---------------------------------------------------------------------------------------------
 # The study.
 
-def overoptimisation(run_dir, plots_dir, config, gold=first_digit_gold, progress=True):
+def overoptimisation(run_dir, plots_dir, config, progress=True):
     """Proxies, their exact curves, Gao et al.'s fits, plots_dir/overoptimisation.png and
-    run_dir/overoptimisation.md and .json. gold(prompts, responses) -> rewards per unit of margin.
+    run_dir/overoptimisation.md and .json. The labeler and the gold are those of
+    config.reward.preference: its reward, per unit of margin, is the gold every proxy is judged by.
     Returns the proxies' results."""
     run_dir, plots_dir = Path(run_dir), Path(plots_dir)
+    preference = resolve_preference(config.reward.preference)
+    gold, gold_name = preference.reward, preference.name
     # 1. the reference: the run's SFT policy (trained first if the run has none)
     sft_path = run_dir / 'sft.pt'
     if not sft_path.exists():
         sft_stage(run_dir, SFTConfig(seed=config.seed), progress)
     tables = Tables(sft_path, sample_prompts(config.prompts, torch.Generator().manual_seed(config.seed)), gold)
-    gold_name = getattr(gold, 'name', gold.__name__)
 
     # 2. the proxies (reward models on `pairs` labels drawn at `margin`) and PPO on each, snapshots
     # measured exactly as it trains; every stage reused when current
@@ -255,7 +250,8 @@ def overoptimisation(run_dir, plots_dir, config, gold=first_digit_gold, progress
         ensure_stage(run_dir, path.stem, replace(config.reward, pairs=pairs, gold_margin=margin, seed=config.seed),
                      (sft_path,), functools.partial(reward_stage, name=path.stem), config.fresh, progress)
         for beta in config.ppo_betas:
-            ppo_config = SnapshotPPOConfig(**{**asdict(config.ppo), 'beta': beta, 'seed': config.seed},
+            ppo_config = SnapshotPPOConfig(**{**asdict(config.ppo), 'beta': beta, 'seed': config.seed,
+                                              'preference': preference.name},
                                            snapshot_every=config.snapshot_every, prompts=config.prompts,
                                            gold=gold_name)
             measure = functools.partial(tables.measure, proxy_path=path, margin=margin)

@@ -19,13 +19,11 @@ import torch
 
 from toy_rlhf.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from toy_rlhf.files import fingerprint, jsonl_text, write_text
-from toy_rlhf.language import entropy_floor, sample_prompts
-from toy_rlhf.methods import METHODS
+from toy_rlhf.language import entropy_floor
 from toy_rlhf.metrics import EVALUATION_PROMPTS, evaluate_policy, language_kl
-from toy_rlhf.optimal import EXACT_PROMPTS, evaluate_against_optimum
 from toy_rlhf.preferences import PREFERENCES, PreferenceError, resolve_preference
-from toy_rlhf.reward import RewardConfig, pairwise_accuracy, preference_pairs, rank_rate, train_reward
-from toy_rlhf.sft import SFTConfig, train_sft
+from toy_rlhf.reward import pairwise_accuracy, preference_pairs, rank_rate, train_reward
+from toy_rlhf.sft import train_sft
 from toy_rlhf.training import TrainingError
 
 
@@ -60,15 +58,17 @@ def provenance(config, inputs=()):
     return {**asdict(config), **origin}
 
 
-def save_stage(run_dir, name, model, kind, config, metrics, history, inputs=()):
-    """Write a stage's checkpoint (with its provenance and history), then its .jsonl log. Refuses
-    (TrainingError) metrics that are NaN or infinite: nothing is saved."""
+def save_stage(run_dir, name, model, kind, config, metrics, history, inputs=(), method=None):
+    """Write a stage's checkpoint (with its provenance, the training method's registry name if it is
+    a method's, and its history), then its .jsonl log. Refuses (TrainingError) metrics that are NaN or
+    infinite: nothing is saved."""
     run_dir = Path(run_dir)
     broken = [key for key, value in metrics.items() if isinstance(value, float) and not math.isfinite(value)]
     if broken:
         raise TrainingError(f'{name}: its {broken[0]} is {metrics[broken[0]]}; stopped, nothing saved')
-    save_checkpoint(run_dir / f'{name}.pt', model, kind, {**provenance(config, inputs), 'versions': versions()},
-                    metrics, history)
+    made_by = {'method': method} if method else {}
+    save_checkpoint(run_dir / f'{name}.pt', model, kind, {**provenance(config, inputs), **made_by,
+                                                          'versions': versions()}, metrics, history)
     write_text(run_dir / f'{name}.jsonl', jsonl_text(history))
 
 
@@ -181,7 +181,7 @@ def method_stage(run_dir, config, progress=True, *, method):
         policy, history = method.train(reference, config=config, progress=progress, **models)
         metrics = {**evaluate_policy(policy, reference, EVALUATION_PROMPTS, config.seed, preference),
                    'seconds': time.perf_counter() - start}
-    save_stage(run_dir, name, policy, 'policy', config, metrics, history, inputs)
+    save_stage(run_dir, name, policy, 'policy', config, metrics, history, inputs, method=method.name)
     print(f"{method.label} beta={config.beta:g}: preference {metrics['preference_rate']:.2%}, fidelity "
           f"{metrics['fidelity']:.2%}, gold {metrics['gold_rate']:.2%}, KL to reference "
           f"{metrics['kl_to_reference']:.3f} nats; {metrics['seconds']:.1f} s -> {run_dir / name}.pt")
@@ -244,22 +244,3 @@ def evaluate_checkpoint(policy_path, reference_path, n_prompts=EVALUATION_PROMPT
     settings = load_checkpoint(policy_path, 'policy')['train_config']
     return evaluate_policy(policy, reference, n_prompts, seed,
                            checkpoint_preference(policy_path, settings, named, not check_inputs))
-
-
-def optimum_gap(policy_path, reference_path, reward_path, n_prompts=EXACT_PROMPTS, seed=0, check_inputs=True,
-                named=None):
-    """The policy at policy_path against the exact optimum of the objective at its own beta (read
-    from its checkpoint), over all 10^4 responses of n_prompts prompts: J, J*, gap closed (for the
-    reward model, and for the gold reward at the labeler's margin), KL split, gold metrics."""
-    settings = load_checkpoint(policy_path, 'policy')['train_config']
-    if 'beta' not in settings:
-        raise CheckpointError(f'{policy_path}: not made by a training method (no beta stored); '
-                              'run `python scripts/train.py METHOD` to make one')
-    models = load_model(policy_path, 'policy'), load_model(reference_path, 'policy'), load_model(reward_path, 'reward')
-    if check_inputs:
-        check_trained_from(policy_path, {'sft.pt': reference_path, 'reward.pt': reward_path})
-    prompts = sample_prompts(n_prompts, torch.Generator().manual_seed(seed))
-    reward_settings = load_checkpoint(reward_path, 'reward')['train_config']
-    preference = checkpoint_preference(reward_path, reward_settings, named, not check_inputs)
-    return evaluate_against_optimum(*models, settings['beta'], prompts, preference,
-                                    reward_settings.get('gold_margin', RewardConfig.gold_margin))

@@ -19,10 +19,11 @@ from toy_rlhf.language import entropy_floor
 from toy_rlhf.methods import METHODS
 from toy_rlhf.methods.ppo import PPOConfig
 from toy_rlhf.metrics import EVALUATION_PROMPTS, PREFERENCE_TARGET, evaluate_policy, samples_to_preference
-from toy_rlhf.pipeline import (RewardConfig, SFTConfig, ensure_method, ensure_stage, machine, reward_stage,
-                               sft_stage, versions)
+from toy_rlhf.pipeline import ensure_method, ensure_stage, machine, reward_stage, sft_stage, versions
 from toy_rlhf.preferences import DEFAULT_PREFERENCE, resolve_preference
 from toy_rlhf.report import write_report
+from toy_rlhf.reward import RewardConfig
+from toy_rlhf.sft import SFTConfig
 
 REFERENCE = 'reference (SFT)'
 PPO = METHODS['ppo']  # the story run_all tells is PPO's; the comparison of every method is compare.py

@@ -12,14 +12,13 @@ from pathlib import Path
 import torch
 
 from toy_rlhf import plots
-from toy_rlhf.checkpoint import load_model
-from toy_rlhf.compare import FRONTIER_BETAS, exact_row
+from toy_rlhf.compare import FRONTIER_BETAS, variant_row
 from toy_rlhf.files import write_json, write_text
-from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, PositiveFloat, PositiveInt, Seed
+from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, PositiveFloat, Seed
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods import METHODS
-from toy_rlhf.optimal import EXACT_PROMPTS, exact_tables, optimal_frontier, response_log_probs_exact
-from toy_rlhf.pipeline import ensure_method, run_preference
+from toy_rlhf.optimal import EXACT_PROMPTS, optimal_frontier
+from toy_rlhf.run import Run, Variant
 
 
 SWEPT = ('ppo', 'dpo')  # the methods of the sweep (their settings: --ppo.*, --dpo.*)
@@ -35,19 +34,12 @@ class SweepConfig:
     preference: str = ''  # the run's (its reward model's); name it only if it is module:function, imported only when named
 
 
-def train_policies(run_dir, config, preference, method_configs=None, progress=True):
-    """PPO for every beta and DPO for every DPO beta for `preference` (the run's), reusing current
-    checkpoints; returns {label: (method, config, checkpoint path)}. method_configs: {name: config},
-    their other settings."""
-    policies = {}
-    for method, betas in zip((METHODS[name] for name in SWEPT), (config.betas, config.dpo_betas)):
-        for beta in betas:
-            method_config = replace((method_configs or {}).get(method.name) or method.config(), beta=beta,
-                                    seed=config.seed, preference=preference.name)
-            ensure_method(run_dir, method, method_config, config.fresh, progress)
-            policies[f'{method.label} beta={beta:g}'] = (method, method_config,
-                                                         Path(run_dir) / f'{method.stem(method_config)}.pt')
-    return policies
+def sweep_variants(config, method_configs=None):
+    """PPO at every beta and DPO at every DPO beta, on the sweep's seed, with the settings in
+    method_configs ({name: config}) where given."""
+    return [Variant.of(replace((method_configs or {}).get(name) or METHODS[name].config(), beta=beta, seed=config.seed),
+                       name)
+            for name, betas in zip(SWEPT, (config.betas, config.dpo_betas)) for beta in betas]
 
 
 def sweep(run_dir, plots_dir, config, method_configs=None, progress=True):
@@ -55,16 +47,14 @@ def sweep(run_dir, plots_dir, config, method_configs=None, progress=True):
     sweep.json. method_configs: {'ppo': ..., 'dpo': ...}, the methods' other settings (their beta,
     seed and preference are set here). Returns the rows of the table."""
     run_dir, plots_dir = Path(run_dir), Path(plots_dir)
-    preference = run_preference(run_dir, config.preference)
-    policies = train_policies(run_dir, config, preference, method_configs, progress)
+    run = Run(run_dir, config.preference, config.fresh, progress).build(config.seed)
+    variants = sweep_variants(config, method_configs)
+    run.train(variants)
 
     start = time.perf_counter()
-    prompts = sample_prompts(config.prompts, torch.Generator().manual_seed(config.seed))
-    tables = exact_tables(load_model(run_dir / 'sft.pt', 'policy'), load_model(run_dir / 'reward.pt', 'reward'),
-                          prompts, preference)
-    rows = [exact_row(label, method, method_config, response_log_probs_exact(load_model(path, 'policy'), prompts),
-                      tables) for label, (method, method_config, path) in policies.items()]
-    frontier = optimal_frontier(tables.log_ref, tables.rewards, prompts, FRONTIER_BETAS, tables.preference)
+    tables = run.tables(sample_prompts(config.prompts, torch.Generator().manual_seed(config.seed)))
+    rows = [variant_row(run, variant, tables) for variant in variants]
+    frontier = optimal_frontier(tables.log_ref, tables.rewards, tables.prompts, FRONTIER_BETAS, tables.preference)
     seconds = time.perf_counter() - start
 
     figure = plots.plot_frontier(frontier, rows, plots_dir / 'frontier.png')

@@ -1,9 +1,19 @@
 """The registry of training methods: each method is one module here plus one entry below.
 
 Everything that runs, names, evaluates or draws a method (the stages, `run_all`, the sweep, the
-comparison, the benchmark, the figures, checkpoint names and the command line) reads this registry;
-nothing else names a method. To add one: write its module (a config dataclass whose fields are its
-flags, its math as pure functions, one `train` function) and register it here.
+comparison, the credit study, the benchmark, the figures, checkpoint names and the command line)
+reads this registry; nothing else names a method. To add one: write its module (a config dataclass
+whose fields are its flags, its math as pure functions, one `train` function) and register it here.
+
+The contract a method keeps, so that every study shows it with no other edit:
+- `train(sft_policy, config=..., progress=..., [reward_model=...], [measure=...])` returns (policy,
+  history), history a list of dicts of numbers, one per round or logged step;
+- an online method (`online=True`) samples its own responses, takes `measure`, calls
+  measure(rounds done, policy) after every round and adds what it returns to that round's row, and
+  logs the rollout's metrics of `rollout.rollout_row` (ONLINE_LOG below) in every row;
+- an offline method logs how many labelled pairs it has used as 'pairs';
+- its config has a `beta`, a `seed` if it draws random numbers, and a `preference` if it needs one
+  (set to the run's by the studies).
 """
 import hashlib
 import json
@@ -32,6 +42,9 @@ class Method:
     # exact_policy(tables, config) -> log-probs (P, 10^4) of a method without a network.
     exact_policy: Optional[Callable] = None
     online: bool = True  # samples its own responses (learning curves against samples, not pairs)
+    # Named settings worth a row of their own where a study compares variants of methods (the credit
+    # study trains each): (label, ((field, value), ...), colour) triples.
+    presets: tuple = ()
 
     def stem(self, config):
         """The checkpoint file stem of a run with `config` (one of self.config): ppo_beta1 with the
@@ -51,6 +64,8 @@ class Method:
 
 
 METHODS = {}
+# What every row of an online method's history holds (rollout.rollout_row): the studies read these.
+ONLINE_LOG = ('samples', 'objective/scores', 'objective/kl', 'objective/rlhf_reward', 'gold/preference_rate')
 
 
 def register(method):
@@ -74,7 +89,9 @@ def method_of_stem(stem):
 register(Method(
     name='ppo', label='PPO', config=ppo.PPOConfig, train=ppo.train_ppo, needs_reward_model=True,
     summary='PPO with a per-token KL penalty in the reward, leave-one-out baseline (or --critic)',
-    color='#2ca02c', marker='o'))
+    color='#2ca02c', marker='o',
+    presets=(('PPO, critic, GAE lambda 0.95', (('critic', True), ('gae_lambda', 0.95)), '#1f77b4'),
+             ('PPO, critic, GAE lambda 1', (('critic', True), ('gae_lambda', 1.0)), '#17becf'))))
 register(Method(
     name='dpo', label='DPO', config=dpo.DPOConfig, train=dpo.train_dpo, needs_reward_model=False,
     summary='direct preference optimisation on the labelled pairs, no reward model',

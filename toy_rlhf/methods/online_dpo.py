@@ -100,10 +100,11 @@ def chosen_and_rejected(first):
 # ---------------------------------------------------------------------------------------------
 # The loop.
 
-def train_online_dpo(sft_policy, reward_model, config, progress=True):
+def train_online_dpo(sft_policy, reward_model, config, progress=True, measure=None):
     """Fine-tune a copy of sft_policy with online DPO at config.beta, reward_model labelling the
     policy's own pairs. Returns the policy (eval mode) and the log: one row per round, the rollout's
-    metrics (rollout_row) and the DPO loss, implicit rewards, margins and accuracies of its pairs."""
+    metrics (rollout_row) and the DPO loss, implicit rewards, margins and accuracies of its pairs, plus
+    what measure(rounds done, actor) returns after each round (as train_ppo's)."""
     actor, reference, optimizer, generator = start_training(sft_policy, config)
     preference = resolve_preference(config.preference)  # whose exact rate the log follows
 
@@ -121,7 +122,9 @@ def train_online_dpo(sft_policy, reward_model, config, progress=True):
             stats = update(actor, optimizer, batch, chosen, rejected, config)
             check_finite('online_dpo', iteration, loss=stats['loss'])
             samples += len(batch['sentences'])
-            log.add({'iter': iteration, **rollout_row(batch, config.beta, samples, log.seconds()), **stats})
+            measured = measure(iteration + 1, actor) if measure is not None else {}
+            log.add({'iter': iteration, **rollout_row(batch, config.beta, samples, log.seconds()), **stats,
+                     **measured})
             log.step()
     return actor.eval(), log.rows
 

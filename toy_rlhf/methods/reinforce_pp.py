@@ -41,9 +41,10 @@ def reinforce_pp_advantages(score, logp_old, logp_ref, beta):
     return whiten(returns_to_go(per_token_rewards(score, logp_old, logp_ref, beta)))
 
 
-def train_reinforce_pp(sft_policy, reward_model, config, progress=True):
+def train_reinforce_pp(sft_policy, reward_model, config, progress=True, measure=None):
     """Fine-tune a copy of sft_policy against reward_model with REINFORCE++ and a KL penalty of
-    config.beta. Returns the actor (eval mode) and the log: one dict per iteration, TRL's metric names."""
+    config.beta. Returns the actor (eval mode) and the log: one dict per iteration, TRL's metric names,
+    plus what measure(rounds done, actor) returns after each round (as train_ppo's)."""
     actor, reference, optimizer, generator = start_training(sft_policy, config)
     preference = resolve_preference(config.preference)  # whose exact rate the log follows
 
@@ -62,6 +63,8 @@ def train_reinforce_pp(sft_policy, reward_model, config, progress=True):
             stats = update(actor, optimizer, batch, config)
             check_finite('reinforce++', iteration, loss=stats['policy/loss'])
             samples += len(batch['sentences'])
-            log.add({'iter': iteration, **rollout_row(batch, config.beta, samples, log.seconds()), **stats})
+            measured = measure(iteration + 1, actor) if measure is not None else {}
+            log.add({'iter': iteration, **rollout_row(batch, config.beta, samples, log.seconds()), **stats,
+                     **measured})
             log.step()
     return actor.eval(), log.rows

@@ -1,0 +1,104 @@
+"""A Run reads a run folder's facts one way for every study: the preference and the gold margin are
+the reward model's, a study on an empty folder trains what it needs, and a policy is measured against
+its method's own target wherever it is measured."""
+import dataclasses
+import json
+import signal
+
+import pytest
+import torch
+
+from mingpt.model import GPT
+from toy_rlhf import cli, run as run_module
+from toy_rlhf.checkpoint import save_checkpoint
+from toy_rlhf.compare import CompareConfig, checkpoint_row, compare
+from toy_rlhf.policy import policy_config
+from toy_rlhf.reward import RewardConfig, reward_model_config
+from toy_rlhf.run import Run, Variant
+from toy_rlhf.sft import SFTConfig
+
+
+@pytest.fixture(autouse=True)
+def sigterm_handler_restored():
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)
+
+
+def random_run(folder, **reward_settings):
+    """A run folder holding an untrained SFT policy and reward model, the latter stored with settings."""
+    torch.manual_seed(0)
+    save_checkpoint(folder / 'sft.pt', GPT(policy_config()), 'policy', {}, {})
+    save_checkpoint(folder / 'reward.pt', GPT(reward_model_config()), 'reward', reward_settings, {})
+    return folder
+
+
+def test_a_variant_is_named_as_its_checkpoint_and_gives_its_config_for_the_runs_preference():
+    variant = Variant('ppo', beta=0.0, seed=2, settings=(('iters', 3),))
+    config = variant.config('distinct')
+    assert (config.beta, config.seed, config.iters, config.preference) == (0.0, 2, 3, 'distinct')
+    assert variant.name.startswith('ppo_beta0_seed2_')
+    assert Variant.of(config, 'ppo') == Variant('ppo', 0.0, 2, (('iters', 3),))
+    assert Variant('ppo').describe() == 'PPO beta=1'
+
+
+def test_the_gold_gap_closed_is_read_at_the_reward_models_margin_by_every_study(tmp_path):
+    run_dir = random_run(tmp_path / 'runs' / 'r', gold_margin=2.0, preference='first-digit')
+    config = CompareConfig(methods=('ppo',), prompts=2)
+    tiny = {'ppo': run_module.METHODS['ppo'].config(iters=1, prompts_per_iter=4)}
+    [row] = compare(run_dir, tmp_path / 'plots', config, tiny, progress=False)
+    path = run_dir / f"{Variant.of(tiny['ppo'], 'ppo').name}.pt"
+    again = checkpoint_row(path, run_dir / 'sft.pt', run_dir / 'reward.pt', 2, 0)
+    assert Run(run_dir).gold_margin == 2.0
+    assert again['gold_gap_closed'] == pytest.approx(row['gold_gap_closed'], abs=1e-12)
+    # At the class default (margin 20) the gold objective is another one: its gap closed differs.
+    run_at_20 = random_run(tmp_path / 'runs' / 's', preference='first-digit')
+    (run_at_20 / path.name).write_bytes(path.read_bytes())
+    other = checkpoint_row(run_at_20 / path.name, run_at_20 / 'sft.pt', run_at_20 / 'reward.pt', 2, 0,
+                           check_inputs=False)
+    assert other['gold_gap_closed'] != pytest.approx(row['gold_gap_closed'], abs=1e-6)
+
+
+def test_evaluate_optimal_measures_a_policy_against_its_methods_own_target(tmp_path, capsys, monkeypatch):
+    run_dir = random_run(tmp_path / 'runs' / 'default', preference='first-digit')
+    monkeypatch.chdir(tmp_path)
+    assert cli.run_command('grpo', ['--iters', '1', '--prompts-per-iter', '2', '--quiet']) is None
+    [policy] = run_dir.glob('grpo_beta1*.pt')
+    capsys.readouterr()
+    cli.run_command('evaluate', [str(policy), '--optimal', '--optimal-prompts', '2', '--prompts', '4', '--json'])
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics['optimum/target'] == "GRPO's fixed point"
+    assert metrics['optimum/kl_to_target'] >= 0 and metrics['optimum/kl_to_optimum'] >= 0
+
+
+def test_a_study_on_an_empty_run_folder_trains_what_it_needs_first(tmp_path, monkeypatch, capsys):
+    # Tiny stages: what is tested is that the comparison builds its inputs, not what they learn.
+    @dataclasses.dataclass
+    class TinySFT(SFTConfig):
+        iters: int = 2
+        batch_size: int = 8
+
+    @dataclasses.dataclass
+    class TinyReward(RewardConfig):
+        iters: int = 2
+        pairs: int = 32
+        held_out_pairs: int = 32
+
+    monkeypatch.setattr(run_module, 'SFTConfig', TinySFT)
+    monkeypatch.setattr(run_module, 'RewardConfig', TinyReward)
+    monkeypatch.chdir(tmp_path)
+    cli.run_command('compare', ['--run', 'fresh', '--methods', 'best_of_n', '--prompts', '1', '--quiet'])
+    printed = capsys.readouterr().out
+    assert 'sft.pt: none yet' in printed and 'reward.pt: none yet' in printed
+    assert (tmp_path / 'runs' / 'fresh' / 'methods.md').is_file()
+
+
+def test_overoptimisation_judges_the_proxies_by_the_runs_preference(tmp_path, monkeypatch):
+    random_run(tmp_path / 'runs' / 'default', preference='last-digit')
+    monkeypatch.chdir(tmp_path)
+    cli.run_command('overopt', ['--pairs', '40', '--ppo-betas', '0', '--snapshot-every', '1', '--prompts', '1',
+                                '--reward.iters', '2', '--reward.held-out-pairs', '40', '--ppo.iters', '1',
+                                '--ppo.prompts-per-iter', '4', '--quiet'])
+    key = json.loads((tmp_path / 'runs' / 'default' / 'overoptimisation.json').read_text())['key']
+    assert key['gold'] == 'last-digit'
+    assert key['settings']['reward']['preference'] == 'last-digit'
