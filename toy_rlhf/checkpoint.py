@@ -2,12 +2,11 @@
 
     {format_version, kind ('policy' | 'reward'), model_config, train_config, metrics, history, state_dict}
 
-Format 3 carries the training history (the rows of the stage's .jsonl log) inside the checkpoint, so
-a log and its checkpoint can never disagree: the .jsonl beside it is a readable copy, rewritten from
-the checkpoint when missing or different. Formats 1 and 2 have no history; they load as models, but
-a stage never reuses them. Format 2 names the parameters as minGPT does (transformer.h.0.attn.c_attn.weight, lm_head.weight,
-...). Format 1, from before mingpt took those names, differs in nothing else: its state dicts are
-read through a renaming of the old names (blocks.0.attn.qkv.weight, head.weight, ...).
+The training history (the rows of the stage's .jsonl log) travels inside the checkpoint, so a log and
+its checkpoint can never disagree: the .jsonl beside it is a readable copy, rewritten from the
+checkpoint when missing or different. Parameters carry minGPT's names (transformer.h.0.attn.c_attn.weight,
+lm_head.weight, ...). Only the current format is read; an older one is answered with the command
+that makes it again.
 
 Writing goes to a temporary file in the same folder that is then renamed over the final name, so an
 interrupted write never leaves a half-written checkpoint under the final name. Reading uses
@@ -15,7 +14,6 @@ torch.load(weights_only=True), which refuses any pickle that would run code, the
 every field and that every weight is finite.
 """
 import dataclasses
-import re
 import warnings
 from pathlib import Path
 
@@ -30,17 +28,6 @@ from toy_rlhf.reward import RewardConfig
 from toy_rlhf.sft import SFTConfig
 
 FORMAT_VERSION = 3
-READABLE_FORMATS = (1, 2, 3)
-# Format 1's parameter names -> format 2's (minGPT's), each substitution applied in turn.
-FORMAT_1_RENAMES = [
-    (r'^(wte|wpe|ln_f)\.', r'transformer.\1.'),
-    (r'^blocks\.', 'transformer.h.'),
-    (r'\.attn\.qkv\.', '.attn.c_attn.'),
-    (r'\.attn\.proj\.', '.attn.c_proj.'),
-    (r'\.mlp\.0\.', '.mlp.c_fc.'),
-    (r'\.mlp\.2\.', '.mlp.c_proj.'),
-    (r'^head\.', 'lm_head.'),
-]
 KINDS = ('policy', 'reward')
 # What each kind of model must be able to read: (vocab_size, smallest block_size, output_size).
 EXPECTED_SHAPE = {'policy': (VOCAB_SIZE, SEQUENCE_LENGTH - 1, VOCAB_SIZE),
@@ -86,13 +73,9 @@ def load_checkpoint(path, kind=None):
     problem = _malformed(checkpoint)
     if problem:
         raise CheckpointError(f'{path}: not a toy-rlhf checkpoint ({problem}); run `{run}` to make one')
-    if checkpoint['format_version'] not in READABLE_FORMATS:
+    if checkpoint['format_version'] != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {checkpoint['format_version']}, this "
-                              f'version reads {READABLE_FORMATS[-1]}; run `{run}` to make it again')
-    if checkpoint['format_version'] == 1:
-        checkpoint['state_dict'] = {_format_2_name(name): tensor
-                                    for name, tensor in checkpoint['state_dict'].items()}
-    checkpoint.setdefault('history', None)  # formats 1 and 2 kept it in the .jsonl only
+                              f'version reads {FORMAT_VERSION}; run `{run}` to make it again')
     if kind is not None and checkpoint['kind'] != kind:
         raise CheckpointError(f"{path}: a {checkpoint['kind']} checkpoint where a {kind} "
                               f'checkpoint is needed; run `{run}` to make one')
@@ -143,7 +126,7 @@ def _malformed(checkpoint):
     if not all(isinstance(name, str) and isinstance(tensor, torch.Tensor)
                for name, tensor in checkpoint['state_dict'].items()):
         return 'state_dict is not a dict of named tensors'
-    if checkpoint['format_version'] >= 3 and not (isinstance(checkpoint.get('history'), list) and all(
+    if checkpoint['format_version'] == FORMAT_VERSION and not (isinstance(checkpoint.get('history'), list) and all(
             isinstance(row, dict) for row in checkpoint['history'])):
         return 'history is not a list of dicts'
     return _settings_problem(checkpoint['train_config']) or _metrics_problem(checkpoint['metrics'])
@@ -197,13 +180,6 @@ def setting_types():
         for field in dataclasses.fields(config()):
             types.setdefault(field.name, []).append(field.type)
     return types
-
-
-def _format_2_name(format_1_name):
-    name = format_1_name
-    for old, new in FORMAT_1_RENAMES:
-        name = re.sub(old, new, name)
-    return name
 
 
 def how_to_make(path, kind=None):

@@ -281,7 +281,8 @@ def commands():
         if method.train is not None:
             needs = 'sft.pt and reward.pt' if method.needs_reward_model else 'sft.pt'
             table[method.name] = Command(f'train_{method.name}.py', method.summary,
-                                         f'Needs runs/RUN/{needs}; writes runs/RUN/{method.name}_beta<B>.pt and .jsonl.',
+                                         f'Needs runs/RUN/{needs}; writes runs/RUN/{method.name}_beta<B>.pt and .jsonl '
+                                         '(with _seed<S> and a hash of other non-default settings in the name).',
                                          *method_command(method))
     table.update({
         'all': Command('run_all.py', 'the whole pipeline: SFT, reward model, PPO per beta, figures, report',

@@ -184,5 +184,5 @@ def _argparse_options(hint, default):
         kind, bounds = typing.get_args(hint)[:2]
         return {'type': bounds.parse(kind), 'metavar': 'N'}
     if hint in (int, float):
-        return {'type': Bounds(description=f'a number').parse(hint), 'metavar': 'N'}
+        return {'type': Bounds(description='a number').parse(hint), 'metavar': 'N'}
     return {'type': hint}

@@ -73,15 +73,15 @@ def save_stage(run_dir, name, model, kind, config, metrics, history, inputs=(), 
 
 
 def current_checkpoint(path, config, inputs=()):
-    """The checkpoint at path if it was made with these settings from these input checkpoints and
-    carries its history; otherwise None."""
+    """The checkpoint at path if it was made with these settings from these input checkpoints;
+    otherwise None."""
     try:
         checkpoint = load_checkpoint(path)
     except CheckpointError:
         return None
     stored = checkpoint['train_config']
     same = all(stored.get(key) == value for key, value in provenance(config, inputs).items())
-    return checkpoint if same and checkpoint['history'] is not None else None
+    return checkpoint if same else None
 
 
 def repair_log(path, history):

@@ -78,8 +78,8 @@ def figure_captions(metrics, preference_name=DEFAULT_PREFERENCE):
         'sft_loss': f'SFT cross-entropy against training steps. The loss cannot go below the entropy '
                     f'of the language ({metrics["sft"]["entropy_floor"]:.4f} nats, dashed); the model '
                     f'ends {metrics["sft"]["language_kl"]:.4f} nats per token from the true distribution.',
-        'reward_model': f'Left: mean reward of chosen and rejected responses during training. Right: '
-                        f'the reward of each possible first digit for one sentence; over fresh prompts '
+        'reward_model': 'Left: mean reward of chosen and rejected responses during training. Right: '
+                        'the reward of each possible first digit for one sentence; over fresh prompts '
                         + (f'the preferred digit scores highest {_percent(metrics["reward"]["rank_rate"])} of the time.'
                            if on_first_digit else
                            f'a language response of the best gold level outscores one of a lower level '
