@@ -10,7 +10,7 @@ setup(
     python_requires='>=3.10',
     install_requires=['torch>=2.1', 'numpy', 'matplotlib', 'tqdm'],
     # setuptools: tests/test_packaging.py builds the wheel offline, without build isolation (70.1 builds
-    # wheels without the `wheel` package).
-    extras_require={'test': ['pytest', 'setuptools>=70.1']},
+    # wheels without the `wheel` package). ruff: the linter tests/test_lint.py runs.
+    extras_require={'test': ['pytest', 'setuptools>=70.1', 'ruff']},
     entry_points={'console_scripts': ['toy-rlhf = toy_rlhf.entry:main']},
 )

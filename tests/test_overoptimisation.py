@@ -117,7 +117,7 @@ def test_proxies_and_snapshots_are_reused_and_a_new_pair_count_trains_only_its_o
     before = made()
     with monkeypatch.context() as rerun:  # everything current: no exact table is computed again
         for table in ('response_log_probs_exact', 'response_rewards_exact'):
-            rerun.setattr(study, table, lambda *args: pytest.fail(f'{table} computed on a rerun'))
+            rerun.setattr(study, table, lambda *args, table=table: pytest.fail(f'{table} computed on a rerun'))
         again = study.overoptimisation(tmp_path, tmp_path / 'plots', config, progress=False)
     assert made() == before
     assert again[0]['curves'] == first[0]['curves']
