@@ -73,7 +73,7 @@ def _extend(model, tokens, position, cache):
     positions = torch.arange(position, position + n, device=tokens.device)
     x = (model.transformer.wte(tokens) + model.transformer.wpe(positions)).view(P * N, n, -1)
     for block, layer_cache in zip(model.transformer.h, cache):
-        q, k, v = (t.view(P, N, *t.shape[1:]) for t in block.attn._heads(block.ln_1(x)))  # (P, N, nh, n, hs)
+        q, k, v = (t.view(P, N, *t.shape[1:]) for t in block.attn.query_key_value(block.ln_1(x)))  # (P, N, nh, n, hs)
         layer_cache.append((k, v))
         y = _attention(q, layer_cache)
         x = x + block.attn.c_proj(y.flatten(0, 1).transpose(1, 2).flatten(2))
