@@ -5,11 +5,12 @@ import math
 import pytest
 import torch
 
+from toy_rlhf.enumeration import response_log_probs_exact
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods.dpo import gold_optimum
 from toy_rlhf.methods.ipo import IPOConfig, ipo_loss, ipo_margin, ipo_target, train_ipo
 from toy_rlhf.metrics import evaluate_policy
-from toy_rlhf.optimal import ExactTables, gold_metrics, response_kl, response_log_probs_exact
+from toy_rlhf.optimal import ExactTables, gold_metrics, response_kl
 
 
 def rows(*values):

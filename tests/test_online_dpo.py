@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
+from toy_rlhf.enumeration import response_log_probs_exact
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods.dpo import dpo_loss
 from toy_rlhf.methods.online_dpo import OnlineDPOConfig, chosen_and_rejected, first_wins, train_online_dpo
 from toy_rlhf.metrics import evaluate_policy
-from toy_rlhf.optimal import exact_tables, objective, optimal_value, response_log_probs_exact
+from toy_rlhf.optimal import exact_tables, objective, optimal_value
 
 
 DRAWS = 20000  # labels per score difference

@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from mingpt.model import GPT
+from toy_rlhf.enumeration import all_responses, response_log_probs_exact, response_rewards_exact
 from toy_rlhf.language import join
-from toy_rlhf.optimal import (all_responses, compare_to_optimum, evaluate_against_optimum,
-                              gold_metrics, kl_split, non_digit_mass, objective, optimal_frontier,
-                              optimal_log_probs, optimal_value, response_log_probs_exact,
-                              response_rewards_exact)
+from toy_rlhf.optimal import (compare_to_optimum, evaluate_against_optimum, gold_metrics, kl_split, non_digit_mass,
+                              objective, optimal_frontier, optimal_log_probs, optimal_value)
 from toy_rlhf.policy import policy_config, response_log_probs
 from toy_rlhf.reward import reward_model_config, score_sentences
 

@@ -12,7 +12,8 @@ from toy_rlhf.data import PreferenceDataset, labeler
 from toy_rlhf.language import RESPONSE_LENGTH, join, sample_prompts
 from toy_rlhf.methods.ppo import PPOConfig, train_ppo
 from toy_rlhf.metrics import aligned_next_tokens, evaluate_policy, true_distributions
-from toy_rlhf.optimal import RESPONSES, compare_to_optimum, exact_tables, kl_split, optimal_log_probs
+from toy_rlhf.enumeration import RESPONSES
+from toy_rlhf.optimal import compare_to_optimum, exact_tables, kl_split, optimal_log_probs
 from toy_rlhf.pipeline import reward_stage
 from toy_rlhf.preferences import (PREFERENCES, PreferenceError, best_reachable, language_paths, resolve_preference,
                                   sample_aligned)
