@@ -11,6 +11,7 @@ from toy_rlhf.methods.dpo import gold_optimum
 from toy_rlhf.methods.ipo import IPOConfig, ipo_loss, ipo_margin, ipo_target, train_ipo
 from toy_rlhf.metrics import evaluate_policy
 from toy_rlhf.optimal import ExactTables, gold_metrics, response_kl
+from toy_rlhf.preferences import PREFERENCES
 
 
 def rows(*values):
@@ -74,7 +75,7 @@ def random_tables(seed=0):
     """ExactTables of PROMPTS with a random reference (all 10^4 responses); IPO reads no rewards."""
     log_ref = torch.randn(len(PROMPTS), 10 ** 4, dtype=torch.float64,
                           generator=torch.Generator().manual_seed(seed)).log_softmax(dim=1)
-    return ExactTables(PROMPTS, log_ref, rewards=torch.zeros_like(log_ref))
+    return ExactTables(PROMPTS, log_ref, rewards=torch.zeros_like(log_ref), preference=PREFERENCES['first-digit'])
 
 
 def first_digit_log_odds(log_pi, prompts):
@@ -106,7 +107,8 @@ def test_the_target_moves_the_reference_by_delta_on_the_preferred_first_digit_on
 # 0.78 there, 0.034-0.037 nats from the target (the SFT policy: 0.38) and 17-18 nats from pi* of the
 # gold reward.
 SHORT_IPO = dict(beta=0.25, iters=100, pairs=4000, seed=0)
-EVALUATION = dict(n_prompts=500, seed=1)  # preference rate to within ~0.01 (exact per prompt)
+# Preference rate to within ~0.01 (exact per prompt), for the preference IPOConfig trains for.
+EVALUATION = dict(n_prompts=500, seed=1, preference=PREFERENCES[IPOConfig.preference])
 
 
 @pytest.fixture(scope='module')
@@ -124,7 +126,7 @@ def test_a_short_run_raises_the_preference_rate_well_above_the_sft_policys(sft_p
 def test_a_short_run_ends_at_its_own_target_not_at_pi_star_of_the_gold_reward(sft_policy, short_run):
     prompts = sample_prompts(5, torch.Generator().manual_seed(3))
     log_ref = response_log_probs_exact(sft_policy, prompts)
-    tables = ExactTables(prompts, log_ref, rewards=torch.zeros_like(log_ref))  # neither target reads rewards
+    tables = ExactTables(prompts, log_ref, torch.zeros_like(log_ref), EVALUATION['preference'])  # no rewards read
     config = IPOConfig(**SHORT_IPO)
     log_pi, target, gold = response_log_probs_exact(short_run, prompts), ipo_target(tables, config), \
         gold_optimum(tables, config)
@@ -134,6 +136,6 @@ def test_a_short_run_ends_at_its_own_target_not_at_pi_star_of_the_gold_reward(sf
     assert to_target < response_kl(log_ref, target).mean().item() / 5
     assert to_target < response_kl(log_pi, gold).mean().item() / 10
     # Its preference rate stops near the target's 0.82 (measured 0.77-0.78), far short of pi*'s 1.0.
-    rate, target_rate = (gold_metrics(log_probs, prompts)['preference_rate'].mean().item()
+    rate, target_rate = (gold_metrics(log_probs, prompts, EVALUATION['preference'])['preference_rate'].mean().item()
                          for log_probs in (log_pi, target))
     assert abs(rate - target_rate) < 0.1 and rate < 0.9

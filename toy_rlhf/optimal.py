@@ -16,16 +16,15 @@ writing four digits). The mass a policy puts on responses with SEP in them is re
 (`non_digit_mass`); for trained policies it is tiny. Computations are in float64 so that identities
 such as J_beta(pi*) = J*_beta hold to ~1e-12.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from toy_rlhf.data import gold_reward
 from toy_rlhf.enumeration import RESPONSES, all_responses, response_log_probs_exact, response_rewards_exact
 from toy_rlhf.language import DIGITS, RESPONSE_LENGTH, is_valid_output
-from toy_rlhf.preferences import DEFAULT_PREFERENCE, PREFERENCES, Preference, best_reachable
-
-FIRST_DIGIT = PREFERENCES[DEFAULT_PREFERENCE]
+from toy_rlhf.preferences import Preference, best_reachable, passed_or_default
 
 # Prompts of an exact evaluation (each: all 10^4 responses): the gap closed to J* then has a standard
 # error of ~0.1 points across prompt draws, and the reward model's tables take about a second.
@@ -129,7 +128,7 @@ def _prefix_marginal(log_pi, length):
     return digit_distribution(log_pi).view(len(log_pi), DIGITS ** length, -1).logsumexp(dim=2)
 
 
-def gold_metrics(log_pi, prompts, preference=FIRST_DIGIT):
+def gold_metrics(log_pi, prompts, preference):
     """Exact gold metrics of a response distribution, over digit responses: log_pi (P, 10^4),
     prompts (P, 4) -> {'preference_rate', 'gold_reward', 'fidelity', 'gold_rate'}, each (P,).
 
@@ -158,7 +157,7 @@ def gold_metrics(log_pi, prompts, preference=FIRST_DIGIT):
 # ---------------------------------------------------------------------------------------------
 # Summaries: means over prompts, as plain floats.
 
-def distribution_summary(log_pi, log_ref, rewards, prompts, preference=FIRST_DIGIT):
+def distribution_summary(log_pi, log_ref, rewards, prompts, preference):
     """A response distribution against the reference: means over prompts of E[r], the KL split and
     the gold metrics of `preference`, {name: float}."""
     per_prompt = {'reward': expected_reward(log_pi, rewards), **kl_split(log_pi, log_ref),
@@ -166,7 +165,7 @@ def distribution_summary(log_pi, log_ref, rewards, prompts, preference=FIRST_DIG
     return {name: value.mean().item() for name, value in per_prompt.items()}
 
 
-def optimal_frontier(log_ref, rewards, prompts, betas, preference=FIRST_DIGIT):
+def optimal_frontier(log_ref, rewards, prompts, betas, preference):
     """The optimum at each beta, from one reference table and one reward table: a list of
     {'beta', 'J_star', 'reward', the KL split, the gold metrics of `preference`} (means over
     prompts), one per beta."""
@@ -176,15 +175,17 @@ def optimal_frontier(log_ref, rewards, prompts, betas, preference=FIRST_DIGIT):
             for beta in betas]
 
 
-def compare_to_optimum(log_pi, log_ref, rewards, prompts, beta, preference=FIRST_DIGIT):
+def compare_to_optimum(log_pi, log_ref, rewards, prompts, beta, preference=None):
     """A policy's table against the optimum at beta, all from precomputed (P, 10^4) tables.
 
     Returns means over prompts: J (the policy's objective), J_star, J_ref (= E_ref[r], the
     reference's objective: its KL is 0), gap_closed = (J - J_ref) / (J_star - J_ref) (1 at the
     optimum, 0 for the reference, negative if worse than the reference; nan where the reward is
     constant and there is no gap), the policy's reward, KL
-    split and gold metrics, the same for pi* under 'optimal_*', and the policy's non_digit_mass.
+    split and gold metrics of `preference`, the same for pi* under 'optimal_*', and the policy's
+    non_digit_mass. preference=None is a transition (see preferences.passed_or_default).
     """
+    preference = passed_or_default(preference, 'compare_to_optimum')
     J = objective(log_pi, log_ref, rewards, beta).mean().item()
     J_star = optimal_value(log_ref, rewards, beta).mean().item()
     J_ref = expected_reward(log_ref, rewards).mean().item()
@@ -196,13 +197,14 @@ def compare_to_optimum(log_pi, log_ref, rewards, prompts, beta, preference=FIRST
             'non_digit_mass': non_digit_mass(log_pi).mean().item()}
 
 
-def evaluate_against_optimum(policy, reference, reward_model, beta, prompts, preference=FIRST_DIGIT,
-                             gold_margin=None):
+def evaluate_against_optimum(policy, reference, reward_model, beta, prompts, preference=None, gold_margin=None):
     """A policy model against the exact optimum of its objective at beta on prompts (P, 4): see
     compare_to_optimum for the keys, with `preference`'s gold metrics; with gold_margin, also
     'gold_gap_closed', the gap closed under the gold reward (times gold_margin) instead of the reward
     model's. For several policies or betas, compute the tables once (exact_tables) and call
-    compare_to_optimum or optimal_frontier directly."""
+    compare_to_optimum or optimal_frontier directly. preference=None is a transition (see
+    preferences.passed_or_default)."""
+    preference = passed_or_default(preference, 'evaluate_against_optimum')
     tables = exact_tables(reference, reward_model, prompts, preference)
     log_pi = response_log_probs_exact(policy.eval(), prompts)
     row = compare_to_optimum(log_pi, tables.log_ref, tables.rewards, prompts, beta, preference)
@@ -218,20 +220,30 @@ def evaluate_against_optimum(policy, reference, reward_model, beta, prompts, pre
 @dataclass
 class ExactTables:
     """prompts (P, 4); log_ref: log pi_ref of every response (P, 10^4); rewards: the reward model's
-    score of every response (P, 10^4); float64; the preference the labeler judged by."""
+    score of every response (P, 10^4); float64; the preference the labeler judged by (None for tables
+    of a reward alone, which have no gold reward)."""
     prompts: torch.Tensor
     log_ref: torch.Tensor
     rewards: torch.Tensor
-    preference: Preference = field(default=FIRST_DIGIT)
+    preference: Optional[Preference] = None
 
     def gold(self, margin):
         """The labeler's gold reward of every response (P, 10^4), at `margin`."""
-        responses = all_responses()
-        return torch.stack([gold_reward(prompt.expand(len(responses), -1), responses, margin, self.preference)
-                            for prompt in self.prompts]).double()
+        if self.preference is None:
+            raise ValueError('these tables were made without a preference: they have no gold reward')
+        return gold_table(self.prompts, self.preference, margin)
 
 
-def exact_tables(reference, reward_model, prompts, preference=FIRST_DIGIT):
-    """The ExactTables of `prompts` (P, 4) for a reference policy, a reward model and a preference."""
+def gold_table(prompts, preference, margin):
+    """The labeler's gold reward of every response to each prompt (P, 4), at `margin`: (P, 10^4) float64."""
+    responses = all_responses()
+    return torch.stack([gold_reward(prompt.expand(len(responses), -1), responses, margin, preference)
+                        for prompt in prompts]).double()
+
+
+def exact_tables(reference, reward_model, prompts, preference=None):
+    """The ExactTables of `prompts` (P, 4) for a reference policy, a reward model and a preference.
+    preference=None is a transition (see preferences.passed_or_default)."""
     return ExactTables(prompts, response_log_probs_exact(reference.eval(), prompts),
-                       response_rewards_exact(reward_model.eval(), prompts), preference)
+                       response_rewards_exact(reward_model.eval(), prompts),
+                       passed_or_default(preference, 'exact_tables'))
