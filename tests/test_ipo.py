@@ -10,7 +10,7 @@ from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods.dpo import gold_optimum
 from toy_rlhf.methods.ipo import IPOConfig, ipo_loss, ipo_margin, ipo_target, train_ipo
 from toy_rlhf.metrics import evaluate_policy
-from toy_rlhf.optimal import ExactTables, gold_metrics, response_kl
+from toy_rlhf.optimal import ExactTables, gold_metrics, gold_table, response_kl
 from toy_rlhf.preferences import PREFERENCES
 
 
@@ -75,7 +75,7 @@ def random_tables(seed=0):
     """ExactTables of PROMPTS with a random reference (all 10^4 responses); IPO reads no rewards."""
     log_ref = torch.randn(len(PROMPTS), 10 ** 4, dtype=torch.float64,
                           generator=torch.Generator().manual_seed(seed)).log_softmax(dim=1)
-    return ExactTables(PROMPTS, log_ref, rewards=torch.zeros_like(log_ref), preference=PREFERENCES['first-digit'])
+    return ExactTables(PROMPTS, log_ref, rewards=torch.zeros_like(log_ref))
 
 
 def first_digit_log_odds(log_pi, prompts):
@@ -97,6 +97,19 @@ def test_the_target_moves_the_reference_by_delta_on_the_preferred_first_digit_on
     preferred = torch.arange(10 ** 4) // 1000 == ((PROMPTS[:, 3:] + 1) % 10)  # (4, 10^4)
     rest = target - tables.log_ref - delta * preferred.double()
     assert torch.allclose(rest, rest[:, :1].expand_as(rest), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize('name', ['last-digit', 'distinct'])
+def test_for_another_two_level_preference_the_target_moves_the_reference_by_delta_on_its_upper_level(name):
+    tables, config = random_tables(), IPOConfig(preference=name)
+    gold = gold_table(PROMPTS, PREFERENCES[name], 1.0)  # (4, 10^4) of 0s and 1s
+    rest = ipo_target(tables, config) - tables.log_ref - ipo_margin(config) * gold
+    assert torch.allclose(rest, rest[:, :1].expand_as(rest), rtol=0, atol=1e-10)
+
+
+def test_a_gold_reward_of_more_than_two_levels_has_no_target_and_is_refused():
+    with pytest.raises(ValueError, match='two levels, 0 and 1 .* digit-sum takes other values'):
+        ipo_target(random_tables(), IPOConfig(preference='digit-sum'))
 
 
 # --- what training does ---------------------------------------------------------------------------
@@ -126,7 +139,7 @@ def test_a_short_run_raises_the_preference_rate_well_above_the_sft_policys(sft_p
 def test_a_short_run_ends_at_its_own_target_not_at_pi_star_of_the_gold_reward(sft_policy, short_run):
     prompts = sample_prompts(5, torch.Generator().manual_seed(3))
     log_ref = response_log_probs_exact(sft_policy, prompts)
-    tables = ExactTables(prompts, log_ref, torch.zeros_like(log_ref), EVALUATION['preference'])  # no rewards read
+    tables = ExactTables(prompts, log_ref, rewards=torch.zeros_like(log_ref))  # neither target reads rewards
     config = IPOConfig(**SHORT_IPO)
     log_pi, target, gold = response_log_probs_exact(short_run, prompts), ipo_target(tables, config), \
         gold_optimum(tables, config)
