@@ -5,7 +5,8 @@ The public interface follows minGPT (`GPT.get_default_config()`, `model_type='gp
 so do the parameter names (`transformer.wte`, `transformer.h.0.attn.c_attn`, `lm_head`, ...): a
 minGPT state dict loads as it is, and ours loads into minGPT with strict=False (it lacks only the
 causal masks minGPT keeps as buffers). Our additions: `output_size`, the width of the output head (1
-for a reward model), `attention_maps`, and a key/value cache for `generate`.
+for a reward model), `attention_maps`, a key/value cache for `generate`, and
+`CausalSelfAttention.query_key_value`, the projections its attention starts from.
 """
 import math
 
@@ -47,16 +48,18 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
         self.register_load_state_dict_pre_hook(_drop_causal_mask_buffer)
 
-    def _heads(self, x):
-        """x: (B, T, C) -> queries, keys and values, each (B, n_head, T, C // n_head)."""
+    def query_key_value(self, x):
+        """The queries, keys and values the forward pass attends with, split into heads: x (B, T, C)
+        -> three tensors (B, n_head, T, C // n_head). Public for code that arranges the attention
+        itself, such as a pass over many sequences that share prefixes and so share their keys."""
         B, T, C = x.shape
-        return (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                for t in self.c_attn(x).split(C, dim=2))
+        return tuple(t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                     for t in self.c_attn(x).split(C, dim=2))
 
     def forward(self, x, cache=None):
         """x: (B, T, C) -> (B, T, C). With a cache (a dict, empty for a new sequence), x continues
         the sequence whose keys and values the cache holds, and its own are added to it."""
-        q, k, v = self._heads(x)
+        q, k, v = self.query_key_value(x)
         if cache is not None:
             if cache:
                 k, v = torch.cat([cache['k'], k], dim=2), torch.cat([cache['v'], v], dim=2)
@@ -73,7 +76,7 @@ class CausalSelfAttention(nn.Module):
 
     def weights(self, x):
         """The attention weights the forward pass uses (without dropout): x (B, T, C) -> (B, n_head, T, T)."""
-        q, k, _ = self._heads(x)
+        q, k, _ = self.query_key_value(x)
         T = x.size(1)
         future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(diagonal=1)
         scores = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))

@@ -12,6 +12,7 @@ from toy_rlhf.methods.dpo import DPOConfig, dpo_loss, sequence_log_probs, train_
 from toy_rlhf.language import CLS
 from toy_rlhf.metrics import evaluate_policy
 from toy_rlhf.policy import policy_config, response_log_probs
+from toy_rlhf.preferences import PREFERENCES
 
 
 LOG_TWO = math.log(2)
@@ -86,7 +87,7 @@ def test_sequence_log_probs_sum_the_log_probs_of_the_four_response_digits():
 
 def test_a_policy_scored_against_itself_has_loss_log_two_on_real_pairs():
     model = random_policy(1)
-    context, chosen, rejected = PreferenceDataset(32, gold_margin=20.0, seed=0)[:]
+    context, chosen, rejected = PreferenceDataset(32, 20.0, 0, PREFERENCES['first-digit'])[:]
     chosen, other = sequence_log_probs(model, context, chosen), sequence_log_probs(model, context, rejected)
     loss, chosen_rewards, rejected_rewards = dpo_loss(chosen, other, chosen.clone(), other.clone(), beta=1.0)
     assert torch.equal(chosen_rewards, torch.zeros(32)) and torch.equal(rejected_rewards, torch.zeros(32))
@@ -101,7 +102,8 @@ def test_a_policy_scored_against_itself_has_loss_log_two_on_real_pairs():
 # leaves room for other platforms while staying far above the SFT level.
 SHORT_DPO = dict(iters=100, pairs=4000, seed=0)
 TINY_DPO = dict(iters=3, pairs=64, batch_size=16, log_every=1)  # for the properties that need no learning
-EVALUATION = dict(n_prompts=1000, seed=1)  # preference rate to within ~0.005 (exact per prompt)
+# Preference rate to within ~0.005 (exact per prompt), for the preference DPOConfig trains for.
+EVALUATION = dict(n_prompts=1000, seed=1, preference=PREFERENCES[DPOConfig.preference])
 
 TRL_NAMES = ['loss', 'rewards/chosen', 'rewards/rejected', 'rewards/margins', 'rewards/accuracies',
              'logps/chosen', 'logps/rejected', 'gold/preference_rate']

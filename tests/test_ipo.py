@@ -5,11 +5,13 @@ import math
 import pytest
 import torch
 
+from toy_rlhf.enumeration import response_log_probs_exact
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods.dpo import gold_optimum
 from toy_rlhf.methods.ipo import IPOConfig, ipo_loss, ipo_margin, ipo_target, train_ipo
 from toy_rlhf.metrics import evaluate_policy
-from toy_rlhf.optimal import ExactTables, gold_metrics, response_kl, response_log_probs_exact
+from toy_rlhf.optimal import ExactTables, gold_metrics, gold_table, response_kl
+from toy_rlhf.preferences import PREFERENCES
 
 
 def rows(*values):
@@ -97,6 +99,19 @@ def test_the_target_moves_the_reference_by_delta_on_the_preferred_first_digit_on
     assert torch.allclose(rest, rest[:, :1].expand_as(rest), rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize('name', ['last-digit', 'distinct'])
+def test_for_another_two_level_preference_the_target_moves_the_reference_by_delta_on_its_upper_level(name):
+    tables, config = random_tables(), IPOConfig(preference=name)
+    gold = gold_table(PROMPTS, PREFERENCES[name], 1.0)  # (4, 10^4) of 0s and 1s
+    rest = ipo_target(tables, config) - tables.log_ref - ipo_margin(config) * gold
+    assert torch.allclose(rest, rest[:, :1].expand_as(rest), rtol=0, atol=1e-10)
+
+
+def test_a_gold_reward_of_more_than_two_levels_has_no_target_and_is_refused():
+    with pytest.raises(ValueError, match='two levels, 0 and 1 .* digit-sum takes other values'):
+        ipo_target(random_tables(), IPOConfig(preference='digit-sum'))
+
+
 # --- what training does ---------------------------------------------------------------------------
 
 # beta = 0.25 puts the target between the SFT policy and pi*: delta = tanh(10) / 0.5 = 2 nats of
@@ -105,7 +120,8 @@ def test_the_target_moves_the_reference_by_delta_on_the_preferred_first_digit_on
 # 0.78 there, 0.034-0.037 nats from the target (the SFT policy: 0.38) and 17-18 nats from pi* of the
 # gold reward.
 SHORT_IPO = dict(beta=0.25, iters=100, pairs=4000, seed=0)
-EVALUATION = dict(n_prompts=500, seed=1)  # preference rate to within ~0.01 (exact per prompt)
+# Preference rate to within ~0.01 (exact per prompt), for the preference IPOConfig trains for.
+EVALUATION = dict(n_prompts=500, seed=1, preference=PREFERENCES[IPOConfig.preference])
 
 
 @pytest.fixture(scope='module')
@@ -133,6 +149,6 @@ def test_a_short_run_ends_at_its_own_target_not_at_pi_star_of_the_gold_reward(sf
     assert to_target < response_kl(log_ref, target).mean().item() / 5
     assert to_target < response_kl(log_pi, gold).mean().item() / 10
     # Its preference rate stops near the target's 0.82 (measured 0.77-0.78), far short of pi*'s 1.0.
-    rate, target_rate = (gold_metrics(log_probs, prompts)['preference_rate'].mean().item()
+    rate, target_rate = (gold_metrics(log_probs, prompts, EVALUATION['preference'])['preference_rate'].mean().item()
                          for log_probs in (log_pi, target))
     assert abs(rate - target_rate) < 0.1 and rate < 0.9

@@ -6,8 +6,7 @@ import torch
 
 from toy_rlhf.data import SupervisedDataset, supervised_batch
 from toy_rlhf.language import (CLS, SEP, VOCAB_SIZE, entropy_floor, is_valid_output, join,
-                               next_token_distribution, preferred_first_token, sample_prompts,
-                               sample_responses)
+                               next_token_distribution, sample_prompts, sample_responses, with_each_first_digit)
 
 # The tensors here are small: a second thread only adds overhead, and on a shared machine whose other
 # core is busy it makes every step wait for it (tens of times slower).
@@ -132,10 +131,17 @@ def test_each_sampled_digit_follows_the_exact_distribution_given_its_prefix():
 def test_a_forced_first_digit_is_kept_and_the_later_digits_still_follow_the_rule():
     prompts = sample_prompts(2000, generator(3))
     forced = torch.randint(10, (2000,), generator=generator(4))  # often not one the rule allows
-    responses = sample_responses(prompts, generator(5), first_token=forced)
+    responses = sample_responses(prompts, generator(5), first_digit=forced)
     assert torch.equal(responses[:, 0], forced)
     assert torch.all(is_valid_output(prompts, responses)[:, 1:])
     assert not torch.all(is_valid_output(prompts, responses)[:, 0])
+
+
+def test_each_first_digit_in_turn_keeps_the_later_digits():
+    variants = with_each_first_digit(torch.tensor([[6, 2, 7, 3], [1, 1, 1, 1]]))
+    assert variants.shape == (20, 4)
+    assert variants[:, 0].tolist() == list(range(10)) * 2
+    assert torch.all(variants[:10, 1:] == torch.tensor([2, 7, 3])) and torch.all(variants[10:, 1:] == 1)
 
 
 # --- validity -------------------------------------------------------------------------------------
@@ -190,14 +196,7 @@ def test_a_separator_or_cls_in_the_response_is_invalid(token, position):
     assert torch.all(valid[:, :position])
 
 
-# --- preferences and the entropy floor ------------------------------------------------------------
-
-def test_the_preferred_first_digit_is_the_last_prompt_digit_plus_one_modulo_ten():
-    prompts = torch.tensor([[5, 7, 1, 5], [0, 0, 0, 9], [9, 9, 9, 0], [3, 1, 4, 1]])
-    assert preferred_first_token(prompts).tolist() == [6, 0, 1, 2]
-    # Whole sentences (prompt + SEP + response) work as well: only x4 matters.
-    assert preferred_first_token(join(prompts, prompts)).tolist() == [6, 0, 1, 2]
-
+# --- the entropy floor ----------------------------------------------------------------------------
 
 def entropies(d):
     return -torch.special.xlogy(d, d).sum(dim=-1)

@@ -1,5 +1,6 @@
-"""The exact metrics: checked on stand-in policies whose answers are known by hand (the language
-itself and the aligned language), and the gold-rate estimator against plain counting."""
+"""The exact metrics of the first-digit preference: checked on stand-in policies whose answers are
+known by hand (the language itself and the aligned language), and the gold-rate estimator against
+plain counting, for it and another preference."""
 import math
 from types import SimpleNamespace
 
@@ -8,10 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from mingpt.model import GPT
-from toy_rlhf.language import (PROMPT_LENGTH, SEQUENCE_LENGTH, VOCAB_SIZE, is_valid_output,
-                               next_token_distribution, preferred_first_token, sample_prompts)
+from toy_rlhf.language import (PROMPT_LENGTH, SEQUENCE_LENGTH, VOCAB_SIZE, is_valid_output, join,
+                               next_token_distribution, sample_prompts)
 from toy_rlhf.metrics import evaluate_policy, gold_rate, kl_divergence, language_kl
 from toy_rlhf.policy import generate_responses, policy_config
+from toy_rlhf.preferences import PREFERENCES, preferred_first_token, reaches_best
+
+FIRST_DIGIT = PREFERENCES['first-digit']
 
 
 # The probability an oracle gives a token the language forbids (log 0 is not a logit). With at most
@@ -72,12 +76,12 @@ def aligned():
 
 @pytest.fixture(scope='module')
 def language_metrics(language):
-    return evaluate_policy(language, language, PROMPTS, seed=0)
+    return evaluate_policy(language, language, PROMPTS, seed=0, preference=FIRST_DIGIT)
 
 
 @pytest.fixture(scope='module')
 def aligned_metrics(aligned, language):
-    return evaluate_policy(aligned, language, PROMPTS, seed=0)
+    return evaluate_policy(aligned, language, PROMPTS, seed=0, preference=FIRST_DIGIT)
 
 
 # --- the language itself --------------------------------------------------------------------------
@@ -136,23 +140,25 @@ def small_random_policy():
     return GPT(config).eval()
 
 
-@pytest.mark.parametrize('name, n', [
+@pytest.mark.parametrize('name, preference, n', [
     # Near-uniform: gold rate ~ 1/11 * (3.4/11)^3 ~ 0.0027, ~130 gold samples in 50000; the check
     # below tolerates ~45% of the rate, and an estimator that dropped one step's mass of ~0.3 would
     # be off by a factor of 3.
-    ('random', 50_000),
+    ('random', 'first-digit', 50_000),
     # The short SFT policy: gold rate ~0.27, 5 standard errors ~0.03, enough to see the ~0.04 that
     # dropping the later digits' mass (fidelity ~0.95, cubed) would add.
-    ('sft', 8_000),
+    ('sft', 'first-digit', 8_000),
+    # A preference on all four digits: each digit's allowed set depends on the digits before it.
+    ('sft', 'distinct', 8_000),
 ])
-def test_the_sequential_gold_rate_agrees_with_counting_gold_samples(name, n, request):
+def test_the_sequential_gold_rate_agrees_with_counting_gold_samples(name, preference, n, request):
     policy = small_random_policy() if name == 'random' else request.getfixturevalue('sft_policy')
+    preference = PREFERENCES[preference]
     prompts = sample_prompts(n, torch.Generator().manual_seed(3))
     sentences = generate_responses(policy, prompts, torch.Generator().manual_seed(4))
     responses = sentences[:, PROMPT_LENGTH + 1:]
-    counted = ((responses[:, 0] == preferred_first_token(prompts))
-               & is_valid_output(prompts, responses).all(dim=1)).double()
-    sequential = gold_rate(policy, prompts, torch.Generator().manual_seed(5)).double()
+    counted = (reaches_best(preference, prompts, responses) & is_valid_output(prompts, responses).all(dim=1)).double()
+    sequential = gold_rate(policy, preference, prompts, torch.Generator().manual_seed(5)).double()
     assert counted.sum() > 100  # enough gold samples for the normal approximation
     # The two estimates are independent given the prompts and positively correlated through them,
     # so the variance of their difference is at most the sum of their variances: 5 standard errors
@@ -163,9 +169,31 @@ def test_the_sequential_gold_rate_agrees_with_counting_gold_samples(name, n, req
 
 def test_the_sequential_gold_rate_has_less_variance_than_counting(sft_policy):
     prompts = sample_prompts(2000, torch.Generator().manual_seed(6))
-    sequential = gold_rate(sft_policy, prompts, torch.Generator().manual_seed(7))
+    sequential = gold_rate(sft_policy, FIRST_DIGIT, prompts, torch.Generator().manual_seed(7))
     rate = sequential.mean().item()
     assert sequential.var().item() < rate * (1 - rate)  # the variance of one counted sample
+
+
+def test_for_first_digit_the_gold_rate_forces_the_preferred_digit_then_follows_the_rule(sft_policy):
+    # The notebook's estimator, which the generic one must reproduce to the last bit: the preferred
+    # first digit, then each digit from the policy restricted to the digits the rule allows.
+    prompts = sample_prompts(500, torch.Generator().manual_seed(8))
+    generator, sequences, mass = torch.Generator().manual_seed(9), join(prompts), torch.ones(500)
+    with torch.no_grad():
+        for step in range(4):
+            probs = sft_policy(sequences)[0][:, -1].softmax(dim=-1)
+            allowed = (F.one_hot(preferred_first_token(prompts), VOCAB_SIZE).bool() if step == 0
+                       else next_token_distribution(sequences) > 0)
+            mass = mass * (probs * allowed).sum(dim=1)
+            token = torch.multinomial(probs * allowed + 1e-30 * allowed, 1, generator=generator)
+            sequences = torch.cat([sequences, token], dim=1)
+    assert torch.equal(gold_rate(sft_policy, FIRST_DIGIT, prompts, torch.Generator().manual_seed(9)), mass)
+
+
+def test_a_metric_asked_without_a_preference_warns_at_the_caller(language):
+    with pytest.warns(DeprecationWarning, match='evaluate_policy called without a preference') as record:
+        evaluate_policy(language, language, 10)
+    assert record[0].filename == __file__
 
 
 # --- KL -------------------------------------------------------------------------------------------

@@ -458,6 +458,18 @@ def test_attention_maps_are_the_weights_the_forward_pass_applies_to_the_values()
             assert torch.allclose(block.attn.c_proj(mixed), outputs[layer], atol=1e-5)
 
 
+def test_causal_attention_written_out_from_the_public_queries_keys_and_values_is_the_forward_pass():
+    attention = tiny_model().eval().transformer.h[0].attn
+    x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        q, k, v = attention.query_key_value(x)
+        assert q.shape == k.shape == v.shape == (2, 2, 7, 8)  # (B, n_head, T, head size)
+        future = torch.ones(7, 7, dtype=torch.bool).triu(diagonal=1)
+        weights = (q @ k.transpose(-2, -1) / math.sqrt(8)).masked_fill(future, float('-inf')).softmax(dim=-1)
+        mixed = (weights @ v).transpose(1, 2).reshape(2, 7, 16)
+        assert torch.allclose(attention.c_proj(mixed), attention(x), atol=1e-6)
+
+
 # --- optimizer ------------------------------------------------------------------------------------
 
 def test_weight_decay_applies_to_exactly_the_linear_weights():

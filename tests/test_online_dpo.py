@@ -7,11 +7,13 @@ import math
 import pytest
 import torch
 
+from toy_rlhf.enumeration import response_log_probs_exact
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods.dpo import dpo_loss
 from toy_rlhf.methods.online_dpo import OnlineDPOConfig, chosen_and_rejected, first_wins, train_online_dpo
 from toy_rlhf.metrics import evaluate_policy
-from toy_rlhf.optimal import exact_tables, objective, optimal_value, response_log_probs_exact
+from toy_rlhf.optimal import exact_tables, objective, optimal_value
+from toy_rlhf.preferences import PREFERENCES
 
 
 DRAWS = 20000  # labels per score difference
@@ -81,7 +83,8 @@ def test_where_beta_times_the_log_ratio_gap_equals_the_score_gap_bradley_terry_l
 # J* on the 5 prompts below (0.85 on 20 prompts at seed 0).
 SHORT = dict(iters=15, prompts_per_iter=64, seed=0)
 TINY = dict(iters=2, prompts_per_iter=8)  # for the properties that need no learning
-EVALUATION = dict(n_prompts=500, seed=1)  # preference rate to within ~0.01 (exact per prompt)
+# Preference rate to within ~0.01 (exact per prompt), for the preference the reward model learnt.
+EVALUATION = dict(n_prompts=500, seed=1, preference=PREFERENCES[OnlineDPOConfig.preference])
 TRL_NAMES = ['loss', 'rewards/chosen', 'rewards/rejected', 'rewards/margins', 'rewards/accuracies',
              'logps/chosen', 'logps/rejected', 'objective/scores', 'objective/kl', 'gold/preference_rate']
 
@@ -102,7 +105,8 @@ def test_a_short_run_stays_below_the_exact_optimum_and_closes_most_of_the_gap(sf
                                                                               short_run):
     # Exact over all 10^4 responses of each prompt: J <= J* holds for every policy, up to float64
     # rounding of sums of 10^4 terms of size ~10 (1e-9 is far above it).
-    tables = exact_tables(sft_policy, reward_model, sample_prompts(5, torch.Generator().manual_seed(3)))
+    tables = exact_tables(sft_policy, reward_model, sample_prompts(5, torch.Generator().manual_seed(3)),
+                          EVALUATION['preference'])
     log_pi = response_log_probs_exact(short_run[0], tables.prompts)
     J = objective(log_pi, tables.log_ref, tables.rewards, beta=1.0)
     J_star = optimal_value(tables.log_ref, tables.rewards, beta=1.0)

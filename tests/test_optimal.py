@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from mingpt.model import GPT
+from toy_rlhf.enumeration import all_responses, response_log_probs_exact, response_rewards_exact
 from toy_rlhf.language import join
-from toy_rlhf.optimal import (all_responses, compare_to_optimum, evaluate_against_optimum,
-                              gold_metrics, kl_split, non_digit_mass, objective, optimal_frontier,
-                              optimal_log_probs, optimal_value, response_log_probs_exact,
-                              response_rewards_exact)
+from toy_rlhf.optimal import (ExactTables, compare_to_optimum, evaluate_against_optimum, gold_metrics, kl_split,
+                              non_digit_mass, objective, optimal_frontier, optimal_log_probs, optimal_value)
 from toy_rlhf.policy import policy_config, response_log_probs
+from toy_rlhf.preferences import PREFERENCES
 from toy_rlhf.reward import reward_model_config, score_sentences
 
 
@@ -20,6 +20,7 @@ BETAS = (0.05, 0.3, 1.0, 4.0)
 # Float64 tables of O(10) numbers summed over 10^4 responses: rounding is ~1e-13, so 1e-9 is loose
 # for identities that hold exactly, and tight enough to catch any real mistake (those are >= 1e-3).
 EXACT = 1e-9
+FIRST_DIGIT = PREFERENCES['first-digit']  # the gold metrics' preference
 
 
 def random_model(config, seed, head_std):
@@ -184,7 +185,7 @@ def test_the_kl_split_is_two_nonnegative_parts_of_the_total(log_pi, log_ref):
 
 
 def test_the_optimum_trades_reward_for_kl_as_beta_grows(log_ref, rewards, prompts):
-    frontier = optimal_frontier(log_ref, rewards, prompts, (0.0,) + BETAS)
+    frontier = optimal_frontier(log_ref, rewards, prompts, (0.0,) + BETAS, FIRST_DIGIT)
     for smaller, larger in zip(frontier, frontier[1:]):
         # d E*[r] / d beta = -Var*(r) / beta^2, d KL* / d beta = -Var*(r) / beta^3, d J* / d beta = -KL*.
         assert larger['reward'] < smaller['reward']
@@ -201,24 +202,32 @@ def test_gold_metrics_of_a_hand_checked_mixture():
     prompts = torch.tensor([[5, 7, 1, 5]])
     log_pi = torch.full((1, 10 ** 4), float('-inf'), dtype=torch.float64)
     log_pi[0, [6273, 2200]] = math.log(0.5)
-    metrics = gold_metrics(log_pi, prompts)
+    metrics = gold_metrics(log_pi, prompts, FIRST_DIGIT)
     assert metrics['preference_rate'].item() == pytest.approx(0.5, abs=EXACT)
     assert metrics['fidelity'].item() == pytest.approx(0.5 * 1 + 0.5 * 1 / 3, abs=EXACT)
     assert metrics['gold_rate'].item() == pytest.approx(0.5, abs=EXACT)
 
 
+def test_tables_made_without_a_preference_have_no_gold_reward(prompts, log_ref, rewards):
+    with pytest.raises(ValueError, match='without a preference'):
+        ExactTables(prompts, log_ref, rewards).gold(1.0)
+    gold = ExactTables(prompts, log_ref, rewards, FIRST_DIGIT).gold(2.0)  # 2 on the preferred digit, else 0
+    assert torch.equal(gold, 2.0 * (all_responses()[:, 0] == (prompts[:, 3:] + 1) % 10).double())
+
+
 def test_a_uniform_policy_prefers_the_preferred_digit_one_time_in_ten(prompts):
     uniform = torch.full((len(prompts), 10 ** 4), -math.log(10 ** 4), dtype=torch.float64)
-    assert torch.allclose(gold_metrics(uniform, prompts)['preference_rate'],
+    assert torch.allclose(gold_metrics(uniform, prompts, FIRST_DIGIT)['preference_rate'],
                           torch.full((len(prompts),), 0.1, dtype=torch.float64), rtol=0, atol=EXACT)
 
 
 def test_the_reference_closes_none_of_the_gap_and_the_optimum_all_of_it(log_ref, rewards, prompts):
     beta = 0.3
-    own = compare_to_optimum(log_ref, log_ref, rewards, prompts, beta)
+    own = compare_to_optimum(log_ref, log_ref, rewards, prompts, beta, FIRST_DIGIT)
     assert own['J'] == pytest.approx(own['J_ref'], abs=EXACT) and own['gap_closed'] == pytest.approx(0, abs=EXACT)
     assert own['kl_total'] == 0 and own['J_star'] > own['J']
-    optimum = compare_to_optimum(optimal_log_probs(log_ref, rewards, beta), log_ref, rewards, prompts, beta)
+    optimum = compare_to_optimum(optimal_log_probs(log_ref, rewards, beta), log_ref, rewards, prompts, beta,
+                                 FIRST_DIGIT)
     assert optimum['gap_closed'] == pytest.approx(1, abs=EXACT)
     assert optimum['kl_total'] == pytest.approx(optimum['optimal_kl_total'], abs=EXACT)
 
@@ -226,8 +235,8 @@ def test_the_reference_closes_none_of_the_gap_and_the_optimum_all_of_it(log_ref,
 def test_evaluating_models_against_the_optimum_matches_the_tables(policy, reference, reward_model,
                                                                     prompts, log_pi, log_ref, rewards):
     beta = 1.0
-    from_models = evaluate_against_optimum(policy, reference, reward_model, beta, prompts)
-    from_tables = compare_to_optimum(log_pi, log_ref, rewards, prompts, beta)
+    from_models = evaluate_against_optimum(policy, reference, reward_model, beta, prompts, FIRST_DIGIT)
+    from_tables = compare_to_optimum(log_pi, log_ref, rewards, prompts, beta, FIRST_DIGIT)
     assert from_models.keys() == from_tables.keys()
     # gap_closed divides by J* - J_ref ~ 0.01: relative, not absolute, agreement.
     assert all(from_models[key] == pytest.approx(from_tables[key], rel=EXACT, abs=EXACT) for key in from_models)

@@ -1,7 +1,9 @@
-"""Preferences as values: the built-in gold rewards on hand-checked sentences, the labeler's
-Bradley-Terry frequencies, what the exact optimum of each kind of preference moves, the aligned
-language, and a user's module:function preference end to end (or refused in one line)."""
+"""Preferences as values: the built-in gold rewards on hand-checked sentences, the questions a
+preference answers about policies and scorers, the labeler's Bradley-Terry frequencies, what the
+exact optimum of each kind of preference moves, the aligned language, and a user's module:function
+preference end to end (or refused in one line)."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -9,13 +11,15 @@ import torch
 from toy_rlhf import cli
 from toy_rlhf.checkpoint import save_checkpoint
 from toy_rlhf.data import PreferenceDataset, labeler
-from toy_rlhf.language import RESPONSE_LENGTH, join, sample_prompts
+from toy_rlhf.enumeration import RESPONSES
+from toy_rlhf.language import RESPONSE_LENGTH, VOCAB_SIZE, is_valid_output, join, sample_prompts
 from toy_rlhf.methods.ppo import PPOConfig, train_ppo
 from toy_rlhf.metrics import aligned_next_tokens, evaluate_policy, true_distributions
-from toy_rlhf.optimal import RESPONSES, compare_to_optimum, exact_tables, kl_split, optimal_log_probs
+from toy_rlhf.optimal import compare_to_optimum, exact_tables, kl_split, optimal_log_probs
 from toy_rlhf.pipeline import reward_stage
-from toy_rlhf.preferences import (PREFERENCES, PreferenceError, best_reachable, language_paths, resolve_preference,
-                                  sample_aligned)
+from toy_rlhf.preferences import (DEFAULT_PREFERENCE, PREFERENCES, PreferenceError, best_reachable, language_paths,
+                                  passed_or_default, preferred_first_token, reaches_best, resolve_preference,
+                                  sample_aligned_path)
 from toy_rlhf.reward import RewardConfig, train_reward
 
 
@@ -67,6 +71,52 @@ def test_the_best_level_the_language_reaches_by_hand():
     assert best_reachable(PREFERENCES['last-digit'], PROMPT).item() == 1.0  # 6 7 8 9 is valid
 
 
+def test_the_preferred_first_digit_is_the_last_prompt_digit_plus_one_modulo_ten():
+    prompts = torch.tensor([[5, 7, 1, 5], [0, 0, 0, 9], [9, 9, 9, 0], [3, 1, 4, 1]])
+    assert preferred_first_token(prompts).tolist() == [6, 0, 1, 2]
+    # Whole sentences (prompt + SEP + response) work as well: only x4 matters.
+    assert preferred_first_token(join(prompts, prompts)).tolist() == [6, 0, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# What a preference answers: its best level's rate under a policy, and whether a scorer ranks it first.
+
+SENTENCES = join(PROMPT.expand(2, -1), torch.tensor([[6, 2, 7, 3], [8, 9, 9, 9]]))  # 5 7 1 5 prefers 6
+
+
+def test_the_first_digit_rate_is_the_probability_of_the_preferred_digit_whatever_was_written():
+    log_probs = torch.full((2, 4, VOCAB_SIZE), -5.0)
+    log_probs[0, 0, 6], log_probs[1, 0, 6] = math.log(0.3), math.log(0.7)
+    rate = PREFERENCES['first-digit'].best_level_rate(log_probs, SENTENCES)
+    assert torch.allclose(rate, torch.tensor([0.3, 0.7]))
+    # Only the prompt and the first position are read: a sentence may stop after SEP.
+    assert torch.equal(PREFERENCES['first-digit'].best_level_rate(log_probs[:, :1], SENTENCES[:, :5]), rate)
+
+
+def test_any_other_rate_is_whether_the_written_response_reaches_the_best_level():
+    log_probs = torch.zeros(2, 4, VOCAB_SIZE)  # not read
+    # 8 9 9 9 sums to 35, the best 5 7 1 5 reaches; 6 2 7 3 does not.
+    assert PREFERENCES['digit-sum'].best_level_rate(log_probs, SENTENCES).tolist() == [0.0, 1.0]
+
+
+@pytest.mark.parametrize('name', list(PREFERENCES))
+def test_a_scorer_that_is_the_gold_reward_ranks_the_best_first_and_its_negation_never(name):
+    preference = PREFERENCES[name]
+    prompts = sample_prompts(300, torch.Generator().manual_seed(8))
+    right = preference.ranks_best_first(preference.reward, prompts, torch.Generator().manual_seed(9))
+    wrong = preference.ranks_best_first(lambda prompts, responses: -preference.reward(prompts, responses), prompts,
+                                        torch.Generator().manual_seed(9))
+    assert len(right) > 0 and torch.all(right) and not torch.any(wrong)
+
+
+def test_a_missing_preference_is_the_default_one_and_never_silently():
+    with pytest.warns(DeprecationWarning, match='measure called without a preference'):
+        assert passed_or_default(None, 'measure') is PREFERENCES[DEFAULT_PREFERENCE]
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert passed_or_default(PREFERENCES['distinct'], 'measure') is PREFERENCES['distinct']
+
+
 # ---------------------------------------------------------------------------------------------
 # The labeler.
 
@@ -76,7 +126,7 @@ N = 20000
 def chosen_share(first, second, margin, preference, seed):
     prompts = PROMPT.expand(N, -1)
     picks = labeler(prompts, torch.tensor([first]).expand(N, -1), torch.tensor([second]).expand(N, -1), margin,
-                    torch.Generator().manual_seed(seed), preference)
+                    preference, torch.Generator().manual_seed(seed))
     return picks.float().mean().item()
 
 
@@ -95,7 +145,7 @@ def test_equal_gold_rewards_are_a_coin_flip():
 
 
 def test_sampled_pairs_are_chosen_by_the_gold_reward_and_ties_marked_not_decisive():
-    pairs = PreferenceDataset(2000, 20.0, seed=3, preference=PREFERENCES['distinct'])
+    pairs = PreferenceDataset(2000, 20.0, 3, PREFERENCES['distinct'])
     gold = PREFERENCES['distinct'].reward
     prompts = pairs.context[:, :4]
     chosen, rejected = gold(prompts, pairs.chosen[:, :4]), gold(prompts, pairs.rejected[:, :4])
@@ -146,12 +196,26 @@ def test_for_last_digit_the_optimum_moves_the_earlier_digits_too():
         assert torch.all(kls[f'kl_{position}'] > 1e-3)
 
 
-def test_for_first_digit_the_generic_aligned_language_is_the_notebooks():
+@pytest.mark.parametrize('sample', [PREFERENCES['first-digit'].sample_aligned,
+                                    lambda prompts, generator: sample_aligned_path(PREFERENCES['first-digit'],
+                                                                                   prompts, generator)])
+def test_for_first_digit_the_generic_aligned_language_is_the_notebooks(sample):
+    # The notebook's aligned language: the preferred first digit, then the language. Equal to the
+    # last bit, so its exact metrics did not move when they became the generic ones.
     prompts = sample_prompts(500, torch.Generator().manual_seed(4))
-    responses = sample_aligned(PREFERENCES['first-digit'], prompts, torch.Generator().manual_seed(5))
-    assert torch.equal(aligned_next_tokens(PREFERENCES['first-digit'], prompts, responses),
-                       true_distributions(join(prompts, responses), aligned=True))
+    responses = sample(prompts, torch.Generator().manual_seed(5))
+    notebooks = true_distributions(join(prompts, responses))
+    notebooks[:, 0] = torch.nn.functional.one_hot(preferred_first_token(prompts), VOCAB_SIZE).float()
+    assert torch.equal(aligned_next_tokens(PREFERENCES['first-digit'], prompts, responses), notebooks)
     assert torch.all(responses[:, 0] == (prompts[:, 3] + 1) % 10)
+
+
+@pytest.mark.parametrize('name', ['last-digit', 'digit-sum', 'distinct'])
+def test_an_aligned_response_is_valid_and_of_the_best_level(name):
+    prompts = sample_prompts(500, torch.Generator().manual_seed(6))
+    responses = PREFERENCES[name].sample_aligned(prompts, torch.Generator().manual_seed(7))
+    assert torch.all(is_valid_output(prompts, responses))
+    assert torch.all(reaches_best(PREFERENCES[name], prompts, responses))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from toy_rlhf.data import PreferenceDataset, labeler
-from toy_rlhf.language import CLS, SEP, VOCAB_SIZE, is_valid_output, preferred_first_token, sample_prompts, \
-    sample_responses
+from toy_rlhf.language import CLS, SEP, VOCAB_SIZE, is_valid_output, sample_prompts, sample_responses
+from toy_rlhf.preferences import PREFERENCES, preferred_first_token
 from toy_rlhf.reward import RewardConfig, bradley_terry_loss, initial_reward_model, pairwise_accuracy, \
     rank_rate, train_reward
+
+FIRST_DIGIT = PREFERENCES['first-digit']  # the labeler and the pairs of these tests
 
 
 def generator(seed):
@@ -45,7 +47,7 @@ def preferred_and_other(n, seed):
     first digit (the labeler looks only at the first digit)."""
     prompts = sample_prompts(n, generator(seed))
     preferred = preferred_first_token(prompts)
-    good = sample_responses(prompts, generator(seed + 1), first_token=preferred)
+    good = sample_responses(prompts, generator(seed + 1), first_digit=preferred)
     bad = good.clone()
     bad[:, 0] = (preferred + 1 + torch.randint(9, (n,), generator=generator(seed + 2))) % 10
     return prompts, good, bad
@@ -60,21 +62,21 @@ def within_binomial_bound(chosen, p):
 
 def test_with_a_huge_margin_the_labeler_always_picks_the_preferred_first_digit():
     prompts, good, bad = preferred_and_other(N, seed=0)
-    assert torch.all(labeler(prompts, good, bad, margin=1000.0, generator=generator(3)))
-    assert not torch.any(labeler(prompts, bad, good, margin=1000.0, generator=generator(4)))
+    assert torch.all(labeler(prompts, good, bad, 1000.0, FIRST_DIGIT, generator(3)))
+    assert not torch.any(labeler(prompts, bad, good, 1000.0, FIRST_DIGIT, generator(4)))
 
 
 def test_with_margin_zero_the_labeler_picks_each_response_half_the_time():
     prompts, good, bad = preferred_and_other(N, seed=10)
-    assert within_binomial_bound(labeler(prompts, good, bad, margin=0.0, generator=generator(13)), 0.5)
+    assert within_binomial_bound(labeler(prompts, good, bad, 0.0, FIRST_DIGIT, generator(13)), 0.5)
 
 
 @pytest.mark.parametrize('margin', [0.5, 1.0, 3.0])
 def test_with_margin_m_the_preferred_response_is_picked_with_probability_sigmoid_m(margin):
     prompts, good, bad = preferred_and_other(N, seed=20)
     p = 1 / (1 + math.exp(-margin))  # 0.62, 0.73, 0.95
-    assert within_binomial_bound(labeler(prompts, good, bad, margin, generator(23)), p)
-    assert within_binomial_bound(labeler(prompts, bad, good, margin, generator(24)), 1 - p)
+    assert within_binomial_bound(labeler(prompts, good, bad, margin, FIRST_DIGIT, generator(23)), p)
+    assert within_binomial_bound(labeler(prompts, bad, good, margin, FIRST_DIGIT, generator(24)), 1 - p)
 
 
 def test_two_responses_with_the_same_gold_reward_are_a_coin_flip_whatever_the_margin():
@@ -85,8 +87,9 @@ def test_two_responses_with_the_same_gold_reward_are_a_coin_flip_whatever_the_ma
         changed[:, 1:] = (changed[:, 1:] + 1) % 10
         return changed
 
-    assert within_binomial_bound(labeler(prompts, good, later_digits_changed(good), 5.0, generator(33)), 0.5)
-    assert within_binomial_bound(labeler(prompts, bad, later_digits_changed(bad), 5.0, generator(34)), 0.5)
+    for response, seed in ((good, 33), (bad, 34)):
+        picks = labeler(prompts, response, later_digits_changed(response), 5.0, FIRST_DIGIT, generator(seed))
+        assert within_binomial_bound(picks, 0.5)
 
 
 # --- preference pairs -----------------------------------------------------------------------------
@@ -96,7 +99,7 @@ def pairs():
     # Margin 20: a label is wrong with probability sigmoid(-20) = 2e-9 (in float32 sigmoid(20) is
     # exactly 1, so never). 20000 pairs: without the redraw about 20 prompts would have four equal
     # digits (probability 1e-3 each), so their absence below is not luck (P = 0.999^20000 = 2e-9).
-    return PreferenceDataset(N, gold_margin=20.0, seed=0)
+    return PreferenceDataset(N, 20.0, 0, FIRST_DIGIT)
 
 
 def parts(pairs):
@@ -134,7 +137,7 @@ def test_prompts_with_four_equal_digits_are_never_drawn(pairs):
 
 
 def test_with_margin_one_the_preferred_response_is_accepted_in_a_share_sigmoid_one_of_pairs():
-    noisy = PreferenceDataset(N, gold_margin=1.0, seed=1)
+    noisy = PreferenceDataset(N, 1.0, 1, FIRST_DIGIT)
     prompts, chosen, rejected = parts(noisy)
     chosen = chosen[:, 0] == preferred_first_token(prompts)
     assert within_binomial_bound(chosen, 1 / (1 + math.exp(-1)))
@@ -143,8 +146,8 @@ def test_with_margin_one_the_preferred_response_is_accepted_in_a_share_sigmoid_o
 
 
 def test_the_same_seed_gives_the_same_pairs():
-    first, again = PreferenceDataset(100, 20.0, seed=5), PreferenceDataset(100, 20.0, seed=5)
-    other = PreferenceDataset(100, 20.0, seed=6)
+    first, again = PreferenceDataset(100, 20.0, 5, FIRST_DIGIT), PreferenceDataset(100, 20.0, 5, FIRST_DIGIT)
+    other = PreferenceDataset(100, 20.0, 6, FIRST_DIGIT)
     assert all(torch.equal(a, b) for a, b in zip(first.sequences(), again.sequences()))
     assert not torch.equal(first.context, other.context)
 
@@ -180,11 +183,11 @@ def test_the_reward_model_ranks_the_preferred_first_digit_highest_on_fresh_promp
     # prompt (pairs are always valid sentences); the preferred one is the unique best for every
     # prompt, so a model that learnt the preference scores 1 and chance is 0.1. 95% allows a few
     # confusions on 1000 prompts drawn with a seed (12) the training did not use.
-    assert rank_rate(reward_model, n_prompts=1000, seed=12) >= 0.95
+    assert rank_rate(reward_model, FIRST_DIGIT, n_prompts=1000, seed=12) >= 0.95
 
 
 def test_the_reward_model_orders_held_out_pairs_correctly(reward_model):
     # Labels at margin 20 are noiseless, so a model that learnt the preference gets every pair right;
     # 95% allows a few confusions. Chance is 50%.
-    held_out = PreferenceDataset(2000, gold_margin=20.0, seed=1)
+    held_out = PreferenceDataset(2000, 20.0, 1, FIRST_DIGIT)
     assert pairwise_accuracy(reward_model, held_out) >= 0.95

@@ -4,7 +4,7 @@ from torch.utils.data import Dataset
 
 from toy_rlhf.language import CLS, PROMPT_LENGTH, WINDOW, increments, join, sample_prompts, sample_responses
 from toy_rlhf.policy import generate_responses
-from toy_rlhf.preferences import DEFAULT_PREFERENCE, PREFERENCES, sample_aligned
+from toy_rlhf.preferences import passed_or_default, sample_aligned_path
 
 
 def supervised_batch(n, generator=None):
@@ -34,15 +34,16 @@ class SupervisedDataset(Dataset):
         return self.x[i], self.y[i]
 
 
-def gold_reward(prompts, responses, margin, preference=PREFERENCES[DEFAULT_PREFERENCE]):
+def gold_reward(prompts, responses, margin, preference=None):
     """The hidden true reward the labeler judges by: the preference's gold reward times `margin`
     (first-digit: `margin` if the first output digit is the preferred one, else 0).
-    prompts (B, 4), responses (B, 4) -> (B,) float."""
-    return preference.reward(prompts, responses) * margin
+    prompts (B, 4), responses (B, 4) -> (B,) float. preference=None is a transition (see
+    preferences.passed_or_default)."""
+    return passed_or_default(preference, 'gold_reward').reward(prompts, responses) * margin
 
 
-def labeler(prompts, first, second, margin, generator=None, preference=PREFERENCES[DEFAULT_PREFERENCE]):
-    """The stand-in for a human: True where `first` is chosen over `second`.
+def labeler(prompts, first, second, margin, preference, generator=None):
+    """The stand-in for a human judging by `preference`: True where `first` is chosen over `second`.
 
     Bradley-Terry: P(first chosen) = sigmoid(r_gold(first) - r_gold(second)), so a large margin gives
     (almost) noiseless labels and a small one noisy labels. Equal gold rewards give a coin flip.
@@ -71,23 +72,22 @@ class PreferenceDataset(Dataset):
     'default': the preference's own choice.
     """
 
-    def __init__(self, size, gold_margin, seed=0, preference=PREFERENCES[DEFAULT_PREFERENCE], source='default',
-                 policy=None):
+    def __init__(self, size, gold_margin, seed, preference, source='default', policy=None):
         generator = torch.Generator().manual_seed(seed)
         source = preference.pairs if source == 'default' else source
         if source == 'first-digit':
             prompts = _pairable_prompts(size, generator)
             preferred = preference.first_token(prompts)
-            first = sample_responses(prompts, generator, first_token=preferred)
+            first = sample_responses(prompts, generator, first_digit=preferred)
             second = sample_responses(prompts, generator,
-                                      first_token=_other_allowed_first(prompts, preferred, generator))
+                                      first_digit=_other_allowed_first(prompts, preferred, generator))
         elif source == 'aligned':
             prompts = sample_prompts(size, generator)
-            first, second = sample_aligned(preference, prompts, generator), sample_responses(prompts, generator)
+            first, second = sample_aligned_path(preference, prompts, generator), sample_responses(prompts, generator)
         else:
             prompts = sample_prompts(size, generator)
             first, second = (_sampled_responses(prompts, source, policy, generator) for _ in range(2))
-        first_wins = labeler(prompts, first, second, gold_margin, generator, preference).unsqueeze(1)
+        first_wins = labeler(prompts, first, second, gold_margin, preference, generator).unsqueeze(1)
         self.decisive = preference.reward(prompts, first) != preference.reward(prompts, second)  # (size,): not a tie
         self.context = join(prompts)
         self.chosen = with_cls(torch.where(first_wins, first, second))

@@ -31,20 +31,28 @@ def increments(window):
     return (window + 1) % DIGITS
 
 
-def sample_responses(prompts, generator=None, first_token=None):
+def sample_responses(prompts, generator=None, first_digit=None):
     """Language continuations of prompts (B, 4) -> responses (B, 4).
 
-    first_token (B,), if given, fixes the first output digit; the later digits still follow the rule.
+    first_digit (B,), if given, fixes the first output digit; the later digits still follow the rule.
     """
     digits = prompts
     for step in range(RESPONSE_LENGTH):
-        if step == 0 and first_token is not None:
-            token = first_token
+        if step == 0 and first_digit is not None:
+            token = first_digit
         else:
             choice = torch.randint(WINDOW, (len(prompts), 1), generator=generator)
             token = increments(digits[:, -WINDOW:]).gather(1, choice).squeeze(1)
         digits = torch.cat([digits, token.unsqueeze(1)], dim=1)
     return digits[:, PROMPT_LENGTH:]
+
+
+def with_each_first_digit(responses):
+    """Each response with its first digit replaced by 0, 1, .., 9 in turn, the later digits kept:
+    (B, 4) -> (B * 10, 4), the ten variants of a response adjacent."""
+    variants = responses.repeat_interleave(DIGITS, dim=0)
+    variants[:, 0] = torch.arange(DIGITS).repeat(len(responses))
+    return variants
 
 
 def join(prompts, responses=None):
@@ -72,11 +80,6 @@ def next_token_distribution(prefix):
     allowed = increments(windows(prefix))
     one_hot = torch.nn.functional.one_hot(allowed, VOCAB_SIZE).to(torch.float32)
     return one_hot.mean(dim=1)
-
-
-def preferred_first_token(prompts):
-    """The first output digit people prefer: (x4 + 1) % 10. prompts: (B, >=4) -> (B,)."""
-    return (prompts[:, PROMPT_LENGTH - 1] + 1) % DIGITS
 
 
 def is_valid_output(prompts, responses):
@@ -115,3 +118,12 @@ def entropy_floor():
             following.index_add_(0, shifted * DIGITS + allowed[:, slot], probability / WINDOW)
         probability = following
     return torch.stack(position_entropies).mean().item()
+
+
+def __getattr__(name):
+    """Transition: toy_rlhf.plots still imports preferred_first_token from here; it is a preference's
+    business and lives in toy_rlhf.preferences (imported late: that module imports this one)."""
+    if name == 'preferred_first_token':
+        from toy_rlhf.preferences import preferred_first_token
+        return preferred_first_token
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

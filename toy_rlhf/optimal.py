@@ -6,8 +6,9 @@ has a closed form (the Gibbs distribution):
     pi*(y|x) = pi_ref(y|x) exp(r(x, y) / beta) / Z(x),    J*_beta(x) = beta * log Z(x)
              = beta * log E_{y~pi_ref}[exp(r(x, y) / beta)].
 
-A response is four digits, so every pi(y|x) and r(x, y) can be computed for all 10^4 responses,
-and a trained policy compared with the optimum exactly: no sampling anywhere in this module.
+A response is four digits, so every pi(y|x) and r(x, y) can be computed for all 10^4 responses
+(toy_rlhf.enumeration), and a trained policy compared with the optimum exactly: no sampling
+anywhere in this module.
 
 Convention: rewards exist for digit responses only (the reward model scores digits), so every
 quantity here is over digit responses, with pi and pi_ref renormalised over them (conditioned on
@@ -15,121 +16,20 @@ writing four digits). The mass a policy puts on responses with SEP in them is re
 (`non_digit_mass`); for trained policies it is tiny. Computations are in float64 so that identities
 such as J_beta(pi*) = J*_beta hold to ~1e-12.
 """
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from toy_rlhf.data import gold_reward
-from toy_rlhf.language import CLS, DIGITS, RESPONSE_LENGTH, is_valid_output, join
-from toy_rlhf.preferences import DEFAULT_PREFERENCE, PREFERENCES, Preference, best_reachable
+from toy_rlhf.enumeration import RESPONSES, all_responses, response_log_probs_exact, response_rewards_exact
+from toy_rlhf.language import DIGITS, RESPONSE_LENGTH, is_valid_output
+from toy_rlhf.preferences import Preference, best_reachable, passed_or_default
 
-FIRST_DIGIT = PREFERENCES[DEFAULT_PREFERENCE]
-
-RESPONSES = DIGITS ** RESPONSE_LENGTH  # 10^4 digit responses per prompt
 # Prompts of an exact evaluation (each: all 10^4 responses): the gap closed to J* then has a standard
 # error of ~0.1 points across prompt draws, and the reward model's tables take about a second.
 EXACT_PROMPTS = 100
 KL_POSITIONS = [f'kl_{t}' for t in range(1, RESPONSE_LENGTH + 1)]  # kl_split's per-position keys
-
-
-def all_responses():
-    """Every digit response in lexicographic order: (10^4, 4) long; row i holds the digits of i."""
-    return torch.cartesian_prod(*[torch.arange(DIGITS)] * RESPONSE_LENGTH)
-
-
-# ---------------------------------------------------------------------------------------------
-# The expensive part: one pass of each model over the enumeration, reused for every beta.
-
-@torch.no_grad()
-def trie_outputs(model, contexts, depth, end_token=None):
-    """A GPT's outputs after contexts (P, T0) followed by every digit string of up to `depth` digits,
-    each node of the trie of strings computed once (eval mode: no dropout).
-
-    Returns a list: (P, 1, out) at the context's last position, then (P, 10^l, out) after each
-    string of l = 1..depth digits in lexicographic order, then, if end_token is given, (P, 10^depth,
-    out) after each full string followed by end_token. Equal to model(context + string) at those
-    positions: a node attends to the cached keys and values of its ancestors, so the positions a
-    thousand sequences share are computed once, not a thousand times.
-    """
-    P, T0 = contexts.shape
-    cache = [[] for _ in model.transformer.h]  # per layer: (keys, values) of each level
-    outputs = [_extend(model, contexts.unsqueeze(1), 0, cache)[:, :, -1]]
-    for level in range(1, depth + 1):
-        # Level l holds the 10^l strings of l digits; node j ends in digit j % 10.
-        digits = torch.arange(DIGITS, device=contexts.device).repeat(DIGITS ** (level - 1))
-        outputs.append(_extend(model, digits.expand(P, -1).unsqueeze(2), T0 + level - 1, cache)[:, :, 0])
-    if end_token is not None:
-        ends = torch.full((P, DIGITS ** depth, 1), end_token, device=contexts.device)
-        outputs.append(_extend(model, ends, T0 + depth, cache)[:, :, 0])
-    return outputs
-
-
-def _extend(model, tokens, position, cache):
-    """Run tokens (P, N, n) of N nodes at positions position..position + n - 1 through the model,
-    each node attending to its ancestors' keys and values in cache and causally to its own tokens;
-    appends the new keys and values to cache. Returns the outputs (P, N, n, out)."""
-    P, N, n = tokens.shape
-    positions = torch.arange(position, position + n, device=tokens.device)
-    x = (model.transformer.wte(tokens) + model.transformer.wpe(positions)).view(P * N, n, -1)
-    for block, layer_cache in zip(model.transformer.h, cache):
-        q, k, v = (t.view(P, N, *t.shape[1:]) for t in block.attn._heads(block.ln_1(x)))  # (P, N, nh, n, hs)
-        layer_cache.append((k, v))
-        y = _attention(q, layer_cache)
-        x = x + block.attn.c_proj(y.flatten(0, 1).transpose(1, 2).flatten(2))
-        x = x + block.mlp(block.ln_2(x))
-    return model.lm_head(model.transformer.ln_f(x)).view(P, N, n, -1)
-
-
-def _attention(q, levels):
-    """Softmax attention of queries q (P, N, nh, n, hs) over the keys and values of each level, (P,
-    N_t, nh, n_t, hs) each, the last level being the queries' own tokens (seen causally).
-
-    In lexicographic order the N / N_t consecutive nodes below a node of level t are its
-    descendants, so viewing q as (P, N_t, N / N_t, ...) lines each query up with its ancestor's keys
-    without copying them N / N_t times. Returns (P, N, nh, n, hs).
-    """
-    P, N, nh, n, hs = q.shape
-    below = [q.view(P, k.size(1), N // k.size(1), nh, n, hs) for k, _ in levels]
-    scores = torch.cat([torch.einsum('pgjhqd,pghkd->pgjhqk', group, k).reshape(P, N, nh, n, -1)
-                        for group, (k, _) in zip(below, levels)], dim=-1) / math.sqrt(hs)
-    future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(diagonal=1)
-    scores[..., -n:].masked_fill_(future, float('-inf'))  # a token does not see its own level's later ones
-    weights = scores.softmax(dim=-1).split([k.size(3) for k, _ in levels], dim=-1)
-    return sum(torch.einsum('pgjhqk,pghkd->pgjhqd', w.view(*group.shape[:-1], -1), v).reshape(q.shape)
-               for w, group, (_, v) in zip(weights, below, levels))
-
-
-@torch.no_grad()
-def response_log_probs_exact(policy, prompts, prompts_per_pass=10):
-    """log pi(y|x) of every digit response: prompts (P, 4) -> (P, 10^4) float64, responses in the
-    order of all_responses().
-
-    One pass over the trie of the 1,000 three-digit prefixes y1 y2 y3 per prompt (not 10^4 x 4
-    rows): the outputs after prompt + SEP + y1..yl give pi(y_{l+1} | y1..yl), and log pi(y) is the
-    sum of the four conditionals. Where the policy can write SEP the digits' probabilities sum to
-    less than 1; see non_digit_mass.
-    """
-    tables = []
-    for chunk in prompts.split(prompts_per_pass):
-        P = len(chunk)
-        levels = trie_outputs(policy, join(chunk), RESPONSE_LENGTH - 1)
-        # Softmax over the whole vocabulary, then the digits: SEP keeps its share of the mass.
-        conditionals = [out.double().log_softmax(dim=-1)[..., :DIGITS].reshape(P, -1) for out in levels]
-        tables.append(sum(c.repeat_interleave(RESPONSES // c.size(1), dim=1) for c in conditionals))
-    return torch.cat(tables)
-
-
-@torch.no_grad()
-def response_rewards_exact(reward_model, prompts, prompts_per_pass=1):
-    """The reward model's score of every digit response, read at CLS after prompt + SEP + response:
-    prompts (P, 4) -> (P, 10^4) float64, by the same trie (each response's digits computed once).
-
-    prompts_per_pass bounds the memory, ~100 MB per prompt for gpt-nano; the 10^4 leaves of one
-    prompt are already a batch large enough to be fast, so one at a time is both lean and quickest.
-    """
-    return torch.cat([trie_outputs(reward_model, join(chunk), RESPONSE_LENGTH, end_token=CLS)[-1]
-                      .squeeze(2).double() for chunk in prompts.split(prompts_per_pass)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +128,7 @@ def _prefix_marginal(log_pi, length):
     return digit_distribution(log_pi).view(len(log_pi), DIGITS ** length, -1).logsumexp(dim=2)
 
 
-def gold_metrics(log_pi, prompts, preference=FIRST_DIGIT):
+def gold_metrics(log_pi, prompts, preference):
     """Exact gold metrics of a response distribution, over digit responses: log_pi (P, 10^4),
     prompts (P, 4) -> {'preference_rate', 'gold_reward', 'fidelity', 'gold_rate'}, each (P,).
 
@@ -257,7 +157,7 @@ def gold_metrics(log_pi, prompts, preference=FIRST_DIGIT):
 # ---------------------------------------------------------------------------------------------
 # Summaries: means over prompts, as plain floats.
 
-def distribution_summary(log_pi, log_ref, rewards, prompts, preference=FIRST_DIGIT):
+def distribution_summary(log_pi, log_ref, rewards, prompts, preference):
     """A response distribution against the reference: means over prompts of E[r], the KL split and
     the gold metrics of `preference`, {name: float}."""
     per_prompt = {'reward': expected_reward(log_pi, rewards), **kl_split(log_pi, log_ref),
@@ -265,7 +165,7 @@ def distribution_summary(log_pi, log_ref, rewards, prompts, preference=FIRST_DIG
     return {name: value.mean().item() for name, value in per_prompt.items()}
 
 
-def optimal_frontier(log_ref, rewards, prompts, betas, preference=FIRST_DIGIT):
+def optimal_frontier(log_ref, rewards, prompts, betas, preference):
     """The optimum at each beta, from one reference table and one reward table: a list of
     {'beta', 'J_star', 'reward', the KL split, the gold metrics of `preference`} (means over
     prompts), one per beta."""
@@ -275,15 +175,17 @@ def optimal_frontier(log_ref, rewards, prompts, betas, preference=FIRST_DIGIT):
             for beta in betas]
 
 
-def compare_to_optimum(log_pi, log_ref, rewards, prompts, beta, preference=FIRST_DIGIT):
+def compare_to_optimum(log_pi, log_ref, rewards, prompts, beta, preference=None):
     """A policy's table against the optimum at beta, all from precomputed (P, 10^4) tables.
 
     Returns means over prompts: J (the policy's objective), J_star, J_ref (= E_ref[r], the
     reference's objective: its KL is 0), gap_closed = (J - J_ref) / (J_star - J_ref) (1 at the
     optimum, 0 for the reference, negative if worse than the reference; nan where the reward is
     constant and there is no gap), the policy's reward, KL
-    split and gold metrics, the same for pi* under 'optimal_*', and the policy's non_digit_mass.
+    split and gold metrics of `preference`, the same for pi* under 'optimal_*', and the policy's
+    non_digit_mass. preference=None is a transition (see preferences.passed_or_default).
     """
+    preference = passed_or_default(preference, 'compare_to_optimum')
     J = objective(log_pi, log_ref, rewards, beta).mean().item()
     J_star = optimal_value(log_ref, rewards, beta).mean().item()
     J_ref = expected_reward(log_ref, rewards).mean().item()
@@ -295,13 +197,14 @@ def compare_to_optimum(log_pi, log_ref, rewards, prompts, beta, preference=FIRST
             'non_digit_mass': non_digit_mass(log_pi).mean().item()}
 
 
-def evaluate_against_optimum(policy, reference, reward_model, beta, prompts, preference=FIRST_DIGIT,
-                             gold_margin=None):
+def evaluate_against_optimum(policy, reference, reward_model, beta, prompts, preference=None, gold_margin=None):
     """A policy model against the exact optimum of its objective at beta on prompts (P, 4): see
     compare_to_optimum for the keys, with `preference`'s gold metrics; with gold_margin, also
     'gold_gap_closed', the gap closed under the gold reward (times gold_margin) instead of the reward
     model's. For several policies or betas, compute the tables once (exact_tables) and call
-    compare_to_optimum or optimal_frontier directly."""
+    compare_to_optimum or optimal_frontier directly. preference=None is a transition (see
+    preferences.passed_or_default)."""
+    preference = passed_or_default(preference, 'evaluate_against_optimum')
     tables = exact_tables(reference, reward_model, prompts, preference)
     log_pi = response_log_probs_exact(policy.eval(), prompts)
     row = compare_to_optimum(log_pi, tables.log_ref, tables.rewards, prompts, beta, preference)
@@ -317,20 +220,30 @@ def evaluate_against_optimum(policy, reference, reward_model, beta, prompts, pre
 @dataclass
 class ExactTables:
     """prompts (P, 4); log_ref: log pi_ref of every response (P, 10^4); rewards: the reward model's
-    score of every response (P, 10^4); float64; the preference the labeler judged by."""
+    score of every response (P, 10^4); float64; the preference the labeler judged by (None for tables
+    of a reward alone, which have no gold reward)."""
     prompts: torch.Tensor
     log_ref: torch.Tensor
     rewards: torch.Tensor
-    preference: Preference = field(default=FIRST_DIGIT)
+    preference: Optional[Preference] = None
 
     def gold(self, margin):
         """The labeler's gold reward of every response (P, 10^4), at `margin`."""
-        responses = all_responses()
-        return torch.stack([gold_reward(prompt.expand(len(responses), -1), responses, margin, self.preference)
-                            for prompt in self.prompts]).double()
+        if self.preference is None:
+            raise ValueError('these tables were made without a preference: they have no gold reward')
+        return gold_table(self.prompts, self.preference, margin)
 
 
-def exact_tables(reference, reward_model, prompts, preference=FIRST_DIGIT):
-    """The ExactTables of `prompts` (P, 4) for a reference policy, a reward model and a preference."""
+def gold_table(prompts, preference, margin):
+    """The labeler's gold reward of every response to each prompt (P, 4), at `margin`: (P, 10^4) float64."""
+    responses = all_responses()
+    return torch.stack([gold_reward(prompt.expand(len(responses), -1), responses, margin, preference)
+                        for prompt in prompts]).double()
+
+
+def exact_tables(reference, reward_model, prompts, preference=None):
+    """The ExactTables of `prompts` (P, 4) for a reference policy, a reward model and a preference.
+    preference=None is a transition (see preferences.passed_or_default)."""
     return ExactTables(prompts, response_log_probs_exact(reference.eval(), prompts),
-                       response_rewards_exact(reward_model.eval(), prompts), preference)
+                       response_rewards_exact(reward_model.eval(), prompts),
+                       passed_or_default(preference, 'exact_tables'))

@@ -2,7 +2,9 @@
 
 A preference is the hidden truth the labeler judges by. Everything that depends on it (the pairs the
 reward model learns from, the exact metrics, the optimum, the figures) asks the Preference it was
-given; nothing else knows what people prefer.
+given; nothing else knows what people prefer. Where a preference's kind matters (the first-digit
+one has exact estimators the others lack), a method of Preference answers, so no caller asks which
+preference it holds.
 
 Every response of the language is one of 4^4 = 256 equally likely paths (which window digit each
 output digit increments), so the language's distribution of any gold reward, the best level it can
@@ -11,13 +13,16 @@ enumerations, not estimates.
 """
 import importlib
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
 import torch
 
 from toy_rlhf.files import fingerprint
-from toy_rlhf.language import DIGITS, PROMPT_LENGTH, RESPONSE_LENGTH, WINDOW, increments, preferred_first_token
+from toy_rlhf.language import (DIGITS, PROMPT_LENGTH, RESPONSE_LENGTH, WINDOW, increments, join, sample_responses,
+                               with_each_first_digit)
+from toy_rlhf.policy import generate_responses, response_log_probs
 
 
 class PreferenceError(ValueError):
@@ -37,13 +42,66 @@ class Preference:
     # responses of a pair for the same prompt from the language or the SFT policy; 'aligned' pairs a
     # response of the best reachable level with a language one (toy_rlhf.data.PreferenceDataset).
     pairs: Literal['first-digit', 'language', 'sft', 'aligned'] = 'language'
-    # The one first digit the preference asks for, where the reward is 1[y1 == first_token(x)]: then
-    # the rates given a prefix are exact from the policy's next-token distribution (lower variance
-    # than counting samples), and the notebook's pairs can be built.
+    # The one first digit the preference asks for, where the reward is 1[y1 == first_token(x)]:
+    # prompts (B, >=4) -> (B,). Then the best level is decided by the first digit, so its rate is
+    # exact from the policy's first next-token distribution (lower variance than counting samples),
+    # and the notebook's pairs can be built. The methods below are where that difference is used.
     first_token: Optional[Callable] = None
     # A user-defined preference's module file, hashed: stored with everything trained for it, so that
     # a checkpoint trained against another version of the file is noticed.
     source_fingerprint: Optional[str] = None
+
+    def best_level_rate(self, log_probs, sentences):
+        """Per sentence (B, 9), whether the policy reaches the best gold level the language reaches for
+        the prompt: with a first_token, the exact probability of that first digit given the prompt
+        (from log_probs (B, >=1, V), the policy's next-token distributions at the response
+        positions; sentences may stop after SEP); otherwise the indicator of the sentence's response.
+        -> (B,)"""
+        if self.first_token is not None:
+            return log_probs[:, 0].exp().gather(1, self.first_token(sentences).unsqueeze(1)).squeeze(1)
+        return reaches_best(self, sentences[:, :PROMPT_LENGTH], sentences[:, PROMPT_LENGTH + 1:]).float()
+
+    @torch.no_grad()
+    def policy_best_level_rate(self, policy, prompts, generator=None):
+        """The policy's rate of the best level on prompts (B, 4) -> (B,): with a first_token, exact
+        from one forward pass over prompt + SEP (nothing sampled); otherwise whether a response
+        sampled from the policy with `generator` reaches it."""
+        if self.first_token is not None:
+            context = join(prompts)
+            log_probs = policy(context)[0][:, -1:].log_softmax(dim=-1)  # (B, 1, V): the first response position
+            return self.best_level_rate(log_probs, context)
+        sentences = generate_responses(policy, prompts, generator)
+        return self.best_level_rate(response_log_probs(policy, sentences), sentences)
+
+    def sample_aligned(self, prompts, generator=None):
+        """One response of the aligned language per prompt: (B, 4) -> (B, 4). With a first_token, the
+        language with that first digit forced: sample_aligned_path's distribution, drawn as the
+        notebook draws it, so the first-digit metrics keep their numbers. Otherwise sample_aligned_path."""
+        if self.first_token is not None:
+            return sample_responses(prompts, generator, first_digit=self.first_token(prompts))
+        return sample_aligned_path(self, prompts, generator)
+
+    def ranks_best_first(self, score, prompts, generator=None):
+        """Whether `score` (prompts (B, 4), responses (B, 4) -> (B,)) ranks the best first, on prompts
+        (B, 4) -> (N,) bool. With a first_token: per prompt, whether that first digit scores highest
+        of all ten in front of a language response's later digits. Otherwise: per prompt whose
+        language responses are not all of one gold level, whether a response of the best level
+        scores above one of a lower level (both drawn from the language with `generator`)."""
+        if self.first_token is not None:
+            responses = sample_responses(prompts, generator)
+            scores = score(prompts.repeat_interleave(DIGITS, dim=0), with_each_first_digit(responses))
+            return scores.view(len(prompts), DIGITS).argmax(dim=1) == self.first_token(prompts)
+        paths, best = aligned_paths(self, prompts)  # (B, 256, 4), (B, 256)
+        mixed = ~best.all(dim=1)
+        prompts, paths, best = prompts[mixed], paths[mixed], best[mixed]
+        better, worse = (paths.gather(1, torch.multinomial(mask.float(), 1, generator=generator)[:, :, None]
+                                      .expand(-1, -1, paths.size(2))).squeeze(1) for mask in (best, ~best))
+        return score(prompts, better) > score(prompts, worse)
+
+
+def preferred_first_token(prompts):
+    """The first output digit the first-digit preference asks for: (x4 + 1) % 10. prompts: (B, >=4) -> (B,)."""
+    return (prompts[:, PROMPT_LENGTH - 1] + 1) % DIGITS
 
 
 def first_digit_reward(prompts, responses):
@@ -206,9 +264,23 @@ def aligned_paths(preference, prompts):
     return paths, rewards == rewards.amax(dim=1, keepdim=True)
 
 
-def sample_aligned(preference, prompts, generator=None):
+def sample_aligned_path(preference, prompts, generator=None):
     """One response of the aligned language per prompt (B, 4): a uniform draw among its paths, so a
     response reached by several paths is drawn as often as the language writes it. -> (B, 4)."""
     paths, aligned = aligned_paths(preference, prompts)
     choice = torch.multinomial(aligned.float(), 1, generator=generator)  # (B, 1)
     return paths.gather(1, choice.unsqueeze(2).expand(-1, -1, RESPONSE_LENGTH)).squeeze(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transition: some callers, being rewritten elsewhere, do not pass a preference yet.
+
+def passed_or_default(preference, function, stacklevel=3):
+    """`preference`, or, where the caller of `function` (its name) passed none, the default one and
+    a DeprecationWarning at that caller: measuring the default preference is never silent, and the
+    calls left to change show in the test summary. Goes once every caller passes a preference."""
+    if preference is not None:
+        return preference
+    warnings.warn(f'{function} called without a preference measures {DEFAULT_PREFERENCE!r}; pass the run\'s',
+                  DeprecationWarning, stacklevel=stacklevel)
+    return PREFERENCES[DEFAULT_PREFERENCE]

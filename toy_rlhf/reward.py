@@ -10,9 +10,9 @@ from mingpt.model import GPT
 from mingpt.utils import CfgNode, set_seed
 from toy_rlhf.data import PreferenceDataset, with_cls
 from toy_rlhf.flags import Device, NonNegativeFloat, PositiveFloat, PositiveInt, Seed
-from toy_rlhf.language import DIGITS, SEQUENCE_LENGTH, VOCAB_SIZE, join, sample_prompts, sample_responses
+from toy_rlhf.language import DIGITS, SEQUENCE_LENGTH, VOCAB_SIZE, join, sample_prompts, with_each_first_digit
 from toy_rlhf.policy import started_from
-from toy_rlhf.preferences import DEFAULT_PREFERENCE, aligned_paths, resolve_preference
+from toy_rlhf.preferences import DEFAULT_PREFERENCE, resolve_preference
 from toy_rlhf.training import (check_finite, gradient_step, learning_rate_at, progress_bar,
                                set_learning_rate)
 
@@ -137,29 +137,17 @@ def pairwise_accuracy(reward_model, pairs):
 def first_digit_rewards(reward_model, prompts, responses):
     """The reward of each response with its first digit replaced by each of the ten digits, the
     other digits kept: prompts (B, 4), responses (B, 4) -> (B, 10)."""
-    B = len(prompts)
-    variants = responses.repeat_interleave(DIGITS, dim=0)
-    variants[:, 0] = torch.arange(DIGITS).repeat(B)
-    return score_sentences(reward_model, join(prompts.repeat_interleave(DIGITS, dim=0), variants)).view(B, DIGITS)
+    variants = with_each_first_digit(responses)
+    return score_sentences(reward_model, join(prompts.repeat_interleave(DIGITS, dim=0), variants)).view(-1, DIGITS)
 
 
 @torch.no_grad()
-def rank_rate(reward_model, n_prompts=2000, seed=0, preference=None):
-    """How often the reward model ranks the best first, over fresh prompts. For a first-digit
-    preference: how often the preferred first digit gets the highest reward of all ten first digits
-    (the other digits a language response's). For any other: over the prompts whose language
-    responses are not all of one gold level, how often a response of the best level scores above one
-    of a lower level (both drawn from the language)."""
-    preference = preference or resolve_preference(DEFAULT_PREFERENCE)
+def rank_rate(reward_model, preference, n_prompts=2000, seed=0):
+    """How often the reward model ranks the best first, over n_prompts fresh prompts drawn with
+    `seed`: what counts as ranking the best first is the preference's (Preference.ranks_best_first;
+    for first-digit, the preferred digit scoring highest of all ten first digits)."""
     generator = torch.Generator().manual_seed(seed)
     prompts = sample_prompts(n_prompts, generator)
-    if preference.first_token is not None:
-        rewards = first_digit_rewards(reward_model, prompts, sample_responses(prompts, generator))
-        return (rewards.argmax(dim=1) == preference.first_token(prompts)).float().mean().item()
-    paths, best = aligned_paths(preference, prompts)  # (B, 256, 4), (B, 256)
-    mixed = ~best.all(dim=1)
-    prompts, paths, best = prompts[mixed], paths[mixed], best[mixed]
-    better, worse = (paths.gather(1, torch.multinomial(mask.float(), 1, generator=generator)[:, :, None]
-                                  .expand(-1, -1, paths.size(2))).squeeze(1) for mask in (best, ~best))
-    return (score_sentences(reward_model, join(prompts, better))
-            > score_sentences(reward_model, join(prompts, worse))).float().mean().item()
+    def score(prompts, responses):
+        return score_sentences(reward_model, join(prompts, responses))
+    return preference.ranks_best_first(score, prompts, generator).float().mean().item()

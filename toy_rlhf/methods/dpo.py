@@ -28,11 +28,10 @@ import torch.nn.functional as F
 
 from toy_rlhf.data import PreferenceDataset
 from toy_rlhf.flags import Device, PositiveFloat, PositiveInt, Seed
-from toy_rlhf.language import PROMPT_LENGTH, RESPONSE_LENGTH, join
+from toy_rlhf.language import PROMPT_LENGTH, RESPONSE_LENGTH
 from toy_rlhf.methods.rollout import TrainingLog, start_training
-from toy_rlhf.metrics import best_level_rate
-from toy_rlhf.optimal import optimal_log_probs
-from toy_rlhf.policy import generate_responses, response_log_probs, token_log_probs
+from toy_rlhf.optimal import gold_table, optimal_log_probs
+from toy_rlhf.policy import token_log_probs
 from toy_rlhf.preferences import DEFAULT_PREFERENCE, resolve_preference
 from toy_rlhf.reward import RewardConfig
 from toy_rlhf.training import check_finite, gradient_step, learning_rate_at, set_learning_rate
@@ -114,8 +113,8 @@ def train_on_pairs(sft_policy, config, pair_loss, name, progress=True):
 
     Returns the policy (eval mode) and the log: a list of dicts with TRL's metric names (implicit
     rewards beta * log pi/pi_ref of chosen and rejected responses, their margin and accuracy, the
-    policy's sequence log-probs), the pairs consumed so far, and the exact probability of the
-    preferred first digit on the batch.
+    policy's sequence log-probs), the pairs consumed so far, and the policy's rate of the
+    preference's best gold level on the batch's prompts (best_level_share).
     """
     # The reference is frozen, no gradient reaches it; requires_grad_ in start_training because the
     # SFT policy may have been frozen as another run's reference.
@@ -157,22 +156,18 @@ def train_on_pairs(sft_policy, config, pair_loss, name, progress=True):
     return policy.eval(), log.rows
 
 
-@torch.no_grad()
 def best_level_share(policy, prompts, preference, step):
-    """The policy's mean rate of the preference's best gold level on prompts (B, 4): for first-digit,
-    its exact probability of the preferred first digit per prompt; otherwise the share of one sampled
-    response per prompt (drawn with a generator of its own, seeded by `step`, so the log does not
-    change the training's random numbers)."""
-    if preference.first_token is not None:
-        context = join(prompts)
-        log_probs = policy(context)[0][:, -1:].log_softmax(dim=-1)  # (B, 1, V): the first response position
-        return best_level_rate(preference, log_probs, context).mean().item()
-    sentences = generate_responses(policy, prompts, torch.Generator(device=prompts.device).manual_seed(step))
-    return best_level_rate(preference, response_log_probs(policy, sentences), sentences).mean().item()
+    """The policy's mean rate of the preference's best gold level on prompts (B, 4)
+    (Preference.policy_best_level_rate: for first-digit, exact per prompt). Anything it samples is
+    drawn with a generator of its own, seeded by `step`, so the log does not change the training's
+    random numbers."""
+    generator = torch.Generator(device=prompts.device).manual_seed(step)
+    return preference.policy_best_level_rate(policy, prompts, generator).mean().item()
 
 
 def gold_optimum(tables, config):
-    """The exact distribution DPO converges to: pi* of the labeler's gold reward at config.beta
-    (DPO never sees the reward model; its labels come from the gold reward). tables:
-    toy_rlhf.optimal.ExactTables -> log-probs (P, 10^4)."""
-    return optimal_log_probs(tables.log_ref, tables.gold(config.gold_margin), config.beta)
+    """The exact distribution DPO converges to: pi* of the labeler's gold reward (config's
+    preference and margin) at config.beta (DPO never sees the reward model; its labels come from the
+    gold reward). tables: toy_rlhf.optimal.ExactTables -> log-probs (P, 10^4)."""
+    gold = gold_table(tables.prompts, resolve_preference(config.preference), config.gold_margin)
+    return optimal_log_probs(tables.log_ref, gold, config.beta)

@@ -8,25 +8,28 @@ in the paper), the loss of a labelled pair is
 beta playing the paper's tau. DPO's -log sigmoid(beta * h) falls for ever as h grows, so noiseless
 labels push the margin without bound; IPO regresses h onto the constant 1 / (2 beta) instead.
 
-Target. Our pairs (toy_rlhf.data.PreferenceDataset) are always one response g with the preferred
-first digit and one response b with another first digit the rule allows, both with valid later
-digits; g is chosen with probability s = sigmoid(m), m the gold margin. Write D = h(g, b). The
-expected loss of a pair, s (D - c)^2 + (1 - s) (-D - c)^2 with c = 1 / (2 beta), is smallest at
-    D = (2s - 1) c = (2 sigmoid(m) - 1) / (2 beta) = tanh(m / 2) / (2 beta) =: delta,
-and since any g of a prompt may be paired with any b, the expected loss over the data is minimised
-exactly when log pi/pi_ref is constant on the g's and constant on the b's, delta apart. That is all
-the data determines: responses no pair contains (later digits off the rule, first digits the rule
-does not allow) may have any probability, and so may the per-prompt constant. (A finite set of pairs
-determines even less; the network's generalisation fills the rest in.) The target taken here,
-    pi_IPO(y | x) = pi_ref(y | x) exp(delta * 1[y1 preferred]) / Z(x),
+Target, for a gold reward r of two levels, 0 and 1 (first-digit, last-digit, distinct). The labeler
+chooses y over y' with probability p = sigmoid(m (r(y) - r(y'))), m the gold margin, whatever source
+the pair came from (toy_rlhf.data.PreferenceDataset). Write D = h(y, y'). The expected loss of a pair,
+p (D - c)^2 + (1 - p) (-D - c)^2 with c = 1 / (2 beta), is smallest at D = (2p - 1) c: at
+    D = (2 sigmoid(m) - 1) / (2 beta) = tanh(m / 2) / (2 beta) =: delta
+where r(y) = 1 and r(y') = 0, at -delta the other way round, at 0 for a tie. So log pi/pi_ref = delta
+* r + a constant of the prompt puts every pair at its minimum at once, and minimises the expected
+loss over the data. That is all the data determines: responses no pair contains (for the first-digit
+pairs, later digits off the rule and first digits the rule does not allow) may have any probability,
+and so may the per-prompt constant. (A finite set of pairs determines even less; the network's
+generalisation fills the rest in.) The target taken here,
+    pi_IPO(y | x) = pi_ref(y | x) exp(delta * r(x, y)) / Z(x),
 is the maximiser of Azar et al.'s regularised objective E_{y~pi, y'~mu}[p(y > y')] - beta KL(pi || pi_ref)
-(their Psi = identity), mu the data's responses (half g, half b) and p the gold labeller: the win rate
-against mu is s/2 + 1/4 for every response with the preferred first digit and (1 - s)/2 + 1/4 for every
-other one, delta * beta apart. It minimises the expected loss, but is not the policy of least
-KL(pi || pi_ref) that does: that one gives the unpaired responses a log-ratio between those of b and
-g, weighted by pi's mass on each. pi_IPO is pi* of a gold reward of margin beta * delta = tanh(m / 2) / 2
-<= 1/2 whatever m: at the default m = 20 and beta = 1, delta = 0.5 nats of log-odds of the preferred
-first digit, where pi* of the gold reward moves them by m / beta = 20.
+(their Psi = identity), mu the data's responses and p the gold labeller: whatever mu, a response at
+level 1 wins against it s - 1/2 more often than one at level 0 (s = sigmoid(m)), delta * beta apart.
+It minimises the expected loss, but is not the policy of least KL(pi || pi_ref) that does: that one
+gives the unpaired responses a log-ratio between those of the two levels, weighted by pi's mass on
+each. pi_IPO is pi* of a gold reward of margin beta * delta = tanh(m / 2) / 2 <= 1/2 whatever m: at
+the default m = 20 and beta = 1, delta = 0.5 nats of log-odds of the preferred first digit (for
+first-digit), where pi* of the gold reward moves them by m / beta = 20. A gold reward of more levels
+(digit-sum) has in general no target of this form: the pairs' minima tanh(m (r(y) - r(y')) / 2) /
+(2 beta) are not the differences of one function of the response, so ipo_target refuses it.
 
 Differs from TRL (loss_type="ipo"): TRL averages the log-probs over tokens (since PR #1265), so its
 h is ours / 4 and its loss (h / 4 - 1 / (2 beta))^2 = (h - 1 / (2 beta / 4))^2 / 16: IPO with
@@ -37,13 +40,14 @@ from dataclasses import dataclass
 
 from toy_rlhf.flags import PositiveFloat, PositiveInt
 from toy_rlhf.methods.dpo import DPOConfig, train_on_pairs
-from toy_rlhf.optimal import digit_distribution
+from toy_rlhf.optimal import digit_distribution, gold_table
+from toy_rlhf.preferences import resolve_preference
 
 
 @dataclass
 class IPOConfig(DPOConfig):
     # 1, as DPO's and PPO's, for the comparison. On IPO's scale that is weak: the target raises the
-    # log-odds of the preferred first digit by tanh(gold_margin / 2) / (2 beta) = 0.5 nats.
+    # log-odds of the gold reward's upper level by tanh(gold_margin / 2) / (2 beta) = 0.5 nats.
     beta: PositiveFloat = 1.0  # the paper's tau, the KL strength of IPO's objective
     # From the short SFT policy the KL to the target (20 prompts) was 0.0035 nats after 200 steps and
     # after 400 at beta = 1, and 0.058 and 0.054 at beta = 0.1: the squared loss settles sooner than
@@ -70,7 +74,7 @@ def ipo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejecte
 
 def ipo_margin(config):
     """delta = (2 sigmoid(m) - 1) / (2 beta) = tanh(m / 2) / (2 beta): the log-ratio gap between the
-    responses with the preferred first digit and the others at the minimum of the expected loss."""
+    responses at the gold reward's level 1 and those at level 0 at the minimum of the expected loss."""
     return math.tanh(config.gold_margin / 2) / (2 * config.beta)
 
 
@@ -84,7 +88,12 @@ def train_ipo(sft_policy, config, progress=True):
 
 
 def ipo_target(tables, config):
-    """pi_IPO = pi_ref exp(delta * 1[y1 preferred]) / Z, the distribution IPO aims at (see the module's
-    docstring): tables, a toy_rlhf.optimal.ExactTables -> log-probs (P, 10^4)."""
-    preferred = tables.gold(1.0)  # the gold reward at margin 1: 1 where y1 is the preferred digit, else 0
-    return digit_distribution(tables.log_ref + ipo_margin(config) * preferred)
+    """pi_IPO = pi_ref exp(delta * r) / Z, the distribution IPO aims at (see the module's docstring),
+    r the gold reward of config's preference: tables, a toy_rlhf.optimal.ExactTables -> log-probs
+    (P, 10^4). Supports a gold reward of the two levels 0 and 1 only; refuses any other."""
+    preference = resolve_preference(config.preference)
+    gold = gold_table(tables.prompts, preference, 1.0)  # (P, 10^4): the gold reward itself
+    if not ((gold == 0) | (gold == 1)).all():
+        raise ValueError(f'the IPO target is derived for a gold reward of two levels, 0 and 1 (first-digit, '
+                         f'last-digit, distinct); {preference.name} takes other values')
+    return digit_distribution(tables.log_ref + ipo_margin(config) * gold)

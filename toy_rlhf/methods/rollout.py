@@ -14,7 +14,7 @@ import torch
 from mingpt.utils import set_seed
 from toy_rlhf.flags import GroupSize, NonNegativeFloat, PositiveFloat, PositiveInt, Seed
 from toy_rlhf.language import sample_prompts
-from toy_rlhf.metrics import best_level_rate, kl_divergence, rule_probability
+from toy_rlhf.metrics import kl_divergence, rule_probability
 from toy_rlhf.policy import generate_responses, log_probs_of_responses, response_log_probs
 from toy_rlhf.preferences import DEFAULT_PREFERENCE
 from toy_rlhf.reward import score_sentences
@@ -161,7 +161,7 @@ def rollout(actor, reference, reward_model, prompts, generator, preference):
     sentences (B, 9); logp_old, logp_ref (B, 4): log-probs of the sampled tokens only (the actions
     actually taken) under the actor and the reference; score (B,): the reward model's; and, for the
     log, the exact next-token KL to the reference summed along each response, the entropy, and the
-    rates of the preference's best gold level (toy_rlhf.metrics.best_level_rate) and of valid later
+    rates of the preference's best gold level (Preference.best_level_rate) and of valid later
     digits, (B,) each.
     """
     reward_model.eval()  # frozen: only ever called here, under no_grad
@@ -175,7 +175,7 @@ def rollout(actor, reference, reward_model, prompts, generator, preference):
         'score': score_sentences(reward_model, sentences),  # (B,)
         'kl_full': kl_divergence(actor_log_probs.exp(), reference_log_probs).sum(dim=1),  # (B,)
         'entropy': -(actor_log_probs.exp() * actor_log_probs).sum(dim=-1).mean(dim=1),  # (B,)
-        'preferred': best_level_rate(preference, actor_log_probs, sentences),  # (B,)
+        'preferred': preference.best_level_rate(actor_log_probs, sentences),  # (B,)
         'fidelity': rule_probability(actor_log_probs, sentences)[:, 1:].mean(dim=1),  # (B,)
     }
 

@@ -1,0 +1,112 @@
+"""Every response, enumerated: a policy's log-probability and a reward model's score of each of the
+10^4 digit responses to a prompt, computed exactly (no sampling) in one pass of the model.
+
+A response is four digits, so the responses to a prompt form a trie of depth four: 10 one-digit
+prefixes, 100 two-digit ones, ... The pass runs each node of the trie once, attending to the keys
+and values its ancestors left in a cache, instead of running 10^4 full sequences: the first digit
+a thousand responses share is computed once, not a thousand times. These tables are what
+toy_rlhf.optimal compares a policy with the optimum on; one pass of each model serves every beta.
+"""
+import math
+
+import torch
+
+from toy_rlhf.language import CLS, DIGITS, RESPONSE_LENGTH, join
+
+RESPONSES = DIGITS ** RESPONSE_LENGTH  # 10^4 digit responses per prompt
+
+
+def all_responses():
+    """Every digit response in lexicographic order: (10^4, 4) long; row i holds the digits of i."""
+    return torch.cartesian_prod(*[torch.arange(DIGITS)] * RESPONSE_LENGTH)
+
+
+@torch.no_grad()
+def trie_outputs(model, contexts, depth, end_token=None):
+    """A GPT's outputs after contexts (P, T0) followed by every digit string of up to `depth` digits,
+    each node of the trie of strings computed once (eval mode: no dropout).
+
+    Returns a list: (P, 1, out) at the context's last position, then (P, 10^l, out) after each
+    string of l = 1..depth digits in lexicographic order, then, if end_token is given, (P, 10^depth,
+    out) after each full string followed by end_token. Equal to model(context + string) at those
+    positions: a node attends to the cached keys and values of its ancestors, so the positions a
+    thousand sequences share are computed once, not a thousand times.
+    """
+    P, T0 = contexts.shape
+    cache = [[] for _ in model.transformer.h]  # per layer: (keys, values) of each level
+    outputs = [_extend(model, contexts.unsqueeze(1), 0, cache)[:, :, -1]]
+    for level in range(1, depth + 1):
+        # Level l holds the 10^l strings of l digits; node j ends in digit j % 10.
+        digits = torch.arange(DIGITS, device=contexts.device).repeat(DIGITS ** (level - 1))
+        outputs.append(_extend(model, digits.expand(P, -1).unsqueeze(2), T0 + level - 1, cache)[:, :, 0])
+    if end_token is not None:
+        ends = torch.full((P, DIGITS ** depth, 1), end_token, device=contexts.device)
+        outputs.append(_extend(model, ends, T0 + depth, cache)[:, :, 0])
+    return outputs
+
+
+def _extend(model, tokens, position, cache):
+    """Run tokens (P, N, n) of N nodes at positions position..position + n - 1 through the model,
+    each node attending to its ancestors' keys and values in cache and causally to its own tokens;
+    appends the new keys and values to cache. Returns the outputs (P, N, n, out)."""
+    P, N, n = tokens.shape
+    positions = torch.arange(position, position + n, device=tokens.device)
+    x = (model.transformer.wte(tokens) + model.transformer.wpe(positions)).view(P * N, n, -1)
+    for block, layer_cache in zip(model.transformer.h, cache):
+        q, k, v = (t.view(P, N, *t.shape[1:]) for t in block.attn.query_key_value(block.ln_1(x)))  # (P, N, nh, n, hs)
+        layer_cache.append((k, v))
+        y = _attention(q, layer_cache)
+        x = x + block.attn.c_proj(y.flatten(0, 1).transpose(1, 2).flatten(2))
+        x = x + block.mlp(block.ln_2(x))
+    return model.lm_head(model.transformer.ln_f(x)).view(P, N, n, -1)
+
+
+def _attention(q, levels):
+    """Softmax attention of queries q (P, N, nh, n, hs) over the keys and values of each level, (P,
+    N_t, nh, n_t, hs) each, the last level being the queries' own tokens (seen causally).
+
+    In lexicographic order the N / N_t consecutive nodes below a node of level t are its
+    descendants, so viewing q as (P, N_t, N / N_t, ...) lines each query up with its ancestor's keys
+    without copying them N / N_t times. Returns (P, N, nh, n, hs).
+    """
+    P, N, nh, n, hs = q.shape
+    below = [q.view(P, k.size(1), N // k.size(1), nh, n, hs) for k, _ in levels]
+    scores = torch.cat([torch.einsum('pgjhqd,pghkd->pgjhqk', group, k).reshape(P, N, nh, n, -1)
+                        for group, (k, _) in zip(below, levels)], dim=-1) / math.sqrt(hs)
+    future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(diagonal=1)
+    scores[..., -n:].masked_fill_(future, float('-inf'))  # a token does not see its own level's later ones
+    weights = scores.softmax(dim=-1).split([k.size(3) for k, _ in levels], dim=-1)
+    return sum(torch.einsum('pgjhqk,pghkd->pgjhqd', w.view(*group.shape[:-1], -1), v).reshape(q.shape)
+               for w, group, (_, v) in zip(weights, below, levels))
+
+
+@torch.no_grad()
+def response_log_probs_exact(policy, prompts, prompts_per_pass=10):
+    """log pi(y|x) of every digit response: prompts (P, 4) -> (P, 10^4) float64, responses in the
+    order of all_responses().
+
+    One pass over the trie of the 1,000 three-digit prefixes y1 y2 y3 per prompt (not 10^4 x 4
+    rows): the outputs after prompt + SEP + y1..yl give pi(y_{l+1} | y1..yl), and log pi(y) is the
+    sum of the four conditionals. Where the policy can write SEP the digits' probabilities sum to
+    less than 1; see non_digit_mass.
+    """
+    tables = []
+    for chunk in prompts.split(prompts_per_pass):
+        P = len(chunk)
+        levels = trie_outputs(policy, join(chunk), RESPONSE_LENGTH - 1)
+        # Softmax over the whole vocabulary, then the digits: SEP keeps its share of the mass.
+        conditionals = [out.double().log_softmax(dim=-1)[..., :DIGITS].reshape(P, -1) for out in levels]
+        tables.append(sum(c.repeat_interleave(RESPONSES // c.size(1), dim=1) for c in conditionals))
+    return torch.cat(tables)
+
+
+@torch.no_grad()
+def response_rewards_exact(reward_model, prompts, prompts_per_pass=1):
+    """The reward model's score of every digit response, read at CLS after prompt + SEP + response:
+    prompts (P, 4) -> (P, 10^4) float64, by the same trie (each response's digits computed once).
+
+    prompts_per_pass bounds the memory, ~100 MB per prompt for gpt-nano; the 10^4 leaves of one
+    prompt are already a batch large enough to be fast, so one at a time is both lean and quickest.
+    """
+    return torch.cat([trie_outputs(reward_model, join(chunk), RESPONSE_LENGTH, end_token=CLS)[-1]
+                      .squeeze(2).double() for chunk in prompts.split(prompts_per_pass)])
