@@ -5,13 +5,15 @@ import math
 import pytest
 import torch
 
+from toy_rlhf.enumeration import all_responses, response_log_probs_exact
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods.grpo import (GRPOConfig, fixed_point, forward_kl_step, k3_kl, per_token_fixed_point,
                                    reverse_kl_step, train_grpo, uniform_groups)
 from toy_rlhf.methods.rollout import group_normalised_advantages
 from toy_rlhf.metrics import evaluate_policy
-from toy_rlhf.optimal import (ExactTables, all_responses, digit_distribution, exact_tables, objective,
-                              optimal_log_probs, optimal_value, response_kl, response_log_probs_exact)
+from toy_rlhf.optimal import (ExactTables, digit_distribution, exact_tables, objective, optimal_log_probs, optimal_value,
+                              response_kl)
+from toy_rlhf.preferences import PREFERENCES
 
 
 def rows(*values, dtype=torch.float32):
@@ -193,14 +195,14 @@ def test_every_variant_runs_and_logs_finite_numbers_under_trls_names(sft_policy,
 
 
 def test_grpo_raises_the_preference_rate_well_above_the_sft_models(run, sft_policy):
-    rate = evaluate_policy(run[0], sft_policy, n_prompts=500)['preference_rate']
-    sft_rate = evaluate_policy(sft_policy, sft_policy, n_prompts=500)['preference_rate']
+    rate = evaluate_policy(run[0], sft_policy, n_prompts=500, preference=PREFERENCES['first-digit'])['preference_rate']
+    sft_rate = evaluate_policy(sft_policy, sft_policy, n_prompts=500, preference=PREFERENCES['first-digit'])['preference_rate']
     assert rate > sft_rate + 0.15, (rate, sft_rate)  # 0.27-0.29 above it at seeds 0-3
 
 
 def test_grpo_stays_below_j_star_and_heads_for_its_own_fixed_point_not_pi_star(run, sft_policy, reward_model):
     prompts = sample_prompts(5, torch.Generator().manual_seed(3))
-    tables = exact_tables(sft_policy, reward_model, prompts)
+    tables = exact_tables(sft_policy, reward_model, prompts, PREFERENCES['first-digit'])
     log_pi = response_log_probs_exact(run[0], prompts)
     J = objective(log_pi, tables.log_ref, tables.rewards, 1.0)
     # Exact over the 10^4 responses of each prompt: J <= J* up to float64 rounding (~1e-12).

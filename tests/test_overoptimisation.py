@@ -11,7 +11,7 @@ from toy_rlhf.language import join, sample_prompts
 from toy_rlhf.methods.best_of_n import best_of_n_log_probs
 from toy_rlhf.methods.ppo import PPOConfig
 from toy_rlhf.metrics import true_distributions
-from toy_rlhf.optimal import all_responses
+from toy_rlhf.enumeration import all_responses
 from toy_rlhf.reward import RewardConfig
 from toy_rlhf.sft import SFTConfig
 from test_plots import assert_png

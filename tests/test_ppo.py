@@ -12,6 +12,7 @@ from toy_rlhf.optimal import evaluate_against_optimum
 from toy_rlhf.methods.ppo import PPOConfig, annealed_learning_rate, clipped_value_loss, train_ppo
 from toy_rlhf.methods.rollout import (clipped_surrogate_loss, gae_advantages, leave_one_out_advantages,
                                       per_token_rewards, returns_to_go, whiten)
+from toy_rlhf.preferences import PREFERENCES
 
 
 EPSILON = 0.2
@@ -189,7 +190,7 @@ def test_the_value_loss_is_half_the_larger_of_the_clipped_and_unclipped_squared_
 # while still far above the SFT level of ~0.3.
 SHORT_PPO = dict(iters=25, prompts_per_iter=64, seed=0)
 TINY_PPO = dict(iters=2, prompts_per_iter=8)  # for the properties that need no learning
-EVALUATION = dict(n_prompts=1000, seed=1)  # preference rate to within ~0.005 (exact per prompt)
+EVALUATION = dict(n_prompts=1000, seed=1, preference=PREFERENCES['first-digit'])  # preference rate to within ~0.005 (exact per prompt)
 
 TRL_NAMES = ['objective/scores', 'objective/kl', 'objective/rlhf_reward', 'policy/approxkl',
              'policy/clipfrac', 'policy/entropy', 'gold/preference_rate', 'gold/fidelity']
@@ -314,6 +315,6 @@ def test_no_trained_policy_beats_the_exact_optimum_of_its_objective(runs, sft_po
     # Exact over all 10^4 responses of each prompt, so no sampling error: J <= J* must hold up to
     # float rounding (1e-9 in float64), and PPO should have closed most of the gap from the reference.
     prompts = sample_prompts(5, torch.Generator().manual_seed(3))
-    result = evaluate_against_optimum(runs[name][0], sft_policy, reward_model, beta, prompts)
+    result = evaluate_against_optimum(runs[name][0], sft_policy, reward_model, beta, prompts, PREFERENCES['first-digit'])
     assert result['J'] <= result['J_star'] + 1e-9
     assert result['gap_closed'] > 0.5

@@ -7,11 +7,13 @@ import math
 import pytest
 import torch
 
+from toy_rlhf.enumeration import response_log_probs_exact
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods.reinforce_pp import ReinforcePPConfig, reinforce_pp_advantages, train_reinforce_pp
 from toy_rlhf.methods.rollout import group_normalised_advantages
 from toy_rlhf.metrics import evaluate_policy
-from toy_rlhf.optimal import compare_to_optimum, exact_tables, objective, optimal_value, response_log_probs_exact
+from toy_rlhf.optimal import compare_to_optimum, exact_tables, objective, optimal_value
+from toy_rlhf.preferences import PREFERENCES
 
 
 def rows(*values):
@@ -65,8 +67,8 @@ def run(sft_policy, reward_model):
 
 def test_reinforce_pp_raises_the_preference_rate_far_above_the_sft_policys(run, sft_policy):
     # Both rates are exact per prompt, on the same 500 prompts: standard error ~0.01.
-    before = evaluate_policy(sft_policy, sft_policy, n_prompts=500)['preference_rate']
-    after = evaluate_policy(run[0], sft_policy, n_prompts=500)['preference_rate']
+    before = evaluate_policy(sft_policy, sft_policy, n_prompts=500, preference=PREFERENCES['first-digit'])['preference_rate']
+    after = evaluate_policy(run[0], sft_policy, n_prompts=500, preference=PREFERENCES['first-digit'])['preference_rate']
     assert before < 0.45
     assert after >= 0.85
 
@@ -74,12 +76,14 @@ def test_reinforce_pp_raises_the_preference_rate_far_above_the_sft_policys(run, 
 def test_no_prompt_gets_more_than_its_exact_optimum_and_most_of_the_gap_is_closed(run, sft_policy, reward_model):
     # Exact over all 10^4 responses of each prompt, in float64: J <= J* can only fail by rounding,
     # which at values ~3 is ~1e-15 per term; 1e-9 is far above that and far below any real excess.
-    tables = exact_tables(sft_policy, reward_model, sample_prompts(5, torch.Generator().manual_seed(3)))
+    tables = exact_tables(sft_policy, reward_model, sample_prompts(5, torch.Generator().manual_seed(3)),
+                          PREFERENCES['first-digit'])
     log_pi = response_log_probs_exact(run[0], tables.prompts)
     beta = SHORT_REINFORCE_PP.beta
     J = objective(log_pi, tables.log_ref, tables.rewards, beta)
     assert (J <= optimal_value(tables.log_ref, tables.rewards, beta) + 1e-9).all()
-    assert compare_to_optimum(log_pi, tables.log_ref, tables.rewards, tables.prompts, beta)['gap_closed'] > 0.8
+    assert compare_to_optimum(log_pi, tables.log_ref, tables.rewards, tables.prompts, beta,
+                              tables.preference)['gap_closed'] > 0.8
 
 
 def test_the_log_has_a_row_per_iteration_with_the_samples_drawn_and_the_rlhf_reward(run):
