@@ -54,7 +54,7 @@ def assert_one_line_naming_file_and_fix(error, path):
     message = str(error.value)
     assert '\n' not in message
     assert str(path) in message
-    assert 'run' in message and 'scripts/' in message
+    assert 'run `toy-rlhf ' in message
 
 
 # --- round trips ----------------------------------------------------------------------------------
@@ -155,9 +155,9 @@ def test_a_missing_file_is_reported_with_what_to_run(tmp_path, load):
     assert_one_line_naming_file_and_fix(error, path)
 
 
-def test_the_fix_names_the_script_that_makes_that_file(tmp_path):
+def test_the_fix_names_the_command_that_makes_that_file(tmp_path):
     path = tmp_path / 'runs' / 'exp1' / 'reward.pt'
-    with pytest.raises(CheckpointError, match='scripts/train_reward.py --run exp1'):
+    with pytest.raises(CheckpointError, match='toy-rlhf reward --run exp1'):
         load_model(path)
 
 
@@ -274,6 +274,10 @@ def _newer_format(stored):
     stored['format_version'] += 1
 
 
+def _older_format(stored):  # format 2 had no history, format 1 other parameter names: neither is read
+    stored['format_version'] = 2
+
+
 def _unknown_kind(stored):
     stored['kind'] = 'value'
 
@@ -335,7 +339,7 @@ def _a_metric_that_is_text(stored):
     stored['metrics']['language_kl'] = 'low'
 
 
-EDITS = [*(_without(key) for key in sorted(REQUIRED_KEYS)), _newer_format, _unknown_kind,
+EDITS = [*(_without(key) for key in sorted(REQUIRED_KEYS)), _newer_format, _older_format, _unknown_kind,
          _no_block_size, _model_config_none, _sizes_that_do_not_match_the_weights,
          _format_version_as_a_tensor, _history_not_a_list, _a_weight_that_is_not_a_tensor, _nan_weight,
          _infinite_weight, _beta_as_text, _negative_gold_margin, _a_preference_that_is_not_a_name,

@@ -96,11 +96,11 @@ FAILURES = {
     'zero iterations': ('train_reward.py', ['--iters', '0'], None, ['--iters', '0']),
     'zero batch size': ('train_sft.py', ['--batch-size', '0'], None, ['--batch-size', '0']),
     'unknown flag': ('train_sft.py', ['--lr', '0.1'], None, ['--lr']),
-    'no sft checkpoint': ('train_ppo.py', ['--quiet'], None, ['sft.pt', 'scripts/train_sft.py']),
+    'no sft checkpoint': ('train_ppo.py', ['--quiet'], None, ['sft.pt', 'toy-rlhf sft']),
     'reward model without an sft checkpoint': ('train_reward.py', ['--quiet'], None,
-                                               ['sft.pt', 'scripts/train_sft.py']),
+                                               ['sft.pt', 'toy-rlhf sft']),
     'no reward checkpoint': ('train_ppo.py', ['--quiet'], sft_checkpoint,
-                             ['reward.pt', 'scripts/train_reward.py']),
+                             ['reward.pt', 'toy-rlhf reward']),
     'reward checkpoint as the policy': ('evaluate.py', ['runs/default/reward.pt'],
                                         sft_and_reward_checkpoints, ['reward.pt', 'reward', 'policy']),
     'a run name that climbs out of runs/': ('train_sft.py', ['--run', '..'] + TINY_SFT, None, ['--run', '..']),
@@ -130,6 +130,11 @@ FAILURES = {
     'more prompts than memory holds': ('evaluate.py', ['runs/default/sft.pt', '--prompts', '200000000'], None,
                                        ['--prompts', '200000000']),
     'beta 0 twice, once as -0': ('run_all.py', ['--betas', '0', '-0', '--quiet'], None, ['--betas', '0 0']),
+    'a batch no memory holds': ('train_sft.py', ['--batch-size', '99999999999', '--quiet'], None, ['--batch-size']),
+    'an empty plots folder': ('compare_methods.py', ['--plots-dir', '', '--quiet'], None, ['--plots-dir']),
+    'the whole pipeline for another preference than the run': ('run_all.py', ['--preference', 'last-digit', '--quiet'],
+                                                               a_first_digit_reward_model,
+                                                               ['reward.pt', 'first-digit, not last-digit']),
     # 10^11 pairs: terabytes, which no allocation gets (and so no process is killed for trying).
     'more pairs than memory holds': ('train_reward.py', ['--pairs', '100000000000', '--quiet'], sft_checkpoint,
                                      ['out of memory', 'smaller sizes']),
@@ -292,7 +297,7 @@ def test_help_exits_zero_and_mentions_every_flag(results, script):
 
 def test_a_reward_checkpoint_given_as_the_policy_is_answered_with_a_command_that_makes_a_policy(results):
     result, _ = results['reward checkpoint as the policy']
-    assert 'train_reward.py' not in result.stderr
+    assert 'toy-rlhf reward' not in result.stderr
 
 
 def test_a_seed_numpy_cannot_take_is_a_one_line_error(results):

@@ -1,6 +1,5 @@
 """Projects built on mingpt: a script written the way minGPT's projects are (a config tree, command
-line overrides, a logged work folder, Trainer with an evaluating and saving callback) runs unchanged,
-and toy-rlhf's own checkpoints from before mingpt took minGPT's parameter names still load."""
+line overrides, a logged work folder, Trainer with an evaluating and saving callback) runs unchanged."""
 import json
 import sys
 
@@ -11,8 +10,6 @@ from mingpt.model import GPT
 from mingpt.trainer import Trainer
 from mingpt.utils import CfgNode as CN
 from mingpt.utils import set_seed, setup_logging
-from toy_rlhf.checkpoint import load_model, save_checkpoint
-from toy_rlhf.policy import policy_config
 
 
 # --- the project: learn to reverse a string of digits, as minGPT's projects/ scripts are laid out ---
@@ -125,35 +122,3 @@ def test_a_minGPT_style_project_learns_to_reverse_digits_and_saves_its_best_mode
     model.load_state_dict(torch.load(work_dir / 'model.pt', weights_only=True))
     test_dataset = ReverseDataset(config.data, 'test', config.system.seed)
     assert reversal_accuracy(model.eval(), test_dataset) == best
-
-
-# --- toy-rlhf checkpoints written before the rename -----------------------------------------------
-
-# This package's own parameter names before it took minGPT's (checkpoint format 1): new name -> old.
-OLD_NAMES = [('transformer.h.', 'blocks.'), ('transformer.', ''), ('attn.c_attn.', 'attn.qkv.'),
-             ('attn.c_proj.', 'attn.proj.'), ('mlp.c_fc.', 'mlp.0.'), ('mlp.c_proj.', 'mlp.2.'),
-             ('lm_head.', 'head.')]
-
-
-def old_name(name):
-    for new, old in OLD_NAMES:
-        name = name.replace(new, old)
-    return name
-
-
-def test_a_format_1_checkpoint_with_the_old_parameter_names_loads_with_identical_outputs(tmp_path):
-    torch.manual_seed(0)
-    model = GPT(policy_config()).eval()
-    path = tmp_path / 'sft.pt'
-    save_checkpoint(path, model, 'policy', {'steps': 10}, {'loss': 1.0})
-    stored = torch.load(path, weights_only=True)
-    stored['format_version'] = 1
-    stored['state_dict'] = {old_name(name): tensor for name, tensor in stored['state_dict'].items()}
-    assert {'wte.weight', 'blocks.2.attn.qkv.weight', 'blocks.0.mlp.2.bias', 'head.weight'} \
-        <= stored['state_dict'].keys()
-    torch.save(stored, path)
-
-    loaded = load_model(path, kind='policy')
-    idx = torch.randint(11, (4, 8), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert torch.equal(loaded(idx)[0], model(idx)[0])

@@ -244,6 +244,16 @@ def changes_its_inputs(prompts, responses):
     return torch.ones(len(prompts))
 
 
+def exits_when_called_on_more_than_the_probe(prompts, responses):
+    if len(prompts) != 2 * 10 ** 4:  # the probe batch passes
+        raise SystemExit(0)
+    return torch.zeros(len(prompts))
+
+
+def rewards_every_response_alike(prompts, responses):
+    return torch.zeros(len(prompts))
+
+
 def returns_a_column(prompts, responses):
     return responses[:, :1].float()
 
@@ -321,3 +331,17 @@ def test_a_user_module_that_exits_on_import_is_one_line(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(PreferenceError, match=r'cannot import it \(SystemExit: 0\)'):
         resolve_preference('exits_on_import:f')
+
+
+def test_a_user_preference_that_exits_when_called_is_one_line():
+    preference = resolve_preference('test_preferences:exits_when_called_on_more_than_the_probe')
+    with pytest.raises(PreferenceError, match=r'failed \(SystemExit: 0\)'):
+        preference.reward(torch.tensor([[5, 7, 1, 5]]), torch.tensor([[6, 2, 7, 3]]))
+
+
+def test_a_preference_with_nothing_to_prefer_is_one_line_before_training(sft_policy, tmp_path):
+    save_checkpoint(tmp_path / 'sft.pt', sft_policy, 'policy', {}, {})
+    config = RewardConfig(preference='test_preferences:rewards_every_response_alike', pairs=64, held_out_pairs=64)
+    with pytest.raises(PreferenceError, match=r'^reward: .*every held-out pair is a tie'):
+        reward_stage(tmp_path, config, progress=False)
+    assert not (tmp_path / 'reward.pt').exists()

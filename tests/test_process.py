@@ -1,6 +1,7 @@
-"""The edges of a process, as a shell user meets them: output into a pipe whose reader has left, Ctrl-C
-while Python is still importing torch, and Ctrl-C while the interpreter exits. Each ends quietly:
-no traceback, and the status a shell expects (141 for a closed pipe, 130 for Ctrl-C).
+"""The edges of a process, as a shell user meets them: output into a pipe whose reader has left or onto a
+full disk, Ctrl-C or SIGTERM while Python is still importing torch, and Ctrl-C while the interpreter
+exits. Each ends quietly: no traceback, and the status a shell expects (141 for a closed pipe, 130 for
+Ctrl-C, 143 for SIGTERM, 2 for output that cannot be written).
 
 `toy-rlhf` runs here as pip's console-script wrapper runs it: the entry point setup.py names, called
 in a fresh interpreter (an installed `toy-rlhf` may belong to another checkout).
@@ -10,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,37 @@ def test_output_into_a_closed_pipe_ends_quietly(arguments, tmp_path):
     stderr = process.stderr.read()
     assert process.wait(timeout=60) in (0, 128 + signal.SIGPIPE, -signal.SIGPIPE), stderr
     assert stderr == ''
+
+
+def test_output_onto_a_full_disk_is_one_line_and_status_two(tmp_path):
+    with open('/dev/full', 'w') as full:
+        result = subprocess.run(toy_rlhf() + ['--help'], stdout=full, stderr=subprocess.PIPE, text=True,
+                                cwd=tmp_path, env=ENVIRONMENT, timeout=60)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.endswith('error: cannot write the output: No space left on device')
+
+
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM], ids=['SIGINT', 'SIGTERM'])
+def test_a_signal_during_start_up_is_one_line_and_the_signals_status(signum, tmp_path):
+    # Signals at several moments from the start of torch's import (found as in the test below) to
+    # parsing and training. Before the fix a Ctrl-C inside torch's import was sometimes swallowed (the
+    # run went on) or aborted the process from C++, and SIGTERM there ended it without a word.
+    for delay in (0.0, 0.2, 0.4, 0.8, 1.6):
+        process = subprocess.Popen(toy_rlhf('-X', 'importtime') + ['sft', '--iters', '1000', '--quiet', '--run-dir',
+                                                                   'run'], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=ENVIRONMENT,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        for line in process.stderr:
+            if re.search(r'\|\s+torch\.', line):
+                break
+        time.sleep(delay)
+        process.send_signal(signum)
+        stderr = process.stderr.read()
+        process.wait(timeout=60)
+        ours = [line for line in stderr.splitlines() if not line.startswith('import time:')]
+        assert process.returncode == 128 + signum, (delay, stderr[-2000:])
+        assert len(ours) == 1 and 'Traceback' not in stderr, (delay, ours)
 
 
 @pytest.mark.parametrize('command', [toy_rlhf, script('train.py'), script('run_all.py')],

@@ -74,7 +74,7 @@ def test_a_registered_method_gets_a_command_with_its_fields_as_flags(dummy, caps
 
 def test_a_registered_method_names_its_checkpoints(dummy):
     assert method_of_stem('dummy_beta0.3') is dummy
-    assert how_to_make('runs/x/dummy_beta0.3.pt') == 'python scripts/train.py dummy --beta 0.3 --run x'
+    assert how_to_make('runs/x/dummy_beta0.3.pt') == 'toy-rlhf dummy --beta 0.3 --run x'
     assert method_of_stem('sft') is None and method_of_stem('unknown_beta1') is None
 
 

@@ -91,7 +91,8 @@ def test_opening_a_run_folder_removes_only_our_temporaries_and_only_where_we_wri
     ours = [left_by_a_killed_write(run_dir / name) for name in ('sft.pt', 'plots/sft_loss.png')]
     users = [run_dir / '.editor.tmp', run_dir / 'sub' / 'deep' / '.notes.tmp', run_dir / '.x.tmp',
              run_dir / '.notes.a8d0q2zz.tmp',  # mkstemp's shape, without our marker
-             run_dir / 'sub' / ours[0].name]  # our shape, in a folder we never write to
+             run_dir / 'sub' / ours[0].name,  # our shape, in a folder we never write to
+             run_dir / '.lock']  # a lock file of the user's own, beside ours
     for path in users:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("the user's")
@@ -108,10 +109,20 @@ def test_an_empty_run_dir_is_refused_not_taken_as_this_folder(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_full_disk_when_the_folder_is_locked_leaves_nothing_behind(tmp_path, capsys, monkeypatch):
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, 'pwrite', disk_full)  # writing our process id into the lock file
+    status, _, lines = run('sft', ['--run', 'new'] + TINY_SFT, capsys)
+    assert status == 2
+    assert_one_line(lines, 'runs/new', 'No space left on device')
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_run_that_fails_before_writing_leaves_no_folder_behind(tmp_path, capsys):
     status, _, lines = run('ppo', ['--run', 'new', '--quiet'], capsys)  # no sft.pt to start from
     assert status == 2
-    assert_one_line(lines, 'sft.pt', 'scripts/train_sft.py')
+    assert_one_line(lines, 'sft.pt', 'toy-rlhf sft')
     assert list(tmp_path.iterdir()) == []
 
 

@@ -98,3 +98,13 @@ def test_a_user_preference_stored_in_a_run_is_used_only_when_named(capsys):
     assert status == 2 and f'give --preference {name}' in err[0]
     status, out, err = run('evaluate', [str(policy), '--prompts', '4', '--json', '--preference', name], capsys)
     assert status == 0 and 'preference_rate' in out
+
+
+def test_a_method_refuses_a_reward_model_made_from_another_sft_policy(capsys):
+    run_dir = a_run(capsys)
+    assert run('sft', TINY_SFT + ['--seed', '1'], capsys)[0] == 0  # sft.pt retrained; reward.pt is not
+    before = checkpoint_bytes(run_dir)
+    status, _, err = run('ppo', ['--iters', '1'] + TINY_PPO, capsys)
+    assert status == 2 and len(err) == 1
+    assert 'reward.pt: made from another sft.pt' in err[0] and 'toy-rlhf reward' in err[0]
+    assert checkpoint_bytes(run_dir) == before

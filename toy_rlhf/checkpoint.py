@@ -184,17 +184,18 @@ def setting_types():
 
 def how_to_make(path, kind=None):
     """The command that makes a checkpoint of `kind` at `path`, guessed from the file name where
-    the name fits the kind (for error messages)."""
+    the name fits the kind (for error messages). The installed command, `toy-rlhf`, which every
+    install has (an installed package has no scripts/ folder)."""
     name = Path(path).name
     run_dir = Path(path).parent
     run = f' --run {run_dir.name}' if run_dir.parent.name == 'runs' and run_dir.name != 'default' else ''
     if kind == 'reward' or (kind is None and name == 'reward.pt'):
-        return f'python scripts/train_reward.py{run}'
+        return f'toy-rlhf reward{run}'
     if name == 'sft.pt':
-        return f'python scripts/train_sft.py{run}'
+        return f'toy-rlhf sft{run}'
     method = method_of_stem(Path(name).stem) if name.endswith('.pt') else None
     if method is not None:  # a stem like ppo_beta1, ppo_beta0.1_seed2 or ppo_beta1_3f2a9c1d
         beta, *rest = Path(name).stem.rpartition('_beta')[2].split('_')
         seed = ''.join(f' --{part[:4]} {part[4:]}' for part in rest if part.startswith('seed'))
-        return f'python scripts/train.py {method.name} --beta {beta}{seed}{run}'
-    return f'python scripts/run_all.py{run}'
+        return f'toy-rlhf {method.name} --beta {beta}{seed}{run}'
+    return f'toy-rlhf all{run}'

@@ -120,6 +120,8 @@ def run_everything(args):
                                                         base=getattr(config, stage))
                                 for stage in ('sft', 'reward', 'ppo')})
     check_betas('--betas', config.betas)
+    if not config.fresh:  # a run has one preference, its reward model's; --fresh retrains for another
+        config = replace(config, preference=working_preference(args, 'preference', config.preference))
     run_all(args.run_dir, args.plots_dir, config, args.progress)
 
 
@@ -346,6 +348,8 @@ def prepare(args, writes_run_dir):
             raise UsageError("--run-dir '': an empty path; name a folder (--run-dir . for this one)")
         args.run_dir = Path(args.run_dir)
     if hasattr(args, 'plots_dir'):
+        if args.plots_dir == '':
+            raise UsageError("--plots-dir '': an empty path; name a folder, or leave the flag out for RUN/plots")
         if args.plots_dir:  # a folder the user named: refuse it now, not after training
             args.plots_dir = Path(args.plots_dir)
             _check_writable(args.plots_dir)

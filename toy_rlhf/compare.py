@@ -99,7 +99,7 @@ def checkpoint_row(policy_path, reference_path, reward_path, n_prompts, seed, ch
     method = METHODS.get(settings.get('method')) or method_of_stem(Path(policy_path).stem)
     if method is None or 'beta' not in settings:
         raise CheckpointError(f'{policy_path}: not made by a training method (no method or beta stored); '
-                              'run `python scripts/train.py METHOD` to make one')
+                              'run `toy-rlhf METHOD` to make one')
     if check_inputs:
         check_trained_from(policy_path, {'sft.pt': reference_path, 'reward.pt': reward_path})
     reward_settings = load_checkpoint(reward_path, 'reward')['train_config']

@@ -2,11 +2,14 @@
 
 toy_rlhf.cli turns every failure inside a command into one line. Three moments lie outside it, and a
 user meets each as a traceback unless it is caught here:
-- start-up: importing the command line imports torch, seconds in which Ctrl-C is likely. So this
-  module imports nothing heavy, and imports toy_rlhf.cli inside the guard.
+- start-up: importing the command line imports torch, seconds in which Ctrl-C is likely, and a
+  KeyboardInterrupt raised inside torch's C++ import code can be swallowed or abort the process. So
+  this module imports nothing heavy, and imports toy_rlhf.cli with SIGINT and SIGTERM blocked: a
+  signal that arrives meanwhile waits, and is taken as soon as the import is done.
 - a reader that left: `toy-rlhf --help | head -1` closes the pipe before the output is written.
   The process ends as a Unix tool that SIGPIPE kills: silently, with the status a shell reports
-  for it, 141 (128 + SIGPIPE).
+  for it, 141 (128 + SIGPIPE). Output that cannot be written otherwise (`> /dev/full`) is one line
+  and status 2, as every other write error.
 - interpreter exit: after the command, torch's and matplotlib's exit handlers run, and Ctrl-C (or
   SIGTERM, which toy_rlhf.cli turns into Ctrl-C) there would interrupt them.
 Each ends at once with os._exit: nothing is left to save (finished checkpoints are whole and the run
@@ -34,26 +37,42 @@ def run_command(name):
 
 def _run(command):
     """command(toy_rlhf.cli), then the interpreter's exit, each ending quietly however it is cut short."""
+    stops = {signal.SIGINT, signal.SIGTERM}
     try:
         try:
-            from toy_rlhf import cli  # imports torch: the seconds in which Ctrl-C is likeliest
+            signal.signal(signal.SIGTERM, _stop)  # toy_rlhf.cli has its own for the command's run
+            signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+            try:
+                from toy_rlhf import cli  # imports torch: the seconds in which Ctrl-C is likeliest
+            finally:
+                # Ctrl-C unwinds the command (toy_rlhf.cli says so in one line); one that came during
+                # the import is raised here, at the unblocking, and ends below.
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
             command(cli)
         finally:
             sys.stdout.flush()  # here, where a closed pipe can be caught, not at interpreter exit
     except BrokenPipeError:
         os._exit(128 + signal.SIGPIPE)
-    except KeyboardInterrupt:  # before toy_rlhf.cli has its own handler: while importing, parsing
+    except KeyboardInterrupt:  # before toy_rlhf.cli has its own handler: while parsing
         _stop(signal.SIGINT, None)
+    except OSError as error:  # the output itself cannot be written (a full disk behind stdout)
+        _say(f'error: cannot write the output: {error.strerror or error}')
+        os._exit(2)
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in stops:
             signal.signal(signum, _stop)
 
 
 def _stop(signum, frame):
     """End now, with one line and the status a shell gives a process stopped by `signum`."""
-    name = 'interrupted' if signum == signal.SIGINT else 'terminated'
+    _say('interrupted' if signum == signal.SIGINT else 'terminated')
+    os._exit(128 + signum)
+
+
+def _say(line):
+    """One line on stderr, written directly (Python's own stream may be what failed)."""
     try:
-        os.write(2, f'{os.path.basename(sys.argv[0])}: {name}\n'.encode())
+        os.write(2, f'{os.path.basename(sys.argv[0])}: {line}\n'.encode())
     except OSError:  # stderr, too, may be a closed pipe
         pass
-    os._exit(128 + signum)

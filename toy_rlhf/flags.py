@@ -58,16 +58,20 @@ Device = Literal['auto', 'cpu', 'cuda']
 Threads = Annotated[int, Bounds(low=1, high=os.cpu_count() or 1,
                                 description=f'an integer from 1 to {os.cpu_count() or 1} (the cores here)')]
 
-# Prompt counts within half this machine's memory. Peak memory per prompt, measured on the costliest
-# built-in preference (distinct): about 55 kB to sample and measure responses, about 3 MB to enumerate
-# all 10^4 responses exactly; the bounds allow a margin over both.
+# Sizes within half this machine's memory. Peak memory per item, measured (prompts on the costliest
+# built-in preference, distinct): about 55 kB per prompt to sample and measure responses, about 3 MB
+# per prompt to enumerate all 10^4 responses exactly, about 115 kB per sentence of an SFT step; the
+# bounds allow a margin over each.
 MEMORY_BUDGET = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 2
 MAX_SAMPLED_PROMPTS = MEMORY_BUDGET // 80_000
 MAX_EXACT_PROMPTS = MEMORY_BUDGET // 4_000_000
+MAX_BATCH = MEMORY_BUDGET // 150_000
 SampledPrompts = Annotated[int, Bounds(low=1, high=MAX_SAMPLED_PROMPTS, description=(
     f'an integer from 1 to {MAX_SAMPLED_PROMPTS:,} (what half the memory here holds)'))]
 ExactPrompts = Annotated[int, Bounds(low=1, high=MAX_EXACT_PROMPTS, description=(
     f'an integer from 1 to {MAX_EXACT_PROMPTS:,} (what half the memory here holds)'))]
+BatchSize = Annotated[int, Bounds(low=1, high=MAX_BATCH, description=(
+    f'an integer from 1 to {MAX_BATCH:,} (what half the memory here holds)'))]
 
 
 def field_comments(config_class):

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy
 import torch
 
-from toy_rlhf.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from toy_rlhf.checkpoint import CheckpointError, how_to_make, load_checkpoint, load_model, save_checkpoint
 from toy_rlhf.files import fingerprint, jsonl_text, write_text
 from toy_rlhf.language import entropy_floor
 from toy_rlhf.metrics import EVALUATION_PROMPTS, evaluate_policy, language_kl
@@ -147,8 +147,11 @@ def reward_stage(run_dir, config, progress=True, name='reward'):
     sft_policy = load_model(sft_path, 'policy')
     start = time.perf_counter()
     with stage_named(name):
-        model, history = train_reward(sft_policy, config, progress)
         held_out = preference_pairs(config, config.held_out_pairs, config.seed + 1, sft_policy)
+        if not held_out.decisive.any():
+            raise PreferenceError(f'--preference {config.preference}: every held-out pair is a tie (it rewards '
+                                  'every response alike), so there is no preference to learn')
+        model, history = train_reward(sft_policy, config, progress)
         metrics = {'pairwise_accuracy': pairwise_accuracy(model, held_out),
                    'rank_rate': rank_rate(model, seed=config.seed + 2, preference=resolve_preference(config.preference)),
                    'seconds': time.perf_counter() - start}
@@ -172,7 +175,10 @@ def method_stage(run_dir, config, progress=True, *, method):
     run_dir = Path(run_dir)
     inputs = method_inputs(run_dir, method)
     reference = load_model(inputs[0], 'policy')
-    models = {'reward_model': load_model(inputs[1], 'reward')} if method.needs_reward_model else {}
+    models = {}
+    if method.needs_reward_model:
+        models['reward_model'] = load_model(inputs[1], 'reward')
+        check_made_from(inputs[1], inputs[0])
     named = getattr(config, 'preference', None)
     preference = run_preference(run_dir, named) if method.needs_reward_model else resolve_preference(named)
     name = method.stem(config)
@@ -219,6 +225,15 @@ def run_preference(run_dir, named=None, changed_file_ok=False):
     """The preference a run's reward model was trained for (stored in reward.pt); see checkpoint_preference."""
     path = Path(run_dir) / 'reward.pt'
     return checkpoint_preference(path, load_checkpoint(path, 'reward')['train_config'], named, changed_file_ok)
+
+
+def check_made_from(path, input_path):
+    """Refuse a checkpoint (its path) made from another version of input_path (a stage retrained since,
+    say sft.pt under reward.pt), by the fingerprint stored in its provenance."""
+    stored = load_checkpoint(path)['train_config'].get('inputs', {})
+    if input_path.name in stored and stored[input_path.name] != fingerprint(input_path):
+        raise CheckpointError(f'{path}: made from another {input_path.name} than {input_path} (retrained since); '
+                              f'make it again from this one: `{how_to_make(path)}`')
 
 
 def check_trained_from(policy_path, inputs):

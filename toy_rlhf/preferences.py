@@ -178,7 +178,7 @@ def guarded(name, function):
     def reward(prompts, responses):
         try:
             rewards = function(prompts.clone(), responses.clone())
-        except Exception as error:  # the user's code failing on valid input is the user's to fix
+        except (Exception, SystemExit) as error:  # the user's code failing (or exiting) is the user's to fix
             raise PreferenceError(f'--preference {name}: failed ({type(error).__name__}: {error})') from None
         if not isinstance(rewards, torch.Tensor) or rewards.shape != (len(prompts),):
             shape = tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards).__name__

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from mingpt.model import GPT
 from mingpt.utils import CfgNode, set_seed
 from toy_rlhf.data import PreferenceDataset, with_cls
-from toy_rlhf.flags import Device, NonNegativeFloat, PositiveFloat, PositiveInt, Seed
+from toy_rlhf.flags import BatchSize, Device, NonNegativeFloat, PositiveFloat, PositiveInt, Seed
 from toy_rlhf.language import DIGITS, SEQUENCE_LENGTH, VOCAB_SIZE, join, sample_prompts, with_each_first_digit
 from toy_rlhf.policy import started_from
 from toy_rlhf.preferences import DEFAULT_PREFERENCE, resolve_preference
@@ -24,7 +24,7 @@ class RewardConfig:
     # Started from the SFT policy, the model learns the preference within about 100 steps: over seeds
     # 0-9 (from the seed-0 SFT policy) this schedule reached held-out accuracy 1.0 and rank rate 1.0.
     iters: PositiveInt = 200  # optimizer steps
-    batch_size: PositiveInt = 64  # pairs per step
+    batch_size: BatchSize = 64  # pairs per step
     learning_rate: PositiveFloat = 3e-3  # peak, after warm-up, then cosine-decayed to 0
     warmup_iters: PositiveInt = 20  # steps of linear warm-up
     weight_decay: NonNegativeFloat = 0.1  # AdamW weight decay of the Linear weights

@@ -1,7 +1,8 @@
 """A run's folder, held by one process at a time.
 
 A command that writes into runs/NAME opens it with `open_run_dir`, which
-- locks it: a lock file, `.lock`, held with an exclusive flock while the command runs. A second
+- locks it: a lock file, `.toy-rlhf.lock` (a name no one else's file has), held with an exclusive
+  flock while the command runs. A second
   command on the same folder is refused with one line naming the process that holds it. The kernel
   drops a flock when its process dies, however it dies, so a lock file left by a killed run is not
   held by anyone and the next run takes it over (POSIX: Linux and macOS);
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from toy_rlhf.files import is_temporary
 
-LOCK = '.lock'
+LOCK = '.toy-rlhf.lock'
 PLOTS = 'plots'  # the run's figures, unless --plots-dir names another folder
 
 
@@ -33,7 +34,9 @@ def open_run_dir(run_dir):
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = _acquire(run_dir / LOCK)
-    except OSError as error:
+    except OSError as error:  # a full disk or no permission: leave nothing behind, the lock file neither
+        with contextlib.suppress(OSError):
+            (run_dir / LOCK).unlink(missing_ok=True)
         _remove_if_empty(created)
         raise RunDirError(f'cannot write to folder {run_dir}: {error.strerror}') from None
     except RunDirError:

@@ -6,7 +6,7 @@ from mingpt.model import GPT
 from mingpt.trainer import Trainer
 from mingpt.utils import set_seed
 from toy_rlhf.data import SupervisedDataset
-from toy_rlhf.flags import Device, NonNegativeFloat, PositiveFloat, PositiveInt, Seed
+from toy_rlhf.flags import BatchSize, Device, NonNegativeFloat, PositiveFloat, PositiveInt, Seed
 from toy_rlhf.policy import policy_config
 from toy_rlhf.training import check_finite, learning_rate_at, progress_bar, set_learning_rate
 
@@ -17,7 +17,7 @@ MAX_SENTENCES = 2 ** 18  # about 34 MB of training sentences
 @dataclass
 class SFTConfig:
     iters: PositiveInt = 800  # optimizer steps
-    batch_size: PositiveInt = 256  # sentences per step
+    batch_size: BatchSize = 256  # sentences per step
     learning_rate: PositiveFloat = 3e-3  # peak, reached after warm-up, then cosine-decayed to 0
     warmup_iters: PositiveInt = 50  # steps of linear warm-up
     # No decay: the data is unlimited, so there is nothing to regularise, and decay would hold back

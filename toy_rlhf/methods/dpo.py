@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from toy_rlhf.data import PreferenceDataset
-from toy_rlhf.flags import Device, PositiveFloat, PositiveInt, Seed
+from toy_rlhf.flags import BatchSize, Device, PositiveFloat, PositiveInt, Seed
 from toy_rlhf.language import PROMPT_LENGTH, RESPONSE_LENGTH
 from toy_rlhf.methods.rollout import TrainingLog, start_training
 from toy_rlhf.optimal import gold_table, optimal_log_probs
@@ -45,7 +45,7 @@ class DPOConfig:
     # From the default SFT policy the preference rate is 0.993 after 100 steps and 0.999 from 200 on;
     # 400 also brings a weaker SFT policy to its plateau.
     iters: PositiveInt = 400  # optimizer steps
-    batch_size: PositiveInt = 64  # pairs per step
+    batch_size: BatchSize = 64  # pairs per step
     # 1e-4 ends a little short of the plateau; 1e-3 reaches it but moves the later digits too.
     learning_rate: PositiveFloat = 3e-4  # peak Adam step size, after warm-up, then cosine-decayed to 0
     warmup_iters: PositiveInt = 20  # steps of linear warm-up
