@@ -6,19 +6,16 @@ rest PPO policies ('beta=1', 'beta=0', ...). A model keeps its colour in every f
 gives colours by position, so the same dict order gives the same colours everywhere. Every function
 writes a PNG at DPI to `path` (parent folders created), closes its figure and returns the path.
 """
-from pathlib import Path
-
-import matplotlib
-
-matplotlib.use('Agg')  # files only, no display
-import matplotlib.pyplot as plt  # after choosing the backend
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import NullFormatter
 
-from toy_rlhf.files import atomic_write
+from toy_rlhf import figures
+from toy_rlhf.figures import (DASHES, FIGURE_SIZES, MODEL_COLORS, OTHER_COLOR, PREFERRED_COLOR, REFERENCE_COLOR,
+                              centred_average, model_colors)
 from toy_rlhf.language import (DIGITS, PROMPT_LENGTH, VOCAB_SIZE, join,
                                next_token_distribution, preferred_first_token, sample_prompts)
 from toy_rlhf.methods import METHODS
@@ -28,22 +25,10 @@ from toy_rlhf.policy import response_log_probs
 from toy_rlhf.preferences import DEFAULT_PREFERENCE, PREFERENCES, best_reachable
 from toy_rlhf.reward import first_digit_rewards
 
-DPI = 100
 STAR_HEIGHT = 1.1  # where next_token_probs marks the aligned target, above probability 1
 TOKEN_NAMES = [str(digit) for digit in range(DIGITS)] + ['SEP']
-REFERENCE_COLOR = '#6b7f99'  # grey-blue: the reference (SFT) policy, always first
-# The models after the reference, in order: green (the first, aligned beta), red, then more.
-MODEL_COLORS = ['#2ca02c', '#d62728', '#ff7f0e', '#9467bd', '#8c564b', '#e377c2', '#17becf',
-                '#bcbd22', '#1f77b4']
-PREFERRED_COLOR = '#e6b800'  # gold: the preferred first digit and the responses that have it
-OTHER_COLOR = '#a7b0ba'  # light grey: everything else
 PREFERENCE_RATE_TOP = 0.9995  # top of ppo_curves' preference panel: rates above 99.95% run along it
 PREFERENCE_RATE_TICKS = np.array([0.1, 0.3, 0.5, 0.7, 0.9, 0.99, 0.999])
-DASHES = ['-', '--', ':', '-.']  # line styles, by position, where curves of several policies overlap
-# Figure sizes in inches (width, height); the two per-model grids grow with the models they show.
-FIGURE_SIZES = {'sft_loss': (8, 4.5), 'reward_model': (13, 4.8), 'ppo_curves': (16, 4.8),
-                'first_token': (11, 5.5), 'frontier': (18, 6.5), 'credit_assignment': (18, 6),
-                'methods': (18, 7.5), 'overoptimisation': (20, 11), 'kl_by_position': (8, 4.5)}
 FIRST_DIGIT = PREFERENCES[DEFAULT_PREFERENCE]
 
 
@@ -57,43 +42,9 @@ def attention_figure_size(n_models, n_rows):
     return (1.5 + 3.6 * n_models, 1.8 + 0.4 * n_rows)
 
 
-def model_colors(labels):
-    """Colour of each model by position: labels (reference first) -> dict label -> colour.
-
-    The reference is always REFERENCE_COLOR, the i-th model after it MODEL_COLORS[i] (cycling after
-    the last), whatever the labels say, so every figure made from the same order agrees."""
-    return {label: REFERENCE_COLOR if i == 0 else MODEL_COLORS[(i - 1) % len(MODEL_COLORS)]
-            for i, label in enumerate(labels)}
-
-
-def centred_average(values, window):
-    """Centred mean over `window` points (odd): out[i] = mean(values[i - h : i + h + 1]), where
-    h = window // 2 shrinks near the ends to min(h, i, len - 1 - i), so every point stays the centre
-    of its own window (the first and last are their raw values). Same length as values, so it plots
-    against the same x. A trailing mean lags by half its window, which reads as a slower learner than
-    it is (PPO: ~770 samples at the default schedule); a window cut on one side only lags at the ends."""
-    values = np.asarray(values, dtype=float)
-    if window < 1 or window % 2 == 0:
-        raise ValueError(f'a centred window is an odd number of points >= 1, got {window}')
-    index = np.arange(len(values))
-    half = np.minimum(window // 2, np.minimum(index, len(values) - 1 - index))
-    sums = np.cumsum(np.concatenate([[0.0], values]))
-    return (sums[index + half + 1] - sums[index - half]) / (2 * half + 1)
-
-
 def _words(tokens):
     """Tokens (sequence of ints) -> '5 7 1 5 SEP 6'."""
     return ' '.join(TOKEN_NAMES[int(token)] for token in tokens)
-
-
-def _save(fig, path):
-    """Write fig to path as a PNG at DPI, atomically (an interrupted save leaves the previous figure,
-    or none), close it, return the path."""
-    try:
-        atomic_write(path, lambda file: fig.savefig(file, format='png', dpi=DPI))
-    finally:
-        plt.close(fig)
-    return Path(path)
 
 
 def plot_sft_loss(history, entropy_floor, path):
@@ -108,7 +59,7 @@ def plot_sft_loss(history, entropy_floor, path):
     ax.set_title('SFT loss: its expectation cannot go below the entropy of the language')
     ax.legend()
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return figures.save(fig, path)
 
 
 def plot_reward_model(history, reward_model, prompt, response, path, window=5, preference=FIRST_DIGIT):
@@ -154,7 +105,7 @@ def plot_reward_model(history, reward_model, prompt, response, path, window=5, p
     bars.set_title(f'prompt {_words(prompt)}, response _ {_words(response[1:])}')
     bars.grid(axis='y', alpha=0.3)
     fig.suptitle('Reward model: training curves and the reward of each possible first digit')
-    return _save(fig, path)
+    return figures.save(fig, path)
 
 
 def plot_ppo_curves(histories, path, window=5, rate_label='P(first digit is the preferred one)'):
@@ -202,7 +153,7 @@ def plot_ppo_curves(histories, path, window=5, rate_label='P(first digit is the 
     axes[0].legend(handles, [f'{label}: {reached[label]}' for label in histories], title='PPO policy',
                    loc='lower right')
     fig.suptitle(f'PPO training (centred moving average over {window} iterations, raw values faint)')
-    return _save(fig, path)
+    return figures.save(fig, path)
 
 
 def _curve_panels(axes, histories, colors, panels, window, styles):
@@ -272,7 +223,7 @@ def plot_credit_assignment(histories, colors, result, path):
     fig.legend(handles=handles, loc='outside lower center', ncols=min(len(handles), 5), fontsize=9)
     fig.suptitle(f"Credit assignment at beta = {result['settings']['beta']:g}: every variant from the same SFT "
                  'policy and reward model, measured exactly')
-    return _save(fig, path)
+    return figures.save(fig, path)
 
 
 def plot_frontier(frontier, policies, path):
@@ -318,7 +269,7 @@ def plot_frontier(frontier, policies, path):
     right.set_ylabel('rate')
     right.set_ylim(0, 1.02)
     right.set_title('Where the proxy and the truth part ways')
-    return _save(fig, path)
+    return figures.save(fig, path)
 
 
 def _zoom_to(points, ax, margin=0.15):
@@ -376,7 +327,7 @@ def plot_methods(frontier, rows, histories, path, window=5):
         ax.grid(alpha=0.3)
     preference.set_ylim(0, 1.02)
     fig.legend(*points.get_legend_handles_labels(), loc='outside lower center', ncols=3, fontsize=9)
-    return _save(fig, path)
+    return figures.save(fig, path)
 
 
 def plot_next_token_probs(models, prompt, response, path, preference=FIRST_DIGIT):
@@ -426,7 +377,7 @@ def plot_next_token_probs(models, prompt, response, path, preference=FIRST_DIGIT
     fig.legend(handles=handles, loc='outside lower center', ncol=3)
     fig.suptitle(f'Next-token probabilities for {_words(sentence[0])}, teacher forced: each step is '
                  "conditioned on this sentence's own earlier tokens, not on the model's samples")
-    return _save(fig, path)
+    return figures.save(fig, path)
 
 
 def key_names(tokens):
@@ -468,7 +419,7 @@ def plot_attention(models, prompt, response, path):
     axes[0, 0].set_ylabel('layer, head')
     fig.colorbar(image, ax=axes[0].tolist(), label='attention weight', shrink=0.9)
     fig.suptitle(f'Attention from SEP (predicting the first output digit), input {_words(idx[0])}')
-    return _save(fig, path)
+    return figures.save(fig, path)
 
 
 def plot_first_token(models, path, n_prompts=2000, seed=0):
@@ -499,7 +450,7 @@ def plot_first_token(models, path, n_prompts=2000, seed=0):
     ax.set_title(f'Probability of the preferred first digit (x4 + 1) mod 10, {n_prompts} prompts')
     ax.legend(loc='upper left', bbox_to_anchor=(1.02, 1))  # beside the axes: curves fill the panel
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return figures.save(fig, path)
 
 
 def plot_overoptimisation(proxies, path):
@@ -571,7 +522,7 @@ def plot_overoptimisation(proxies, path):
     ax.set_ylabel('valid gold minus fitted form')
     ax.set_title("Residual of Gao et al.'s forms fitted to valid gold")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return figures.save(fig, path)
 
 
 def _proxy_label(proxy):
@@ -604,4 +555,4 @@ def plot_kl_by_position(policies, path):
     ax.set_title('Where each policy spends its KL: the chain rule, one response position at a time')
     ax.legend()
     ax.grid(axis='y', alpha=0.3)
-    return _save(fig, path)
+    return figures.save(fig, path)
