@@ -20,7 +20,6 @@ from toy_rlhf.language import (DIGITS, PROMPT_LENGTH, VOCAB_SIZE, join,
                                next_token_distribution, preferred_first_token, sample_prompts)
 from toy_rlhf.methods import METHODS
 from toy_rlhf.metrics import PREFERENCE_TARGET, aligned_next_tokens, samples_to_preference, true_distributions
-from toy_rlhf.optimal import KL_POSITIONS
 from toy_rlhf.policy import response_log_probs
 from toy_rlhf.preferences import DEFAULT_PREFERENCE, PREFERENCES, best_reachable
 from toy_rlhf.reward import first_digit_rewards
@@ -173,57 +172,6 @@ def _curve_panels(axes, histories, colors, panels, window, styles):
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(alpha=0.3)
-
-
-def plot_credit_assignment(histories, colors, result, path):
-    """The credit-assignment study (toy_rlhf.credit_assignment): the exact best-level rate and the gap
-    to J* closed against rollout samples, one line per variant and seed (colour: variant, dashes:
-    seed), and the KL each variant spends per position at the end (median over seeds) beside pi*'s.
-
-    histories: dict 'VARIANT, seed S' -> rows, the measured rows carrying 'exact/...' numbers;
-    colors: variant -> colour; result: credit_assignment's summary."""
-    seeds = sorted({label.rsplit('seed ', 1)[-1] for label in histories})
-    fig, (rate, gap, kl) = plt.subplots(1, 3, figsize=FIGURE_SIZES['credit_assignment'], layout='constrained')
-    for label, rows in histories.items():
-        variant, seed = label.rsplit(', seed ', 1)
-        measured = [row for row in rows if 'exact/best_level_rate' in row]
-        samples = [row['samples'] for row in measured]
-        style = dict(color=colors[variant], linestyle=DASHES[seeds.index(seed) % len(DASHES)], linewidth=1.5)
-        rate.plot(samples, [row['exact/best_level_rate'] for row in measured], **style)
-        gap.plot(samples, [row['exact/gap_closed'] for row in measured], **style)
-    optimum = result['optimum']
-    rate.axhline(optimum['preference_rate'], color='black', linestyle='--', linewidth=1)
-    rate.axhline(result['target_rate'], color='black', linestyle=':', linewidth=1)
-    rate.set_ylim(0, 1.02)
-    rate.set_ylabel('rate of the best gold level (exact)')
-    rate.set_title(f"Best-level rate ({result['preference']}); dashed: pi*, dotted: the target")
-    gap.axhline(1.0, color='black', linestyle='--', linewidth=1)
-    gap.set_ylim(min(0.0, gap.get_ylim()[0]), 1.05)
-    gap.set_ylabel('gap to J* closed (reward model)')
-    gap.set_title('(J - J_ref) / (J* - J_ref); dashed: pi*')
-    for ax in (rate, gap):
-        ax.set_xlabel('rollout samples')
-        ax.grid(alpha=0.3)
-    variants = result['variants']
-    positions = np.arange(len(KL_POSITIONS))
-    width = 0.8 / len(variants)
-    for i, (variant, row) in enumerate(variants.items()):
-        kl.bar(positions - 0.4 + width * (i + 0.5), [row[name] for name in KL_POSITIONS], width,
-               color=colors[variant], label=variant)
-    kl.scatter(positions, [optimum[name] for name in KL_POSITIONS], marker='_', s=900, color='black', linewidth=2.5,
-               zorder=3, label='pi*')
-    kl.set_xticks(positions, [f'y{t + 1}' for t in positions])
-    kl.set_ylabel('KL at the position, nats (median over seeds)')
-    kl.set_title('Where the KL is spent, at the end')
-    kl.grid(alpha=0.3, axis='y')
-    handles = [Line2D([], [], color=colors[variant], linewidth=2.5, label=variant) for variant in variants]
-    handles += [Line2D([], [], color='black', linestyle=DASHES[i % len(DASHES)], label=f'seed {seed}')
-                for i, seed in enumerate(seeds)]
-    handles.append(Line2D([], [], color='black', marker='_', markersize=20, linestyle='none', label='pi*'))
-    fig.legend(handles=handles, loc='outside lower center', ncols=min(len(handles), 5), fontsize=9)
-    fig.suptitle(f"Credit assignment at beta = {result['settings']['beta']:g}: every variant from the same SFT "
-                 'policy and reward model, measured exactly')
-    return figures.save(fig, path)
 
 
 def plot_frontier(frontier, policies, path):

@@ -1,0 +1,9 @@
+"""The studies, one file each, every one of the same shape: its config (a dataclass whose fields are
+its command's flags), its variants (what it trains, toy_rlhf.run.Variant), its measurement, its
+table and its figure, and the function that runs it into a run folder.
+
+  credit.py             which token earned the reward: baselines and critics (`credit`)
+
+What they share is in output.py (Markdown tables, NAME.md and NAME.json) and toy_rlhf.figures (the
+look of every figure).
+"""
