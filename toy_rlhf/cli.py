@@ -27,13 +27,13 @@ from toy_rlhf.flags import Bounds, ExactPrompts, SampledPrompts, Threads, add_co
 from toy_rlhf.methods import METHODS
 from toy_rlhf.metrics import EVALUATION_PROMPTS
 from toy_rlhf.optimal import EXACT_PROMPTS
-from toy_rlhf.overoptimisation import OverOptConfig, overoptimisation
 from toy_rlhf.preferences import PreferenceError, resolve_preference
 from toy_rlhf.reward import RewardConfig
 from toy_rlhf.run_all import RunAllConfig, quick_schedule, run_all
 from toy_rlhf.run_dir import PLOTS, RunDirError, open_run_dir
 from toy_rlhf.sft import SFTConfig
 from toy_rlhf.studies.credit import CreditConfig, credit_assignment
+from toy_rlhf.studies.overoptimisation import OverOptConfig, overoptimisation
 from toy_rlhf.sweep import SWEPT, SweepConfig, sweep
 from toy_rlhf.training import TrainingError
 

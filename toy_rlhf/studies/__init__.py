@@ -3,7 +3,9 @@ its command's flags), its variants (what it trains, toy_rlhf.run.Variant), its m
 table and its figure, and the function that runs it into a run folder.
 
   credit.py             which token earned the reward: baselines and critics (`credit`)
+  overoptimisation.py   proxy reward against gold along sqrt(KL) (`overopt`)
 
 What they share is in output.py (Markdown tables, NAME.md and NAME.json) and toy_rlhf.figures (the
-look of every figure).
+look of every figure); a study's larger parts sit in companions named for what they hold
+(overoptimisation_curves.py: its exact tables, curves and Gao et al.'s fits).
 """
