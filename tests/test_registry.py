@@ -13,7 +13,6 @@ import torch
 from mingpt.model import GPT
 from toy_rlhf import cli, figures
 from toy_rlhf.checkpoint import how_to_make, save_checkpoint
-from toy_rlhf.compare import CompareConfig, compare
 from toy_rlhf.flags import NonNegativeFloat, PositiveFloat, PositiveInt, Seed, config_from_args, field_comments
 from toy_rlhf.methods import METHODS, Method, method_of_stem, register, rollout, unregister
 from toy_rlhf.policy import policy_config
@@ -22,7 +21,7 @@ from toy_rlhf.reward import reward_model_config
 from toy_rlhf.run_all import RunAllConfig
 from toy_rlhf.studies import credit as credit_module
 from toy_rlhf.studies.credit import CreditConfig, credit_assignment
-from toy_rlhf.sweep import SweepConfig
+from toy_rlhf.studies.methods import CompareConfig, SweepConfig, compare
 
 
 @dataclass

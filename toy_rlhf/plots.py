@@ -14,11 +14,10 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import NullFormatter
 
 from toy_rlhf import figures
-from toy_rlhf.figures import (DASHES, FIGURE_SIZES, MODEL_COLORS, OTHER_COLOR, PREFERRED_COLOR, REFERENCE_COLOR,
+from toy_rlhf.figures import (DASHES, FIGURE_SIZES, OTHER_COLOR, PREFERRED_COLOR, REFERENCE_COLOR,
                               centred_average, model_colors)
 from toy_rlhf.language import (DIGITS, PROMPT_LENGTH, VOCAB_SIZE, join,
                                next_token_distribution, preferred_first_token, sample_prompts)
-from toy_rlhf.methods import METHODS
 from toy_rlhf.metrics import PREFERENCE_TARGET, aligned_next_tokens, samples_to_preference, true_distributions
 from toy_rlhf.policy import response_log_probs
 from toy_rlhf.preferences import DEFAULT_PREFERENCE, PREFERENCES, best_reachable
@@ -172,110 +171,6 @@ def _curve_panels(axes, histories, colors, panels, window, styles):
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(alpha=0.3)
-
-
-def plot_frontier(frontier, policies, path):
-    """Trained policies against the exact optimum of the KL-regularised objective.
-
-    frontier: list of dicts of the optimum per beta ('beta', 'reward', 'kl_total', 'gold_rate',
-    'fidelity'); policies: list of dicts ('label', 'method' (a registry name), 'reward', 'kl_total',
-    'gold_rate', 'fidelity'). Left: reward-model score against KL to the reference; middle: the same,
-    zoomed on the policies; right: gold rate and fidelity against KL, where the proxy and the truth
-    part ways. Each policy has its method's marker and a colour of its own, named in the legend below."""
-    optimum = sorted((row for row in frontier if row['beta'] > 0), key=lambda row: row['kl_total'])
-    kls = [row['kl_total'] for row in optimum]
-    fig, (left, zoom, right) = plt.subplots(1, 3, figsize=FIGURE_SIZES['frontier'], layout='constrained')
-    for ax in (left, zoom):
-        ax.plot(kls, [row['reward'] for row in optimum], color='black', label='optimum pi*_beta (exact)')
-    right.plot(kls, [row['gold_rate'] for row in optimum], color=PREFERRED_COLOR, label='gold rate of pi*')
-    right.plot(kls, [row['fidelity'] for row in optimum], color='black', linestyle='--', label='fidelity of pi*')
-    for i, row in enumerate(policies):
-        color, marker = MODEL_COLORS[i % len(MODEL_COLORS)], METHODS[row['method']].marker
-        for ax in (left, zoom):
-            ax.scatter(row['kl_total'], row['reward'], color=color, marker=marker, zorder=3, s=45,
-                       edgecolor='black', linewidth=0.5, label=row['label'] if ax is zoom else None)
-        right.scatter(row['kl_total'], row['gold_rate'], color=PREFERRED_COLOR, marker=marker,
-                      edgecolor=color, linewidth=1.5, zorder=3, s=45)
-        right.scatter(row['kl_total'], row['fidelity'], color='white', marker=marker, edgecolor=color,
-                      linewidth=1.5, zorder=3, s=45)
-    _zoom_to([(row['kl_total'], row['reward']) for row in policies], zoom)
-    right.scatter([], [], color=PREFERRED_COLOR, marker='o', label='gold rate of a policy (filled)')
-    right.scatter([], [], color='white', edgecolor='black', marker='o', label='fidelity of a policy (open)')
-    for ax in (left, right):
-        ax.set_xscale('log')
-        ax.set_xlabel('KL(policy || reference), nats per response (log scale)')
-    for ax in (left, zoom, right):
-        ax.grid(alpha=0.3)
-    zoom.set_xlabel('KL(policy || reference), nats per response')
-    left.legend(fontsize=8, loc='upper left')
-    right.legend(fontsize=8, loc='lower left')
-    fig.legend(*zoom.get_legend_handles_labels(), loc='outside lower center', ncols=min(5, len(policies) + 1),
-               fontsize=9)
-    left.set_ylabel('reward-model score E[r]')
-    left.set_title('Reward against KL: the exact frontier')
-    zoom.set_title('Zoom on the trained policies')
-    right.set_ylabel('rate')
-    right.set_ylim(0, 1.02)
-    right.set_title('Where the proxy and the truth part ways')
-    return figures.save(fig, path)
-
-
-def _zoom_to(points, ax, margin=0.15):
-    """Limit ax to the box around points (x, y), with a margin of the box's size on each side."""
-    xs, ys = zip(*points)
-    for low, high, set_limits in ((min(xs), max(xs), ax.set_xlim), (min(ys), max(ys), ax.set_ylim)):
-        pad = max(high - low, 0.02 * max(abs(high), 1e-3)) * margin
-        set_limits(low - pad, high + pad)
-
-
-def plot_methods(frontier, rows, histories, path, window=5):
-    """Every method against the exact optimum, and how fast the online ones learn.
-
-    frontier: the optimum per beta, as for plot_frontier; rows: one dict per policy ('label',
-    'method' (a registry name), 'reward', 'kl_total', 'optimal_reward', 'optimal_kl_total', and
-    'target_reward'/'target_kl_total' where the method's own target is not pi*); histories: label ->
-    (method name, rows with 'samples', 'gold/preference_rate', 'objective/rlhf_reward'), online
-    methods only. Left: reward-model score against KL near the points, the exact frontier, each
-    policy (filled) and its own target (open) where that is not pi*; middle and right: exact
-    preference rate and KL-regularised reward of the rollouts against samples."""
-    optimum = sorted((row for row in frontier if row['beta'] > 0), key=lambda row: row['kl_total'])
-    fig, (points, preference, objective) = plt.subplots(1, 3, figsize=FIGURE_SIZES['methods'], layout='constrained')
-    points.plot([row['kl_total'] for row in optimum], [row['reward'] for row in optimum], color='black',
-                label='optimum pi*_beta (exact frontier)')
-    shown = []
-    for row in rows:
-        method = METHODS[row['method']]
-        points.scatter(row['kl_total'], row['reward'], color=method.color, marker=method.marker, s=60, zorder=3,
-                       edgecolor='black', linewidth=0.5, label=row['label'])
-        shown.append((row['kl_total'], row['reward']))
-        if 'target_reward' in row:
-            points.scatter(row['target_kl_total'], row['target_reward'], facecolor='white', edgecolor=method.color,
-                           marker=method.marker, s=60, linewidth=1.8, zorder=3,
-                           label=f"{row['label']}: its own target ({method.target_label})")
-            shown.append((row['target_kl_total'], row['target_reward']))
-    for row in rows[:1]:
-        points.scatter(row['optimal_kl_total'], row['optimal_reward'], marker='*', s=160, color='black', zorder=4,
-                       label='pi* at this beta')
-        shown.append((row['optimal_kl_total'], row['optimal_reward']))
-    _zoom_to(shown, points)
-    points.set_xlabel('KL(policy || reference), nats per response')
-    points.set_ylabel('reward-model score E[r]')
-    points.set_title('Where each method lands (exact)')
-    points.grid(alpha=0.3)
-
-    betas = sorted({label.split('beta=')[-1] for label in histories})
-    for ax, key, title in ((preference, 'gold/preference_rate', 'Preference rate of the rollouts (exact)'),
-                           (objective, 'objective/rlhf_reward', 'score - beta * KL of the rollouts')):
-        for label, (name, history) in histories.items():
-            samples = [row['samples'] for row in history]
-            ax.plot(samples, centred_average([row[key] for row in history], window), color=METHODS[name].color,
-                    linewidth=2, linestyle=DASHES[betas.index(label.split('beta=')[-1]) % len(DASHES)])
-        ax.set_xlabel('rollout samples')
-        ax.set_title(f'{title}\n(centred moving average over {window} iterations)')
-        ax.grid(alpha=0.3)
-    preference.set_ylim(0, 1.02)
-    fig.legend(*points.get_legend_handles_labels(), loc='outside lower center', ncols=3, fontsize=9)
-    return figures.save(fig, path)
 
 
 def plot_next_token_probs(models, prompt, response, path, preference=FIRST_DIGIT):

@@ -2,10 +2,12 @@
 its command's flags), its variants (what it trains, toy_rlhf.run.Variant), its measurement, its
 table and its figure, and the function that runs it into a run folder.
 
+  methods.py            every method against pi* (`compare`), and its preset the beta sweep (`sweep`)
   credit.py             which token earned the reward: baselines and critics (`credit`)
   overoptimisation.py   proxy reward against gold along sqrt(KL) (`overopt`)
 
 What they share is in output.py (Markdown tables, NAME.md and NAME.json) and toy_rlhf.figures (the
 look of every figure); a study's larger parts sit in companions named for what they hold
-(overoptimisation_curves.py: its exact tables, curves and Gao et al.'s fits).
+(against_optimum.py: one policy's exact row against pi*, for the methods study and `evaluate`;
+overoptimisation_curves.py: its exact tables, curves and Gao et al.'s fits).
 """
