@@ -15,7 +15,7 @@ from toy_rlhf.metrics import true_distributions
 from toy_rlhf.optimal import all_responses
 from toy_rlhf.reward import RewardConfig
 from toy_rlhf.sft import SFTConfig
-from test_plots import assert_png
+from test_figures import assert_png
 
 D = np.linspace(0.05, 4.0, 80)
 

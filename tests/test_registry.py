@@ -18,9 +18,9 @@ from toy_rlhf.methods import METHODS, Method, method_of_stem, register, rollout,
 from toy_rlhf.policy import policy_config
 from toy_rlhf.preferences import PREFERENCES
 from toy_rlhf.reward import reward_model_config
-from toy_rlhf.run_all import RunAllConfig
 from toy_rlhf.studies import credit as credit_module
 from toy_rlhf.studies.credit import CreditConfig, credit_assignment
+from toy_rlhf.studies.main import RunAllConfig
 from toy_rlhf.studies.methods import CompareConfig, SweepConfig, compare
 
 

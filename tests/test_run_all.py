@@ -23,9 +23,9 @@ from toy_rlhf.methods.dpo import DPOConfig
 from toy_rlhf.methods.ppo import PPOConfig
 from toy_rlhf.pipeline import method_stage
 from toy_rlhf.reward import train_reward
-from toy_rlhf.run_all import RunAllConfig, quick_schedule, run_all, stage_configs
 from toy_rlhf.run_dir import LOCK
 from toy_rlhf.sft import train_sft
+from toy_rlhf.studies.main import RunAllConfig, quick_schedule, run_all, stage_configs
 from toy_rlhf.studies.methods import SweepConfig, sweep
 from toy_rlhf.training import TrainingError
 

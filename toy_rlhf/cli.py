@@ -28,11 +28,11 @@ from toy_rlhf.metrics import EVALUATION_PROMPTS
 from toy_rlhf.optimal import EXACT_PROMPTS
 from toy_rlhf.preferences import PreferenceError, resolve_preference
 from toy_rlhf.reward import RewardConfig
-from toy_rlhf.run_all import RunAllConfig, quick_schedule, run_all
 from toy_rlhf.run_dir import PLOTS, RunDirError, open_run_dir
 from toy_rlhf.sft import SFTConfig
 from toy_rlhf.studies.against_optimum import checkpoint_row
 from toy_rlhf.studies.credit import CreditConfig, credit_assignment
+from toy_rlhf.studies.main import RunAllConfig, quick_schedule, run_all
 from toy_rlhf.studies.methods import SWEPT, CompareConfig, SweepConfig, compare, sweep
 from toy_rlhf.studies.overoptimisation import OverOptConfig, overoptimisation
 from toy_rlhf.training import TrainingError

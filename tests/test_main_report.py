@@ -2,7 +2,7 @@
 whichever beta behaved better, for any number of betas. Hand-made metrics, no training."""
 import pytest
 
-from toy_rlhf.report import figure_captions, write_report
+from toy_rlhf.studies.main_report import figure_captions, report_text
 
 FIGURES = ('sft_loss', 'reward_model', 'ppo_curves', 'next_token_probs', 'attention', 'first_token')
 
@@ -80,8 +80,7 @@ def test_the_report_records_threads_processor_and_versions(tmp_path):
     settings = {'seed': 0, 'betas': [1.0], 'quick': True, 'stages': {}, 'versions': {'torch': '9.9.9'},
                 'machine': {'threads': 3, 'processor': 'Some CPU 3000'}}
     figures = {name: tmp_path / 'plots' / f'{name}.png' for name in FIGURES}
-    write_report(tmp_path / 'report.md', settings, metrics, {'total': {'seconds': 1.0}}, figures)
-    text = (tmp_path / 'report.md').read_text()
+    text = report_text(settings, metrics, {'total': {'seconds': 1.0}}, figures, tmp_path)
     assert '3 torch thread(s) on Some CPU 3000' in text and 'torch 9.9.9' in text
     assert '](plots/first_token.png)' in text
 

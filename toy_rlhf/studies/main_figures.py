@@ -1,14 +1,14 @@
-"""Figures of every stage: SFT loss, the reward model, PPO curves, and what each model does on one
-fixed sentence and over many prompts.
+"""The seven figures of the main study (toy_rlhf.studies.main): SFT loss, the reward model, PPO
+curves, and what each model does on one fixed sentence and over many prompts.
 
-Models come as an ordered dict label -> GPT whose first entry is the reference (SFT) policy and the
-rest PPO policies ('beta=1', 'beta=0', ...). A model keeps its colour in every figure: model_colors
-gives colours by position, so the same dict order gives the same colours everywhere. Every function
-writes a PNG at DPI to `path` (parent folders created), closes its figure and returns the path.
+Each function draws what the study computed and passes in (arrays and records: no figure runs a
+model). Models come as an ordered dict label -> data whose first entry is the reference (SFT) policy
+and the rest PPO policies ('beta=1', 'beta=0', ...); a model keeps its colour in every figure
+(toy_rlhf.figures.model_colors). Every function writes a PNG at DPI to `path` (parent folders
+created), closes its figure and returns the path.
 """
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import NullFormatter
@@ -16,18 +16,13 @@ from matplotlib.ticker import NullFormatter
 from toy_rlhf import figures
 from toy_rlhf.figures import (DASHES, FIGURE_SIZES, OTHER_COLOR, PREFERRED_COLOR, REFERENCE_COLOR,
                               centred_average, model_colors)
-from toy_rlhf.language import (DIGITS, PROMPT_LENGTH, VOCAB_SIZE, join,
-                               next_token_distribution, preferred_first_token, sample_prompts)
-from toy_rlhf.metrics import PREFERENCE_TARGET, aligned_next_tokens, samples_to_preference, true_distributions
-from toy_rlhf.policy import response_log_probs
-from toy_rlhf.preferences import DEFAULT_PREFERENCE, PREFERENCES, best_reachable
-from toy_rlhf.reward import first_digit_rewards
+from toy_rlhf.language import DIGITS, PROMPT_LENGTH, VOCAB_SIZE
+from toy_rlhf.metrics import PREFERENCE_TARGET
 
 STAR_HEIGHT = 1.1  # where next_token_probs marks the aligned target, above probability 1
 TOKEN_NAMES = [str(digit) for digit in range(DIGITS)] + ['SEP']
 PREFERENCE_RATE_TOP = 0.9995  # top of ppo_curves' preference panel: rates above 99.95% run along it
 PREFERENCE_RATE_TICKS = np.array([0.1, 0.3, 0.5, 0.7, 0.9, 0.99, 0.999])
-FIRST_DIGIT = PREFERENCES[DEFAULT_PREFERENCE]
 
 
 def next_token_figure_size(n_models):
@@ -60,20 +55,16 @@ def plot_sft_loss(history, entropy_floor, path):
     return figures.save(fig, path)
 
 
-def plot_reward_model(history, reward_model, prompt, response, path, window=5, preference=FIRST_DIGIT):
+def plot_reward_model(history, scores, path, window=5):
     """Reward model training and its rewards on one sentence.
 
-    history: list of {'iter', 'chosen', 'rejected'} (mean rewards of a batch); prompt, response:
-    (4,) long. Left: chosen and rejected mean reward vs iteration (moving average over `window`
-    logged rows, raw values faint behind). Right: the reward with each of the ten first digits in
-    place of the response's first one, highlighted where the variant reaches the preference's best
-    gold level for the prompt (first-digit: the preferred digit (x4 + 1) % 10, annotated).
+    history: list of {'iter', 'chosen', 'rejected'} (mean rewards of a batch); scores: the study's
+    first_digit_scores ({'prompt', 'response', 'rewards', 'best', 'preferred'}). Left: chosen and
+    rejected mean reward vs iteration (moving average over `window` logged rows, raw values faint
+    behind). Right: the reward with each of the ten first digits in place of the response's first
+    one, highlighted where the variant reaches the preference's best gold level for the prompt (for
+    a preference on the first digit: the preferred digit (x4 + 1) % 10, annotated).
     """
-    with torch.no_grad():
-        rewards = first_digit_rewards(reward_model.eval(), prompt[None], response[None])[0]  # (10,)
-    variants = response.repeat(DIGITS, 1)
-    variants[:, 0] = torch.arange(DIGITS)
-    best = preference.reward(prompt.expand(DIGITS, -1), variants) >= best_reachable(preference, prompt[None])
     fig, (curves, bars) = plt.subplots(1, 2, figsize=FIGURE_SIZES['reward_model'], layout='constrained')
 
     iters = [row['iter'] for row in history]
@@ -88,32 +79,33 @@ def plot_reward_model(history, reward_model, prompt, response, path, window=5, p
     curves.legend()
     curves.grid(alpha=0.3)
 
-    bars.bar(range(DIGITS), rewards.numpy(), edgecolor='black',
-             color=[PREFERRED_COLOR if best[digit] else OTHER_COLOR for digit in range(DIGITS)])
+    prompt, rewards, preferred = scores['prompt'], scores['rewards'], scores['preferred']
+    bars.bar(range(DIGITS), rewards, edgecolor='black',
+             color=[PREFERRED_COLOR if scores['best'][digit] else OTHER_COLOR for digit in range(DIGITS)])
     bars.axhline(0, color='black', linewidth=0.8)
-    if preference.first_token is not None:
-        preferred = preference.first_token(prompt[None]).item()
-        bars.annotate(f'preferred\n({prompt[-1].item()} + 1) mod 10 = {preferred}',
+    if preferred is not None:
+        bars.annotate(f'preferred\n({prompt[-1]} + 1) mod 10 = {preferred}',
                       (preferred, max(rewards[preferred].item(), 0)), xytext=(0, 4),
                       textcoords='offset points', ha='center', va='bottom', fontsize=9)
     bars.margins(y=0.25)
     bars.set_xticks(range(DIGITS))
     bars.set_xlabel('first output digit')
     bars.set_ylabel('reward-model score r(x, y)')
-    bars.set_title(f'prompt {_words(prompt)}, response _ {_words(response[1:])}')
+    bars.set_title(f"prompt {_words(prompt)}, response _ {_words(scores['response'][1:])}")
     bars.grid(axis='y', alpha=0.3)
     fig.suptitle('Reward model: training curves and the reward of each possible first digit')
     return figures.save(fig, path)
 
 
-def plot_ppo_curves(histories, path, window=5, rate_label='P(first digit is the preferred one)'):
+def plot_ppo_curves(histories, crossings, path, window=5, rate_label='P(first digit is the preferred one)'):
     """PPO training curves of each beta vs rollout samples: reward-model score, KL to the reference,
     preference rate (centred moving average over `window` iterations, raw values faint behind), with
     the 99% preference line and where each policy's rollouts first crossed it (the report's "samples
     to 99%").
 
     histories: ordered dict label -> list of rows with keys 'samples', 'objective/scores',
-    'objective/kl_full', 'gold/preference_rate'. Colours are those the policies have in the other
+    'objective/kl_full', 'gold/preference_rate'; crossings: label -> the samples at which the policy
+    first reached the target (toy_rlhf.metrics.samples_to_preference), None if never. Colours are those the policies have in the other
     figures (the reference's slot is skipped), and each policy has its own dash."""
     colors = model_colors(['reference (SFT)', *histories])
     styles = {label: DASHES[i % len(DASHES)] for i, label in enumerate(histories)}
@@ -133,8 +125,8 @@ def plot_ppo_curves(histories, path, window=5, rate_label='P(first digit is the 
     limits = preference.get_ylim()  # the ticks may have widened them
     preference.axhline(PREFERENCE_TARGET, color='black', linestyle='--', linewidth=1)
     reached = {}  # label -> the legend's words for where the policy first reached the target
-    for label, rows in histories.items():
-        crossing = samples_to_preference(rows, PREFERENCE_TARGET)
+    for label in histories:
+        crossing = crossings[label]
         if crossing is None:
             reached[label] = f'never at {PREFERENCE_TARGET:.0%}'
             continue
@@ -173,25 +165,20 @@ def _curve_panels(axes, histories, colors, panels, window, styles):
         ax.grid(alpha=0.3)
 
 
-def plot_next_token_probs(models, prompt, response, path, preference=FIRST_DIGIT):
+def plot_next_token_probs(probabilities, path):
     """Each model's next-token probabilities at the 4 output steps of one sentence, teacher forced,
     against the exact language (black outlines) and, with stars, the tokens of the aligned language
     (the language conditioned on the preference's best reachable level) at the steps where it
     differs from the language: for first-digit, the preferred first digit.
 
-    models: ordered dict label -> policy GPT (one row each); prompt, response: (4,) long."""
-    sentence = join(prompt[None], response[None])  # (1, 9)
-    with torch.no_grad():
-        probs = {label: response_log_probs(model.eval(), sentence).exp()[0]  # (4, V)
-                 for label, model in models.items()}
-    language = true_distributions(sentence)[0]  # (4, V)
-    aligned = aligned_next_tokens(preference, prompt[None], response[None])[0]  # (4, V)
-    starred = [torch.nonzero(aligned[step]).flatten().tolist() if not torch.equal(aligned[step], language[step])
-               else [] for step in range(len(language))]
+    probabilities: the study's next_token_probabilities ({'sentence', 'models' (label -> (4, V), one
+    row of panels each), 'language', 'starred'})."""
+    sentence, models = probabilities['sentence'], probabilities['models']
+    language, starred = probabilities['language'], probabilities['starred']
     colors = model_colors(models)
-    steps = language.size(0)
-    prefixes = [f'after {_words(sentence[0, :PROMPT_LENGTH + 1])}'] + \
-               [f'after ... {_words(sentence[0, PROMPT_LENGTH + 1:PROMPT_LENGTH + 1 + step])}'
+    steps = len(language)
+    prefixes = [f'after {_words(sentence[:PROMPT_LENGTH + 1])}'] + \
+               [f'after ... {_words(sentence[PROMPT_LENGTH + 1:PROMPT_LENGTH + 1 + step])}'
                 for step in range(1, steps)]
 
     fig, axes = plt.subplots(len(models), steps, figsize=next_token_figure_size(len(models)),
@@ -199,8 +186,8 @@ def plot_next_token_probs(models, prompt, response, path, preference=FIRST_DIGIT
     for row, label in enumerate(models):
         for step in range(steps):
             ax = axes[row, step]
-            ax.bar(range(VOCAB_SIZE), probs[label][step].numpy(), color=colors[label])
-            ax.bar(range(VOCAB_SIZE), language[step].numpy(), fill=False, edgecolor='black', linewidth=1.3)
+            ax.bar(range(VOCAB_SIZE), models[label][step], color=colors[label])
+            ax.bar(range(VOCAB_SIZE), language[step], fill=False, edgecolor='black', linewidth=1.3)
             for token in starred[step]:  # inside the panel, above the bars' highest value, clear of the title
                 ax.plot(token, STAR_HEIGHT, marker='*', markersize=15, color=PREFERRED_COLOR,
                         markeredgecolor='black', zorder=5)
@@ -218,7 +205,7 @@ def plot_next_token_probs(models, prompt, response, path, preference=FIRST_DIGIT
                Line2D([], [], marker='*', markersize=15, color=PREFERRED_COLOR, markeredgecolor='black',
                       linestyle='none', label='aligned target: its tokens where it differs from the language')]
     fig.legend(handles=handles, loc='outside lower center', ncol=3)
-    fig.suptitle(f'Next-token probabilities for {_words(sentence[0])}, teacher forced: each step is '
+    fig.suptitle(f'Next-token probabilities for {_words(sentence)}, teacher forced: each step is '
                  "conditioned on this sentence's own earlier tokens, not on the model's samples")
     return figures.save(fig, path)
 
@@ -230,62 +217,54 @@ def key_names(tokens):
             for i, token in enumerate(tokens)]
 
 
-def plot_attention(models, prompt, response, path):
+def plot_attention(attention, path):
     """Where each head looks when predicting the first output digit: the attention weights of the
     query at SEP (position 4) over keys 0..4, every layer and head, one panel per model.
 
-    models: ordered dict label -> policy GPT; the input is the sentence's first 8 tokens (block_size).
-    """
-    idx = join(prompt[None], response[None])[:, :-1]  # (1, 8)
-    query = PROMPT_LENGTH  # SEP, where the first output digit is predicted
-    with torch.no_grad():
-        weights = {label: model.eval().attention_maps(idx)[:, 0, :, query, :query + 1]  # (L, H, 5)
-                   for label, model in models.items()}
-    colors = model_colors(models)
-    n_rows = max(w.size(0) * w.size(1) for w in weights.values())
-    fig, axes = plt.subplots(1, len(models), figsize=attention_figure_size(len(models), n_rows),
+    attention: the study's attention_from_sep ({'tokens': the input, 'models': label -> (n_layer,
+    n_head, 5) weights})."""
+    tokens, weights = attention['tokens'], attention['models']
+    colors = model_colors(weights)
+    n_rows = max(w.shape[0] * w.shape[1] for w in weights.values())
+    fig, axes = plt.subplots(1, len(weights), figsize=attention_figure_size(len(weights), n_rows),
                              squeeze=False, layout='constrained')
     for ax, (label, w) in zip(axes[0], weights.items()):
         n_layer, n_head, n_keys = w.shape
-        grid = w.reshape(n_layer * n_head, n_keys).numpy()
+        grid = w.reshape(n_layer * n_head, n_keys)
         image = ax.imshow(grid, vmin=0, vmax=1, cmap='Blues', aspect='auto')
         for (r, c), value in np.ndenumerate(grid):
             ax.text(c, r, f'{value:.2f}', ha='center', va='center', fontsize=8,
                     color='white' if value > 0.6 else 'black')
         for layer in range(1, n_layer):
             ax.axhline(layer * n_head - 0.5, color='black', linewidth=1.5)
-        ax.set_xticks(range(n_keys), key_names(idx[0, :n_keys]))
+        ax.set_xticks(range(n_keys), key_names(tokens[:n_keys]))
         ax.set_yticks(range(n_layer * n_head),
                       [f'L{layer + 1} H{head + 1}' for layer in range(n_layer) for head in range(n_head)])
         ax.set_xlabel('key (token attended to)')
         ax.set_title(label, color=colors[label], fontweight='bold')
     axes[0, 0].set_ylabel('layer, head')
     fig.colorbar(image, ax=axes[0].tolist(), label='attention weight', shrink=0.9)
-    fig.suptitle(f'Attention from SEP (predicting the first output digit), input {_words(idx[0])}')
+    fig.suptitle(f'Attention from SEP (predicting the first output digit), input {_words(tokens)}')
     return figures.save(fig, path)
 
 
-def plot_first_token(models, path, n_prompts=2000, seed=0):
+def plot_first_token(rates, path):
     """The probability each model puts on the preferred first digit (x4 + 1) % 10 after prompt + SEP,
-    over n_prompts prompts drawn with `seed`, sorted from highest to lowest (one curve per model,
-    the exact language in black)."""
-    prompts = sample_prompts(n_prompts, torch.Generator().manual_seed(seed))  # (N, 4)
-    context = join(prompts)  # (N, 5)
-    preferred = preferred_first_token(prompts).unsqueeze(1)  # (N, 1)
-    with torch.no_grad():
-        probability = {label: model.eval()(context)[0][:, -1].softmax(dim=-1).gather(1, preferred)[:, 0]
-                       for label, model in models.items()}  # (N,)
-    language = next_token_distribution(context).gather(1, preferred)[:, 0]
+    over many prompts, sorted from highest to lowest (one curve per model, the exact language in
+    black). rates: the study's preferred_first_digit_probabilities ({'language': curve, 'models':
+    label -> curve}, each curve {'probabilities' sorted highest first, 'mean'})."""
+    language, models = rates['language'], rates['models']
+    n_prompts = len(language['probabilities'])
     share = np.linspace(0, 1, n_prompts)
     colors = model_colors(models)
 
     fig, ax = plt.subplots(figsize=FIGURE_SIZES['first_token'], layout='constrained')
-    ax.plot(share, language.sort(descending=True).values.numpy(), color='black', linestyle='--',
-            label=f'language, exact (mean {language.mean():.1%})')
-    for i, (label, p) in enumerate(probability.items()):
+    ax.plot(share, language['probabilities'], color='black', linestyle='--',
+            label=f"language, exact (mean {language['mean']:.1%})")
+    for i, (label, curve) in enumerate(models.items()):
         # The reference is drawn wider so that it still shows under a policy that stayed on top of it.
-        ax.plot(share, p.sort(descending=True).values.numpy(), color=colors[label],
-                linewidth=4 if i == 0 else 2, label=f'{label} (mean {p.mean():.1%})')
+        ax.plot(share, curve['probabilities'], color=colors[label],
+                linewidth=4 if i == 0 else 2, label=f"{label} (mean {curve['mean']:.1%})")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel('share of prompts (sorted by probability, highest first)')

@@ -1,4 +1,5 @@
-"""The figures: each is written as a PNG of the size asked for, colours follow the model's position."""
+"""The figures: each is written as a PNG of the size asked for, colours follow the model's position.
+The shared look (toy_rlhf.figures) and the main study's figures, drawn from what the study computes."""
 import re
 import struct
 
@@ -8,7 +9,9 @@ import pytest
 import torch
 
 from mingpt.model import GPT
-from toy_rlhf import figures, plots
+from toy_rlhf import figures
+from toy_rlhf.preferences import PREFERENCES
+from toy_rlhf.studies import main, main_figures as plots
 from toy_rlhf.metrics import samples_to_preference
 from toy_rlhf.policy import policy_config
 from toy_rlhf.reward import reward_model_config
@@ -109,7 +112,8 @@ def test_reward_model_figure(tmp_path, drawn):
     torch.manual_seed(0)
     reward_model = GPT(reward_model_config())
     history = [{'iter': 10 * i, 'chosen': 0.3 * i, 'rejected': -0.3 * i} for i in range(8)]
-    path = plots.plot_reward_model(history, reward_model, PROMPT, RESPONSE, tmp_path / 'reward.png')
+    scores = main.first_digit_scores(reward_model, PROMPT, RESPONSE, PREFERENCES['first-digit'])
+    path = plots.plot_reward_model(history, scores, tmp_path / 'reward.png')
     assert_png(path, figures.FIGURE_SIZES['reward_model'])
     assert all(ax.get_ylabel() for ax in drawn[0].axes)
 
@@ -120,7 +124,8 @@ def test_ppo_curves_figure_marks_where_each_policy_first_reached_99_percent(tmp_
     histories = {label: [{'samples': 384 * (i + 1), 'objective/scores': rate, 'objective/kl_full': 0.1 * i,
                           'gold/preference_rate': rate} for i, rate in enumerate(values)]
                  for label, values in rates.items()}
-    path = plots.plot_ppo_curves(histories, tmp_path / 'ppo.png')
+    crossings = {label: samples_to_preference(rows) for label, rows in histories.items()}
+    path = plots.plot_ppo_curves(histories, crossings, tmp_path / 'ppo.png')
     assert_png(path, figures.FIGURE_SIZES['ppo_curves'])
     score, _, preference = drawn[0].axes
     # The markers sit on the 99% line where samples_to_preference puts the crossing (the report's
@@ -145,7 +150,8 @@ def test_ppo_curves_figure_marks_where_each_policy_first_reached_99_percent(tmp_
 
 
 def test_next_token_probs_figure_keeps_the_star_inside_its_panel(tmp_path, models, drawn):
-    path = plots.plot_next_token_probs(models, PROMPT, RESPONSE, tmp_path / 'next_token.png')
+    probabilities = main.next_token_probabilities(models, PROMPT, RESPONSE, PREFERENCES['first-digit'])
+    path = plots.plot_next_token_probs(probabilities, tmp_path / 'next_token.png')
     assert_png(path, plots.next_token_figure_size(len(models)))
     first_step = drawn[0].axes[0]
     star = next(line for line in first_step.get_lines() if line.get_marker() == '*')
@@ -155,21 +161,22 @@ def test_next_token_probs_figure_keeps_the_star_inside_its_panel(tmp_path, model
 
 def test_attention_figure_names_each_key_by_its_role(tmp_path, models, drawn):
     n_layer, n_head = len(models['beta=1'].transformer.h), models['beta=1'].transformer.h[0].attn.n_head
-    path = plots.plot_attention(models, PROMPT, RESPONSE, tmp_path / 'attention.png')
+    path = plots.plot_attention(main.attention_from_sep(models, PROMPT, RESPONSE), tmp_path / 'attention.png')
     assert_png(path, plots.attention_figure_size(len(models), n_layer * n_head))
     keys = [label.get_text() for label in drawn[0].axes[0].get_xticklabels()]
     assert keys == ['x1 = 5', 'x2 = 7', 'x3 = 1', 'x4 = 5', 'SEP']
 
 
 def test_first_token_figure_gives_means_in_percent(tmp_path, models, drawn):
-    path = plots.plot_first_token(models, tmp_path / 'first_token.png', n_prompts=200)
+    rates = main.preferred_first_digit_probabilities(models, seed=0, n_prompts=200)
+    path = plots.plot_first_token(rates, tmp_path / 'first_token.png')
     assert_png(path, figures.FIGURE_SIZES['first_token'])
     legend = [text.get_text() for text in drawn[0].axes[0].get_legend().get_texts()]
     assert all(re.search(r'\(mean \d+\.\d%\)$', text) for text in legend), legend
 
 
-def test_plots_evaluate_models_in_eval_mode(tmp_path, models):
+def test_the_figures_data_is_computed_with_models_in_eval_mode(models):
     for model in models.values():
         model.train()
-    plots.plot_first_token(models, tmp_path / 'first_token.png', n_prompts=50)
+    main.preferred_first_digit_probabilities(models, seed=0, n_prompts=50)
     assert not any(model.training for model in models.values())
