@@ -9,7 +9,7 @@ import torch
 
 from mingpt.model import GPT
 from toy_rlhf.checkpoint import save_checkpoint
-from toy_rlhf.credit_assignment import CreditConfig, credit_assignment, credit_variants, samples_to_target
+from toy_rlhf.studies.credit import CreditConfig, credit_assignment, credit_variants, samples_to_target
 from toy_rlhf.methods import METHODS
 from toy_rlhf.optimal import KL_POSITIONS
 from toy_rlhf.policy import policy_config

@@ -11,18 +11,17 @@ import pytest
 import torch
 
 from mingpt.model import GPT
-from toy_rlhf import cli, plots
+from toy_rlhf import cli, figures
 from toy_rlhf.checkpoint import how_to_make, save_checkpoint
-from toy_rlhf.compare import CompareConfig, compare
-from toy_rlhf import credit_assignment as credit_module
-from toy_rlhf.credit_assignment import CreditConfig, credit_assignment
 from toy_rlhf.flags import NonNegativeFloat, PositiveFloat, PositiveInt, Seed, config_from_args, field_comments
 from toy_rlhf.methods import METHODS, Method, method_of_stem, register, rollout, unregister
 from toy_rlhf.policy import policy_config
 from toy_rlhf.preferences import PREFERENCES
 from toy_rlhf.reward import reward_model_config
-from toy_rlhf.run_all import RunAllConfig
-from toy_rlhf.sweep import SweepConfig
+from toy_rlhf.studies import credit as credit_module
+from toy_rlhf.studies.credit import CreditConfig, credit_assignment
+from toy_rlhf.studies.main import RunAllConfig
+from toy_rlhf.studies.methods import CompareConfig, SweepConfig, compare
 
 
 @dataclass
@@ -84,12 +83,12 @@ def test_a_registered_method_appears_in_the_comparison_table_and_figure(dummy, t
     save_checkpoint(run_dir / 'sft.pt', GPT(policy_config()), 'policy', {}, {})
     save_checkpoint(run_dir / 'reward.pt', GPT(reward_model_config()), 'reward', {}, {})
     legends = []
-    real_save = plots._save
+    real_save = figures.save
 
     def save(fig, path):
         legends.extend(text.get_text() for legend in fig.legends for text in legend.get_texts())
         return real_save(fig, path)
-    monkeypatch.setattr(plots, '_save', save)
+    monkeypatch.setattr(figures, 'save', save)
     rows = compare(run_dir, tmp_path / 'plots', CompareConfig(methods=('dummy', 'best_of_n'), prompts=2),
                    progress=False)
     assert [row['method'] for row in rows] == ['dummy', 'best_of_n']

@@ -11,11 +11,12 @@ import torch
 from mingpt.model import GPT
 from toy_rlhf import cli, run as run_module
 from toy_rlhf.checkpoint import save_checkpoint
-from toy_rlhf.compare import CompareConfig, checkpoint_row, compare
 from toy_rlhf.policy import policy_config
 from toy_rlhf.reward import RewardConfig, reward_model_config
 from toy_rlhf.run import Run, Variant
 from toy_rlhf.sft import SFTConfig
+from toy_rlhf.studies.against_optimum import checkpoint_row
+from toy_rlhf.studies.methods import CompareConfig, compare
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from toy_rlhf import pipeline
-from toy_rlhf import sweep as sweep_module
 from toy_rlhf.checkpoint import load_checkpoint
 from toy_rlhf.files import jsonl_text
 from toy_rlhf.methods import METHODS, rollout
@@ -24,10 +23,10 @@ from toy_rlhf.methods.dpo import DPOConfig
 from toy_rlhf.methods.ppo import PPOConfig
 from toy_rlhf.pipeline import method_stage
 from toy_rlhf.reward import train_reward
-from toy_rlhf.run_all import RunAllConfig, quick_schedule, run_all, stage_configs
 from toy_rlhf.run_dir import LOCK
 from toy_rlhf.sft import train_sft
-from toy_rlhf.sweep import SweepConfig
+from toy_rlhf.studies.main import RunAllConfig, quick_schedule, run_all, stage_configs
+from toy_rlhf.studies.methods import SweepConfig, sweep
 from toy_rlhf.training import TrainingError
 
 SCRIPTS = Path(__file__).resolve().parent.parent / 'scripts'
@@ -181,7 +180,7 @@ def test_the_sweep_puts_every_policy_at_or_below_the_exact_optimum_and_reuses_it
                         ('dpo', functools.partial(DPOConfig, iters=5, pairs=256))):
         monkeypatch.setitem(METHODS, name, dataclasses.replace(METHODS[name], config=short))
     config = SweepConfig(betas=(1.0, 0.0), dpo_betas=(1.0,), prompts=2)
-    rows = sweep_module.sweep(copy, tmp_path / 'plots', config, progress=False)
+    rows = sweep(copy, tmp_path / 'plots', config, progress=False)
     assert [row['label'] for row in rows] == ['PPO beta=1', 'PPO beta=0', 'DPO beta=1']
     for row in rows:
         # J* is the maximum of J over all policies, computed exactly: no trained policy exceeds it.
@@ -191,7 +190,7 @@ def test_the_sweep_puts_every_policy_at_or_below_the_exact_optimum_and_reuses_it
     assert all(f"| {row['label']} |" in report for row in rows)
     assert (tmp_path / 'plots' / 'frontier.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     capsys.readouterr()
-    again = sweep_module.sweep(copy, tmp_path / 'plots', config, progress=False)
+    again = sweep(copy, tmp_path / 'plots', config, progress=False)
     assert capsys.readouterr().out.count('reusing') == 3
     assert [row['J'] for row in again] == [row['J'] for row in rows]
 

@@ -21,20 +21,20 @@ import torch
 from toy_rlhf import pipeline
 from toy_rlhf.benchmark import benchmark, format_report
 from toy_rlhf.checkpoint import CheckpointError
-from toy_rlhf.compare import CompareConfig, checkpoint_row, compare
-from toy_rlhf.credit_assignment import CreditConfig, credit_assignment
 from toy_rlhf.files import WriteError
 from toy_rlhf.flags import Bounds, ExactPrompts, SampledPrompts, Threads, add_config_flags, config_from_args
 from toy_rlhf.methods import METHODS
 from toy_rlhf.metrics import EVALUATION_PROMPTS
 from toy_rlhf.optimal import EXACT_PROMPTS
-from toy_rlhf.overoptimisation import OverOptConfig, overoptimisation
 from toy_rlhf.preferences import PreferenceError, resolve_preference
 from toy_rlhf.reward import RewardConfig
-from toy_rlhf.run_all import RunAllConfig, quick_schedule, run_all
 from toy_rlhf.run_dir import PLOTS, RunDirError, open_run_dir
 from toy_rlhf.sft import SFTConfig
-from toy_rlhf.sweep import SWEPT, SweepConfig, sweep
+from toy_rlhf.studies.against_optimum import checkpoint_row
+from toy_rlhf.studies.credit import CreditConfig, credit_assignment
+from toy_rlhf.studies.main import RunAllConfig, quick_schedule, run_all
+from toy_rlhf.studies.methods import SWEPT, CompareConfig, SweepConfig, compare, sweep
+from toy_rlhf.studies.overoptimisation import OverOptConfig, overoptimisation
 from toy_rlhf.training import TrainingError
 
 

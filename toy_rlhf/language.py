@@ -118,12 +118,3 @@ def entropy_floor():
             following.index_add_(0, shifted * DIGITS + allowed[:, slot], probability / WINDOW)
         probability = following
     return torch.stack(position_entropies).mean().item()
-
-
-def __getattr__(name):
-    """Transition: toy_rlhf.plots still imports preferred_first_token from here; it is a preference's
-    business and lives in toy_rlhf.preferences (imported late: that module imports this one)."""
-    if name == 'preferred_first_token':
-        from toy_rlhf.preferences import preferred_first_token
-        return preferred_first_token
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -1,13 +1,11 @@
-"""report.md: the settings, the time per stage, the metrics table and the figures of a run.
+"""report.md of the main study (toy_rlhf.studies.main): the settings, the time per stage, the metrics
+table and the figures of a run.
 
 Every sentence that states a result is built from the measured numbers, so the report says what
 this run did, not what RLHF is expected to do.
 """
-import os
-from pathlib import Path
-
-from toy_rlhf.files import write_text
-from toy_rlhf.preferences import DEFAULT_PREFERENCE, resolve_preference
+from toy_rlhf.preferences import resolve_preference
+from toy_rlhf.studies.output import figure_link, markdown_table
 
 COLUMNS = [('preference_rate', 'preference', '{:.2%}'), ('fidelity', 'fidelity', '{:.2%}'),
            ('gold_rate', 'gold', '{:.2%}'), ('kl_to_reference', 'KL to reference (nats)', '{:.3f}'),
@@ -16,12 +14,16 @@ COLUMNS = [('preference_rate', 'preference', '{:.2%}'), ('fidelity', 'fidelity',
 
 def metrics_table(metrics):
     """The Markdown table of every policy's exact metrics (one row per policy)."""
-    lines = ['| policy | ' + ' | '.join(title for _, title, _ in COLUMNS) + ' |',
-             '|---|' + '---:|' * len(COLUMNS)]
-    for label, values in metrics['policies'].items():
-        cells = [style.format(values[key]) for key, _, style in COLUMNS]
-        lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
-    return '\n'.join(lines)
+    rows = [[label, *(style.format(values[key]) for key, _, style in COLUMNS)]
+            for label, values in metrics['policies'].items()]
+    return markdown_table(['policy', *(title for _, title, _ in COLUMNS)], rows)
+
+
+def stage_table(timings):
+    """The Markdown table of the seconds each stage took in this run (a reused stage says so)."""
+    rows = [[name, f"{timing['seconds']:.1f}{' (reused)' if timing.get('reused') else ''}"]
+            for name, timing in timings.items()]
+    return markdown_table(['stage', 'seconds'], rows)
 
 
 def _percent(rate):
@@ -65,7 +67,7 @@ def _samples(samples):
     return 'never reached 99% preference' if samples is None else f'first reached 99% preference after {samples:,} samples'
 
 
-def figure_captions(metrics, preference_name=DEFAULT_PREFERENCE):
+def figure_captions(metrics, preference_name):
     """Two or three sentences per figure, each comparison computed from this run's numbers: the
     reference is the first policy, every other policy (one per beta) is described. The sentences
     about the preference follow the run's (first-digit's words for a preference on the first digit)."""
@@ -127,19 +129,14 @@ def _definitions(preference_name):
             'the true one conditioned on the best gold level reachable for the prompt.')
 
 
-def write_report(path, settings, metrics, timings, figures):
-    """Write report.md (figures linked relative to the report's folder)."""
-    path = Path(path)
-    stage_rows = '\n'.join(
-        f"| {name} | {timing['seconds']:.1f}{' (reused)' if timing.get('reused') else ''} |"
-        for name, timing in timings.items())
-    captions = figure_captions(metrics, settings.get('preference', DEFAULT_PREFERENCE))
-    figure_sections = '\n\n'.join(
-        f'### {name}\n\n![{name}]({Path(os.path.relpath(figure, path.parent)).as_posix()})\n\n{captions[name]}'
-        for name, figure in figures.items())
+def report_text(settings, metrics, timings, figures, run_dir):
+    """The text of report.md, its figures ({name: path}) linked relative to run_dir, where it lies."""
+    captions = figure_captions(metrics, settings['preference'])
+    figure_sections = '\n\n'.join(f'### {name}\n\n{figure_link(figure, run_dir)}\n\n{captions[name]}'
+                                   for name, figure in figures.items())
     stage_settings = '\n'.join(f'- `{name}`: ' + ', '.join(f'{key}={value}' for key, value in config.items())
                                for name, config in settings['stages'].items())
-    text = f"""# toy-rlhf run report
+    return f"""# toy-rlhf run report
 
 ## Settings
 seed {settings['seed']}, betas {', '.join(f'{beta:g}' for beta in settings['betas'])}, \
@@ -151,9 +148,7 @@ on the thread count, the processor and the versions.
 {stage_settings}
 
 ## Time per stage (seconds, this run)
-| stage | seconds |
-|---|---:|
-{stage_rows}
+{stage_table(timings)}
 
 ## Metrics
 SFT: KL(true language || model) = {metrics['sft']['language_kl']:.4f} nats per output token.
@@ -165,10 +160,9 @@ rank rate {metrics['reward']['rank_rate']:.2%}.
 PPO rollout samples until the preference rate first reached 99%: \
 {', '.join(f'{label} {"never" if samples is None else f"{samples:,}"}' for label, samples in metrics['ppo_samples_to_99_percent_preference'].items())}.
 
-{_definitions(settings.get('preference', DEFAULT_PREFERENCE))}
+{_definitions(settings['preference'])}
 
 ## Figures
 
 {figure_sections}
 """
-    write_text(path, text)

@@ -1,0 +1,350 @@
+"""Reward over-optimisation, measured exactly: the proxy reward a policy is optimised for against the
+gold reward the labeler judged by, along d = sqrt(KL(pi || pi_ref)) (Gao, Schulman and Hilton 2022,
+arXiv 2210.10760).
+
+Proxies of graded quality are reward models trained from the run's SFT policy on fewer or more
+labelled pairs (and, as a second axis, noisier labels: a smaller gold margin). KL is spent on each
+proxy three ways, all measured over every one of the 10^4 responses of the evaluation prompts:
+  pi*_beta    the exact optimum of E[proxy] - beta KL over a fine grid of beta (the optimiser's frontier)
+  best-of-n   the best of n reference samples under the proxy, n = 1..10^4, exact
+  PPO         trained on the proxy at small betas, a snapshot evaluated exactly every few rounds
+Each point gives the expected proxy reward, the gold reward, and the gold reward counted on valid
+responses only (the language's rule holds in every digit): the proxy never saw an invalid response,
+so its extrapolation there is where hacking happens. Gao et al.'s forms are fitted to the gold curves.
+
+Units: every reward is a gain over the reference (R(0) = 0, as the forms assume). Gold is the
+labeler's reward per unit of margin, the preference's own reward (0 to 1 for the built-ins; for the
+first digit, gold gain is preference-rate gain and valid gold gain is gold-rate gain), and each proxy is divided by the margin its labels were
+drawn at: a Bradley-Terry labeler makes the proxy estimate margin * gold up to a constant per prompt,
+so proxy / margin is the proxy's own estimate of the gold gain, on the same axis.
+"""
+import functools
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.lines import Line2D
+
+from toy_rlhf import figures
+from toy_rlhf.checkpoint import load_checkpoint, load_model
+from toy_rlhf.figures import FIGURE_SIZES
+from toy_rlhf.files import fingerprint
+from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, PositiveFloat, PositiveInt, Seed
+from toy_rlhf.language import sample_prompts
+from toy_rlhf.methods.ppo import PPOConfig, train_ppo
+from toy_rlhf.optimal import EXACT_PROMPTS
+from toy_rlhf.pipeline import ensure_stage, reward_stage, save_stage, sft_stage
+from toy_rlhf.preferences import resolve_preference
+from toy_rlhf.reward import RewardConfig
+from toy_rlhf.sft import SFTConfig
+from toy_rlhf.studies.output import markdown_table, write_study
+from toy_rlhf.studies.overoptimisation_curves import (MEASURED, Tables, as_curve, best_of_n_curve, expectations,
+                                                      fits, optimum_curve, peaks)
+
+# pi*_beta from beta = 100 (d ~ 0.03, next to the reference) down to 1e-3, ten per decade, then beta -> 0.
+BETAS = [10 ** (k / 10) for k in range(20, -31, -1)] + [0.0]
+# n = 1..10^4, fifteen per decade (rounded, so a few coincide at small n).
+BEST_OF_N = sorted({round(10 ** (k / 15)) for k in range(61)})
+PPO_MARKERS = ['o', 's', '^', 'D', 'v']  # the figure's marker of each PPO run on a proxy, by its beta's position
+
+
+@dataclass
+class OverOptConfig:
+    pairs: tuple[PositiveInt, ...] = (250, 1000, 4000, 20000)  # labelled pairs of each proxy reward model
+    # The labeler's margin sets the label noise: P(wrong label) = sigmoid(-margin), 2e-9 at 20, 12% at 2, 27% at 1.
+    gold_margin: tuple[PositiveFloat, ...] = (RewardConfig.gold_margin,)  # label noise of the proxies (one set per margin)
+    ppo_betas: tuple[NonNegativeFloat, ...] = (0.0, 0.03)  # PPO runs on each proxy, one per beta
+    snapshot_every: PositiveInt = 5  # PPO rounds between exact evaluations of the policy
+    prompts: ExactPrompts = EXACT_PROMPTS  # prompts of every exact evaluation (each: all 10^4 responses)
+    seed: Seed = 0  # random seed of every stage and of the evaluation prompts
+    fresh: bool = False  # retrain even where a checkpoint with the same settings exists
+    # The proxies' and PPO's own schedules (flags --reward.iters, --ppo.iters, ...); pairs, margin,
+    # seed and beta come from the fields above.
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+
+
+@dataclass
+class SnapshotPPOConfig(PPOConfig):
+    """PPO's settings and how its snapshots are measured: a run is reused only if both are the same."""
+    snapshot_every: PositiveInt = 5  # rounds between exact evaluations
+    prompts: ExactPrompts = EXACT_PROMPTS  # prompts of each evaluation (drawn with the seed)
+    gold: str = ''  # the preference whose gold reward the snapshots are measured by (its name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages: proxies and PPO runs, each reused when current.
+
+def proxy_name(pairs, margin):
+    """Checkpoint stem of a proxy: reward_pairs250 (the default margin), reward_pairs250_margin2."""
+    noise = '' if margin == RewardConfig.gold_margin else f'_margin{margin:g}'
+    return f'reward_pairs{pairs}{noise}'
+
+
+def snapshot_stage(run_dir, config, progress=True, *, name, proxy_path, measure):
+    """Train PPO on the proxy at proxy_path, measure(actor) every config.snapshot_every rounds and at
+    the end (the measurements ride in the log, inside the checkpoint); write name.pt and .jsonl."""
+    def every_few(rounds, actor):
+        due = rounds % config.snapshot_every == 0 or rounds == config.iters
+        return {f'exact/{key}': value for key, value in measure(actor).items()} if due else {}
+
+    sft_path = Path(run_dir) / 'sft.pt'
+    start = time.perf_counter()
+    policy, history = train_ppo(load_model(sft_path, 'policy'), load_model(proxy_path, 'reward'), config,
+                                progress, measure=every_few)
+    save_stage(run_dir, name, policy, 'policy', config, {'seconds': time.perf_counter() - start}, history,
+               inputs=(sft_path, proxy_path))
+
+
+def snapshot_curve(history, reference):
+    """The exact measurements in a snapshot run's log, as a curve with 'round', from the reference on."""
+    rows = [row for row in history if 'exact/kl' in row]
+    points = [reference] + [{key: row[f'exact/{key}'] for key in ('kl', *MEASURED)} for row in rows]
+    return {'round': [0] + [row['iter'] + 1 for row in rows], **as_curve(points, reference)}
+
+
+def ppo_curve_name(beta):
+    """The name of a PPO run's curve among a proxy's curves, and the end of its checkpoint's stem: ppo_beta0."""
+    return f'ppo_beta{beta:g}'
+
+
+def ppo_run_path(proxy_path, beta):
+    """reward_pairs250_ppo_beta0.pt beside reward_pairs250.pt."""
+    return proxy_path.with_name(f'{proxy_path.stem}_{ppo_curve_name(beta)}.pt')
+
+
+# ---------------------------------------------------------------------------------------------
+# The study.
+
+def overoptimisation(run_dir, plots_dir, config, progress=True):
+    """Proxies, their exact curves, Gao et al.'s fits, plots_dir/overoptimisation.png and
+    run_dir/overoptimisation.md and .json. The labeler and the gold are those of
+    config.reward.preference: its reward, per unit of margin, is the gold every proxy is judged by.
+    Returns the proxies' results."""
+    run_dir, plots_dir = Path(run_dir), Path(plots_dir)
+    preference = resolve_preference(config.reward.preference)
+    # 1. the reference: the run's SFT policy (trained first if the run has none)
+    sft_path = run_dir / 'sft.pt'
+    if not sft_path.exists():
+        sft_stage(run_dir, SFTConfig(seed=config.seed), progress)
+    tables = Tables(sft_path, sample_prompts(config.prompts, torch.Generator().manual_seed(config.seed)),
+                    preference.reward)
+
+    # 2. the proxies and PPO on each
+    proxies = [(pairs, margin, run_dir / f'{proxy_name(pairs, margin)}.pt')
+               for margin in config.gold_margin for pairs in config.pairs]
+    train_proxies(run_dir, config, proxies, tables, preference.name, progress)
+
+    # 3. every proxy's exact curves, unless measured from these same checkpoints before (the
+    # expensive part: the tables); Gao et al.'s forms through them and where they peak
+    inputs = [sft_path] + [run for *_, path in proxies for run in (path, *(ppo_run_path(path, beta)
+                                                                          for beta in config.ppo_betas))]
+    key = json.loads(json.dumps({'settings': asdict(replace(config, fresh=False)), 'gold': preference.name,
+                                 'betas': BETAS, 'best_of_n': BEST_OF_N,
+                                 'inputs': {path.name: fingerprint(path) for path in inputs}}))
+    curves = None if config.fresh else stored_curves(run_dir / 'overoptimisation.json', key)
+    if curves is None:
+        curves = [proxy_curves(tables, margin, path, config.ppo_betas) for _, margin, path in proxies]
+    else:
+        print(f'{run_dir / "overoptimisation.json"}: reusing the curves (measured from the same checkpoints)')
+    results = [{'name': path.stem, 'pairs': pairs, 'margin': margin, 'curves': measured,
+                'fits': fits(measured), 'peaks': peaks(measured)}
+               for (pairs, margin, path), measured in zip(proxies, curves)]
+
+    # 4. the figure and the report
+    figure = plot_overoptimisation(results, config.ppo_betas, plots_dir / 'overoptimisation.png')
+    report = write_study(run_dir, 'overoptimisation', overoptimisation_report(results, config),
+                         {'key': key, 'proxies': results}, figure)
+    print(peak_table(results))
+    print(f'Report {report}, figure {figure}')
+    return results
+
+
+def train_proxies(run_dir, config, proxies, tables, gold_name, progress):
+    """Each proxy (pairs, margin, path): a reward model on `pairs` labels drawn at `margin`, and PPO on
+    it at every beta, its snapshots measured exactly as it trains; every stage reused when current."""
+    sft_path = run_dir / 'sft.pt'
+    for pairs, margin, path in proxies:
+        ensure_stage(run_dir, path.stem, replace(config.reward, pairs=pairs, gold_margin=margin, seed=config.seed),
+                     (sft_path,), functools.partial(reward_stage, name=path.stem), config.fresh, progress)
+        for beta in config.ppo_betas:
+            ppo_config = SnapshotPPOConfig(**{**asdict(config.ppo), 'beta': beta, 'seed': config.seed,
+                                              'preference': gold_name},
+                                           snapshot_every=config.snapshot_every, prompts=config.prompts,
+                                           gold=gold_name)
+            measure = functools.partial(tables.measure, proxy_path=path, margin=margin)
+            ensure_stage(run_dir, ppo_run_path(path, beta).stem, ppo_config, (sft_path, path),
+                         functools.partial(snapshot_stage, name=ppo_run_path(path, beta).stem, proxy_path=path,
+                                           measure=measure), config.fresh, progress)
+
+
+def proxy_curves(tables, margin, proxy_path, ppo_betas):
+    """One proxy's exact curves: pi*_beta, best-of-n, and each PPO run's snapshots."""
+    log_ref, rewards, values = tables.log_ref, tables.rewards(proxy_path), tables.values(proxy_path, margin)
+    reference = expectations(log_ref, log_ref, values)
+    return {'optimum': optimum_curve(log_ref, rewards, values, BETAS),
+            'best_of_n': best_of_n_curve(log_ref, rewards, values, BEST_OF_N),
+            **{ppo_curve_name(beta): snapshot_curve(load_checkpoint(ppo_run_path(proxy_path, beta))['history'],
+                                                    reference) for beta in ppo_betas}}
+
+
+def stored_curves(path, key):
+    """The curves in the study's JSON at path if they were measured with this key, else None."""
+    try:
+        stored = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(stored, dict) and stored.get('key') == key):
+        return None
+    return [proxy['curves'] for proxy in stored['proxies']]
+
+
+# ---------------------------------------------------------------------------------------------
+# The report.
+
+def peak_table(results):
+    """One row per proxy and curve: where gold and valid gold peak and how far they fall after."""
+    rows = []
+    for result in results:
+        for source, both in result['peaks'].items():
+            curve = result['curves'][source]
+            cells = [cell for p in (both['gold'], both['gold_valid'])
+                     for cell in (f"{p['gain']:+.3f}", f"{p['d']:.2f} ({p['kl']:.2f})", f"{p['drop']:.3f}")]
+            rows.append([result['name'], source, *cells, f"{curve['proxy'][int(np.argmax(curve['d']))]:+.3f}"])
+    header = ['proxy', 'curve', 'gold: peak gain', 'at d (KL)', 'fall after', 'valid gold: peak gain', 'at d (KL)',
+              'fall after', 'proxy gain at largest d']
+    return markdown_table(header, rows, text_columns=(0, 1))
+
+
+def fit_table(results):
+    """One row per proxy and fit: alpha, beta, RMS residual against the gold curve's range."""
+    rows = [[result['name'], source, both['gold']['form'],
+             *(f"{fit['alpha']:.3f}, {fit['beta']:.3f}, {fit['rms']:.4f}" for fit in both.values())]
+            for result in results for source, both in result['fits'].items()]
+    header = ['proxy', 'points', 'form', 'gold: alpha, beta, RMS', 'valid gold: alpha, beta, RMS']
+    return markdown_table(header, rows, text_columns=range(len(header)))
+
+
+def overoptimisation_report(results, config):
+    return f"""# Reward over-optimisation, measured exactly
+
+Proxies: reward models from the run's SFT policy on {', '.join(f'{n:,}' for n in config.pairs)} labelled
+pairs at gold margin {', '.join(f'{m:g}' for m in config.gold_margin)}; seed {config.seed}. Every point is
+exact over all 10^4 responses of {config.prompts} prompts: d = sqrt(KL(pi || SFT)); gains over the SFT
+policy; gold per unit of margin (gold: the preferred first digit; valid gold: that, and every digit in
+the language); proxy divided by its labels' margin. Curves: `optimum` is pi*_beta of the proxy (beta
+{max(BETAS):g} .. {min(b for b in BETAS if b > 0):g}, then 0), `best_of_n` n = 1 .. {max(BEST_OF_N):,},
+`ppo_betaB` PPO snapshots every {config.snapshot_every} rounds.
+
+## Where gold peaks
+
+"fall after": how far the gain has fallen from its peak by the largest d of the curve (0: it never falls).
+
+{peak_table(results)}
+
+## Gao et al.'s forms, least squares on the gold curves
+
+best_of_n: R(d) = d (alpha - beta d); rl: R(d) = d (alpha - beta log d), through pi*_beta (`optimum`)
+and through pi*_beta with every PPO snapshot (`rl_all`). RMS: root mean square residual, in gold units.
+
+{fit_table(results)}
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# The figure.
+
+def plot_overoptimisation(proxies, ppo_betas, path):
+    """Gold (solid) and proxy (dashed) gain against d = sqrt(KL) for each proxy, best-of-n and RL
+    (pi*_beta as lines, PPO snapshots as markers), gold counted on valid responses below, Gao et al.'s
+    fits dotted with a marker at each gold peak; best-of-n's exact KL against log n - (n-1)/n and the
+    residuals of the fits to valid gold on the right. proxies: overoptimisation()'s results; ppo_betas:
+    the betas of the PPO runs on each proxy (their curves are named ppo_curve_name(beta))."""
+    colors = plt.cm.viridis(np.linspace(0, 0.85, len(proxies)))
+    fig, axes = plt.subplots(2, 3, figsize=FIGURE_SIZES['overoptimisation'], layout='constrained')
+    for row, gold in enumerate(('gold', 'gold_valid')):
+        for column, (source, title) in enumerate((('best_of_n', 'best-of-n, n = 1 .. 10^4'),
+                                                  ('optimum', 'RL: pi*_beta of the proxy (lines), PPO (markers)'))):
+            _gain_panel(axes[row, column], proxies, colors, source, gold, ppo_betas if column == 1 else ())
+            axes[row, column].set_title(f'{title}: {"gold" if gold == "gold" else "valid gold"}')
+    style = [Line2D([], [], color='black', linewidth=2, label='gold (solid)'),
+             Line2D([], [], color='black', linestyle='--', label='proxy / margin (dashed)'),
+             Line2D([], [], color='black', linestyle=':', label="Gao et al.'s form, fitted to gold"),
+             Line2D([], [], marker='*', markersize=12, linestyle='none', color='grey', markeredgecolor='black',
+                    label='gold peak')]
+    style += [Line2D([], [], marker=marker, linestyle='none', color='grey', markeredgecolor='black',
+                     label=f'PPO beta={beta:g} snapshots (open: proxy)')
+              for beta, marker in zip(ppo_betas, PPO_MARKERS)]
+    axes[0, 0].legend(loc='lower right', fontsize=8, title='proxy reward model')
+    axes[0, 1].legend(handles=style, loc='lower right', fontsize=8)
+    _best_of_n_kl_panel(axes[0, 2], proxies, colors)
+    _residual_panel(axes[1, 2], proxies, colors)
+    return figures.save(fig, path)
+
+
+def _gain_panel(ax, proxies, colors, source, gold, ppo_betas):
+    """Each proxy's `gold` and proxy gain along the curve `source`, its fit and gold peak, and the
+    snapshots of its PPO run at each of ppo_betas."""
+    for proxy, color in zip(proxies, colors):
+        curve, fit, top = proxy['curves'][source], proxy['fits'][source][gold], proxy['peaks'][source][gold]
+        ax.plot(curve['d'], curve[gold], color=color, linewidth=2, label=_proxy_label(proxy))
+        ax.plot(curve['d'], curve['proxy'], color=color, linestyle='--', linewidth=1.2)
+        ax.plot(fit['line']['d'], fit['line']['gain'], color=color, linestyle=':', linewidth=1.5)
+        ax.plot(top['d'], top['gain'], marker='*', markersize=14, color=color, markeredgecolor='black')
+        for beta, marker in zip(ppo_betas, PPO_MARKERS):
+            snapshots = proxy['curves'][ppo_curve_name(beta)]
+            ax.plot(snapshots['d'], snapshots[gold], marker=marker, linestyle='none', color=color,
+                    markeredgecolor='black', markersize=6)
+            ax.plot(snapshots['d'], snapshots['proxy'], marker=marker, linestyle='none',
+                    markerfacecolor='none', markeredgecolor=color, markersize=6)
+    ax.axhline(0, color='grey', linewidth=0.8)
+    _limit_to_gold(ax, [value for proxy in proxies for curve in proxy['curves'].values() for value in curve[gold]])
+    ax.set_xlabel('d = sqrt(KL(pi || SFT))')
+    ax.set_ylabel(('gold' if gold == 'gold' else 'valid gold (every digit in the language)')
+                  + ' gain over SFT, per unit of margin')
+    ax.grid(alpha=0.3)
+
+
+def _best_of_n_kl_panel(ax, proxies, colors):
+    for proxy, color in zip(proxies, colors):
+        curve = proxy['curves']['best_of_n']
+        ax.plot(curve['n'], curve['kl'], color=color, linewidth=2, label=f"exact, {_proxy_label(proxy)}")
+    ax.plot(curve['n'], curve['textbook_kl'], color='black', linestyle='--', label='log n - (n - 1)/n')
+    ax.set_xscale('log')
+    ax.set_xlabel('n')
+    ax.set_ylabel('KL(best-of-n || SFT), nats')
+    ax.set_title("Best-of-n's KL: exact against the textbook formula")
+    ax.legend(loc='upper left', fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+def _residual_panel(ax, proxies, colors):
+    for proxy, color in zip(proxies, colors):
+        for source, line in (('best_of_n', '-'), ('optimum', '--')):
+            ax.plot(proxy['curves'][source]['d'], proxy['fits'][source]['gold_valid']['residual'], color=color,
+                    linestyle=line)
+    ax.axhline(0, color='grey', linewidth=0.8)
+    ax.legend(handles=[Line2D([], [], color='black', label='best-of-n'),
+                       Line2D([], [], color='black', linestyle='--', label='pi*_beta')], fontsize=8)
+    ax.set_xlabel('d = sqrt(KL(pi || SFT))')
+    ax.set_ylabel('valid gold minus fitted form')
+    ax.set_title("Residual of Gao et al.'s forms fitted to valid gold")
+    ax.grid(alpha=0.3)
+
+
+def _proxy_label(proxy):
+    return f"{proxy['pairs']:,} pairs, margin {proxy['margin']:g}"
+
+
+def _limit_to_gold(ax, golds):
+    """y-limits from the gold curves, so that a proxy whose own estimate runs far above them (an
+    overfitted one can claim several times the possible gain) does not flatten them; says so if cut."""
+    bottom, top = min(min(golds), 0.0), max(max(golds), 0.0)
+    span = top - bottom or 1.0
+    ax.set_ylim(bottom - 0.1 * span, top + 0.3 * span)
+    if any(np.max(line.get_ydata()) > top + 0.3 * span for line in ax.get_lines() if len(line.get_ydata())):
+        ax.text(0.99, 0.99, 'proxy curves cut at the top', transform=ax.transAxes, ha='right', va='top', fontsize=8)
