@@ -168,7 +168,7 @@ def test_attention_figure_names_each_key_by_its_role(tmp_path, models, drawn):
 
 
 def test_first_token_figure_gives_means_in_percent(tmp_path, models, drawn):
-    rates = main.preferred_first_digit_probabilities(models, seed=0, n_prompts=200)
+    rates = main.preferred_first_digit_probabilities(models, PREFERENCES['first-digit'], seed=0, n_prompts=200)
     path = plots.plot_first_token(rates, tmp_path / 'first_token.png')
     assert_png(path, figures.FIGURE_SIZES['first_token'])
     legend = [text.get_text() for text in drawn[0].axes[0].get_legend().get_texts()]
@@ -178,5 +178,5 @@ def test_first_token_figure_gives_means_in_percent(tmp_path, models, drawn):
 def test_the_figures_data_is_computed_with_models_in_eval_mode(models):
     for model in models.values():
         model.train()
-    main.preferred_first_digit_probabilities(models, seed=0, n_prompts=50)
+    main.preferred_first_digit_probabilities(models, PREFERENCES['first-digit'], seed=0, n_prompts=50)
     assert not any(model.training for model in models.values())

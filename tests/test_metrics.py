@@ -190,12 +190,6 @@ def test_for_first_digit_the_gold_rate_forces_the_preferred_digit_then_follows_t
     assert torch.equal(gold_rate(sft_policy, FIRST_DIGIT, prompts, torch.Generator().manual_seed(9)), mass)
 
 
-def test_a_metric_asked_without_a_preference_warns_at_the_caller(language):
-    with pytest.warns(DeprecationWarning, match='evaluate_policy called without a preference') as record:
-        evaluate_policy(language, language, 10)
-    assert record[0].filename == __file__
-
-
 # --- KL -------------------------------------------------------------------------------------------
 
 def test_kl_divergence_matches_hand_values():

@@ -91,8 +91,10 @@ def run(sft_policy, reward_model):
 
 def test_rloo_raises_the_preference_rate_far_above_the_sft_policys(run, sft_policy):
     # Both rates are exact per prompt, on the same 500 prompts: standard error ~0.01.
-    before = evaluate_policy(sft_policy, sft_policy, n_prompts=500, preference=PREFERENCES['first-digit'])['preference_rate']
-    after = evaluate_policy(run[0], sft_policy, n_prompts=500, preference=PREFERENCES['first-digit'])['preference_rate']
+    before = evaluate_policy(sft_policy, sft_policy, n_prompts=500, seed=0,
+                           preference=PREFERENCES['first-digit'])['preference_rate']
+    after = evaluate_policy(run[0], sft_policy, n_prompts=500, seed=0,
+                           preference=PREFERENCES['first-digit'])['preference_rate']
     assert before < 0.45
     assert after >= 0.85
 

@@ -4,7 +4,7 @@ from torch.utils.data import Dataset
 
 from toy_rlhf.language import CLS, PROMPT_LENGTH, WINDOW, increments, join, sample_prompts, sample_responses
 from toy_rlhf.policy import generate_responses
-from toy_rlhf.preferences import passed_or_default, sample_aligned_path
+from toy_rlhf.preferences import sample_aligned_path
 
 
 def supervised_batch(n, generator=None):
@@ -34,12 +34,11 @@ class SupervisedDataset(Dataset):
         return self.x[i], self.y[i]
 
 
-def gold_reward(prompts, responses, margin, preference=None):
+def gold_reward(prompts, responses, margin, preference):
     """The hidden true reward the labeler judges by: the preference's gold reward times `margin`
     (first-digit: `margin` if the first output digit is the preferred one, else 0).
-    prompts (B, 4), responses (B, 4) -> (B,) float. preference=None is a transition (see
-    preferences.passed_or_default)."""
-    return passed_or_default(preference, 'gold_reward').reward(prompts, responses) * margin
+    prompts (B, 4), responses (B, 4) -> (B,) float."""
+    return preference.reward(prompts, responses) * margin
 
 
 def labeler(prompts, first, second, margin, preference, generator=None):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from toy_rlhf.language import (PROMPT_LENGTH, RESPONSE_LENGTH, VOCAB_SIZE, join, next_token_distribution,
                                sample_prompts, sample_responses)
 from toy_rlhf.policy import generate_responses, response_log_probs
-from toy_rlhf.preferences import aligned_paths, passed_or_default
+from toy_rlhf.preferences import aligned_paths
 
 EVALUATION_PROMPTS = 2000  # prompts of the sampled exact metrics: standard error ~0.1 points on a rate
 PREFERENCE_TARGET = 0.99  # "learned the preference": the rate the samples-to-target counts are measured to
@@ -91,7 +91,7 @@ def gold_rate(policy, preference, prompts, generator=None):
 
 
 @torch.no_grad()
-def evaluate_policy(policy, reference, n_prompts=EVALUATION_PROMPTS, seed=0, preference=None):
+def evaluate_policy(policy, reference, n_prompts, seed, preference):
     """The exact gold metrics of a policy for `preference`, on n_prompts prompts drawn with `seed`.
 
     preference_rate  P(gold reward >= the best level the language reaches for the prompt); for
@@ -104,10 +104,7 @@ def evaluate_policy(policy, reference, n_prompts=EVALUATION_PROMPTS, seed=0, pre
     kl_to_reference_by_position  its four terms, one per response position
     kl_to_aligned    KL(aligned language || policy) of whole responses, nats (along aligned sentences;
                      the aligned language is the language conditioned on the best reachable level)
-
-    preference=None is a transition (see preferences.passed_or_default).
     """
-    preference = passed_or_default(preference, 'evaluate_policy', stacklevel=4)  # no_grad adds a frame
     policy, reference = policy.eval(), reference.eval()
     generator = torch.Generator().manual_seed(seed)
     prompts = sample_prompts(n_prompts, generator)

@@ -24,7 +24,7 @@ import torch
 from toy_rlhf.data import gold_reward
 from toy_rlhf.enumeration import RESPONSES, all_responses, response_log_probs_exact, response_rewards_exact
 from toy_rlhf.language import DIGITS, RESPONSE_LENGTH, is_valid_output
-from toy_rlhf.preferences import Preference, best_reachable, passed_or_default
+from toy_rlhf.preferences import Preference, best_reachable
 
 # Prompts of an exact evaluation (each: all 10^4 responses): the gap closed to J* then has a standard
 # error of ~0.1 points across prompt draws, and the reward model's tables take about a second.
@@ -175,17 +175,16 @@ def optimal_frontier(log_ref, rewards, prompts, betas, preference):
             for beta in betas]
 
 
-def compare_to_optimum(log_pi, log_ref, rewards, prompts, beta, preference=None):
+def compare_to_optimum(log_pi, log_ref, rewards, prompts, beta, preference):
     """A policy's table against the optimum at beta, all from precomputed (P, 10^4) tables.
 
     Returns means over prompts: J (the policy's objective), J_star, J_ref (= E_ref[r], the
     reference's objective: its KL is 0), gap_closed = (J - J_ref) / (J_star - J_ref) (1 at the
-    optimum, 0 for the reference, negative if worse than the reference; nan where the reward is
+    optimum, 0 for the reference, negative if worse than the reference; None where the reward is
     constant and there is no gap), the policy's reward, KL
     split and gold metrics of `preference`, the same for pi* under 'optimal_*', and the policy's
-    non_digit_mass. preference=None is a transition (see preferences.passed_or_default).
+    non_digit_mass.
     """
-    preference = passed_or_default(preference, 'compare_to_optimum')
     J = objective(log_pi, log_ref, rewards, beta).mean().item()
     J_star = optimal_value(log_ref, rewards, beta).mean().item()
     J_ref = expected_reward(log_ref, rewards).mean().item()
@@ -197,14 +196,12 @@ def compare_to_optimum(log_pi, log_ref, rewards, prompts, beta, preference=None)
             'non_digit_mass': non_digit_mass(log_pi).mean().item()}
 
 
-def evaluate_against_optimum(policy, reference, reward_model, beta, prompts, preference=None, gold_margin=None):
+def evaluate_against_optimum(policy, reference, reward_model, beta, prompts, preference, gold_margin=None):
     """A policy model against the exact optimum of its objective at beta on prompts (P, 4): see
     compare_to_optimum for the keys, with `preference`'s gold metrics; with gold_margin, also
     'gold_gap_closed', the gap closed under the gold reward (times gold_margin) instead of the reward
     model's. For several policies or betas, compute the tables once (exact_tables) and call
-    compare_to_optimum or optimal_frontier directly. preference=None is a transition (see
-    preferences.passed_or_default)."""
-    preference = passed_or_default(preference, 'evaluate_against_optimum')
+    compare_to_optimum or optimal_frontier directly."""
     tables = exact_tables(reference, reward_model, prompts, preference)
     log_pi = response_log_probs_exact(policy.eval(), prompts)
     row = compare_to_optimum(log_pi, tables.log_ref, tables.rewards, prompts, beta, preference)
@@ -241,9 +238,7 @@ def gold_table(prompts, preference, margin):
                         for prompt in prompts]).double()
 
 
-def exact_tables(reference, reward_model, prompts, preference=None):
-    """The ExactTables of `prompts` (P, 4) for a reference policy, a reward model and a preference.
-    preference=None is a transition (see preferences.passed_or_default)."""
+def exact_tables(reference, reward_model, prompts, preference):
+    """The ExactTables of `prompts` (P, 4) for a reference policy, a reward model and a preference."""
     return ExactTables(prompts, response_log_probs_exact(reference.eval(), prompts),
-                       response_rewards_exact(reward_model.eval(), prompts),
-                       passed_or_default(preference, 'exact_tables'))
+                       response_rewards_exact(reward_model.eval(), prompts), preference)

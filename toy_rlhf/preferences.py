@@ -13,7 +13,6 @@ enumerations, not estimates.
 """
 import importlib
 import inspect
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
@@ -50,6 +49,12 @@ class Preference:
     # A user-defined preference's module file, hashed: stored with everything trained for it, so that
     # a checkpoint trained against another version of the file is noticed.
     source_fingerprint: Optional[str] = None
+
+    @property
+    def asks_for_a_first_digit(self):
+        """Whether the preference is for one first digit per prompt (then its rate is that digit's
+        probability, and the main study draws it)."""
+        return self.first_token is not None
 
     def best_level_rate(self, log_probs, sentences):
         """Per sentence (B, 9), whether the policy reaches the best gold level the language reaches for
@@ -274,13 +279,3 @@ def sample_aligned_path(preference, prompts, generator=None):
 
 # ---------------------------------------------------------------------------------------------
 # Transition: some callers, being rewritten elsewhere, do not pass a preference yet.
-
-def passed_or_default(preference, function, stacklevel=3):
-    """`preference`, or, where the caller of `function` (its name) passed none, the default one and
-    a DeprecationWarning at that caller: measuring the default preference is never silent, and the
-    calls left to change show in the test summary. Goes once every caller passes a preference."""
-    if preference is not None:
-        return preference
-    warnings.warn(f'{function} called without a preference measures {DEFAULT_PREFERENCE!r}; pass the run\'s',
-                  DeprecationWarning, stacklevel=stacklevel)
-    return PREFERENCES[DEFAULT_PREFERENCE]

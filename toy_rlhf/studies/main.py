@@ -24,7 +24,7 @@ from toy_rlhf.metrics import (EVALUATION_PROMPTS, PREFERENCE_TARGET, aligned_nex
                               samples_to_preference, true_distributions)
 from toy_rlhf.pipeline import ensure_method, ensure_stage, machine, reward_stage, sft_stage, versions
 from toy_rlhf.policy import response_log_probs
-from toy_rlhf.preferences import DEFAULT_PREFERENCE, best_reachable, preferred_first_token, resolve_preference
+from toy_rlhf.preferences import DEFAULT_PREFERENCE, best_reachable, resolve_preference
 from toy_rlhf.reward import RewardConfig, first_digit_rewards
 from toy_rlhf.sft import SFTConfig
 from toy_rlhf.studies.main_figures import (plot_attention, plot_first_token, plot_kl_by_position,
@@ -138,7 +138,7 @@ def first_digit_scores(reward_model, prompt, response, preference):
     variants = response.repeat(DIGITS, 1)
     variants[:, 0] = torch.arange(DIGITS)
     best = preference.reward(prompt.expand(DIGITS, -1), variants) >= best_reachable(preference, prompt[None])
-    preferred = preference.first_token(prompt[None]).item() if preference.first_token is not None else None
+    preferred = preference.first_token(prompt[None]).item() if preference.asks_for_a_first_digit else None
     return {'prompt': prompt.tolist(), 'response': response.tolist(), 'rewards': rewards.numpy(),
             'best': best.tolist(), 'preferred': preferred}
 
@@ -174,13 +174,13 @@ def attention_from_sep(models, prompt, response):
     return {'tokens': idx[0].tolist(), 'models': weights}
 
 
-def preferred_first_digit_probabilities(models, seed, n_prompts=2000):
-    """The probability each model, and the exact language, puts on the preferred first digit
-    (x4 + 1) % 10 after prompt + SEP, over n_prompts prompts drawn with `seed`: {'language': curve,
+def preferred_first_digit_probabilities(models, preference, seed, n_prompts=2000):
+    """The probability each model, and the exact language, puts on the first digit `preference` asks
+    for after prompt + SEP, over n_prompts prompts drawn with `seed`: {'language': curve,
     'models': {label: curve}}, each curve {'probabilities': sorted highest first, 'mean'}."""
     prompts = sample_prompts(n_prompts, torch.Generator().manual_seed(seed))  # (N, 4)
     context = join(prompts)  # (N, 5)
-    preferred = preferred_first_token(prompts).unsqueeze(1)  # (N, 1)
+    preferred = preference.first_token(prompts).unsqueeze(1)  # (N, 1)
     with torch.no_grad():
         probabilities = {label: model.eval()(context)[0][:, -1].softmax(dim=-1).gather(1, preferred)[:, 0]
                          for label, model in models.items()}  # (N,)
@@ -196,7 +196,7 @@ def draw(run_dir, plots_dir, models, histories, config, metrics):
     preference on the first digit only."""
     prompt, response = torch.tensor(config.prompt), torch.tensor(config.response)
     preference = resolve_preference(config.preference)
-    rate_label = 'P(first digit is the preferred one)' if preference.first_token is not None \
+    rate_label = 'P(first digit is the preferred one)' if preference.asks_for_a_first_digit \
         else 'P(the best gold level reachable)'
     reward_scores = first_digit_scores(load_model(run_dir / 'reward.pt', 'reward'), prompt, response, preference)
     drawn = {
@@ -211,7 +211,8 @@ def draw(run_dir, plots_dir, models, histories, config, metrics):
         'kl_by_position': plot_kl_by_position(metrics['policies'], plots_dir / 'kl_by_position.png'),
         'attention': plot_attention(attention_from_sep(models, prompt, response), plots_dir / 'attention.png'),
     }
-    if preference.first_token is not None:
-        drawn['first_token'] = plot_first_token(preferred_first_digit_probabilities(models, config.seed),
+    if preference.asks_for_a_first_digit:
+        drawn['first_token'] = plot_first_token(preferred_first_digit_probabilities(models, preference,
+                                                                                        config.seed),
                                                 plots_dir / 'first_token.png')
     return drawn

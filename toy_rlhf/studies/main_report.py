@@ -71,7 +71,7 @@ def figure_captions(metrics, preference_name):
     """Two or three sentences per figure, each comparison computed from this run's numbers: the
     reference is the first policy, every other policy (one per beta) is described. The sentences
     about the preference follow the run's (first-digit's words for a preference on the first digit)."""
-    on_first_digit = resolve_preference(preference_name).first_token is not None
+    on_first_digit = resolve_preference(preference_name).asks_for_a_first_digit
     reference_label, *labels = metrics['policies']
     reference = metrics['policies'][reference_label]
     tuned = {label: metrics['policies'][label] for label in labels}
@@ -110,7 +110,7 @@ def figure_captions(metrics, preference_name):
     }
 
 
-FIRST_DIGIT_DEFINITIONS = '''Preference: probability of the preferred first digit. Fidelity: share of digits 2-4 \
+PREFERRED_DIGIT_DEFINITIONS = '''Preference: probability of the preferred first digit. Fidelity: share of digits 2-4 \
 that obey the rule.
 Gold: preferred first digit and all later digits valid. KL to reference: KL(policy || SFT) of whole
 responses. KL to aligned: KL(aligned language || policy), the aligned language being the true one
@@ -120,8 +120,8 @@ with the first digit forced to the preferred one.'''
 def _definitions(preference_name):
     """What the table's columns mean for the run's preference."""
     preference = resolve_preference(preference_name)
-    if preference.first_token is not None:
-        return FIRST_DIGIT_DEFINITIONS
+    if preference.asks_for_a_first_digit:
+        return PREFERRED_DIGIT_DEFINITIONS
     return (f'Preference ({preference.name}: {preference.description}): probability of a response at least as '
             'good as the best gold level a valid response reaches for the prompt. Fidelity: share of digits 2-4 '
             'that obey the rule. Gold: the best level and all four digits valid. KL to reference: KL(policy || '
