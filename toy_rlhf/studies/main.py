@@ -18,14 +18,14 @@ from toy_rlhf.checkpoint import load_checkpoint, load_model
 from toy_rlhf.files import write_json
 from toy_rlhf.flags import Device, Digit, NonNegativeFloat, Seed
 from toy_rlhf.language import DIGITS, PROMPT_LENGTH, entropy_floor, join, next_token_distribution, sample_prompts
-from toy_rlhf.methods import METHODS
 from toy_rlhf.methods.ppo import PPOConfig
 from toy_rlhf.metrics import (EVALUATION_PROMPTS, PREFERENCE_TARGET, aligned_next_tokens, evaluate_policy,
                               samples_to_preference, true_distributions)
-from toy_rlhf.pipeline import ensure_method, ensure_stage, machine, reward_stage, sft_stage, versions
+from toy_rlhf.pipeline import ensure_stage, machine, reward_stage, sft_stage, versions
 from toy_rlhf.policy import response_log_probs
 from toy_rlhf.preferences import DEFAULT_PREFERENCE, best_reachable, resolve_preference
 from toy_rlhf.reward import RewardConfig, first_digit_rewards
+from toy_rlhf.run import Run, Variant
 from toy_rlhf.sft import SFTConfig
 from toy_rlhf.studies.main_figures import (plot_attention, plot_first_token, plot_kl_by_position,
                                            plot_next_token_probs, plot_ppo_curves, plot_reward_model, plot_sft_loss)
@@ -33,7 +33,6 @@ from toy_rlhf.studies.main_report import report_text
 from toy_rlhf.studies.output import write_study
 
 REFERENCE = 'reference (SFT)'
-PPO = METHODS['ppo']  # the story told here is PPO's; every method's is studies/methods.py
 
 
 @dataclass
@@ -77,17 +76,17 @@ def run_all(run_dir, plots_dir, config, progress=True):
     timings = {'sft': ensure_stage(run_dir, 'sft', configs['sft'], (), sft_stage, config.fresh, progress),
                'reward': ensure_stage(run_dir, 'reward', configs['reward'], (run_dir / 'sft.pt',), reward_stage,
                                       config.fresh, progress)}
-    stems = {beta: PPO.stem(ppo) for beta, ppo in configs['ppo'].items()}
-    for beta, ppo in configs['ppo'].items():
-        timings[stems[beta]] = ensure_method(run_dir, PPO, ppo, config.fresh, progress)
+    run = Run(run_dir, config.preference, config.fresh, progress)
+    # The story told here is PPO's; every method's is studies/methods.py.
+    variants = {beta: Variant.of(ppo, 'ppo') for beta, ppo in configs['ppo'].items()}
+    timings.update(run.train(variants.values()))
 
     start = time.perf_counter()
-    reference = load_model(run_dir / 'sft.pt', 'policy')
-    models = {REFERENCE: reference}
+    models = {REFERENCE: run.sft_policy}
     histories = {}
-    for beta in config.betas:
-        models[f'beta={beta:g}'] = load_model(run_dir / f'{stems[beta]}.pt', 'policy')
-        histories[f'beta={beta:g}'] = load_checkpoint(run_dir / f'{stems[beta]}.pt')['history']
+    for beta, variant in variants.items():
+        models[f'beta={beta:g}'] = run.policy(variant)
+        histories[f'beta={beta:g}'] = run.checkpoint(variant)['history']
     metrics = measure(run_dir, models, histories, config)
     timings['evaluation'] = {'seconds': time.perf_counter() - start}
 
@@ -99,7 +98,7 @@ def run_all(run_dir, plots_dir, config, progress=True):
     settings = {'seed': config.seed, 'betas': list(config.betas), 'quick': config.quick,
                 'preference': config.preference,
                 'stages': {'sft': asdict(configs['sft']), 'reward': asdict(configs['reward']),
-                           **{stems[beta]: asdict(ppo) for beta, ppo in configs['ppo'].items()}},
+                           **{variants[beta].name: asdict(ppo) for beta, ppo in configs['ppo'].items()}},
                 'versions': versions(), 'machine': machine()}
     write_json(run_dir / 'timings.json', timings)
     report = write_study(run_dir, 'report', report_text(settings, metrics, timings, drawn, run_dir),
