@@ -2,39 +2,16 @@
 named after its settings, so no command replaces another's finished result; a policy trains for the
 preference of the reward model it trains against; and the preference a checkpoint names is imported
 only when the user names it too."""
-import signal
 from pathlib import Path
 
-import pytest
-
-from toy_rlhf import cli
 from toy_rlhf.checkpoint import load_checkpoint
 from toy_rlhf.methods import METHODS
 from toy_rlhf.methods.ppo import PPOConfig
 
-TINY_SFT = ['--iters', '1', '--batch-size', '2', '--quiet']
+from test_run_dir import TINY_SFT, in_a_fresh_folder, run  # noqa: F401 (in_a_fresh_folder: an autouse fixture)
+
 TINY_REWARD = ['--iters', '1', '--pairs', '8', '--held-out-pairs', '8', '--batch-size', '2', '--quiet']
 TINY_PPO = ['--prompts-per-iter', '2', '--quiet']
-
-
-@pytest.fixture(autouse=True)
-def in_a_fresh_folder(tmp_path, monkeypatch):
-    """Each test in an empty working folder, with the SIGTERM handler run_command installs undone."""
-    monkeypatch.chdir(tmp_path)
-    handler = signal.getsignal(signal.SIGTERM)
-    yield tmp_path
-    signal.signal(signal.SIGTERM, handler)
-
-
-def run(command, arguments, capsys):
-    """(exit status, stdout, stderr lines) of `toy-rlhf command arguments`."""
-    try:
-        cli.run_command(command, arguments, prog=f'toy-rlhf {command}')
-        status = 0
-    except SystemExit as exit:
-        status = exit.code
-    out, err = capsys.readouterr()
-    return status, out, err.strip().splitlines()
 
 
 def a_run(capsys, preference='first-digit'):
