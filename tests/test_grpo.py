@@ -7,9 +7,9 @@ import torch
 
 from toy_rlhf.enumeration import all_responses, response_log_probs_exact
 from toy_rlhf.language import sample_prompts
+from toy_rlhf.methods.advantages import group_normalised_advantages
 from toy_rlhf.methods.grpo import (GRPOConfig, fixed_point, forward_kl_step, k3_kl, per_token_fixed_point,
                                    reverse_kl_step, train_grpo, uniform_groups)
-from toy_rlhf.methods.rollout import group_normalised_advantages
 from toy_rlhf.metrics import evaluate_policy
 from toy_rlhf.optimal import (ExactTables, digit_distribution, exact_tables, objective, optimal_log_probs, optimal_value,
                               response_kl)

@@ -9,8 +9,8 @@ import torch
 
 from toy_rlhf.enumeration import response_log_probs_exact
 from toy_rlhf.language import sample_prompts
+from toy_rlhf.methods.advantages import group_normalised_advantages
 from toy_rlhf.methods.reinforce_pp import ReinforcePPConfig, reinforce_pp_advantages, train_reinforce_pp
-from toy_rlhf.methods.rollout import group_normalised_advantages
 from toy_rlhf.metrics import evaluate_policy
 from toy_rlhf.optimal import compare_to_optimum, exact_tables, objective, optimal_value
 from toy_rlhf.preferences import PREFERENCES

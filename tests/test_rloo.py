@@ -9,8 +9,8 @@ import torch
 
 from toy_rlhf.enumeration import response_log_probs_exact
 from toy_rlhf.language import sample_prompts
+from toy_rlhf.methods.advantages import leave_one_out_advantages
 from toy_rlhf.methods.rloo import RLOOConfig, sequence_rewards, sequence_surrogate_loss, train_rloo
-from toy_rlhf.methods.rollout import leave_one_out_advantages
 from toy_rlhf.metrics import evaluate_policy
 from toy_rlhf.optimal import compare_to_optimum, exact_tables, objective, optimal_value
 from toy_rlhf.preferences import PREFERENCES

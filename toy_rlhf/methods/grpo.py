@@ -37,8 +37,8 @@ import torch
 
 from toy_rlhf.flags import PositiveFloat
 from toy_rlhf.language import DIGITS, RESPONSE_LENGTH
-from toy_rlhf.methods.rollout import (RolloutConfig, TrainingLog, clipped_surrogate_loss,
-                                      group_normalised_advantages, mean_rows, minibatches, prompt_groups, rollout,
+from toy_rlhf.methods.advantages import clipped_surrogate_loss, group_normalised_advantages
+from toy_rlhf.methods.rollout import (RolloutConfig, TrainingLog, mean_rows, minibatches, prompt_groups, rollout,
                                       rollout_row, start_training)
 from toy_rlhf.optimal import digit_distribution, optimal_log_probs
 from toy_rlhf.policy import token_log_probs
@@ -67,7 +67,7 @@ class UnbiasedGRPOConfig(GRPOConfig):
 
 
 # ---------------------------------------------------------------------------------------------
-# The math, as pure functions; the group advantages and the clipped surrogate are rollout.py's.
+# The math, as pure functions; the group advantages and the clipped surrogate are advantages.py's.
 
 def k3_kl(logp_new, logp_ref, logp_old=None):
     """Per-token k3 = exp(logp_ref - logp_new) - (logp_ref - logp_new) - 1 (>= 0, 0 where pi = pi_ref),

@@ -21,9 +21,10 @@ import torch
 
 from mingpt.utils import CfgNode
 from toy_rlhf.flags import PositiveFloat, Probability
-from toy_rlhf.methods.rollout import (RolloutConfig, TrainingLog, clipped_surrogate_loss, gae_advantages,
-                                      leave_one_out_advantages, mean_rows, minibatches, per_token_rewards,
-                                      prompt_groups, returns_to_go, rollout, rollout_row, start_training, whiten)
+from toy_rlhf.methods.advantages import (clipped_surrogate_loss, gae_advantages, leave_one_out_advantages,
+                                         per_token_rewards, returns_to_go, whiten)
+from toy_rlhf.methods.rollout import (RolloutConfig, TrainingLog, mean_rows, minibatches, prompt_groups, rollout,
+                                      rollout_row, start_training)
 from toy_rlhf.policy import started_from, token_log_probs
 from toy_rlhf.preferences import resolve_preference
 from toy_rlhf.training import check_finite, gradient_step
@@ -41,7 +42,7 @@ class PPOConfig(RolloutConfig):
 
 # ---------------------------------------------------------------------------------------------
 # The math, as pure functions (unit-tested with hand-computed values); the advantage estimators
-# and the clipped surrogate are shared with the other methods (toy_rlhf/methods/rollout.py).
+# and the clipped surrogate are shared with the other methods (toy_rlhf/methods/advantages.py).
 
 def annealed_learning_rate(config, iteration):
     """The learning rate of round `iteration` (0-based): config.learning_rate, or with anneal_lr

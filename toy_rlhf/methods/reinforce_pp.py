@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 from toy_rlhf.flags import PositiveInt
 from toy_rlhf.methods.ppo import update
-from toy_rlhf.methods.rollout import (RolloutConfig, TrainingLog, per_token_rewards, prompt_groups, returns_to_go,
-                                      rollout, rollout_row, start_training, whiten)
+from toy_rlhf.methods.advantages import per_token_rewards, returns_to_go, whiten
+from toy_rlhf.methods.rollout import RolloutConfig, TrainingLog, prompt_groups, rollout, rollout_row, start_training
 from toy_rlhf.preferences import resolve_preference
 from toy_rlhf.training import check_finite
 

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 
 from toy_rlhf.flags import PositiveFloat
-from toy_rlhf.methods.rollout import (RolloutConfig, TrainingLog, clipped_surrogate_loss, leave_one_out_advantages,
-                                      mean_rows, minibatches, per_token_rewards, prompt_groups, rollout,
-                                      rollout_row, start_training, whiten)
+from toy_rlhf.methods.advantages import clipped_surrogate_loss, leave_one_out_advantages, per_token_rewards, whiten
+from toy_rlhf.methods.rollout import (RolloutConfig, TrainingLog, mean_rows, minibatches, prompt_groups, rollout,
+                                      rollout_row, start_training)
 from toy_rlhf.policy import token_log_probs
 from toy_rlhf.preferences import resolve_preference
 from toy_rlhf.training import check_finite, gradient_step
