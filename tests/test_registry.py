@@ -3,7 +3,7 @@ else) has a command, flags, a checkpoint name, a row in the comparison and a poi
 every field of every config is a flag of the same name, with the field's comment as its help."""
 import json
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Literal
 
 import matplotlib.pyplot as plt
@@ -22,6 +22,7 @@ from toy_rlhf.studies import credit as credit_module
 from toy_rlhf.studies.credit import CreditConfig, credit_assignment
 from toy_rlhf.studies.main import RunAllConfig
 from toy_rlhf.studies.methods import CompareConfig, SweepConfig, compare
+from toy_rlhf.studies.overoptimisation import OverOptConfig
 
 
 @dataclass
@@ -139,9 +140,11 @@ def other_value(hint, default):
 
 def config_classes():
     """(command, config class, flag prefix, fields set by the command itself) of every config."""
-    yield 'all', RunAllConfig, '', ('sft', 'reward', 'ppo')
-    for stage in ('sft', 'reward', 'ppo'):
-        yield 'all', type(getattr(RunAllConfig(), stage)), stage, ('seed', 'device', 'beta', 'preference')
+    for command, study in (('all', RunAllConfig), ('overopt', OverOptConfig)):
+        stages = [field.name for field in fields(study) if is_dataclass(field.type)]
+        yield command, study, '', stages
+        for stage in stages:
+            yield command, type(getattr(study(), stage)), stage, study.SET_BY_STUDY
     yield 'sweep', SweepConfig, '', ()
     yield 'sft', cli.SFTConfig, '', ()
     yield 'reward', cli.RewardConfig, '', ()

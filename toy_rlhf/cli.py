@@ -105,20 +105,14 @@ def working_preference(args, flag, default):
 
 
 def add_all_arguments(parser):
-    add_config_flags(parser, RunAllConfig, skip=('sft', 'reward', 'ppo'))
-    for stage in ('sft', 'reward', 'ppo'):
-        add_config_flags(parser, type(getattr(RunAllConfig(), stage)), prefix=stage,
-                         skip=('seed', 'device', 'beta', 'preference'))
+    add_config_flags(parser, RunAllConfig)
     add_plots_dir(parser, 'the figures')
 
 
 def run_everything(args):
     config = config_from_args(args, RunAllConfig)
-    if config.quick:
-        config = quick_schedule(config)
-    config = replace(config, **{stage: config_from_args(args, type(getattr(config, stage)), prefix=stage,
-                                                        base=getattr(config, stage))
-                                for stage in ('sft', 'reward', 'ppo')})
+    if config.quick:  # the quick schedule, and the flags given over it
+        config = config_from_args(args, RunAllConfig, base=quick_schedule(config))
     check_betas('--betas', config.betas)
     if not config.fresh:  # a run has one preference, its reward model's; --fresh retrains for another
         config = replace(config, preference=working_preference(args, 'preference', config.preference))
@@ -183,17 +177,12 @@ def run_compare(args):
 
 
 def add_overopt_arguments(parser):
-    add_config_flags(parser, OverOptConfig, skip=('reward', 'ppo'))
-    for stage in ('reward', 'ppo'):
-        add_config_flags(parser, type(getattr(OverOptConfig(), stage)), prefix=stage,
-                         skip=('seed', 'device', 'beta', 'pairs', 'gold_margin', 'preference'))
+    add_config_flags(parser, OverOptConfig)
     add_plots_dir(parser, 'overoptimisation.png')
 
 
 def run_overopt(args):
     config = config_from_args(args, OverOptConfig)
-    config = replace(config, **{stage: config_from_args(args, type(getattr(config, stage)), prefix=stage,
-                                                        base=getattr(config, stage)) for stage in ('reward', 'ppo')})
     # The proxies learn, and are judged by, the run's preference.
     preference = working_preference(args, 'reward.preference', config.reward.preference)
     config = replace(config, reward=replace(config.reward, preference=preference))

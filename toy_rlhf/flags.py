@@ -17,7 +17,7 @@ import os
 import re
 import tokenize
 import typing
-from dataclasses import MISSING, dataclass, fields, replace
+from dataclasses import MISSING, dataclass, fields, is_dataclass, replace
 from typing import Annotated, Literal
 
 
@@ -120,6 +120,16 @@ def add_config_flags(parser, config_class, prefix='', skip=(), defaults=None):
     A flag the user does not give is left out of the parsed arguments (argparse.SUPPRESS), so
     config_from_args can start from any base config. `defaults` (a config instance) is what the help
     shows as the default; the class's own defaults otherwise.
+
+    A field that is itself a config (a dataclass) gives its fields as flags --NAME.FIELD, in a group of
+    their own (recursively: --NAME.INNER.FIELD), but for those the outer config sets in it itself, which
+    the outer class names once in its class attribute SET_BY_STUDY (not a field: it has no annotation):
+
+        @dataclass
+        class RunAllConfig:
+            SET_BY_STUDY = ('seed', 'device', 'beta', 'preference')
+            seed: Seed = 0  # ...
+            sft: SFTConfig = field(default_factory=SFTConfig)   ->  --sft.iters, ... but no --sft.seed
     """
     hints = typing.get_type_hints(config_class, include_extras=True)
     comments = field_comments(config_class)
@@ -128,6 +138,10 @@ def add_config_flags(parser, config_class, prefix='', skip=(), defaults=None):
         if field.name in skip:
             continue
         default = getattr(defaults, field.name) if defaults is not None else _default(field)
+        if _is_config(hints[field.name]):
+            add_config_flags(parser, hints[field.name], _destination(field.name, prefix),
+                             skip=getattr(config_class, 'SET_BY_STUDY', ()), defaults=default)
+            continue
         options = _argparse_options(hints[field.name], default)
         shown = ' '.join(f'{value:g}' if isinstance(value, float) else str(value) for value in default) \
             if isinstance(default, tuple) else default
@@ -138,11 +152,19 @@ def add_config_flags(parser, config_class, prefix='', skip=(), defaults=None):
 
 
 def config_from_args(args, config_class, prefix='', base=None):
-    """base (or config_class()) with the fields the user gave flags for replaced."""
-    given = {field.name: getattr(args, _destination(field.name, prefix)) for field in fields(config_class)
-             if hasattr(args, _destination(field.name, prefix))}
-    given = {name: tuple(value) if isinstance(value, list) else value for name, value in given.items()}
-    return replace(base if base is not None else config_class(), **given)
+    """base (or config_class()) with the fields the user gave flags for replaced; a nested config is
+    base's own with the fields given as --NAME.FIELD replaced, the same way."""
+    base = base if base is not None else config_class()
+    hints = typing.get_type_hints(config_class, include_extras=True)
+    given = {}
+    for field in fields(config_class):
+        destination = _destination(field.name, prefix)
+        if _is_config(hints[field.name]):
+            given[field.name] = config_from_args(args, hints[field.name], destination, getattr(base, field.name))
+        elif hasattr(args, destination):
+            value = getattr(args, destination)
+            given[field.name] = tuple(value) if isinstance(value, list) else value
+    return replace(base, **given)
 
 
 def value_fits(hint, value):
@@ -168,6 +190,10 @@ def value_fits(hint, value):
 
 def _default(field):
     return field.default_factory() if field.default is MISSING else field.default
+
+
+def _is_config(hint):
+    return isinstance(hint, type) and is_dataclass(hint)
 
 
 def _destination(field_name, prefix):

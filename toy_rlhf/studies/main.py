@@ -37,6 +37,7 @@ REFERENCE = 'reference (SFT)'
 
 @dataclass
 class RunAllConfig:
+    SET_BY_STUDY = ('seed', 'device', 'beta', 'preference')  # the stages' settings that the fields below set
     betas: tuple[NonNegativeFloat, ...] = (1.0, 0.0)  # compared KL strengths; the first is the "aligned" one
     seed: Seed = 0  # random seed of every stage: the same seed gives the same numbers
     quick: bool = False  # a much smaller schedule, for smoke tests

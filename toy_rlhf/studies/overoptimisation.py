@@ -54,6 +54,7 @@ PPO_MARKERS = ['o', 's', '^', 'D', 'v']  # the figure's marker of each PPO run o
 
 @dataclass
 class OverOptConfig:
+    SET_BY_STUDY = ('seed', 'device', 'beta', 'pairs', 'gold_margin', 'preference')  # the stages' settings set here
     pairs: tuple[PositiveInt, ...] = (250, 1000, 4000, 20000)  # labelled pairs of each proxy reward model
     # The labeler's margin sets the label noise: P(wrong label) = sigmoid(-margin), 2e-9 at 20, 12% at 2, 27% at 1.
     gold_margin: tuple[PositiveFloat, ...] = (RewardConfig.gold_margin,)  # label noise of the proxies (one set per margin)
