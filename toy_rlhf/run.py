@@ -5,9 +5,10 @@
     run.train([variant])                 # trained, or reused, into runs/default/ppo_beta0.pt
     run.tables(prompts)                  # log pi_ref and the reward of all 10^4 responses, once
 
-Every study and command gets the run's facts from a Run, so they are read one way: the preference
-and the gold margin are the reward model's (stored in reward.pt), and a user-defined preference is
-imported only when the user named it (toy_rlhf.pipeline.checkpoint_preference).
+The studies that train from a run's reward model (main, methods and its sweep, credit) get the run's
+facts from a Run, so they are read one way: the preference and the gold margin are the reward
+model's (stored in reward.pt), and a user-defined preference is imported only when the user named it
+(toy_rlhf.pipeline.checkpoint_preference). The over-optimisation study trains proxies of its own.
 """
 import concurrent.futures
 import functools
