@@ -103,3 +103,12 @@ def test_overoptimisation_judges_the_proxies_by_the_runs_preference(tmp_path, mo
     key = json.loads((tmp_path / 'runs' / 'default' / 'overoptimisation.json').read_text())['key']
     assert key['gold'] == 'last-digit'
     assert key['settings']['reward']['preference'] == 'last-digit'
+
+
+def test_a_method_without_a_known_target_for_the_preference_is_compared_all_the_same(tmp_path):
+    # IPO's exact target is derived for a gold reward of two levels; digit-sum has 37.
+    run_dir = random_run(tmp_path / 'runs' / 'r', preference='digit-sum')
+    tiny = {'ipo': run_module.METHODS['ipo'].config(iters=1, pairs=16)}
+    [row] = compare(run_dir, tmp_path / 'plots', CompareConfig(methods=('ipo',), prompts=1), tiny, progress=False)
+    assert row['target'] == 'none known for this preference' and row['kl_to_target'] is None
+    assert '| none known for this preference | n/a |' in (run_dir / 'methods.md').read_text()

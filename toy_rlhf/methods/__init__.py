@@ -36,7 +36,8 @@ class Method:
     color: str  # matplotlib colour, the same in every figure
     marker: str  # matplotlib marker of its point on the frontier
     # target(tables, config) -> log-probs (P, 10^4) of the exact distribution the method converges to
-    # (toy_rlhf.optimal.ExactTables); None: pi* of the reward model at config.beta.
+    # (toy_rlhf.optimal.ExactTables), or None where none is known for the tables' preference; no
+    # target function: pi* of the reward model at config.beta.
     target: Optional[Callable] = None
     target_label: str = 'pi* (reward model)'
     # exact_policy(tables, config) -> log-probs (P, 10^4) of a method without a network.

@@ -90,10 +90,10 @@ def train_ipo(sft_policy, config, progress=True):
 def ipo_target(tables, config):
     """pi_IPO = pi_ref exp(delta * r) / Z, the distribution IPO aims at (see the module's docstring),
     r the gold reward of config's preference: tables, a toy_rlhf.optimal.ExactTables -> log-probs
-    (P, 10^4). Supports a gold reward of the two levels 0 and 1 only; refuses any other."""
+    (P, 10^4). Derived for a gold reward of the two levels 0 and 1 only (first-digit, last-digit,
+    distinct): for any other, None (no exact target is known)."""
     preference = resolve_preference(config.preference)
     gold = gold_table(tables.prompts, preference, 1.0)  # (P, 10^4): the gold reward itself
     if not ((gold == 0) | (gold == 1)).all():
-        raise ValueError(f'the IPO target is derived for a gold reward of two levels, 0 and 1 (first-digit, '
-                         f'last-digit, distinct); {preference.name} takes other values')
+        return None
     return digit_distribution(tables.log_ref + ipo_margin(config) * gold)

@@ -22,6 +22,9 @@ from toy_rlhf.pipeline import check_trained_from, checkpoint_preference
 from toy_rlhf.reward import RewardConfig
 
 
+NO_TARGET = 'none known for this preference'  # a row's own target where the method knows none
+
+
 def exact_row(label, method, config, log_pi, tables, gold_margin):
     """A policy's exact numbers against the optimum at config.beta, from its log-probs of every
     response (P, 10^4) and the shared tables (toy_rlhf.optimal.ExactTables): compare_to_optimum's
@@ -30,12 +33,14 @@ def exact_row(label, method, config, log_pi, tables, gold_margin):
     beta = config.beta
     optimum = optimal_log_probs(tables.log_ref, tables.rewards, beta)
     target = method.target(tables, config) if method.target is not None else optimum
+    known = target is not None  # a method may know no exact target for this preference
     row = {'label': label, 'method': method.name,
            **compare_to_optimum(log_pi, tables.log_ref, tables.rewards, tables.prompts, beta, tables.preference),
            'kl_to_optimum': finite_or_none(response_kl(log_pi, optimum).mean().item()),
-           'target': method.target_label, 'kl_to_target': finite_or_none(response_kl(log_pi, target).mean().item()),
+           'target': method.target_label if known else NO_TARGET,
+           'kl_to_target': finite_or_none(response_kl(log_pi, target).mean().item()) if known else None,
            'gold_gap_closed': gap_closed(log_pi, tables.log_ref, tables.gold(gold_margin), beta)}
-    if method.target is not None:  # where the method's own target lies, for the figure
+    if method.target is not None and known:  # where the method's own target lies, for the figure
         row['target_reward'] = expected_reward(target, tables.rewards).mean().item()
         row['target_kl_total'] = response_kl(target, tables.log_ref).mean().item()
     return row

@@ -26,7 +26,7 @@ from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods import METHODS
 from toy_rlhf.optimal import EXACT_PROMPTS, optimal_frontier
 from toy_rlhf.run import Run, Variant
-from toy_rlhf.studies.against_optimum import variant_row
+from toy_rlhf.studies.against_optimum import NO_TARGET, variant_row
 from toy_rlhf.studies.output import markdown_table, write_study
 
 # The optimum's frontier is drawn through these betas (log-spaced, plus the limit beta -> 0).
@@ -140,7 +140,8 @@ def methods_table(rows):
         cells.append([row['label'], f"{row['J']:.3f}", f"{row['J_star']:.3f}", _number(row['gap_closed'], '.2%'),
                       f"{row['kl_first']:.3f}", f"{row['kl_later']:.3f}", f"{row['preference_rate']:.2%}",
                       f"{row['fidelity']:.2%}", f"{row['gold_rate']:.2%}", _kl(row['kl_to_optimum']), row['target'],
-                      _kl(row['kl_to_target']), used, to_target, '' if seconds is None else f'{seconds:.1f}'])
+                      _kl(row['kl_to_target']) if row['target'] != NO_TARGET else 'n/a', used, to_target,
+                      '' if seconds is None else f'{seconds:.1f}'])
     header = ['method', 'J', 'J*', 'gap closed', 'KL first', 'KL later', 'preference', 'fidelity', 'gold',
               'KL from pi*', 'own target', 'KL from own target', 'consumed', 'samples to 99%', 'seconds']
     return markdown_table(header, cells, text_columns=(0, header.index('own target')))
