@@ -26,8 +26,9 @@ from toy_rlhf.flags import Bounds, ExactPrompts, SampledPrompts, Threads, add_co
 from toy_rlhf.methods import METHODS
 from toy_rlhf.metrics import EVALUATION_PROMPTS
 from toy_rlhf.optimal import EXACT_PROMPTS
-from toy_rlhf.preferences import PreferenceError, resolve_preference
+from toy_rlhf.preferences import DEFAULT_PREFERENCE, PreferenceError, resolve_preference
 from toy_rlhf.reward import RewardConfig
+from toy_rlhf.run import Run, Variant
 from toy_rlhf.run_dir import PLOTS, RunDirError, open_run_dir
 from toy_rlhf.sft import SFTConfig
 from toy_rlhf.studies.against_optimum import checkpoint_row
@@ -84,15 +85,21 @@ def train_command(config_class, stage):
 
 
 def method_command(method):
-    """(add_arguments, run) of the command that trains `method` (a registry entry). Its preference is
-    the run's, its reward model's (a different --preference is refused); in a run without one (DPO
-    and IPO need none), the one named, or the flag's default."""
+    """(add_arguments, run) of the command that trains `method` (a registry entry) as a Variant of the
+    run: reused if a checkpoint made with the same settings from the same inputs exists."""
+    def add_arguments(parser):
+        add_config_flags(parser, method.config)
+        parser.add_argument('--preference', default=None, metavar='NAME',
+                            help="the run's preference, its reward model's (a different one is refused); in a run "
+                                 f'without a reward model, the gold the pairs are labelled by (default: {DEFAULT_PREFERENCE})')
+        parser.add_argument('--fresh', action='store_true',
+                            help='retrain even where a checkpoint made with the same settings exists')
+
     def run(args):
-        config = config_from_args(args, method.config)
-        if hasattr(config, 'preference'):
-            config = replace(config, preference=working_preference(args, 'preference', config.preference))
-        pipeline.method_stage(args.run_dir, config, args.progress, method=method)
-    return (lambda parser: add_config_flags(parser, method.config)), run
+        variant = Variant.of(config_from_args(args, method.config), method.name)
+        Run(args.run_dir, working_preference(args, 'preference', DEFAULT_PREFERENCE), args.fresh,
+            args.progress).train([variant])
+    return add_arguments, run
 
 
 def working_preference(args, flag, default):
@@ -323,7 +330,7 @@ def prepare(args, writes_run_dir):
     if getattr(args, 'device', None) == 'cuda' and not torch.cuda.is_available():
         raise UsageError('--device cuda: no CUDA device is available here; use --device cpu')
     for name, value in vars(args).items():
-        if name.rpartition('.')[2] == 'preference':
+        if name.rpartition('.')[2] == 'preference' and value:
             check_preference(value)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -49,7 +49,6 @@ from toy_rlhf.language import PROMPT_LENGTH
 from toy_rlhf.methods.dpo import dpo_loss, sequence_log_probs
 from toy_rlhf.methods.rollout import (TrainingLog, mean_rows, minibatches, prompt_groups, rollout,
                                       rollout_row, start_training)
-from toy_rlhf.preferences import DEFAULT_PREFERENCE, resolve_preference
 from toy_rlhf.training import check_finite, gradient_step
 
 
@@ -70,7 +69,6 @@ class OnlineDPOConfig:
     learning_rate: PositiveFloat = 3e-4  # Adam step size
     max_grad_norm: PositiveFloat = 1.0  # gradient-norm clip
     seed: Seed = 0  # random seed: the same seed gives the same run
-    preference: str = DEFAULT_PREFERENCE  # whose exact rate the log follows: a built-in or module:function
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,13 +98,12 @@ def chosen_and_rejected(first):
 # ---------------------------------------------------------------------------------------------
 # The loop.
 
-def train_online_dpo(sft_policy, reward_model, config, progress=True, measure=None):
+def train_online_dpo(sft_policy, reward_model, config, preference, progress=True, measure=None):
     """Fine-tune a copy of sft_policy with online DPO at config.beta, reward_model labelling the
     policy's own pairs. Returns the policy (eval mode) and the log: one row per round, the rollout's
     metrics (rollout_row) and the DPO loss, implicit rewards, margins and accuracies of its pairs, plus
     what measure(rounds done, actor) returns after each round (as train_ppo's)."""
     actor, reference, optimizer, generator = start_training(sft_policy, config)
-    preference = resolve_preference(config.preference)  # whose exact rate the log follows
 
     samples = 0
     with TrainingLog(config.iters, f'online DPO beta={config.beta:g}', progress,
