@@ -16,7 +16,8 @@ from toy_rlhf.checkpoint import how_to_make, save_checkpoint
 from toy_rlhf.flags import NonNegativeFloat, PositiveFloat, PositiveInt, Seed, config_from_args, field_comments
 from toy_rlhf.methods import METHODS, Method, method_of_stem, register, rollout, unregister
 from toy_rlhf.policy import policy_config
-from toy_rlhf.reward import reward_model_config
+from toy_rlhf.reward import RewardConfig, reward_model_config
+from toy_rlhf.sft import SFTConfig
 from toy_rlhf.studies import credit as credit_module
 from toy_rlhf.studies.credit import CreditConfig, credit_assignment
 from toy_rlhf.studies.main import RunAllConfig
@@ -145,8 +146,8 @@ def config_classes():
         for stage in stages:
             yield command, type(getattr(study(), stage)), stage, study.SET_BY_STUDY
     yield 'sweep', SweepConfig, '', ()
-    yield 'sft', cli.SFTConfig, '', ()
-    yield 'reward', cli.RewardConfig, '', ()
+    yield 'sft', SFTConfig, '', ()
+    yield 'reward', RewardConfig, '', ()
     yield 'compare', CompareConfig, '', ()
     yield 'credit', CreditConfig, '', ()
     for method in METHODS.values():
