@@ -48,9 +48,8 @@ class IPOConfig(DPOConfig):
     # 1, as DPO's and PPO's, for the comparison. On IPO's scale that is weak: the target raises the
     # log-odds of the gold reward's upper level by tanh(gold_margin / 2) / (2 beta) = 0.5 nats.
     beta: PositiveFloat = 1.0  # the paper's tau, the KL strength of IPO's objective
-    # From the short SFT policy the KL to the target (20 prompts) was 0.0035 nats after 200 steps and
-    # after 400 at beta = 1, and 0.058 and 0.054 at beta = 0.1: the squared loss settles sooner than
-    # DPO's, whose margin keeps growing.
+    # Doubling the steps left the KL to the target where it was: the squared loss settles sooner
+    # than DPO's, whose margin keeps growing.
     iters: PositiveInt = 200  # optimizer steps
 
 

@@ -17,9 +17,8 @@ beta * dh = s1 - s2, so pi* of the reward model at beta is a fixed point: the me
 aims (ALGORITHMS.md section 0). The expectation is the whole story only in the limit: a round's
 pairs are few, most pairs share the first digit once the policy prefers it (their labels are coin
 flips, noise on the later digits), and the pull of the rest fades like sigmoid(-beta * dh), so the
-approach to pi* is slow. Measured from the test's short SFT policy and reward model at beta = 1
-(exact, 20 prompts): 0.94 of the gap from the reference to J* closed at seeds 0-2 in 50 rounds (PPO
-0.97 from as many samples, seed 0); preference rate 0.95 where pi*'s is 0.999.
+approach to pi* is slow: measured, it closes less of the gap than PPO from as many samples (the
+README's methods table).
 With hard labels no finite policy is a fixed point: a pair with s1 > s2 is always labelled the same
 way, and its loss only vanishes as beta * dh -> infinity. The only stationary policies are the
 deterministic ones (a pair of two equal responses is a tie: dh = 0 whatever the weights, no
