@@ -34,18 +34,39 @@ def random_run(folder, **reward_settings):
     return folder
 
 
-def test_a_variant_is_named_as_its_checkpoint_and_gives_its_config_for_the_runs_preference():
+def test_a_variant_is_named_as_its_checkpoint_and_gives_its_config():
     variant = Variant('ppo', beta=0.0, seed=2, settings=(('iters', 3),))
     config = variant.config()
-    assert (config.beta, config.seed, config.iters, config.preference) == (0.0, 2, 3, 'distinct')
+    assert (config.beta, config.seed, config.iters) == (0.0, 2, 3)
     assert variant.name.startswith('ppo_beta0_seed2_')
     assert Variant.of(config, 'ppo') == Variant('ppo', 0.0, 2, (('iters', 3),))
     assert Variant('ppo').describe() == 'PPO beta=1'
 
 
+def test_a_runs_exact_tables_are_kept_on_disk_and_computed_again_when_an_input_changes(tmp_path):
+    run_dir = random_run(tmp_path / 'r', preference='last-digit')
+    prompts = torch.tensor([[1, 2, 3, 4], [9, 9, 0, 1]])
+    first = Run(run_dir).tables(prompts)
+    [stored] = run_dir.glob('tables_*.pt')
+    written = stored.stat().st_mtime_ns
+    again = Run(run_dir).tables(prompts)  # another Run: from the file, the same numbers
+    assert stored.stat().st_mtime_ns == written
+    assert torch.equal(again.log_ref, first.log_ref) and torch.equal(again.rewards, first.rewards)
+    assert again.rewards.dtype == torch.float64 and again.preference.name == 'last-digit'
+    # Another reward model (same settings, other weights): the tables are its own, and rewritten.
+    torch.manual_seed(1)
+    save_checkpoint(run_dir / 'reward.pt', GPT(reward_model_config()), 'reward', {'preference': 'last-digit'}, {})
+    other = Run(run_dir).tables(prompts)
+    assert not torch.equal(other.rewards, first.rewards) and torch.equal(other.log_ref, first.log_ref)
+    assert torch.equal(Run(run_dir).tables(prompts).rewards, other.rewards)
+    # A broken file is not trusted: computed again.
+    stored.write_bytes(b'not a checkpoint')
+    assert torch.equal(Run(run_dir).tables(prompts).rewards, other.rewards)
+
+
 def test_the_gold_gap_closed_is_read_at_the_reward_models_margin_by_every_study(tmp_path):
     run_dir = random_run(tmp_path / 'runs' / 'r', gold_margin=2.0, preference='first-digit')
-    config = CompareConfig(methods=('ppo',), prompts=2)
+    config = CompareConfig(methods=('ppo',), presets=False, prompts=2)
     tiny = {'ppo': run_module.METHODS['ppo'].config(iters=1, prompts_per_iter=4)}
     [row] = compare(run_dir, tmp_path / 'plots', config, tiny, progress=False)
     path = run_dir / f"{Variant.of(tiny['ppo'], 'ppo').name}.pt"

@@ -12,6 +12,8 @@ model's (stored in reward.pt), and a user-defined preference is imported only wh
 """
 import concurrent.futures
 import functools
+import hashlib
+import pickle
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -21,7 +23,8 @@ import torch
 from toy_rlhf.checkpoint import load_checkpoint, load_model
 from toy_rlhf.methods import METHODS
 from toy_rlhf.metrics import EVALUATION_PROMPTS, evaluate_policy
-from toy_rlhf.optimal import exact_tables
+from toy_rlhf.files import atomic_write, fingerprint
+from toy_rlhf.optimal import ExactTables, exact_tables
 from toy_rlhf.pipeline import (check_made_from, current_checkpoint, ensure_stage, provenance, repair_log, reward_stage, run_preference,
                                save_stage, sft_stage, stage_named)
 from toy_rlhf.preferences import PreferenceError, resolve_preference
@@ -120,11 +123,29 @@ class Run:
         return load_model(self.reward_path, 'reward')
 
     def tables(self, prompts):
-        """The exact tables (toy_rlhf.optimal.ExactTables) of prompts (P, 4), computed once per prompt set."""
+        """The exact tables (toy_rlhf.optimal.ExactTables) of prompts (P, 4): computed once per prompt
+        set, and kept on disk (tables_<hash of the prompts>.pt) with the fingerprints of the SFT policy
+        and reward model they were computed from, so that no later study recomputes them."""
         key = tuple(map(tuple, prompts.tolist()))
         if key not in self._tables:
-            self._tables[key] = exact_tables(self.sft_policy, self.reward_model, prompts, self.preference)
+            self._tables[key] = self._stored_tables(prompts)
         return self._tables[key]
+
+    def _stored_tables(self, prompts):
+        made_from = {'sft.pt': fingerprint(self.sft_path), 'reward.pt': fingerprint(self.reward_path),
+                     'prompts': prompts.tolist()}
+        path = self.folder / f"tables_{hashlib.sha256(str(made_from['prompts']).encode()).hexdigest()[:12]}.pt"
+        try:
+            stored = torch.load(path, weights_only=True)  # plain tensors and lists only
+            if stored['made_from'] == made_from:
+                return ExactTables(prompts, stored['log_ref'], stored['rewards'].double(), self.preference)
+        except (OSError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError):
+            pass  # none yet, or not ours as it should be: computed again, and rewritten
+        tables = exact_tables(self.sft_policy, self.reward_model, prompts, self.preference)
+        # The reward model scores in float32: stored so, its float64 table is the same numbers.
+        atomic_write(path, lambda file: torch.save({'made_from': made_from, 'log_ref': tables.log_ref,
+                                                     'rewards': tables.rewards.float()}, file))
+        return tables
 
     def path(self, variant):
         return self.folder / f'{variant.name}.pt'

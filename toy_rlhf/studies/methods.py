@@ -39,6 +39,7 @@ SWEPT = ('ppo', 'dpo')  # the methods of the sweep (their settings: --ppo.*, --d
 class CompareConfig:
     betas: tuple[NonNegativeFloat, ...] = (1.0,)  # the KL strengths every method is run at
     methods: tuple[str, ...] = ()  # the methods to compare, by registry name (default: all registered)
+    presets: bool = True  # also each method's named presets (the registry's), a row each
     prompts: ExactPrompts = EXACT_PROMPTS  # prompts of the exact evaluation (each: all 10^4 responses)
     # Each training run is independent: with N workers, N run at once in processes of one thread each.
     workers: PositiveInt = 1  # training processes at once (one thread each; --threads 1 gives the same numbers serially)
@@ -72,7 +73,8 @@ def variants(config, method_configs=None):
     comparison's seed."""
     return [method_variant(name, beta, config.seed, method_configs, preset)
             for beta in config.betas for name in (config.methods or METHODS)
-            for preset in (((), ''), *((settings, label) for label, settings, _ in METHODS[name].presets))]
+            for preset in (((), ''), *((settings, label) for label, settings, _ in
+                                       (METHODS[name].presets if config.presets else ())))]
 
 
 def sweep_variants(config, method_configs=None):
