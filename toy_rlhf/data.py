@@ -3,6 +3,7 @@ import torch
 from torch.utils.data import Dataset
 
 from toy_rlhf.language import CLS, PROMPT_LENGTH, WINDOW, increments, join, sample_prompts, sample_responses
+from toy_rlhf.metrics import true_distributions
 from toy_rlhf.policy import generate_responses
 from toy_rlhf.preferences import sample_aligned_path
 
@@ -22,10 +23,17 @@ def supervised_batch(n, generator=None):
 
 
 class SupervisedDataset(Dataset):
-    """A fixed set of `size` sentences for minGPT's Trainer: item i -> (x, y) as in supervised_batch."""
+    """A fixed set of `size` sentences for minGPT's Trainer: item i -> (x, y) as in supervised_batch.
 
-    def __init__(self, size, seed=0):
+    targets 'exact': y is instead the language's exact next-token distribution at each output position
+    (4, vocab), given the sentence's sampled digits before it; the sentences are the same as with
+    'sampled' for the same seed, only what each position is scored against differs.
+    """
+
+    def __init__(self, size, seed=0, targets='sampled'):
         self.x, self.y = supervised_batch(size, torch.Generator().manual_seed(seed))
+        if targets == 'exact':
+            self.y = true_distributions(torch.cat([self.x, self.y[:, -1:]], dim=1))  # (size, 4, vocab)
 
     def __len__(self):
         return len(self.x)
