@@ -11,9 +11,11 @@ from mingpt.model import GPT
 from toy_rlhf.enumeration import response_log_probs_differentiable, response_log_probs_exact
 from toy_rlhf.language import join, sample_prompts
 from toy_rlhf.methods.exact import (ExactConfig, forward_loss, reverse_loss, target_beta, train_exact)
-from toy_rlhf.optimal import compare_to_optimum, digit_distribution, gold_table, objective, optimal_log_probs
+from toy_rlhf.optimal import (KL_POSITIONS, compare_to_optimum, digit_distribution, gold_table, kl_split, objective,
+                              optimal_log_probs)
 from toy_rlhf.policy import policy_config, response_log_probs
 from toy_rlhf.preferences import PREFERENCES
+from toy_rlhf.studies.collapse import collapse_stats
 
 GRADIENT = 1e-6  # relative agreement of two exact gradients computed two ways (float64)
 
@@ -131,3 +133,19 @@ def test_on_the_first_digit_it_lands_on_pi_star_of_the_prompts_it_descends_on(sf
                              gold_table(prompts, first_digit, margin), prompts, 1.0, first_digit)
     assert row['gap_closed'] >= 0.995
     assert row['non_digit_mass'] < 0.01 and max(step['policy/sep_mass'] for step in history) < 0.02
+
+
+def test_the_collapse_statistics_of_pi_star_pay_no_excess_kl_and_a_one_hot_has_all_the_mass():
+    generator = torch.Generator().manual_seed(3)
+    log_ref = torch.randn(2, 10 ** 4, generator=generator, dtype=torch.float64).log_softmax(dim=1)
+    optimum = optimal_log_probs(log_ref, 3 * torch.rand(2, 10 ** 4, generator=generator, dtype=torch.float64), 0.5)
+    stats = collapse_stats(optimum, log_ref, optimum)
+    assert all(stats[f'excess_{name}'] == 0 for name in KL_POSITIONS) and stats['excess_kl'] == 0
+    assert stats['top_mass'] == pytest.approx(optimum.exp().amax(dim=1).mean().item())
+    one_hot = torch.full_like(log_ref, float('-inf'))
+    one_hot[:, 1234] = 0.0
+    stats = collapse_stats(one_hot, log_ref, optimum)
+    assert stats['top_mass'] == 1.0 and stats['entropy'] == 0.0
+    # A one-hot pays -log pi_ref(y) in all: the chain rule splits it over positions, summing back.
+    assert sum(stats[name] for name in KL_POSITIONS) == pytest.approx(-log_ref[:, 1234].mean().item(), rel=1e-9)
+    assert stats['excess_kl'] == pytest.approx(stats['kl_total'] - kl_split(optimum, log_ref)['kl_total'].mean().item())
