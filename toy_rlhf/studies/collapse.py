@@ -143,9 +143,11 @@ def collapse(run_dir, config, progress=True):
     for label, configs in exact_paths(config):
         curves.append(curve(label, start, run_exact_path(run, configs, measure)))
     optimum = optimal_log_probs(tables.log_ref, tables.rewards, config.beta)
+    exact = [c for c in curves if c['label'].startswith('exact')]
+    best = max(exact, key=lambda c: c['rows'][-1]['gap_closed'])
     record = {'preference': run.preference.name, 'settings': asdict(config), 'curves': curves,
-              'optimum': measure.measure(optimum),
-              'reward_model_gap': 1 - measure.measure(optimum)['gold_gap_closed']}
+              'optimum': measure.measure(optimum), 'reward_model_gap': 1 - measure.measure(optimum)['gold_gap_closed'],
+              'ceiling': best['rows'][-1]['gap_closed'], 'ceiling_path': best['label']}
     figure = plot_collapse(record, run.folder / 'plots' / 'collapse.png')
     report = write_study(run.folder, 'collapse', collapse_report(record), record, figure)
     print(f'Collapse: {report}, {figure}')
@@ -166,9 +168,7 @@ def curve(label, start, history):
 def collapse_report(record):
     """The study's Markdown: the final numbers of every curve, the ceiling, each method's optimiser gap."""
     finals = {c['label']: c['rows'][-1] for c in record['curves']}
-    exact = {label: row for label, row in finals.items() if label.startswith('exact')}
-    ceiling_label = max(exact, key=lambda label: exact[label]['gap_closed'])
-    ceiling = exact[ceiling_label]['gap_closed']
+    ceiling, ceiling_label = record['ceiling'], record['ceiling_path']
     header = ['policy', 'rounds', 'gap closed', 'optimiser gap', 'gold gap closed', 'top mass', 'entropy',
               *[f'excess {name}' for name in KL_POSITIONS], 'SEP mass']
     rows = [[label, str(row['round']), f"{row['gap_closed']:.1%}",
