@@ -10,7 +10,8 @@ For one run (its SFT policy, reward model and preference):
   ceiling less its own gap closed;
 - the reward-model gap: what pi* of the reward model loses against pi* of the gold reward, under
   gold (its gold gap closed falls short of 1 by that much).
-Writes collapse.md, collapse.json and collapse.png into the run folder.
+Writes collapse.md, collapse.json and plots/collapse.png into the run folder. Run it with
+`python -m toy_rlhf.studies.collapse --run-dir PATH` (every script in scripts/ is a command of toy_rlhf.cli).
 """
 import argparse
 import functools
@@ -209,3 +210,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     return collapse(args.run_dir, config_from_args(args, CollapseConfig))
+
+
+if __name__ == '__main__':  # python -m toy_rlhf.studies.collapse --run-dir PATH, until the command line has it
+    main()
