@@ -1,8 +1,12 @@
 """Trained models shared by the reward, PPO and metrics tests: one short SFT run and one
 reward-model run per test session, instead of one per test."""
+from dataclasses import replace
+
 import pytest
 import torch
 
+from toy_rlhf.methods import METHODS
+from toy_rlhf.preferences import PREFERENCES
 from toy_rlhf.reward import RewardConfig, train_reward
 from toy_rlhf.sft import SFTConfig, train_sft
 
@@ -28,3 +32,30 @@ def reward_model(sft_policy):
     # reward tests check that it did).
     model, _ = train_reward(sft_policy, RewardConfig(seed=0), progress=False)
     return model
+
+
+class QuickRuns(dict):
+    """{method name: (policy, history)}: each registered method trained once per session, on first
+    use, with its registry's quick schedule (seed 0) from the shared SFT policy and reward model, for
+    the first digit."""
+
+    def __init__(self, sft_policy, reward_model):
+        super().__init__()
+        self.sft_policy, self.reward_model = sft_policy, reward_model
+
+    def __missing__(self, name):
+        self[name] = train_quickly(name, self.sft_policy, self.reward_model)
+        return self[name]
+
+
+def train_quickly(name, sft_policy, reward_model, **settings):
+    """Method `name` trained with its quick schedule, and `settings` over it: (policy, history)."""
+    method = METHODS[name]
+    config = replace(method.config(), **{**dict(method.quick), **settings})
+    models = {'reward_model': reward_model} if method.needs_reward_model else {}
+    return method.train(sft_policy, config=config, preference=PREFERENCES['first-digit'], progress=False, **models)
+
+
+@pytest.fixture(scope='session')
+def quick_runs(sft_policy, reward_model):
+    return QuickRuns(sft_policy, reward_model)

@@ -13,6 +13,7 @@ from toy_rlhf.studies.credit import CreditConfig, credit_assignment, credit_vari
 from toy_rlhf.methods import METHODS
 from toy_rlhf.optimal import KL_POSITIONS
 from toy_rlhf.policy import policy_config
+from toy_rlhf.preferences import PREFERENCES
 from toy_rlhf.reward import reward_model_config
 
 
@@ -45,9 +46,9 @@ def test_every_online_method_measured_is_the_same_run_as_unmeasured(models, name
         actor(torch.zeros(2, 8, dtype=torch.long))
         return {'exact/rounds': rounds}
 
-    plain, _ = METHODS[name].train(reference, reward_model=reward_model, config=config, progress=False)
-    measured, history = METHODS[name].train(reference, reward_model=reward_model, config=config, progress=False,
-                                            measure=measure)
+    inputs = dict(reward_model=reward_model, config=config, preference=PREFERENCES['first-digit'], progress=False)
+    plain, _ = METHODS[name].train(reference, **inputs)
+    measured, history = METHODS[name].train(reference, **inputs, measure=measure)
     assert measured_rounds == [1, 2, 3] and [row['exact/rounds'] for row in history] == [1, 2, 3]
     assert all(torch.equal(plain.state_dict()[key], value) for key, value in measured.state_dict().items())
 

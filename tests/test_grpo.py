@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from toy_rlhf.methods import METHODS
 from toy_rlhf.enumeration import all_responses, response_log_probs_exact
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods.advantages import group_normalised_advantages
@@ -174,12 +175,12 @@ def test_responses_the_reference_never_writes_get_no_mass_however_well_they_scor
 # iterations (~3-4 s on one core). Seeds 0-3 reached a preference rate of 0.58-0.60 (SFT: 0.31; the
 # predicted fixed point, where std scaling leaves an effective beta ~4, is only ~0.6), and on the five
 # prompts below KL(policy || own fixed point) 0.07-0.10 nats against KL(policy || pi*) 2.3-2.8.
-SHORT_GRPO = GRPOConfig(iters=20, prompts_per_iter=64, seed=0)
+SHORT_GRPO = GRPOConfig(**dict(METHODS['grpo'].quick))  # the registry's quick schedule
 
 
 @pytest.fixture(scope='module')
-def run(sft_policy, reward_model):
-    return train_grpo(sft_policy, reward_model, SHORT_GRPO, progress=False)
+def run(quick_runs):
+    return quick_runs['grpo']
 
 
 @pytest.mark.parametrize('variant', [dict(kl='bias-corrected-k3', scale_rewards='batch'),
@@ -187,7 +188,7 @@ def run(sft_policy, reward_model):
                                           clip_epsilon_high=0.28)])
 def test_every_variant_runs_and_logs_finite_numbers_under_trls_names(sft_policy, reward_model, variant):
     _, history = train_grpo(sft_policy, reward_model, GRPOConfig(iters=2, prompts_per_iter=8, **variant),
-                            progress=False)
+                            PREFERENCES['first-digit'], progress=False)
     names = ['objective/scores', 'objective/kl', 'gold/preference_rate', 'policy/loss', 'policy/clipfrac',
              'kl', 'frac_reward_zero_std']
     assert [row['samples'] for row in history] == [32, 64]

@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
+from toy_rlhf.methods import METHODS
 from toy_rlhf.enumeration import response_log_probs_exact
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods.dpo import gold_optimum
-from toy_rlhf.methods.ipo import IPOConfig, ipo_loss, ipo_margin, ipo_target, train_ipo
+from toy_rlhf.methods.ipo import IPOConfig, ipo_loss, ipo_margin, ipo_target
 from toy_rlhf.metrics import evaluate_policy
 from toy_rlhf.optimal import ExactTables, gold_metrics, gold_table, response_kl
 from toy_rlhf.preferences import PREFERENCES
@@ -71,11 +72,11 @@ def test_the_expected_loss_of_our_pairs_is_smallest_at_a_log_ratio_gap_of_delta(
 PROMPTS = torch.tensor([[5, 7, 1, 5], [0, 0, 3, 9], [2, 2, 2, 2], [9, 4, 4, 8]])  # preferred: 6, 0, 3, 9
 
 
-def random_tables(seed=0):
-    """ExactTables of PROMPTS with a random reference (all 10^4 responses); IPO reads no rewards."""
+def random_tables(preference='first-digit', seed=0):
+    """ExactTables of PROMPTS for a preference, with a random reference (all 10^4 responses); IPO reads no rewards."""
     log_ref = torch.randn(len(PROMPTS), 10 ** 4, dtype=torch.float64,
                           generator=torch.Generator().manual_seed(seed)).log_softmax(dim=1)
-    return ExactTables(PROMPTS, log_ref, rewards=torch.zeros_like(log_ref))
+    return ExactTables(PROMPTS, log_ref, rewards=torch.zeros_like(log_ref), preference=PREFERENCES[preference])
 
 
 def first_digit_log_odds(log_pi, prompts):
@@ -101,14 +102,14 @@ def test_the_target_moves_the_reference_by_delta_on_the_preferred_first_digit_on
 
 @pytest.mark.parametrize('name', ['last-digit', 'distinct'])
 def test_for_another_two_level_preference_the_target_moves_the_reference_by_delta_on_its_upper_level(name):
-    tables, config = random_tables(), IPOConfig(preference=name)
+    tables, config = random_tables(name), IPOConfig()
     gold = gold_table(PROMPTS, PREFERENCES[name], 1.0)  # (4, 10^4) of 0s and 1s
     rest = ipo_target(tables, config) - tables.log_ref - ipo_margin(config) * gold
     assert torch.allclose(rest, rest[:, :1].expand_as(rest), rtol=0, atol=1e-10)
 
 
 def test_a_gold_reward_of_more_than_two_levels_has_no_known_target():
-    assert ipo_target(random_tables(), IPOConfig(preference='digit-sum')) is None
+    assert ipo_target(random_tables('digit-sum'), IPOConfig()) is None
 
 
 # --- what training does ---------------------------------------------------------------------------
@@ -118,15 +119,14 @@ def test_a_gold_reward_of_more_than_two_levels_has_no_known_target():
 # pi* of the gold reward 1.0. 100 steps on 4000 pairs (~3 s on one core) ended, at seeds 0-2, at 0.77-
 # 0.78 there, 0.034-0.037 nats from the target (the SFT policy: 0.38) and 17-18 nats from pi* of the
 # gold reward.
-SHORT_IPO = dict(beta=0.25, iters=100, pairs=4000, seed=0)
+SHORT_IPO = dict(METHODS['ipo'].quick)  # the registry's quick schedule
 # Preference rate to within ~0.01 (exact per prompt), for the preference IPOConfig trains for.
-EVALUATION = dict(n_prompts=500, seed=1, preference=PREFERENCES[IPOConfig.preference])
+EVALUATION = dict(n_prompts=500, seed=1, preference=PREFERENCES['first-digit'])
 
 
 @pytest.fixture(scope='module')
-def short_run(sft_policy):
-    policy, _ = train_ipo(sft_policy, IPOConfig(**SHORT_IPO), progress=False)
-    return policy
+def short_run(quick_runs):
+    return quick_runs['ipo'][0]
 
 
 def test_a_short_run_raises_the_preference_rate_well_above_the_sft_policys(sft_policy, short_run):
@@ -138,7 +138,8 @@ def test_a_short_run_raises_the_preference_rate_well_above_the_sft_policys(sft_p
 def test_a_short_run_ends_at_its_own_target_not_at_pi_star_of_the_gold_reward(sft_policy, short_run):
     prompts = sample_prompts(5, torch.Generator().manual_seed(3))
     log_ref = response_log_probs_exact(sft_policy, prompts)
-    tables = ExactTables(prompts, log_ref, rewards=torch.zeros_like(log_ref))  # neither target reads rewards
+    tables = ExactTables(prompts, log_ref, rewards=torch.zeros_like(log_ref),
+                         preference=PREFERENCES['first-digit'])  # neither target reads rewards
     config = IPOConfig(**SHORT_IPO)
     log_pi, target, gold = response_log_probs_exact(short_run, prompts), ipo_target(tables, config), \
         gold_optimum(tables, config)

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from conftest import train_quickly
+from toy_rlhf.methods import METHODS
 from toy_rlhf.enumeration import response_log_probs_exact
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods.dpo import dpo_loss
@@ -81,17 +83,17 @@ def test_where_beta_times_the_log_ratio_gap_equals_the_score_gap_bradley_terry_l
 # 15 rounds of 64 pairs (1-2 s on one core). From the shared short SFT policy (exact preference rate
 # 0.30) this reached 0.83-0.85 at seeds 0-2, and closed 0.68-0.76 of the gap from the reference to
 # J* on the 5 prompts below (0.85 on 20 prompts at seed 0).
-SHORT = dict(iters=15, prompts_per_iter=64, seed=0)
+SHORT = dict(METHODS['online_dpo'].quick)  # the registry's quick schedule
 TINY = dict(iters=2, prompts_per_iter=8)  # for the properties that need no learning
 # Preference rate to within ~0.01 (exact per prompt), for the preference the reward model learnt.
-EVALUATION = dict(n_prompts=500, seed=1, preference=PREFERENCES[OnlineDPOConfig.preference])
+EVALUATION = dict(n_prompts=500, seed=1, preference=PREFERENCES['first-digit'])
 TRL_NAMES = ['loss', 'rewards/chosen', 'rewards/rejected', 'rewards/margins', 'rewards/accuracies',
              'logps/chosen', 'logps/rejected', 'objective/scores', 'objective/kl', 'gold/preference_rate']
 
 
 @pytest.fixture(scope='module')
-def short_run(sft_policy, reward_model):
-    return train_online_dpo(sft_policy, reward_model, OnlineDPOConfig(**SHORT), progress=False)
+def short_run(quick_runs):
+    return quick_runs['online_dpo']
 
 
 def test_a_short_run_raises_the_preference_rate_far_above_the_sft_policys(sft_policy, short_run):
@@ -130,19 +132,15 @@ def test_the_log_has_one_row_per_round_with_trls_names_and_two_samples_per_promp
 
 def test_the_reference_and_the_reward_model_are_left_unchanged(sft_policy, reward_model):
     before = [copy.deepcopy(model.state_dict()) for model in (sft_policy, reward_model)]
-    policy, _ = train_online_dpo(sft_policy, reward_model, OnlineDPOConfig(**TINY), progress=False)
+    policy, _ = train_online_dpo(sft_policy, reward_model, OnlineDPOConfig(**TINY), PREFERENCES['first-digit'], progress=False)
     for model, weights in zip((sft_policy, reward_model), before):
         assert all(torch.equal(tensor, weights[name]) for name, tensor in model.state_dict().items())
     assert not all(torch.equal(tensor, before[0][name]) for name, tensor in policy.state_dict().items())
 
 
-def test_the_same_seed_gives_the_same_run_and_the_label_rule_changes_it(sft_policy, reward_model):
+def test_the_label_rule_changes_the_run(sft_policy, reward_model):
     def run(**settings):
-        policy, history = train_online_dpo(sft_policy, reward_model, OnlineDPOConfig(**TINY, **settings),
-                                           progress=False)
-        return policy.state_dict(), [{k: v for k, v in row.items() if k != 'time/seconds'} for row in history]
+        _, history = train_quickly('online_dpo', sft_policy, reward_model, **TINY, **settings)
+        return [{k: v for k, v in row.items() if k != 'time/seconds'} for row in history]
 
-    (weights, numbers), (weights_again, numbers_again) = run(), run()
-    assert numbers == numbers_again
-    assert all(torch.equal(tensor, weights_again[name]) for name, tensor in weights.items())
-    assert run(labels='hard')[1] != numbers
+    assert run(labels='hard') != run()

@@ -284,7 +284,7 @@ def test_a_user_preference_runs_the_reward_model_and_ppo_end_to_end(sft_policy):
     name = 'test_preferences:even_last_digit'
     reward_model, _ = train_reward(sft_policy, RewardConfig(preference=name, pairs=500, held_out_pairs=100, iters=30),
                                    progress=False)
-    policy, history = train_ppo(sft_policy, reward_model, PPOConfig(preference=name, iters=2, prompts_per_iter=16),
+    policy, history = train_ppo(sft_policy, reward_model, PPOConfig(iters=2, prompts_per_iter=16), resolve_preference(name),
                                 progress=False)
     preference = resolve_preference(name)
     # The rollout log follows the user's preference: half the digits are even, and the language's

@@ -16,8 +16,8 @@ from toy_rlhf.checkpoint import how_to_make, save_checkpoint
 from toy_rlhf.flags import NonNegativeFloat, PositiveFloat, PositiveInt, Seed, config_from_args, field_comments
 from toy_rlhf.methods import METHODS, Method, method_of_stem, register, rollout, unregister
 from toy_rlhf.policy import policy_config
-from toy_rlhf.preferences import PREFERENCES
-from toy_rlhf.reward import reward_model_config
+from toy_rlhf.reward import RewardConfig, reward_model_config
+from toy_rlhf.sft import SFTConfig
 from toy_rlhf.studies import credit as credit_module
 from toy_rlhf.studies.credit import CreditConfig, credit_assignment
 from toy_rlhf.studies.main import RunAllConfig
@@ -34,14 +34,14 @@ class DummyConfig:
     seed: Seed = 0  # random seed
 
 
-def train_dummy(sft_policy, reward_model, config, progress=True, measure=None):
+def train_dummy(sft_policy, reward_model, config, preference, progress=True, measure=None):
     """A stand-in online method that keeps the registry's contract: each round one rollout, the
     output head shifted by `step` (no learning), the rollout's row and what measure returns logged."""
     actor, reference, _, generator = rollout.start_training(sft_policy, config)
     rows = []
     for iteration in range(config.iters):
         batch = rollout.rollout(actor, reference, reward_model, rollout.prompt_groups(
-            rollout.RolloutConfig(prompts_per_iter=4), generator), generator, PREFERENCES['first-digit'])
+            rollout.RolloutConfig(prompts_per_iter=4), generator), generator, preference)
         with torch.no_grad():
             actor.lm_head.weight.add_(config.step * torch.randn_like(actor.lm_head.weight) * 0.01)
         measured = measure(iteration + 1, actor) if measure is not None else {}
@@ -146,8 +146,8 @@ def config_classes():
         for stage in stages:
             yield command, type(getattr(study(), stage)), stage, study.SET_BY_STUDY
     yield 'sweep', SweepConfig, '', ()
-    yield 'sft', cli.SFTConfig, '', ()
-    yield 'reward', cli.RewardConfig, '', ()
+    yield 'sft', SFTConfig, '', ()
+    yield 'reward', RewardConfig, '', ()
     yield 'compare', CompareConfig, '', ()
     yield 'credit', CreditConfig, '', ()
     for method in METHODS.values():

@@ -36,7 +36,7 @@ def random_run(folder, **reward_settings):
 
 def test_a_variant_is_named_as_its_checkpoint_and_gives_its_config_for_the_runs_preference():
     variant = Variant('ppo', beta=0.0, seed=2, settings=(('iters', 3),))
-    config = variant.config('distinct')
+    config = variant.config()
     assert (config.beta, config.seed, config.iters, config.preference) == (0.0, 2, 3, 'distinct')
     assert variant.name.startswith('ppo_beta0_seed2_')
     assert Variant.of(config, 'ppo') == Variant('ppo', 0.0, 2, (('iters', 3),))

@@ -21,8 +21,9 @@ from toy_rlhf.files import jsonl_text
 from toy_rlhf.methods import METHODS, rollout
 from toy_rlhf.methods.dpo import DPOConfig
 from toy_rlhf.methods.ppo import PPOConfig
-from toy_rlhf.pipeline import method_stage
 from toy_rlhf.reward import train_reward
+from toy_rlhf.preferences import PREFERENCES
+from toy_rlhf.run import Run, Variant
 from toy_rlhf.run_dir import LOCK
 from toy_rlhf.sft import train_sft
 from toy_rlhf.studies.main import RunAllConfig, quick_schedule, run_all, stage_configs
@@ -112,6 +113,7 @@ def test_every_stage_retrained_with_the_same_seed_gives_the_same_weights_and_his
         policy, sft_history = train_sft(sft_config, progress=False)
         reward_model, reward_history = train_reward(policy, reward_config, progress=False)
         actor, ppo_history = METHODS['ppo'].train(policy, reward_model=reward_model, config=ppo_config,
+                                                  preference=PREFERENCES['first-digit'],
                                                   progress=False)
         untimed = [{key: value for key, value in row.items() if not key.startswith('time/')} for row in ppo_history]
         return [policy, reward_model, actor], [sft_history, reward_history, untimed]
@@ -153,14 +155,16 @@ def test_a_changed_sft_model_makes_the_reward_model_and_ppo_which_start_from_it_
     copy = tmp_path / 'runs' / 'a'
     shutil.copytree(run_dir, copy)
     configs = stage_configs(tiny_schedule())
-    stages = {'sft': (configs['sft'], ()), 'reward': (configs['reward'], (copy / 'sft.pt',)),
-              **{f'ppo beta={beta:g}': (ppo, pipeline.method_inputs(copy, METHODS['ppo']))
+    ppo_inputs = (copy / 'sft.pt', copy / 'reward.pt')
+    stages = {'sft': pipeline.provenance(configs['sft']),
+              'reward': pipeline.provenance(configs['reward'], (copy / 'sft.pt',)),
+              **{f'ppo beta={beta:g}': pipeline.provenance(ppo, ppo_inputs, 'first-digit')
                  for beta, ppo in configs['ppo'].items()}}
     names = dict(zip(stages, CHECKPOINTS))
 
     def current():
-        return {stage: pipeline.current_checkpoint(copy / names[stage], config, inputs) is not None
-                for stage, (config, inputs) in stages.items()}
+        return {stage: pipeline.current_checkpoint(copy / names[stage], made_from) is not None
+                for stage, made_from in stages.items()}
 
     assert all(current().values())
     # The same settings, other weights (as another thread count could give): SFT itself is current.
@@ -267,7 +271,7 @@ def test_a_nan_reward_stops_ppo_naming_stage_iteration_and_quantity(quick_run, m
         (copy / name).write_bytes((run_dir / name).read_bytes())
     config = PPOConfig(iters=2, prompts_per_iter=8)
     with pytest.raises(TrainingError, match=r'^ppo: iteration 0: rewards is nan'):
-        method_stage(copy, config, progress=False, method=METHODS['ppo'])
+        Run(copy).train([Variant.of(config, 'ppo')])
     assert not [path for path in copy.iterdir() if path.name.startswith('ppo')]
 
 

@@ -29,7 +29,6 @@ def test_a_method_checkpoint_is_named_after_the_settings_that_differ_from_its_de
     assert ppo.stem(PPOConfig()) == 'ppo_beta1'
     assert ppo.stem(PPOConfig(beta=0.0)) == 'ppo_beta0'
     assert ppo.stem(PPOConfig(seed=2)) == 'ppo_beta1_seed2'
-    assert ppo.stem(PPOConfig(preference='distinct')) == 'ppo_beta1'  # a run folder has one preference
     short, shorter = ppo.stem(PPOConfig(iters=3)), ppo.stem(PPOConfig(iters=2))
     assert short.startswith('ppo_beta1_') and shorter.startswith('ppo_beta1_') and short != shorter
     assert ppo.stem(PPOConfig(iters=3)) == short  # stable: the same settings, the same name

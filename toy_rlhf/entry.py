@@ -15,6 +15,7 @@ user meets each as a traceback unless it is caught here:
 Each ends at once with os._exit: nothing is left to save (finished checkpoints are whole and the run
 folder is released), and a normal exit would flush into the closed pipe or rerun the handlers.
 """
+import contextlib
 import os
 import signal
 import sys
@@ -22,21 +23,26 @@ import sys
 
 def main():
     """The console script `toy-rlhf COMMAND [options]`."""
-    _run(lambda cli: cli.main())
+    with _quiet_edges() as cli:
+        cli.main()
 
 
 def train_main():
     """`python scripts/train.py METHOD [options]`."""
-    _run(lambda cli: cli.train_main())
+    with _quiet_edges() as cli:
+        cli.train_main()
 
 
 def run_command(name):
     """`python scripts/X.py [options]`: the command `name` of toy_rlhf.cli."""
-    _run(lambda cli: cli.run_command(name))
+    with _quiet_edges() as cli:
+        cli.run_command(name)
 
 
-def _run(command):
-    """command(toy_rlhf.cli), then the interpreter's exit, each ending quietly however it is cut short."""
+@contextlib.contextmanager
+def _quiet_edges():
+    """toy_rlhf.cli, imported with SIGINT and SIGTERM held; the command run in the block and the
+    interpreter's exit after it each end quietly however they are cut short."""
     stops = {signal.SIGINT, signal.SIGTERM}
     try:
         try:
@@ -49,7 +55,7 @@ def _run(command):
                 # the import is raised here, at the unblocking, and ends below.
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
-            command(cli)
+            yield cli
         finally:
             sys.stdout.flush()  # here, where a closed pipe can be caught, not at interpreter exit
     except BrokenPipeError:

@@ -7,7 +7,6 @@ written after the checkpoint and rewritten from it whenever the stage is reused,
 checkpoint is always that checkpoint's own.
 """
 import contextlib
-import functools
 import math
 import platform
 import time
@@ -48,17 +47,19 @@ def _cpuinfo():
         return ''
 
 
-def provenance(config, inputs=()):
-    """What a stage's result was made from: its settings, the fingerprints of its input checkpoints
-    and, for a user-defined preference, of the file that defines it."""
-    preference = getattr(config, 'preference', None)
+def provenance(config, inputs=(), preference=None):
+    """What a stage's result was made from: its settings, the preference it was trained for (a name:
+    the config's own, or `preference`, the run's, for a method), the fingerprints of its input
+    checkpoints and, for a user-defined preference, of the file that defines it."""
+    settings = {**asdict(config), **({'preference': preference} if preference else {})}
     origin = {'inputs': {Path(path).name: fingerprint(path) for path in inputs}}
-    if preference and preference not in PREFERENCES:
-        origin['preference_fingerprint'] = resolve_preference(preference).source_fingerprint
-    return {**asdict(config), **origin}
+    name = settings.get('preference')
+    if name and name not in PREFERENCES:
+        origin['preference_fingerprint'] = resolve_preference(name).source_fingerprint
+    return {**settings, **origin}
 
 
-def save_stage(run_dir, name, model, kind, config, metrics, history, inputs=(), method=None):
+def save_stage(run_dir, name, model, kind, config, metrics, history, inputs=(), method=None, preference=None):
     """Write a stage's checkpoint (with its provenance, the training method's registry name if it is
     a method's, and its history), then its .jsonl log. Refuses (TrainingError) metrics that are NaN or
     infinite: nothing is saved."""
@@ -67,20 +68,19 @@ def save_stage(run_dir, name, model, kind, config, metrics, history, inputs=(), 
     if broken:
         raise TrainingError(f'{name}: its {broken[0]} is {metrics[broken[0]]}; stopped, nothing saved')
     made_by = {'method': method} if method else {}
-    save_checkpoint(run_dir / f'{name}.pt', model, kind, {**provenance(config, inputs), **made_by,
+    save_checkpoint(run_dir / f'{name}.pt', model, kind, {**provenance(config, inputs, preference), **made_by,
                                                           'versions': versions()}, metrics, history)
     write_text(run_dir / f'{name}.jsonl', jsonl_text(history))
 
 
-def current_checkpoint(path, config, inputs=()):
-    """The checkpoint at path if it was made with these settings from these input checkpoints;
-    otherwise None."""
+def current_checkpoint(path, made_from):
+    """The checkpoint at path if it was made as `made_from` says (a provenance); otherwise None."""
     try:
         checkpoint = load_checkpoint(path)
     except CheckpointError:
         return None
     stored = checkpoint['train_config']
-    same = all(stored.get(key) == value for key, value in provenance(config, inputs).items())
+    same = all(stored.get(key) == value for key, value in made_from.items())
     return checkpoint if same else None
 
 
@@ -102,7 +102,7 @@ def ensure_stage(run_dir, name, config, inputs, make, fresh=False, progress=True
     settings from the same input checkpoints exists (or `fresh`); returns {'seconds', 'reused'}."""
     path = Path(run_dir) / f'{name}.pt'
     start = time.perf_counter()
-    checkpoint = None if fresh else current_checkpoint(path, config, inputs)
+    checkpoint = None if fresh else current_checkpoint(path, provenance(config, inputs))
     reused = checkpoint is not None
     if reused:
         print(f'{name}: reusing {path} (made with the same settings)')
@@ -110,12 +110,6 @@ def ensure_stage(run_dir, name, config, inputs, make, fresh=False, progress=True
     else:
         make(run_dir, config, progress)
     return {'seconds': time.perf_counter() - start, 'reused': reused}
-
-
-def ensure_method(run_dir, method, config, fresh=False, progress=True):
-    """ensure_stage for a training method's run with config."""
-    return ensure_stage(run_dir, method.stem(config), config, method_inputs(run_dir, method),
-                        functools.partial(method_stage, method=method), fresh, progress)
 
 
 @contextlib.contextmanager
@@ -158,39 +152,6 @@ def reward_stage(run_dir, config, progress=True, name='reward'):
     save_stage(run_dir, name, model, 'reward', config, metrics, history, inputs=(sft_path,))
     print(f"Reward model: held-out pairwise accuracy {metrics['pairwise_accuracy']:.2%}, rank rate "
           f"{metrics['rank_rate']:.2%}; {metrics['seconds']:.1f} s -> {Path(run_dir) / name}.pt")
-    return metrics
-
-
-def method_inputs(run_dir, method):
-    """The checkpoints a method's stage trains from: the SFT policy, and the reward model if it uses one."""
-    run_dir = Path(run_dir)
-    return (run_dir / 'sft.pt', run_dir / 'reward.pt') if method.needs_reward_model else (run_dir / 'sft.pt',)
-
-
-def method_stage(run_dir, config, progress=True, *, method):
-    """Fine-tune the run's SFT policy with `method` (a toy_rlhf.methods.Method) at config.beta,
-    evaluate it exactly against the SFT policy, write method.stem(config).pt and .jsonl; returns its
-    metrics. A method that trains against the reward model must be set for the preference that model
-    learned (refused otherwise)."""
-    run_dir = Path(run_dir)
-    inputs = method_inputs(run_dir, method)
-    reference = load_model(inputs[0], 'policy')
-    models = {}
-    if method.needs_reward_model:
-        models['reward_model'] = load_model(inputs[1], 'reward')
-        check_made_from(inputs[1], inputs[0])
-    named = getattr(config, 'preference', None)
-    preference = run_preference(run_dir, named) if method.needs_reward_model else resolve_preference(named)
-    name = method.stem(config)
-    start = time.perf_counter()
-    with stage_named(name):
-        policy, history = method.train(reference, config=config, progress=progress, **models)
-        metrics = {**evaluate_policy(policy, reference, EVALUATION_PROMPTS, config.seed, preference),
-                   'seconds': time.perf_counter() - start}
-    save_stage(run_dir, name, policy, 'policy', config, metrics, history, inputs, method=method.name)
-    print(f"{method.label} beta={config.beta:g}: preference {metrics['preference_rate']:.2%}, fidelity "
-          f"{metrics['fidelity']:.2%}, gold {metrics['gold_rate']:.2%}, KL to reference "
-          f"{metrics['kl_to_reference']:.3f} nats; {metrics['seconds']:.1f} s -> {run_dir / name}.pt")
     return metrics
 
 

@@ -12,15 +12,19 @@ model's (stored in reward.pt), and a user-defined preference is imported only wh
 """
 import concurrent.futures
 import functools
-from dataclasses import asdict, dataclass, fields, replace
+import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from toy_rlhf.checkpoint import load_checkpoint, load_model
 from toy_rlhf.methods import METHODS
+from toy_rlhf.metrics import EVALUATION_PROMPTS, evaluate_policy
 from toy_rlhf.optimal import exact_tables
-from toy_rlhf.pipeline import ensure_method, ensure_stage, reward_stage, run_preference, sft_stage
+from toy_rlhf.pipeline import (check_made_from, current_checkpoint, ensure_stage, provenance, repair_log, reward_stage, run_preference,
+                               save_stage, sft_stage, stage_named)
+from toy_rlhf.preferences import PreferenceError, resolve_preference
 from toy_rlhf.reward import RewardConfig
 from toy_rlhf.sft import SFTConfig
 
@@ -40,18 +44,17 @@ class Variant:
         """The variant that trains `method` (a registry name) with `config`, one of its configs."""
         defaults = METHODS[method].config()
         settings = tuple((name, value) for name, value in asdict(config).items()
-                         if name not in ('beta', 'seed', 'preference') and getattr(defaults, name) != value)
+                         if name not in ('beta', 'seed') and getattr(defaults, name) != value)
         return cls(method, config.beta, getattr(config, 'seed', 0), settings, label)
 
-    def config(self, preference):
-        """The method's config of this variant, for `preference` (a name) where the method has one."""
+    def config(self):
+        """The method's config of this variant."""
         config = replace(METHODS[self.method].config(), beta=self.beta, **dict(self.settings))
-        given = {'seed': self.seed, 'preference': preference}
-        return replace(config, **{field.name: given[field.name] for field in fields(config) if field.name in given})
+        return replace(config, seed=self.seed) if hasattr(config, 'seed') else config
 
     @property
     def name(self):
-        return METHODS[self.method].stem(self.config(preference=None))
+        return METHODS[self.method].stem(self.config())
 
     def describe(self):
         return self.label or f'{METHODS[self.method].label} beta={self.beta:g}'
@@ -94,7 +97,13 @@ class Run:
 
     @functools.cached_property
     def preference(self):
-        return run_preference(self.folder, self.named_preference)
+        """The run's preference: its reward model's; in a run without one (DPO and IPO need none), the
+        one named."""
+        if self.reward_path.exists():
+            return run_preference(self.folder, self.named_preference)
+        if not self.named_preference:
+            raise PreferenceError(f'{self.folder} has no reward model to say which preference it is for; name one')
+        return resolve_preference(self.named_preference)
 
     @functools.cached_property
     def gold_margin(self):
@@ -107,6 +116,7 @@ class Run:
 
     @functools.cached_property
     def reward_model(self):
+        check_made_from(self.reward_path, self.sft_path)
         return load_model(self.reward_path, 'reward')
 
     def tables(self, prompts):
@@ -116,26 +126,58 @@ class Run:
             self._tables[key] = exact_tables(self.sft_policy, self.reward_model, prompts, self.preference)
         return self._tables[key]
 
-    def config(self, variant):
-        return variant.config(self.preference.name)
-
     def path(self, variant):
         return self.folder / f'{variant.name}.pt'
 
-    def train(self, variants, workers=1):
-        """Train every variant whose method trains, reusing current checkpoints; with workers > 1, in
-        that many processes of one thread each (the same numbers as --threads 1 serially). Returns
-        {variant name: {'seconds', 'reused'}}."""
-        trained = [variant for variant in variants if METHODS[variant.method].train is not None]
-        if workers > 1:
-            with concurrent.futures.ProcessPoolExecutor(workers) as pool:
-                timings = list(pool.map(_train_in_a_worker, [self] * len(trained), trained))
-        else:
-            timings = [self._ensure(variant, self.progress) for variant in trained]
-        return {variant.name: timing for variant, timing in zip(trained, timings)}
+    def inputs(self, variant):
+        """The checkpoints a variant trains from: the SFT policy, and the reward model if it uses one."""
+        return (self.sft_path, self.reward_path) if METHODS[variant.method].needs_reward_model else (self.sft_path,)
 
-    def _ensure(self, variant, progress):
-        return ensure_method(self.folder, METHODS[variant.method], self.config(variant), self.fresh, progress)
+    def train(self, variants, executor=None):
+        """Train every variant whose method trains, reusing the checkpoints made with the same settings
+        from the same inputs (unless the Run is fresh). Each is trained by train_variant, here or, given
+        an executor (a concurrent.futures.Executor: toy_rlhf.executors), in its workers with one thread
+        each; the inputs travel to the worker by value and the results come back, so a worker needs no
+        shared folder, and only this process writes, each checkpoint as soon as its variant is done.
+        Returns {variant name: {'seconds', 'reused'}}."""
+        timings, jobs = {}, {}
+        for variant in variants:
+            if METHODS[variant.method].train is None or variant.name in timings:
+                continue
+            job = self._job(variant)  # loads (and so checks) its inputs first
+            checkpoint = None if self.fresh else current_checkpoint(self.path(variant), self._provenance(variant))
+            if checkpoint is None:
+                jobs[variant] = job
+                continue
+            print(f'{variant.name}: reusing {self.path(variant)} (made with the same settings)')
+            repair_log(self.path(variant).with_suffix('.jsonl'), checkpoint['history'])
+            timings[variant.name] = {'seconds': 0.0, 'reused': True}
+        if executor is None:
+            done = ((variant, train_variant(*job, progress=self.progress)) for variant, job in jobs.items())
+        else:
+            futures = {executor.submit(train_variant, *job, threads=1): variant for variant, job in jobs.items()}
+            done = ((futures[future], future.result()) for future in concurrent.futures.as_completed(futures))
+        for variant, (policy, history, metrics) in done:
+            self._save(variant, policy, history, metrics)
+            timings[variant.name] = {'seconds': metrics['seconds'], 'reused': False}
+        return timings
+
+    def _job(self, variant):
+        """train_variant's arguments for a variant: everything it trains from, by value."""
+        sft_policy = self.sft_policy
+        reward_model = self.reward_model if METHODS[variant.method].needs_reward_model else None
+        return variant.method, variant.config(), self.preference.name, sft_policy, reward_model
+
+    def _provenance(self, variant):
+        return provenance(variant.config(), self.inputs(variant), self.preference.name)
+
+    def _save(self, variant, policy, history, metrics):
+        method = METHODS[variant.method]
+        save_stage(self.folder, variant.name, policy, 'policy', variant.config(), metrics, history,
+                   self.inputs(variant), method.name, self.preference.name)
+        print(f"{method.label} beta={variant.beta:g}: preference {metrics['preference_rate']:.2%}, fidelity "
+              f"{metrics['fidelity']:.2%}, gold {metrics['gold_rate']:.2%}, KL to reference "
+              f"{metrics['kl_to_reference']:.3f} nats; {metrics['seconds']:.1f} s -> {self.path(variant)}")
 
     def policy(self, variant):
         return load_model(self.path(variant), 'policy')
@@ -143,13 +185,19 @@ class Run:
     def checkpoint(self, variant):
         return load_checkpoint(self.path(variant), 'policy')
 
-    def __getstate__(self):
-        """What a worker process needs: the folder and settings, none of the loaded models."""
-        return {'folder': self.folder, 'named_preference': self.named_preference, 'fresh': self.fresh,
-                'progress': False, '_tables': {}}
 
-
-def _train_in_a_worker(run, variant):
-    """One variant in a worker process: one thread, so that runs at once do not fight over cores."""
-    torch.set_num_threads(1)
-    return run._ensure(variant, progress=False)
+def train_variant(method, config, preference, sft_policy, reward_model=None, progress=False, threads=None):
+    """Fine-tune sft_policy with `method` (a registry name) at `config` for `preference` (a name),
+    against reward_model if the method uses one, and measure the result exactly against sft_policy.
+    A pure function of its arguments: the same ones give the same numbers in any process on the same
+    thread count. Returns (policy, history, metrics)."""
+    if threads:
+        torch.set_num_threads(threads)
+    preference = resolve_preference(preference)
+    models = {'reward_model': reward_model} if METHODS[method].needs_reward_model else {}
+    start = time.perf_counter()
+    with stage_named(METHODS[method].stem(config)):
+        policy, history = METHODS[method].train(sft_policy, config=config, preference=preference, progress=progress,
+                                                **models)
+        metrics = evaluate_policy(policy, sft_policy, EVALUATION_PROMPTS, getattr(config, 'seed', 0), preference)
+    return policy, history, {**metrics, 'seconds': time.perf_counter() - start}

@@ -6,14 +6,15 @@ reads this registry; nothing else names a method. To add one: write its module (
 whose fields are its flags, its math as pure functions, one `train` function) and register it here.
 
 The contract a method keeps, so that every study shows it with no other edit:
-- `train(sft_policy, config=..., progress=..., [reward_model=...], [measure=...])` returns (policy,
-  history), history a list of dicts of numbers, one per round or logged step;
+- `train(sft_policy, config=..., preference=..., progress=..., [reward_model=...], [measure=...])`
+  returns (policy, history), history a list of dicts of numbers, one per round or logged step;
+  `preference` is the run's (a toy_rlhf.preferences.Preference: its gold reward labels the pairs
+  and is what the log's gold rate follows), never a setting of the method;
 - an online method (`online=True`) samples its own responses, takes `measure`, calls
   measure(rounds done, policy) after every round and adds what it returns to that round's row, and
   logs the rollout's metrics of `rollout.rollout_row` (ONLINE_LOG below) in every row;
 - an offline method logs how many labelled pairs it has used as 'pairs';
-- its config has a `beta`, a `seed` if it draws random numbers, and a `preference` if it needs one
-  (set to the run's by the studies).
+- its config has a `beta`, and a `seed` if it draws random numbers.
 """
 import hashlib
 import json
@@ -29,7 +30,7 @@ class Method:
     label: str  # in tables, legends and reports
     summary: str  # one line: what it does, for --help and the README
     config: type  # its settings, a dataclass with a `beta` (and a `seed` if it samples): every field is a flag
-    # train(sft_policy, config=..., progress=..., [reward_model=...]) -> (policy, history). None for a
+    # train(sft_policy, config=..., preference=..., progress=..., [reward_model=...]) -> (policy, history). None for a
     # method that trains nothing (best-of-n): it gives its exact distribution through `exact_policy`.
     train: Optional[Callable]
     needs_reward_model: bool  # False: it learns from the labelled pairs, or from nothing
@@ -46,15 +47,18 @@ class Method:
     # Named settings worth a row of their own where a study compares variants of methods (the credit
     # study trains each): (label, ((field, value), ...), colour) triples.
     presets: tuple = ()
+    # A short schedule that already learns, in a few seconds: ((field, value), ...) over the defaults.
+    # The tests train every method with it (tests/test_every_method.py).
+    quick: tuple = ()
 
     def stem(self, config):
         """The checkpoint file stem of a run with `config` (one of self.config): ppo_beta1 with the
         method's default settings, ppo_beta1_seed2 on another seed, and a short hash of the other
         settings that differ (ppo_beta1_seed2_3f2a9c1d), so that two runs with different settings
-        never share a file. The preference is left out: a run folder has one (its reward model's)."""
+        never share a file."""
         defaults = self.config(beta=config.beta)
         differ = {name: value for name, value in asdict(config).items()
-                  if name not in ('preference', 'seed') and getattr(defaults, name) != value}
+                  if name != 'seed' and getattr(defaults, name) != value}
         seed = getattr(config, 'seed', None)
         stem = f'{self.name}_beta{config.beta:g}'
         if seed != getattr(defaults, 'seed', None):
@@ -92,38 +96,44 @@ register(Method(
     summary='PPO with a per-token KL penalty in the reward, leave-one-out baseline (or --critic)',
     color='#2ca02c', marker='o',
     presets=(('PPO, critic, GAE lambda 0.95', (('critic', True), ('gae_lambda', 0.95)), '#1f77b4'),
-             ('PPO, critic, GAE lambda 1', (('critic', True), ('gae_lambda', 1.0)), '#17becf'))))
+             ('PPO, critic, GAE lambda 1', (('critic', True), ('gae_lambda', 1.0)), '#17becf')),
+    quick=(('iters', 25), ('prompts_per_iter', 64))))
 register(Method(
     name='dpo', label='DPO', config=dpo.DPOConfig, train=dpo.train_dpo, needs_reward_model=False,
     summary='direct preference optimisation on the labelled pairs, no reward model',
-    color='#1f77b4', marker='s', target=dpo.gold_optimum, target_label='pi* (gold reward)', online=False))
+    color='#1f77b4', marker='s', target=dpo.gold_optimum, target_label='pi* (gold reward)', online=False,
+    quick=(('iters', 100), ('pairs', 4000))))
 register(Method(
     name='rloo', label='RLOO', config=rloo.RLOOConfig, train=rloo.train_rloo, needs_reward_model=True,
     summary='REINFORCE with a leave-one-out baseline, the KL in the sequence reward, the sequence ratio clipped',
-    color='#9467bd', marker='D'))
+    color='#9467bd', marker='D',
+    quick=(('iters', 12),)))
 register(Method(
     name='reinforce_pp', label='REINFORCE++', config=reinforce_pp.ReinforcePPConfig,
     train=reinforce_pp.train_reinforce_pp, needs_reward_model=True,
     summary='PPO without a baseline: per-token KL-penalised returns whitened over the batch, clipped per token',
-    color='#8c564b', marker='v'))
+    color='#8c564b', marker='v',
+    quick=(('iters', 12),)))
 register(Method(
     name='grpo', label='GRPO', config=grpo.GRPOConfig, train=grpo.train_grpo, needs_reward_model=True,
     summary='GRPO as TRL ships it: group-normalised advantages, k3 KL in the loss (--scale-rewards, --kl: the fixes)',
-    color='#d62728', marker='^', target=grpo.fixed_point, target_label="GRPO's fixed point"))
-register(Method(
-    name='grpo_unbiased', label='GRPO, unscaled + bias-corrected k3', config=grpo.UnbiasedGRPOConfig,
-    train=grpo.train_grpo, needs_reward_model=True,
-    summary='GRPO with the fixes: no division by the group std (Dr. GRPO), k3 times the ratio (DeepSeek-V3.2)',
-    color='#e377c2', marker='<', target=grpo.fixed_point, target_label="GRPO's fixed point"))
+    color='#d62728', marker='^', target=grpo.fixed_point, target_label="GRPO's fixed point",
+    # The two fixes that bring its fixed point back to pi*: no division by the group's std (Dr. GRPO)
+    # and the k3 term multiplied by the ratio to the rollout policy (DeepSeek-V3.2).
+    presets=(('GRPO, unscaled + bias-corrected k3', (('scale_rewards', 'none'), ('kl', 'bias-corrected-k3')),
+              '#e377c2'),),
+    quick=(('iters', 20), ('prompts_per_iter', 64))))
 register(Method(
     name='online_dpo', label='online DPO', config=online_dpo.OnlineDPOConfig, train=online_dpo.train_online_dpo,
     needs_reward_model=True,
     summary='DPO on pairs the current policy samples, labelled by the reward model (Bradley-Terry or --labels hard)',
-    color='#17becf', marker='P'))
+    color='#17becf', marker='P',
+    quick=(('iters', 15), ('prompts_per_iter', 64))))
 register(Method(
     name='ipo', label='IPO', config=ipo.IPOConfig, train=ipo.train_ipo, needs_reward_model=False,
     summary='identity preference optimisation: a squared loss on the labelled pairs, with a finite optimum',
-    color='#bcbd22', marker='X', target=ipo.ipo_target, target_label='pi_IPO (gold labels)', online=False))
+    color='#bcbd22', marker='X', target=ipo.ipo_target, target_label='pi_IPO (gold labels)', online=False,
+    quick=(('beta', 0.25), ('iters', 100), ('pairs', 4000))))
 register(Method(
     name='best_of_n', label='Best-of-n', config=best_of_n.BestOfNConfig, train=None, needs_reward_model=True,
     summary='the best of n reference samples under the reward model, exact by enumeration (no training)',

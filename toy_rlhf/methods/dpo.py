@@ -32,7 +32,6 @@ from toy_rlhf.language import PROMPT_LENGTH, RESPONSE_LENGTH
 from toy_rlhf.methods.rollout import TrainingLog, start_training
 from toy_rlhf.optimal import gold_table, optimal_log_probs
 from toy_rlhf.policy import token_log_probs
-from toy_rlhf.preferences import DEFAULT_PREFERENCE, resolve_preference
 from toy_rlhf.reward import RewardConfig
 from toy_rlhf.training import check_finite, gradient_step, learning_rate_at, set_learning_rate
 
@@ -42,8 +41,8 @@ class DPOConfig:
     # 1, as PPO's default, so the two methods can be compared; smaller lets the policy move further.
     beta: PositiveFloat = 1.0  # KL strength of the objective DPO solves, the same beta as PPO's penalty
     pairs: PositiveInt = RewardConfig.pairs  # labelled pairs in the training set (the "human" data, finite)
-    # From the default SFT policy the preference rate is 0.993 after 100 steps and 0.999 from 200 on;
-    # 400 also brings a weaker SFT policy to its plateau.
+    # From the default SFT policy the preference rate plateaus well within this; 400 also brings a
+    # weaker SFT policy to its plateau.
     iters: PositiveInt = 400  # optimizer steps
     batch_size: BatchSize = 64  # pairs per step
     # 1e-4 ends a little short of the plateau; 1e-3 reaches it but moves the later digits too.
@@ -52,7 +51,6 @@ class DPOConfig:
     max_grad_norm: PositiveFloat = 1.0  # gradient-norm clip
     # The same default (and seed) as the reward model's, so both learn from the very same labels.
     gold_margin: PositiveFloat = RewardConfig.gold_margin  # the labeler's margin: smaller means noisier labels
-    preference: str = DEFAULT_PREFERENCE  # first-digit, last-digit, digit-sum, distinct or module:function
     pair_source: Literal['default', 'language', 'sft', 'aligned'] = 'default'  # where pairs come from (RewardConfig)
     seed: Seed = 0  # random seed: the same seed gives the same run
     device: Device = 'cpu'  # where the policy trains
@@ -100,13 +98,13 @@ def reference_log_probs(reference, pairs, batch_size=4096):
     return torch.cat(chosen), torch.cat(rejected)
 
 
-def train_dpo(sft_policy, config, progress=True):
+def train_dpo(sft_policy, config, preference, progress=True):
     """Fine-tune a copy of sft_policy on labelled pairs with DPO at config.beta; sft_policy is the
     reference and is not changed. Returns the policy (eval mode) and the log (see train_on_pairs)."""
-    return train_on_pairs(sft_policy, config, dpo_loss, 'DPO', progress)
+    return train_on_pairs(sft_policy, config, preference, dpo_loss, 'DPO', progress)
 
 
-def train_on_pairs(sft_policy, config, pair_loss, name, progress=True):
+def train_on_pairs(sft_policy, config, preference, pair_loss, name, progress=True):
     """Fit a copy of sft_policy to a fixed set of labelled pairs by minimising
     pair_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta) -> (loss,
     implicit chosen rewards, implicit rejected rewards) over minibatches of pairs.
@@ -119,7 +117,6 @@ def train_on_pairs(sft_policy, config, pair_loss, name, progress=True):
     # The reference is frozen, no gradient reaches it; requires_grad_ in start_training because the
     # SFT policy may have been frozen as another run's reference.
     policy, reference, optimizer, generator = start_training(sft_policy, config)
-    preference = resolve_preference(config.preference)
     pairs = PreferenceDataset(config.pairs, config.gold_margin, config.seed, preference, config.pair_source, sft_policy)
     reference_chosen, reference_rejected = reference_log_probs(reference, pairs)
     # Adam without weight decay: decay would pull the weights towards 0, not towards the reference.
@@ -166,8 +163,8 @@ def best_level_share(policy, prompts, preference, step):
 
 
 def gold_optimum(tables, config):
-    """The exact distribution DPO converges to: pi* of the labeler's gold reward (config's
-    preference and margin) at config.beta (DPO never sees the reward model; its labels come from the
+    """The exact distribution DPO converges to: pi* of the labeler's gold reward (the tables'
+    preference, config's margin) at config.beta (DPO never sees the reward model; its labels come from the
     gold reward). tables: toy_rlhf.optimal.ExactTables -> log-probs (P, 10^4)."""
-    gold = gold_table(tables.prompts, resolve_preference(config.preference), config.gold_margin)
+    gold = gold_table(tables.prompts, tables.preference, config.gold_margin)
     return optimal_log_probs(tables.log_ref, gold, config.beta)

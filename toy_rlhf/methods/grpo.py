@@ -42,7 +42,6 @@ from toy_rlhf.methods.rollout import (RolloutConfig, TrainingLog, mean_rows, min
                                       rollout_row, start_training)
 from toy_rlhf.optimal import digit_distribution, optimal_log_probs
 from toy_rlhf.policy import token_log_probs
-from toy_rlhf.preferences import resolve_preference
 from toy_rlhf.training import check_finite, gradient_step
 
 
@@ -56,14 +55,6 @@ class GRPOConfig(RolloutConfig):
     # RolloutConfig's clip_epsilon, the symmetric clip. DAPO uses 0.28.
     clip_epsilon_high: PositiveFloat = RolloutConfig.clip_epsilon  # upper ratio clip, 1 + this (DAPO: 0.28)
     drop_uniform_groups: bool = False  # leave groups whose scores are all equal out of the update (DAPO)
-
-
-@dataclass
-class UnbiasedGRPOConfig(GRPOConfig):
-    """GRPO with the two fixes that bring its fixed point back to pi*: no division by the group's std
-    (Dr. GRPO) and the k3 term multiplied by the ratio to the rollout policy (DeepSeek-V3.2)."""
-    scale_rewards: Literal['group', 'batch', 'none'] = 'none'  # advantages / std of: the group, the batch, none
-    kl: Literal['k3-in-loss', 'bias-corrected-k3', 'k1-in-reward'] = 'bias-corrected-k3'  # KL estimator and where it goes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,14 +78,13 @@ def uniform_groups(scores, samples_per_prompt):
 # ---------------------------------------------------------------------------------------------
 # The loop.
 
-def train_grpo(sft_policy, reward_model, config, progress=True, measure=None):
+def train_grpo(sft_policy, reward_model, config, preference, progress=True, measure=None):
     """Fine-tune a copy of sft_policy against reward_model with GRPO (the variant config names).
 
     Returns the actor (eval mode) and the log: one dict per iteration with TRL's metric names, plus
     what measure(rounds done, actor) returns after each round (as train_ppo's).
     """
     actor, reference, optimizer, generator = start_training(sft_policy, config)
-    preference = resolve_preference(config.preference)  # whose exact rate the log follows
     K = config.samples_per_prompt
 
     samples = 0

@@ -26,7 +26,6 @@ from toy_rlhf.methods.advantages import (clipped_surrogate_loss, gae_advantages,
 from toy_rlhf.methods.rollout import (RolloutConfig, TrainingLog, mean_rows, minibatches, prompt_groups, rollout,
                                       rollout_row, start_training)
 from toy_rlhf.policy import started_from, token_log_probs
-from toy_rlhf.preferences import resolve_preference
 from toy_rlhf.training import check_finite, gradient_step
 
 
@@ -75,7 +74,7 @@ def state_values(critic, sentences):
     return values[:, -4:, 0]
 
 
-def train_ppo(sft_policy, reward_model, config, progress=True, measure=None):
+def train_ppo(sft_policy, reward_model, config, preference, progress=True, measure=None):
     """Fine-tune a copy of sft_policy against reward_model with PPO and a KL penalty of config.beta.
 
     Returns the actor (eval mode) and the log: one dict per iteration with TRL's metric names, plus
@@ -83,7 +82,6 @@ def train_ppo(sft_policy, reward_model, config, progress=True, measure=None):
     measuring leaves the run unchanged).
     """
     actor, reference, optimizer, generator = start_training(sft_policy, config)
-    preference = resolve_preference(config.preference)  # whose exact rate the log follows
     critic = value_model(sft_policy) if config.critic else None
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=config.learning_rate) if critic else None
 

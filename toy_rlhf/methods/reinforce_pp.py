@@ -21,7 +21,6 @@ from toy_rlhf.flags import PositiveInt
 from toy_rlhf.methods.ppo import update
 from toy_rlhf.methods.advantages import per_token_rewards, returns_to_go, whiten
 from toy_rlhf.methods.rollout import RolloutConfig, TrainingLog, prompt_groups, rollout, rollout_row, start_training
-from toy_rlhf.preferences import resolve_preference
 from toy_rlhf.training import check_finite
 
 
@@ -39,12 +38,11 @@ def reinforce_pp_advantages(score, logp_old, logp_ref, beta):
     return whiten(returns_to_go(per_token_rewards(score, logp_old, logp_ref, beta)))
 
 
-def train_reinforce_pp(sft_policy, reward_model, config, progress=True, measure=None):
+def train_reinforce_pp(sft_policy, reward_model, config, preference, progress=True, measure=None):
     """Fine-tune a copy of sft_policy against reward_model with REINFORCE++ and a KL penalty of
     config.beta. Returns the actor (eval mode) and the log: one dict per iteration, TRL's metric names,
     plus what measure(rounds done, actor) returns after each round (as train_ppo's)."""
     actor, reference, optimizer, generator = start_training(sft_policy, config)
-    preference = resolve_preference(config.preference)  # whose exact rate the log follows
 
     samples = 0
     with TrainingLog(config.iters, f'REINFORCE++ beta={config.beta:g}', progress,

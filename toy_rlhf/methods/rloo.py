@@ -30,7 +30,6 @@ from toy_rlhf.methods.advantages import clipped_surrogate_loss, leave_one_out_ad
 from toy_rlhf.methods.rollout import (RolloutConfig, TrainingLog, mean_rows, minibatches, prompt_groups, rollout,
                                       rollout_row, start_training)
 from toy_rlhf.policy import token_log_probs
-from toy_rlhf.preferences import resolve_preference
 from toy_rlhf.training import check_finite, gradient_step
 
 
@@ -68,14 +67,13 @@ def sequence_surrogate_loss(logp_new, logp_old, advantages, clip_epsilon):
 # ---------------------------------------------------------------------------------------------
 # The loop.
 
-def train_rloo(sft_policy, reward_model, config, progress=True, measure=None):
+def train_rloo(sft_policy, reward_model, config, preference, progress=True, measure=None):
     """Fine-tune a copy of sft_policy against reward_model with RLOO and a KL penalty of config.beta.
 
     Returns the actor (eval mode) and the log: one dict per iteration with TRL's metric names, plus
     what measure(rounds done, actor) returns after each round (as train_ppo's).
     """
     actor, reference, optimizer, generator = start_training(sft_policy, config)
-    preference = resolve_preference(config.preference)  # whose exact rate the log follows
 
     samples = 0
     with TrainingLog(config.iters, f'RLOO beta={config.beta:g}', progress,

@@ -16,7 +16,6 @@ from toy_rlhf.flags import GroupSize, NonNegativeFloat, PositiveFloat, PositiveI
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.metrics import kl_divergence, rule_probability
 from toy_rlhf.policy import generate_responses, log_probs_of_responses, response_log_probs
-from toy_rlhf.preferences import DEFAULT_PREFERENCE
 from toy_rlhf.reward import score_sentences
 from toy_rlhf.training import progress_bar
 
@@ -40,7 +39,6 @@ class RolloutConfig:
     clip_epsilon: PositiveFloat = 0.2  # ratio clip: how far one rollout may move a token's probability
     max_grad_norm: PositiveFloat = 1.0  # gradient-norm clip
     seed: Seed = 0  # random seed: the same seed gives the same run
-    preference: str = DEFAULT_PREFERENCE  # whose exact rate the log follows: a built-in or module:function
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def exact_row(label, method, config, log_pi, tables, gold_margin):
 def variant_row(run, variant, tables):
     """exact_row of a variant of the run (trained, or a method's exact distribution), with what a
     trained one consumed and how long it trained."""
-    method, config = METHODS[variant.method], run.config(variant)
+    method, config = METHODS[variant.method], variant.config()
     if method.train is None:
         return exact_row(variant.describe(), method, config, method.exact_policy(tables, config), tables,
                          run.gold_margin)

@@ -144,8 +144,8 @@ def train_measured(run, variant, measure, progress):
     """Train a variant from the run's SFT policy and reward model, measured as it trains: its history
     and its training seconds, the measurements' own seconds left out."""
     started = time.perf_counter()
-    _, history = METHODS[variant.method].train(run.sft_policy, reward_model=run.reward_model,
-                                               config=run.config(variant), progress=progress, measure=measure)
+    _, history = METHODS[variant.method].train(run.sft_policy, reward_model=run.reward_model, config=variant.config(),
+                                               preference=run.preference, progress=progress, measure=measure)
     return history, time.perf_counter() - started - measure.seconds
 
 

@@ -64,7 +64,7 @@ def stage_configs(config):
     """The study's variants: the settings of each training stage, SFT, the reward model and PPO at each beta."""
     sft = replace(config.sft, seed=config.seed, device=config.device)
     reward = replace(config.reward, seed=config.seed, device=config.device, preference=config.preference)
-    ppo = replace(config.ppo, seed=config.seed, preference=config.preference)
+    ppo = replace(config.ppo, seed=config.seed)
     return {'sft': sft, 'reward': reward, 'ppo': {beta: replace(ppo, beta=beta) for beta in config.betas}}
 
 

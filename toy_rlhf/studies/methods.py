@@ -22,6 +22,7 @@ import torch
 from toy_rlhf import figures
 from toy_rlhf.figures import DASHES, FIGURE_SIZES, MODEL_COLORS, PREFERRED_COLOR, centred_average
 from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, PositiveFloat, PositiveInt, Seed
+from toy_rlhf.executors import executor
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods import METHODS
 from toy_rlhf.optimal import EXACT_PROMPTS, optimal_frontier
@@ -56,18 +57,22 @@ class SweepConfig:
     preference: str = ''  # the run's (its reward model's); name it only if it is module:function, imported only when named
 
 
-def method_variant(name, beta, seed, method_configs=None):
+def method_variant(name, beta, seed, method_configs=None, preset=((), '')):
     """The variant of method `name` at beta and seed (where its config has one), with its settings
-    from method_configs ({name: config}) where given, else its defaults."""
-    base = (method_configs or {}).get(name) or METHODS[name].config()
+    from method_configs ({name: config}) where given, else its defaults, and a preset's over them:
+    (settings, label) as the registry names it."""
+    settings, label = preset
+    base = replace((method_configs or {}).get(name) or METHODS[name].config(), **dict(settings))
     seeded = {'seed': seed} if 'seed' in {field.name for field in fields(base)} else {}
-    return Variant.of(replace(base, beta=beta, **seeded), name)
+    return Variant.of(replace(base, beta=beta, **seeded), name, f'{label} beta={beta:g}' if label else '')
 
 
 def variants(config, method_configs=None):
-    """The comparison's variants: every method at every beta, on the comparison's seed."""
-    return [method_variant(name, beta, config.seed, method_configs)
-            for beta in config.betas for name in (config.methods or METHODS)]
+    """The comparison's variants: every method, and each of its presets, at every beta, on the
+    comparison's seed."""
+    return [method_variant(name, beta, config.seed, method_configs, preset)
+            for beta in config.betas for name in (config.methods or METHODS)
+            for preset in (((), ''), *((settings, label) for label, settings, _ in METHODS[name].presets))]
 
 
 def sweep_variants(config, method_configs=None):
@@ -94,7 +99,8 @@ def compare(run_dir, plots_dir, config, method_configs=None, progress=True):
     the rows of the table."""
     run = Run(run_dir, config.preference, config.fresh, progress).build(config.seed)
     chosen = variants(config, method_configs)
-    run.train(chosen, config.workers)
+    with executor(config.workers) as workers:
+        run.train(chosen, workers)
     rows, frontier = measure(run, chosen, config)
     # The learning curves of the methods that sample their own responses.
     curves = [{'label': variant.describe(), 'method': variant.method, 'beta': variant.beta,
@@ -111,7 +117,7 @@ def compare(run_dir, plots_dir, config, method_configs=None, progress=True):
 def sweep(run_dir, plots_dir, config, method_configs=None, progress=True):
     """The sweep preset: train PPO and DPO at their betas, evaluate exactly, draw plots_dir/frontier.png
     and write run_dir/sweep.md and sweep.json. method_configs: {'ppo': ..., 'dpo': ...}, the methods'
-    other settings (their beta, seed and preference are set here). Returns the rows of the table."""
+    other settings (their beta and seed are set here). Returns the rows of the table."""
     run = Run(run_dir, config.preference, config.fresh, progress).build(config.seed)
     chosen = sweep_variants(config, method_configs)
     run.train(chosen)

@@ -96,7 +96,7 @@ def snapshot_stage(run_dir, config, progress=True, *, name, proxy_path, measure)
     sft_path = Path(run_dir) / 'sft.pt'
     start = time.perf_counter()
     policy, history = train_ppo(load_model(sft_path, 'policy'), load_model(proxy_path, 'reward'), config,
-                                progress, measure=every_few)
+                                resolve_preference(config.gold), progress, measure=every_few)
     save_stage(run_dir, name, policy, 'policy', config, {'seconds': time.perf_counter() - start}, history,
                inputs=(sft_path, proxy_path))
 
@@ -173,8 +173,7 @@ def train_proxies(run_dir, config, proxies, tables, gold_name, progress):
         ensure_stage(run_dir, path.stem, replace(config.reward, pairs=pairs, gold_margin=margin, seed=config.seed),
                      (sft_path,), functools.partial(reward_stage, name=path.stem), config.fresh, progress)
         for beta in config.ppo_betas:
-            ppo_config = SnapshotPPOConfig(**{**asdict(config.ppo), 'beta': beta, 'seed': config.seed,
-                                              'preference': gold_name},
+            ppo_config = SnapshotPPOConfig(**{**asdict(config.ppo), 'beta': beta, 'seed': config.seed},
                                            snapshot_every=config.snapshot_every, prompts=config.prompts,
                                            gold=gold_name)
             measure = functools.partial(tables.measure, proxy_path=path, margin=margin)

@@ -1,0 +1,285 @@
+"""The commands: what each one does, its flags and its run, and the table `toy-rlhf` dispatches on.
+
+A config dataclass's fields are its command's flags (toy_rlhf.flags). One command per training
+stage, one per registered method (read from the registry when the table is built, so a new method
+is a new command), and one per study. toy_rlhf.cli parses, prepares and runs them.
+"""
+import argparse
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+from toy_rlhf import pipeline
+from toy_rlhf.benchmark import benchmark, format_report
+from toy_rlhf.flags import Bounds, ExactPrompts, SampledPrompts, Threads, add_config_flags, config_from_args
+from toy_rlhf.methods import METHODS
+from toy_rlhf.metrics import EVALUATION_PROMPTS
+from toy_rlhf.optimal import EXACT_PROMPTS
+from toy_rlhf.preferences import DEFAULT_PREFERENCE
+from toy_rlhf.reward import RewardConfig
+from toy_rlhf.run import Run, Variant
+from toy_rlhf.sft import SFTConfig
+from toy_rlhf.studies.against_optimum import checkpoint_row
+from toy_rlhf.studies.credit import CreditConfig, credit_assignment
+from toy_rlhf.studies.main import RunAllConfig, quick_schedule, run_all
+from toy_rlhf.studies.methods import SWEPT, CompareConfig, SweepConfig, compare, sweep
+from toy_rlhf.studies.overoptimisation import OverOptConfig, overoptimisation
+
+
+class UsageError(Exception):
+    """A bad setting that argparse cannot see (an unavailable device, an unwritable folder)."""
+
+
+positive_int = Bounds(low=1, description='a positive integer').parse(int)
+threads, sampled_prompts, exact_prompts = (hint.__metadata__[0].parse(int)  # their Bounds
+                                           for hint in (Threads, SampledPrompts, ExactPrompts))
+seed = Bounds(low=0, high=2 ** 32 - 1, description='an integer from 0 to 2^32 - 1').parse(int)
+
+
+def add_plots_dir(parser, figures):
+    parser.add_argument('--plots-dir', default=None, metavar='DIR',
+                        help=f"where {figures} go (default: the run's own folder, runs/RUN/plots; "
+                             '--plots-dir plots rewrites the figures the README shows)')
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands: flags and what runs. A config dataclass's fields are its command's flags.
+
+def train_command(config_class, stage):
+    """(add_arguments, run) of a command that trains one stage from the flags of config_class."""
+    def run(args):
+        stage(args.run_dir, config_from_args(args, config_class), args.progress)
+    return (lambda parser: add_config_flags(parser, config_class)), run
+
+
+def method_command(method):
+    """(add_arguments, run) of the command that trains `method` (a registry entry) as a Variant of the
+    run: reused if a checkpoint made with the same settings from the same inputs exists."""
+    def add_arguments(parser):
+        add_config_flags(parser, method.config)
+        parser.add_argument('--preference', default=None, metavar='NAME',
+                            help="the run's preference, its reward model's (a different one is refused); in a run "
+                                 f'without a reward model, the gold the pairs are labelled by (default: {DEFAULT_PREFERENCE})')
+        parser.add_argument('--fresh', action='store_true',
+                            help='retrain even where a checkpoint made with the same settings exists')
+
+    def run(args):
+        variant = Variant.of(config_from_args(args, method.config), method.name)
+        Run(args.run_dir, working_preference(args, 'preference', DEFAULT_PREFERENCE), args.fresh,
+            args.progress).train([variant])
+    return add_arguments, run
+
+
+def working_preference(args, flag, default):
+    """The name of the preference a command works with: the run's, its reward model's (a different
+    one given with `flag` is refused); in a run without a reward model, the one given, or `default`."""
+    named = getattr(args, flag, None)
+    if Path(args.run_dir, 'reward.pt').exists():
+        return pipeline.run_preference(args.run_dir, named).name
+    return named or default
+
+
+def add_all_arguments(parser):
+    add_config_flags(parser, RunAllConfig)
+    add_plots_dir(parser, 'the figures')
+
+
+def run_everything(args):
+    config = config_from_args(args, RunAllConfig)
+    if config.quick:  # the quick schedule, and the flags given over it
+        config = config_from_args(args, RunAllConfig, base=quick_schedule(config))
+    check_betas('--betas', config.betas)
+    if not config.fresh:  # a run has one preference, its reward model's; --fresh retrains for another
+        config = replace(config, preference=working_preference(args, 'preference', config.preference))
+    run_all(args.run_dir, args.plots_dir, config, args.progress)
+
+
+def check_betas(flag, betas):
+    """Each value once: two betas (or pair counts, margins) that print alike (0.1 and 0.1000001) would
+    share one checkpoint name."""
+    names = [f'{beta:g}' for beta in betas]
+    if len(set(names)) != len(names):
+        raise UsageError(f'{flag}: each value once (values that print alike share a checkpoint), got {" ".join(names)}')
+
+
+def add_sweep_arguments(parser):
+    add_config_flags(parser, SweepConfig)
+    add_plots_dir(parser, 'frontier.png')
+    add_method_flags(parser, SWEPT)
+
+
+def run_sweep(args):
+    config = config_from_args(args, SweepConfig)
+    check_betas('--betas', config.betas)
+    check_betas('--dpo-betas', config.dpo_betas)
+    sweep(args.run_dir, args.plots_dir, config, method_configs(args, SWEPT), args.progress)
+
+
+def add_credit_arguments(parser):
+    add_config_flags(parser, CreditConfig)
+    add_plots_dir(parser, 'credit_assignment.png')
+
+
+def run_credit(args):
+    credit_assignment(args.run_dir, args.plots_dir, config_from_args(args, CreditConfig), args.progress)
+
+
+def add_compare_arguments(parser):
+    add_config_flags(parser, CompareConfig)
+    add_plots_dir(parser, 'methods.png')
+    add_method_flags(parser, METHODS)
+
+
+def add_method_flags(parser, names):
+    """--METHOD.FIELD for every setting of each named method; a study sets their beta and seed, and
+    the preference is the run's (its reward model's)."""
+    for name in names:
+        add_config_flags(parser, METHODS[name].config, prefix=name, skip=('seed', 'beta', 'preference'))
+
+
+def method_configs(args, names):
+    """{name: config} of each named method, from its --METHOD.* flags."""
+    return {name: config_from_args(args, METHODS[name].config, prefix=name) for name in names}
+
+
+def run_compare(args):
+    config = config_from_args(args, CompareConfig)
+    check_betas('--betas', config.betas)
+    unknown = [name for name in config.methods if name not in METHODS]
+    if unknown:
+        raise UsageError(f'--methods: unknown method {unknown[0]!r}; registered: {", ".join(METHODS)}')
+    compare(args.run_dir, args.plots_dir, config, method_configs(args, METHODS), args.progress)
+
+
+def add_overopt_arguments(parser):
+    add_config_flags(parser, OverOptConfig)
+    add_plots_dir(parser, 'overoptimisation.png')
+
+
+def run_overopt(args):
+    config = config_from_args(args, OverOptConfig)
+    # The proxies learn, and are judged by, the run's preference.
+    preference = working_preference(args, 'reward.preference', config.reward.preference)
+    config = replace(config, reward=replace(config.reward, preference=preference))
+    for flag, values in (('--pairs', config.pairs), ('--gold-margin', config.gold_margin),
+                         ('--ppo-betas', config.ppo_betas)):
+        check_betas(flag, values)
+    overoptimisation(args.run_dir, args.plots_dir, config, progress=args.progress)
+
+
+def add_benchmark_arguments(parser):
+    parser.add_argument('--repeats', type=positive_int, default=3,
+                        help='fresh runs of the whole pipeline to take medians over (default: 3)')
+    parser.add_argument('--quick', action='store_true', help='benchmark the smoke-test schedule')
+    parser.add_argument('--seed', type=seed, default=0, help='random seed of the runs (default: 0)')
+    parser.add_argument('--json', action='store_true', help='print the figures as JSON')
+
+
+def run_benchmark(args):
+    passed_on = ['--seed', str(args.seed)] + (['--threads', str(args.threads)] if args.threads else []) \
+        + (['--quick'] if args.quick else [])
+    result = benchmark(args.repeats, passed_on)
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+
+
+def add_evaluate_arguments(parser):
+    parser.add_argument('checkpoint', help='policy checkpoint to evaluate, e.g. runs/default/ppo_beta1.pt')
+    parser.add_argument('--reference', default=None,
+                        help='reference policy for the KL (default: sft.pt beside the checkpoint)')
+    parser.add_argument('--prompts', type=sampled_prompts, default=EVALUATION_PROMPTS,
+                        help=f'prompts to evaluate on (default: {EVALUATION_PROMPTS})')
+    parser.add_argument('--optimal', action='store_true',
+                        help="also compare with the exact optimum of the policy's objective at its own beta, "
+                             'over all 10^4 responses of --optimal-prompts prompts (needs reward.pt beside the checkpoint)')
+    parser.add_argument('--optimal-prompts', type=exact_prompts, default=EXACT_PROMPTS, metavar='N',
+                        help=f'prompts of the comparison with the optimum (default: {EXACT_PROMPTS})')
+    parser.add_argument('--other-inputs', action='store_true',
+                        help='measure against a reference (or reward model) other than the one the policy was '
+                             'trained from (default: refused, by the fingerprints stored in the policy)')
+    parser.add_argument('--preference', default=argparse.SUPPRESS, metavar='NAME',
+                        help='the preference the policy was trained for, needed only for a user-defined one '
+                             '(module:function): a module named in a checkpoint is imported only when you name it')
+    parser.add_argument('--seed', type=seed, default=0, help='seed of the evaluation prompts (default: 0)')
+    parser.add_argument('--json', action='store_true', help='print the metrics as JSON')
+
+
+def evaluate(args):
+    path = Path(args.checkpoint)
+    reference = Path(args.reference) if args.reference else path.parent / 'sft.pt'
+    check = not args.other_inputs
+    named = getattr(args, 'preference', None)
+    metrics = pipeline.evaluate_checkpoint(path, reference, args.prompts, args.seed, check, named)
+    if args.optimal:
+        optimum = checkpoint_row(path, reference, path.parent / 'reward.pt', args.optimal_prompts, args.seed,
+                                 check, named)
+        metrics.update({f'optimum/{name}': value for name, value in optimum.items()})
+    if args.json:
+        print(json.dumps(metrics, indent=2, sort_keys=True))
+        return
+    print(f'{path} against {reference}, {args.prompts} prompts (seed {args.seed}):')
+    for name, value in metrics.items():
+        shown = ' '.join(f'{item:.4f}' for item in value) if isinstance(value, list) \
+            else 'n/a' if value is None else value if isinstance(value, str) else f'{value:.4f}'
+        print(f'  {name:<32} {shown}')
+
+
+@dataclass(frozen=True)
+class Command:
+    script: str  # its thin entry point in scripts/
+    summary: str  # one line, for `toy-rlhf --help`
+    description: str  # what it reads and writes, for its own --help
+    add_arguments: Callable
+    run: Callable
+    writes_run_dir: bool = True
+
+
+def commands():
+    """{name: Command}: the fixed commands, and one per registered training method (read from the
+    registry when called, so a new method is a new command)."""
+    table = {
+        'sft': Command('train_sft.py', 'supervised fine-tuning: teach a GPT the digit language',
+                       'Writes runs/RUN/sft.pt and sft.jsonl.', *train_command(SFTConfig, pipeline.sft_stage)),
+        'reward': Command('train_reward.py', 'train the reward model on labelled preference pairs',
+                          'Starts from the SFT policy; needs runs/RUN/sft.pt; writes runs/RUN/reward.pt and reward.jsonl.',
+                          *train_command(RewardConfig, pipeline.reward_stage)),
+    }
+    for method in METHODS.values():
+        if method.train is not None:
+            needs = 'sft.pt and reward.pt' if method.needs_reward_model else 'sft.pt'
+            table[method.name] = Command(f'train_{method.name}.py', method.summary,
+                                         f'Needs runs/RUN/{needs}; writes runs/RUN/{method.name}_beta<B>.pt and .jsonl '
+                                         '(with _seed<S> and a hash of other non-default settings in the name).',
+                                         *method_command(method))
+    table.update({
+        'all': Command('run_all.py', 'the whole pipeline: SFT, reward model, PPO per beta, figures, report',
+                       'Exact evaluation, the figures and runs/RUN/report.md. Stages whose checkpoints were made '
+                       'with the same settings are reused; --sft.*, --reward.* and --ppo.* set any stage setting.',
+                       add_all_arguments, run_everything),
+        'sweep': Command('sweep_beta.py', 'PPO for several betas (and DPO) against the exact optimum',
+                         "From the run's SFT policy and reward model; each policy evaluated exactly over all 10^4 "
+                         'responses; draws frontier.png, writes runs/RUN/sweep.md.', add_sweep_arguments, run_sweep),
+        'compare': Command('compare_methods.py', 'every registered method against pi* and its own exact target',
+                           "From the run's SFT policy and reward model; draws methods.png, writes runs/RUN/methods.md; "
+                           '--METHOD.* set any method setting.', add_compare_arguments, run_compare),
+        'credit': Command('credit_assignment.py', 'credit assignment: PPO with a baseline or a critic, RLOO, GRPO',
+                          "From the run's SFT policy and reward model, every variant on every seed, measured exactly every "
+                          'few rounds: samples to the target rate, gap closed, KL per position; draws '
+                          'credit_assignment.png, writes runs/RUN/credit_assignment.md and .json.',
+                          add_credit_arguments, run_credit),
+        'overopt': Command('overoptimisation.py', 'reward over-optimisation: proxy against gold along sqrt(KL), exactly',
+                           "Proxy reward models on --pairs labelled pairs (and --gold-margin label noise) from the run's "
+                           'SFT policy; pi*_beta, best-of-n and PPO snapshots evaluated exactly; Gao et al.\'s forms '
+                           'fitted; draws overoptimisation.png, writes runs/RUN/overoptimisation.md and .json.',
+                           add_overopt_arguments, run_overopt),
+        'benchmark': Command('benchmark.py', 'time the default pipeline over fresh runs',
+                             'Median seconds and samples per second per stage, peak memory, and the quality '
+                             'figures of the same runs, in a temporary folder.', add_benchmark_arguments,
+                             run_benchmark, writes_run_dir=False),
+        'evaluate': Command('evaluate.py', 'exact gold metrics of a policy checkpoint',
+                            'Preference rate, fidelity, gold rate, KL to the reference and to the aligned language; '
+                            '--optimal adds the gap to the exact optimum.', add_evaluate_arguments, evaluate,
+                            writes_run_dir=False),
+    })
+    return table
+
