@@ -98,7 +98,7 @@ def distribution_stats(log_pi):
 # ---------------------------------------------------------------------------------------------
 # The loop.
 
-def train_exact(sft_policy, reward_model, config, progress=True, preference=None, measure=None, start_policy=None,
+def train_exact(sft_policy, reward_model, config, preference=None, progress=True, measure=None, start_policy=None,
                 reward_table=None):
     """Descend the exact objective of config against reward_model's pi*, the reference sft_policy,
     starting from start_policy (a model), config.warm_start (a checkpoint) or else sft_policy.

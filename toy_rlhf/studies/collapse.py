@@ -110,7 +110,7 @@ def run_exact_path(run, configs, measure):
     """Train the configs of a path in turn; the history of all of its steps, numbered on."""
     policy, history = None, []
     for config in configs:
-        policy, rows = train_exact(run.sft_policy, run.reward_model, config, progress=run.progress,
+        policy, rows = train_exact(run.sft_policy, run.reward_model, config, run.preference, progress=run.progress,
                                    measure=functools.partial(measure_after, measure, len(history)),
                                    start_policy=policy)
         history += rows
@@ -125,8 +125,8 @@ def measure_after(measure, done, steps, model):
 def run_method(run, name, config, measure):
     """Train a sampled method at its defaults (but beta, seed and rounds), measured as it trains."""
     variant = Variant(name, config.beta, config.seed, (('iters', config.rounds),))
-    _, history = METHODS[name].train(run.sft_policy, reward_model=run.reward_model, config=run.config(variant),
-                                     progress=run.progress, measure=measure)
+    _, history = METHODS[name].train(run.sft_policy, reward_model=run.reward_model, config=variant.config(),
+                                     preference=run.preference, progress=run.progress, measure=measure)
     return history
 
 
