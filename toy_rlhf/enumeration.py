@@ -21,10 +21,10 @@ def all_responses():
     return torch.cartesian_prod(*[torch.arange(DIGITS)] * RESPONSE_LENGTH)
 
 
-@torch.no_grad()
 def trie_outputs(model, contexts, depth, end_token=None):
     """A GPT's outputs after contexts (P, T0) followed by every digit string of up to `depth` digits,
-    each node of the trie of strings computed once (eval mode: no dropout).
+    each node of the trie of strings computed once (eval mode: no dropout). Differentiable: under
+    torch.no_grad() for tables, with gradients for the exact optimiser (toy_rlhf.methods.exact).
 
     Returns a list: (P, 1, out) at the context's last position, then (P, 10^l, out) after each
     string of l = 1..depth digits in lexicographic order, then, if end_token is given, (P, 10^depth,
@@ -83,21 +83,26 @@ def _attention(q, levels):
 @torch.no_grad()
 def response_log_probs_exact(policy, prompts, prompts_per_pass=10):
     """log pi(y|x) of every digit response: prompts (P, 4) -> (P, 10^4) float64, responses in the
-    order of all_responses().
+    order of all_responses(), without gradients (response_log_probs_differentiable, with them).
 
     One pass over the trie of the 1,000 three-digit prefixes y1 y2 y3 per prompt (not 10^4 x 4
     rows): the outputs after prompt + SEP + y1..yl give pi(y_{l+1} | y1..yl), and log pi(y) is the
     sum of the four conditionals. Where the policy can write SEP the digits' probabilities sum to
     less than 1; see non_digit_mass.
     """
-    tables = []
-    for chunk in prompts.split(prompts_per_pass):
-        P = len(chunk)
-        levels = trie_outputs(policy, join(chunk), RESPONSE_LENGTH - 1)
-        # Softmax over the whole vocabulary, then the digits: SEP keeps its share of the mass.
-        conditionals = [out.double().log_softmax(dim=-1)[..., :DIGITS].reshape(P, -1) for out in levels]
-        tables.append(sum(c.repeat_interleave(RESPONSES // c.size(1), dim=1) for c in conditionals))
-    return torch.cat(tables)
+    return torch.cat([response_log_probs_differentiable(policy, chunk) for chunk in prompts.split(prompts_per_pass)])
+
+
+def response_log_probs_differentiable(policy, prompts):
+    """response_log_probs_exact in one pass with the autograd graph kept: (P, 4) -> (P, 10^4) float64,
+    whose gradient is the exact gradient of any function of pi_theta over all responses. The
+    log-softmax is taken in float64, so that log pi of a response of probability 1e-12 keeps its digits
+    and an objective summed over 10^4 responses is not swamped by rounding."""
+    P = len(prompts)
+    levels = trie_outputs(policy, join(prompts), RESPONSE_LENGTH - 1)
+    # Softmax over the whole vocabulary, then the digits: SEP keeps its share of the mass.
+    conditionals = [out.double().log_softmax(dim=-1)[..., :DIGITS].reshape(P, -1) for out in levels]
+    return sum(c.repeat_interleave(RESPONSES // c.size(1), dim=1) for c in conditionals)
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
-from toy_rlhf.methods import best_of_n, dpo, grpo, ipo, online_dpo, ppo, reinforce_pp, rloo
+from toy_rlhf.methods import best_of_n, dpo, exact, grpo, ipo, online_dpo, ppo, reinforce_pp, rloo
 
 
 @dataclass(frozen=True)
@@ -138,3 +138,7 @@ register(Method(
     name='best_of_n', label='Best-of-n', config=best_of_n.BestOfNConfig, train=None, needs_reward_model=True,
     summary='the best of n reference samples under the reward model, exact by enumeration (no training)',
     color='#ff7f0e', marker='*', exact_policy=best_of_n.exact_policy, online=False))
+register(Method(
+    name='exact', label='exact optimiser', config=exact.ExactConfig, train=exact.train_exact, needs_reward_model=True,
+    summary='a reference, not a method: exact gradients of the exact objective over all 10^4 responses, nothing sampled',
+    color='#7f7f7f', marker='h', online=False))
