@@ -119,6 +119,7 @@ def test_the_beta_schedule_falls_geometrically_from_the_start_to_the_target_and_
     assert [target_beta(ExactConfig(beta=1.0), step) for step in range(3)] == [1.0] * 3
 
 
+@pytest.mark.slow  # a minute on a quiet 2-core machine: `pytest -m slow`
 def test_on_the_first_digit_it_lands_on_pi_star_of_the_prompts_it_descends_on(sft_policy):
     """The gold first-digit reward at margin 5 (pi* then moves most of the mass, not all of it), on a
     pool of four prompts: gradient descent on the exact objective reaches 99.5% of the gap to J*.

@@ -141,4 +141,5 @@ register(Method(
 register(Method(
     name='exact', label='exact optimiser', config=exact.ExactConfig, train=exact.train_exact, needs_reward_model=True,
     summary='a reference, not a method: exact gradients of the exact objective over all 10^4 responses, nothing sampled',
-    color='#7f7f7f', marker='h', online=False))
+    color='#7f7f7f', marker='h', online=False,
+    quick=(('iters', 15), ('prompts_per_iter', 2), ('prompt_pool', 4), ('learning_rate', 3e-3))))

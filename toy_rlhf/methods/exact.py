@@ -44,8 +44,8 @@ from toy_rlhf.training import check_finite, gradient_step
 @dataclass
 class ExactConfig:
     beta: NonNegativeFloat = 1.0  # strength of the KL penalty of the objective (the target pi*'s beta)
-    iters: PositiveInt = 200  # gradient steps, each on a fresh batch of prompts
-    prompts_per_iter: PositiveInt = 16  # prompts per step, each with all 10^4 responses
+    iters: PositiveInt = 100  # gradient steps, each on a fresh batch of prompts
+    prompts_per_iter: PositiveInt = 8  # prompts per step, each with all 10^4 responses
     learning_rate: PositiveFloat = 1e-3  # Adam step size
     max_grad_norm: PositiveFloat = 1.0  # gradient-norm clip
     divergence: Literal['reverse', 'forward'] = 'reverse'  # reverse: the RL objective; forward: distil pi*
@@ -54,7 +54,7 @@ class ExactConfig:
     warm_start: str = ''  # a policy checkpoint to start from ('' for the SFT policy, the reference)
     # The reward model's table of a prompt costs several times the step's own pass and gradient: a
     # pool computes each of its prompts' tables once, and each step draws its prompts from it.
-    prompt_pool: NonNegativeInt = 128  # draw each step's prompts from this many fixed ones (0: fresh prompts)
+    prompt_pool: NonNegativeInt = 32  # draw each step's prompts from this many fixed ones (0: fresh prompts)
     seed: Seed = 0  # random seed: the prompts of each step
 
 
