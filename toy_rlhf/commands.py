@@ -21,6 +21,7 @@ from toy_rlhf.reward import RewardConfig
 from toy_rlhf.run import Run, Variant
 from toy_rlhf.sft import SFTConfig
 from toy_rlhf.studies.against_optimum import checkpoint_row
+from toy_rlhf.studies.collapse import CollapseConfig, collapse
 from toy_rlhf.studies.credit import CreditConfig, credit_assignment
 from toy_rlhf.studies.main import RunAllConfig, quick_schedule, run_all
 from toy_rlhf.studies.methods import SWEPT, CompareConfig, SweepConfig, compare, sweep
@@ -123,6 +124,15 @@ def add_credit_arguments(parser):
 
 def run_credit(args):
     credit_assignment(args.run_dir, args.plots_dir, config_from_args(args, CreditConfig), args.progress)
+
+
+def add_collapse_arguments(parser):
+    add_config_flags(parser, CollapseConfig)
+    add_plots_dir(parser, 'collapse.png')
+
+
+def run_collapse(args):
+    collapse(args.run_dir, args.plots_dir, config_from_args(args, CollapseConfig), args.progress)
 
 
 def add_compare_arguments(parser):
@@ -267,6 +277,11 @@ def commands():
                           'few rounds: samples to the target rate, gap closed, KL per position; draws '
                           'credit_assignment.png, writes runs/RUN/credit_assignment.md and .json.',
                           add_credit_arguments, run_credit),
+        'collapse': Command('collapse.py', 'the collapse and the ceiling: sampled methods against exact-optimiser paths',
+                            "From the run's SFT policy and reward model: mass on the top response, response entropy and "
+                            'the KL beyond what pi* pays, against rounds, for each method and each exact path; the '
+                            'ceiling (the best exact path) and each method\'s optimiser gap; draws collapse.png, writes '
+                            'runs/RUN/collapse.md and .json.', add_collapse_arguments, run_collapse),
         'overopt': Command('overoptimisation.py', 'reward over-optimisation: proxy against gold along sqrt(KL), exactly',
                            "Proxy reward models on --pairs labelled pairs (and --gold-margin label noise) from the run's "
                            'SFT policy; pi*_beta, best-of-n and PPO snapshots evaluated exactly; Gao et al.\'s forms '

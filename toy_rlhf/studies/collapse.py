@@ -10,13 +10,13 @@ For one run (its SFT policy, reward model and preference):
   ceiling less its own gap closed;
 - the reward-model gap: what pi* of the reward model loses against pi* of the gold reward, under
   gold (its gold gap closed falls short of 1 by that much).
-Writes collapse.md, collapse.json and plots/collapse.png into the run folder. Run it with
-`python -m toy_rlhf.studies.collapse --run-dir PATH` (every script in scripts/ is a command of toy_rlhf.cli).
+Writes collapse.md and collapse.json into the run folder and collapse.png into its plots: `toy-rlhf
+collapse` (scripts/collapse.py).
 """
-import argparse
 import functools
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
@@ -24,7 +24,7 @@ import torch
 from toy_rlhf import figures
 from toy_rlhf.enumeration import response_log_probs_exact
 from toy_rlhf.figures import MODEL_COLORS
-from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, PositiveInt, Seed, add_config_flags, config_from_args
+from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, PositiveInt, Seed
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods import METHODS
 from toy_rlhf.methods.exact import ExactConfig, train_exact
@@ -44,6 +44,7 @@ class CollapseConfig:
     prompts: ExactPrompts = 20  # held-out prompts of every measurement (each: all 10^4 responses)
     beta: NonNegativeFloat = 1.0  # the KL strength of every run
     seed: Seed = 0  # random seed of every run and of the held-out prompts
+    preference: str = ''  # the run's (its reward model's); name it only if it is module:function, imported only when named
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,9 +131,11 @@ def run_method(run, name, config, measure):
     return history
 
 
-def collapse(run_dir, config, progress=True):
-    """Measure every method and exact path of config on the run; write the study; returns its record."""
-    run = Run(run_dir, progress=progress)
+def collapse(run_dir, plots_dir, config, progress=True):
+    """Measure every method and exact path of config on the run (an empty run folder gets its SFT
+    policy and reward model first); write run_dir/collapse.md and .json and plots_dir/collapse.png;
+    returns the record."""
+    run = Run(run_dir, config.preference, progress=progress).build(config.seed)
     tables = run.tables(sample_prompts(config.prompts, torch.Generator().manual_seed(config.seed + 1_000)))
     gold = tables.gold(run.gold_margin)
     measure = CollapseMeasure(tables, gold, config.beta, config.measure_every)
@@ -149,7 +152,7 @@ def collapse(run_dir, config, progress=True):
     record = {'preference': run.preference.name, 'settings': asdict(config), 'curves': curves,
               'optimum': measure.measure(optimum), 'reward_model_gap': 1 - measure.measure(optimum)['gold_gap_closed'],
               'ceiling': best['rows'][-1]['gap_closed'], 'ceiling_path': best['label']}
-    figure = plot_collapse(record, run.folder / 'plots' / 'collapse.png')
+    figure = plot_collapse(record, Path(plots_dir) / 'collapse.png')
     report = write_study(run.folder, 'collapse', collapse_report(record), record, figure)
     print(f'Collapse: {report}, {figure}')
     return record
@@ -200,17 +203,3 @@ def plot_collapse(record, path):
     axes[0].legend(fontsize=8)
     fig.suptitle(f"The collapse on {record['preference']}: every policy against pi* (beta={record['settings']['beta']:g})")
     return figures.save(fig, path)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--run-dir', required=True, help='a run folder with sft.pt and reward.pt')
-    parser.add_argument('--threads', type=int, default=1, help='CPU threads for torch')
-    add_config_flags(parser, CollapseConfig)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    return collapse(args.run_dir, config_from_args(args, CollapseConfig))
-
-
-if __name__ == '__main__':  # python -m toy_rlhf.studies.collapse --run-dir PATH, until the command line has it
-    main()
