@@ -12,7 +12,7 @@ from toy_rlhf.data import PreferenceDataset
 from toy_rlhf.methods.dpo import dpo_loss, sequence_log_probs
 from toy_rlhf.language import CLS
 from toy_rlhf.metrics import evaluate_policy
-from toy_rlhf.policy import policy_config, response_log_probs
+from toy_rlhf.policy import policy_config, next_token_log_probs
 from toy_rlhf.preferences import PREFERENCES
 
 
@@ -78,7 +78,7 @@ def test_sequence_log_probs_sum_the_log_probs_of_the_four_response_digits():
     context = torch.tensor([[5, 7, 1, 5, 10], [0, 0, 3, 9, 10]])
     digits = torch.tensor([[6, 2, 7, 3], [0, 1, 1, 4]])
     responses = torch.cat([digits, torch.full((2, 1), CLS)], dim=1)  # as the preference data has them
-    log_probs = response_log_probs(model, torch.cat([context, digits], dim=1))  # (2, 4, V)
+    log_probs = next_token_log_probs(model, torch.cat([context, digits], dim=1))  # (2, 4, V)
     expected = torch.stack([sum(log_probs[b, t, digits[b, t]] for t in range(4)) for b in range(2)])
     assert torch.allclose(sequence_log_probs(model, context, responses), expected, atol=1e-6)
     # The CLS plays no part: the four digits alone give the same numbers.

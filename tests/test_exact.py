@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from mingpt.model import GPT
-from toy_rlhf.enumeration import response_log_probs_differentiable, response_log_probs_exact
+from toy_rlhf.enumeration import all_response_log_probs_with_grad, all_response_log_probs
 from toy_rlhf.language import join, sample_prompts
 from toy_rlhf.methods.exact import (ExactConfig, forward_loss, reverse_loss, target_beta, train_exact)
 from toy_rlhf.optimal import (KL_POSITIONS, compare_to_optimum, digit_distribution, gold_table, kl_split, objective,
                               optimal_log_probs)
-from toy_rlhf.policy import policy_config, response_log_probs
+from toy_rlhf.policy import policy_config, next_token_log_probs
 from toy_rlhf.preferences import PREFERENCES
 from toy_rlhf.studies.collapse import collapse_stats
 
@@ -33,7 +33,7 @@ def tables(model):
     """A prompt, a reference (the model itself, perturbed) and a reward of a few units' spread."""
     prompts = torch.randint(10, (1, 4), generator=torch.Generator().manual_seed(1))
     generator = torch.Generator().manual_seed(2)
-    log_ref = response_log_probs_exact(model, prompts) + 0.3 * torch.randn(1, 10 ** 4, generator=generator,
+    log_ref = all_response_log_probs(model, prompts) + 0.3 * torch.randn(1, 10 ** 4, generator=generator,
                                                                           dtype=torch.float64)
     rewards = 2 * torch.rand(1, 10 ** 4, generator=generator, dtype=torch.float64)
     return prompts, log_ref, rewards
@@ -65,15 +65,15 @@ def directional_difference(model, loss_of_model, direction, step=1e-6):
 
 def test_the_differentiable_pass_gives_teacher_forcings_log_probs_with_a_gradient(model, tables):
     prompts = tables[0]
-    log_pi = response_log_probs_differentiable(model, prompts)
+    log_pi = all_response_log_probs_with_grad(model, prompts)
     assert log_pi.requires_grad
     responses = torch.tensor([[0, 0, 0, 0], [3, 1, 4, 1], [9, 9, 9, 9]])
     for response in responses:
         sentence = join(prompts, response.unsqueeze(0))
-        forced = response_log_probs(model, sentence).gather(2, response.view(1, 4, 1)).sum()
+        forced = next_token_log_probs(model, sentence).gather(2, response.view(1, 4, 1)).sum()
         number = int(''.join(map(str, response.tolist())))
         assert log_pi[0, number].item() == pytest.approx(forced.item(), abs=1e-10)
-    assert torch.equal(log_pi.detach(), response_log_probs_exact(model, prompts))
+    assert torch.equal(log_pi.detach(), all_response_log_probs(model, prompts))
 
 
 @pytest.mark.parametrize('divergence', ['reverse', 'forward'])
@@ -82,7 +82,7 @@ def test_the_gradient_equals_finite_differences(model, tables, divergence):
     beta = 0.5
 
     def loss():
-        log_pi = response_log_probs_differentiable(model, prompts)
+        log_pi = all_response_log_probs_with_grad(model, prompts)
         if divergence == 'reverse':
             return reverse_loss(log_pi, log_ref, rewards, beta)
         return forward_loss(log_pi, optimal_log_probs(log_ref, rewards, beta))
@@ -101,9 +101,9 @@ def test_the_gradient_of_j_is_the_expectation_of_the_score_function_estimator(mo
     pi(y)/pi_ref(y) - b) grad log pi(y)], any baseline b; here the expectation taken exactly, over
     all 10^4 responses, equals the exact optimiser's gradient of J."""
     prompts, log_ref, rewards = tables
-    log_pi = digit_distribution(response_log_probs_differentiable(model, prompts))
+    log_pi = digit_distribution(all_response_log_probs_with_grad(model, prompts))
     exact = flat_gradient(model, objective(log_pi, log_ref, rewards, beta).sum())
-    log_pi = digit_distribution(response_log_probs_differentiable(model, prompts))
+    log_pi = digit_distribution(all_response_log_probs_with_grad(model, prompts))
     with torch.no_grad():
         advantage = rewards - beta * (log_pi - digit_distribution(log_ref)) - 1.7  # any baseline: 1.7
         weights = log_pi.exp() * advantage  # pi(y) A(y): the estimator's expectation, term by term
@@ -129,8 +129,8 @@ def test_on_the_first_digit_it_lands_on_pi_star_of_the_prompts_it_descends_on(sf
     policy, history = train_exact(sft_policy, None, config, progress=False,
                                   reward_table=lambda prompts: gold_table(prompts, first_digit, margin))
     prompts = sample_prompts(4, torch.Generator().manual_seed(0))  # the pool: the run's first draw
-    log_ref = response_log_probs_exact(sft_policy, prompts)
-    row = compare_to_optimum(response_log_probs_exact(policy, prompts), log_ref,
+    log_ref = all_response_log_probs(sft_policy, prompts)
+    row = compare_to_optimum(all_response_log_probs(policy, prompts), log_ref,
                              gold_table(prompts, first_digit, margin), prompts, 1.0, first_digit)
     assert row['gap_closed'] >= 0.995
     assert row['non_digit_mass'] < 0.01 and max(step['policy/sep_mass'] for step in history) < 0.02

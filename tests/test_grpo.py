@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from toy_rlhf.methods import METHODS
-from toy_rlhf.enumeration import all_responses, response_log_probs_exact
+from toy_rlhf.enumeration import all_responses, all_response_log_probs
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods.advantages import group_normalised_advantages
 from toy_rlhf.methods.grpo import (GRPOConfig, fixed_point, forward_kl_step, k3_kl, per_token_fixed_point,
@@ -206,7 +206,7 @@ def test_grpo_raises_the_preference_rate_well_above_the_sft_models(run, sft_poli
 def test_grpo_stays_below_j_star_and_heads_for_its_own_fixed_point_not_pi_star(run, sft_policy, reward_model):
     prompts = sample_prompts(5, torch.Generator().manual_seed(3))
     tables = exact_tables(sft_policy, reward_model, prompts, PREFERENCES['first-digit'])
-    log_pi = response_log_probs_exact(run[0], prompts)
+    log_pi = all_response_log_probs(run[0], prompts)
     J = objective(log_pi, tables.log_ref, tables.rewards, 1.0)
     # Exact over the 10^4 responses of each prompt: J <= J* up to float64 rounding (~1e-12).
     assert (J <= optimal_value(tables.log_ref, tables.rewards, 1.0) + 1e-9).all()

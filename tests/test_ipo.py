@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from toy_rlhf.methods import METHODS
-from toy_rlhf.enumeration import response_log_probs_exact
+from toy_rlhf.enumeration import all_response_log_probs
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods.dpo import gold_optimum
 from toy_rlhf.methods.ipo import IPOConfig, ipo_loss, ipo_margin, ipo_target
@@ -137,11 +137,11 @@ def test_a_short_run_raises_the_preference_rate_well_above_the_sft_policys(sft_p
 
 def test_a_short_run_ends_at_its_own_target_not_at_pi_star_of_the_gold_reward(sft_policy, short_run):
     prompts = sample_prompts(5, torch.Generator().manual_seed(3))
-    log_ref = response_log_probs_exact(sft_policy, prompts)
+    log_ref = all_response_log_probs(sft_policy, prompts)
     tables = ExactTables(prompts, log_ref, rewards=torch.zeros_like(log_ref),
                          preference=PREFERENCES['first-digit'])  # neither target reads rewards
     config = IPOConfig(**SHORT_IPO)
-    log_pi, target, gold = response_log_probs_exact(short_run, prompts), ipo_target(tables, config), \
+    log_pi, target, gold = all_response_log_probs(short_run, prompts), ipo_target(tables, config), \
         gold_optimum(tables, config)
     to_target = response_kl(log_pi, target).mean().item()
     # Far closer to its target than the SFT policy is (measured 0.035 vs 0.38 nats), and than to pi*

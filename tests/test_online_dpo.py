@@ -9,7 +9,7 @@ import torch
 
 from conftest import train_quickly
 from toy_rlhf.methods import METHODS
-from toy_rlhf.enumeration import response_log_probs_exact
+from toy_rlhf.enumeration import all_response_log_probs
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods.dpo import dpo_loss
 from toy_rlhf.methods.online_dpo import OnlineDPOConfig, chosen_and_rejected, first_wins, train_online_dpo
@@ -109,7 +109,7 @@ def test_a_short_run_stays_below_the_exact_optimum_and_closes_most_of_the_gap(sf
     # rounding of sums of 10^4 terms of size ~10 (1e-9 is far above it).
     tables = exact_tables(sft_policy, reward_model, sample_prompts(5, torch.Generator().manual_seed(3)),
                           EVALUATION['preference'])
-    log_pi = response_log_probs_exact(short_run[0], tables.prompts)
+    log_pi = all_response_log_probs(short_run[0], tables.prompts)
     J = objective(log_pi, tables.log_ref, tables.rewards, beta=1.0)
     J_star = optimal_value(tables.log_ref, tables.rewards, beta=1.0)
     J_ref = objective(tables.log_ref, tables.log_ref, tables.rewards, beta=1.0)

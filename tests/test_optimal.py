@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from mingpt.model import GPT
-from toy_rlhf.enumeration import all_responses, response_log_probs_exact, response_rewards_exact
+from toy_rlhf.enumeration import all_responses, all_response_log_probs, all_response_rewards
 from toy_rlhf.language import join
 from toy_rlhf.optimal import (ExactTables, compare_to_optimum, evaluate_against_optimum, gold_metrics, kl_split,
                               non_digit_mass, objective, optimal_frontier, optimal_log_probs, optimal_value)
-from toy_rlhf.policy import policy_config, response_log_probs
+from toy_rlhf.policy import policy_config, next_token_log_probs
 from toy_rlhf.preferences import PREFERENCES
 from toy_rlhf.reward import reward_model_config, score_sentences
 
@@ -54,17 +54,17 @@ def reward_model():
 
 @pytest.fixture(scope='module')
 def log_ref(reference, prompts):
-    return response_log_probs_exact(reference, prompts)
+    return all_response_log_probs(reference, prompts)
 
 
 @pytest.fixture(scope='module')
 def log_pi(policy, prompts):
-    return response_log_probs_exact(policy, prompts)
+    return all_response_log_probs(policy, prompts)
 
 
 @pytest.fixture(scope='module')
 def rewards(reward_model, prompts):
-    return response_rewards_exact(reward_model, prompts, prompts_per_pass=2)  # two passes
+    return all_response_rewards(reward_model, prompts, prompts_per_pass=2)  # two passes
 
 
 def sampled_sentences(prompts, n, seed):
@@ -86,7 +86,7 @@ def test_all_responses_lists_every_four_digit_string_once_in_lexicographic_order
 def test_trie_log_probs_equal_teacher_forced_log_probs_of_full_sequences(reference, prompts, log_ref):
     sentences, index = sampled_sentences(prompts, 300, seed=0)
     with torch.no_grad():
-        per_token = response_log_probs(reference, sentences).gather(2, sentences[:, 5:].unsqueeze(2))
+        per_token = next_token_log_probs(reference, sentences).gather(2, sentences[:, 5:].unsqueeze(2))
     teacher_forced = per_token.view(len(prompts), -1, 4).sum(dim=2)
     assert torch.allclose(log_ref.gather(1, index), teacher_forced, rtol=0, atol=EXACT)
 

@@ -117,7 +117,7 @@ def test_proxies_and_snapshots_are_reused_and_a_new_pair_count_trains_only_its_o
     assert first[0]['curves']['ppo_beta0']['round'] == [0, 1, 2]  # the reference, then every round
     before = made()
     with monkeypatch.context() as rerun:  # everything current: no exact table is computed again
-        for table in ('response_log_probs_exact', 'response_rewards_exact'):
+        for table in ('all_response_log_probs', 'all_response_rewards'):
             rerun.setattr(study_math, table, lambda *args, table=table: pytest.fail(f'{table} computed on a rerun'))
         again = study.overoptimisation(tmp_path, tmp_path / 'plots', config, progress=False)
     assert made() == before

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from toy_rlhf.methods import METHODS
-from toy_rlhf.enumeration import response_log_probs_exact
+from toy_rlhf.enumeration import all_response_log_probs
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods.advantages import group_normalised_advantages
 from toy_rlhf.methods.reinforce_pp import ReinforcePPConfig, reinforce_pp_advantages
@@ -79,7 +79,7 @@ def test_no_prompt_gets_more_than_its_exact_optimum_and_most_of_the_gap_is_close
     # which at values ~3 is ~1e-15 per term; 1e-9 is far above that and far below any real excess.
     tables = exact_tables(sft_policy, reward_model, sample_prompts(5, torch.Generator().manual_seed(3)),
                           PREFERENCES['first-digit'])
-    log_pi = response_log_probs_exact(run[0], tables.prompts)
+    log_pi = all_response_log_probs(run[0], tables.prompts)
     beta = SHORT_REINFORCE_PP.beta
     J = objective(log_pi, tables.log_ref, tables.rewards, beta)
     assert (J <= optimal_value(tables.log_ref, tables.rewards, beta) + 1e-9).all()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from toy_rlhf.methods import METHODS
-from toy_rlhf.enumeration import response_log_probs_exact
+from toy_rlhf.enumeration import all_response_log_probs
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods.advantages import leave_one_out_advantages
 from toy_rlhf.methods.rloo import RLOOConfig, sequence_rewards, sequence_surrogate_loss
@@ -103,7 +103,7 @@ def test_no_prompt_gets_more_than_its_exact_optimum_and_most_of_the_gap_is_close
     # which at values ~3 is ~1e-15 per term; 1e-9 is far above that and far below any real excess.
     tables = exact_tables(sft_policy, reward_model, sample_prompts(5, torch.Generator().manual_seed(3)),
                           PREFERENCES['first-digit'])
-    log_pi = response_log_probs_exact(run[0], tables.prompts)
+    log_pi = all_response_log_probs(run[0], tables.prompts)
     J = objective(log_pi, tables.log_ref, tables.rewards, SHORT_RLOO.beta)
     J_star = optimal_value(tables.log_ref, tables.rewards, SHORT_RLOO.beta)
     assert (J <= J_star + 1e-9).all()

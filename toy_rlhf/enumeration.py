@@ -81,20 +81,20 @@ def _attention(q, levels):
 
 
 @torch.no_grad()
-def response_log_probs_exact(policy, prompts, prompts_per_pass=10):
+def all_response_log_probs(policy, prompts, prompts_per_pass=10):
     """log pi(y|x) of every digit response: prompts (P, 4) -> (P, 10^4) float64, responses in the
-    order of all_responses(), without gradients (response_log_probs_differentiable, with them).
+    order of all_responses(), without gradients (all_response_log_probs_with_grad, with them).
 
     One pass over the trie of the 1,000 three-digit prefixes y1 y2 y3 per prompt (not 10^4 x 4
     rows): the outputs after prompt + SEP + y1..yl give pi(y_{l+1} | y1..yl), and log pi(y) is the
     sum of the four conditionals. Where the policy can write SEP the digits' probabilities sum to
     less than 1; see non_digit_mass.
     """
-    return torch.cat([response_log_probs_differentiable(policy, chunk) for chunk in prompts.split(prompts_per_pass)])
+    return torch.cat([all_response_log_probs_with_grad(policy, chunk) for chunk in prompts.split(prompts_per_pass)])
 
 
-def response_log_probs_differentiable(policy, prompts):
-    """response_log_probs_exact in one pass with the autograd graph kept: (P, 4) -> (P, 10^4) float64,
+def all_response_log_probs_with_grad(policy, prompts):
+    """all_response_log_probs in one pass with the autograd graph kept: (P, 4) -> (P, 10^4) float64,
     whose gradient is the exact gradient of any function of pi_theta over all responses. The
     log-softmax is taken in float64, so that log pi of a response of probability 1e-12 keeps its digits
     and an objective summed over 10^4 responses is not swamped by rounding."""
@@ -106,7 +106,7 @@ def response_log_probs_differentiable(policy, prompts):
 
 
 @torch.no_grad()
-def response_rewards_exact(reward_model, prompts, prompts_per_pass=1):
+def all_response_rewards(reward_model, prompts, prompts_per_pass=1):
     """The reward model's score of every digit response, read at CLS after prompt + SEP + response:
     prompts (P, 4) -> (P, 10^4) float64, by the same trie (each response's digits computed once).
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from toy_rlhf.language import (PROMPT_LENGTH, RESPONSE_LENGTH, VOCAB_SIZE, join, next_token_distribution,
                                sample_prompts, sample_responses)
-from toy_rlhf.policy import generate_responses, response_log_probs
+from toy_rlhf.policy import generate_responses, next_token_log_probs
 from toy_rlhf.preferences import aligned_paths
 
 EVALUATION_PROMPTS = 2000  # prompts of the sampled exact metrics: standard error ~0.1 points on a rate
@@ -63,7 +63,7 @@ def language_kl(model, n=4096, seed=0):
     generator = torch.Generator().manual_seed(seed)
     prompts = sample_prompts(n, generator)
     sentences = join(prompts, sample_responses(prompts, generator))
-    return kl_divergence(true_distributions(sentences), response_log_probs(model.eval(), sentences)).mean().item()
+    return kl_divergence(true_distributions(sentences), next_token_log_probs(model.eval(), sentences)).mean().item()
 
 
 @torch.no_grad()
@@ -109,12 +109,12 @@ def evaluate_policy(policy, reference, n_prompts, seed, preference):
     generator = torch.Generator().manual_seed(seed)
     prompts = sample_prompts(n_prompts, generator)
     sentences = generate_responses(policy, prompts, generator)
-    log_probs = response_log_probs(policy, sentences)
+    log_probs = next_token_log_probs(policy, sentences)
     aligned_responses = preference.sample_aligned(prompts, generator)
     aligned = join(prompts, aligned_responses)
     aligned_targets = aligned_next_tokens(preference, prompts, aligned_responses)
     gold = gold_rate(policy, preference, prompts, generator)
-    kl_to_reference = kl_divergence(log_probs.exp(), response_log_probs(reference, sentences))  # (B, 4)
+    kl_to_reference = kl_divergence(log_probs.exp(), next_token_log_probs(reference, sentences))  # (B, 4)
     return {
         'preference_rate': preference.best_level_rate(log_probs, sentences).mean().item(),
         'gold_reward': preference.reward(prompts, sentences[:, PROMPT_LENGTH + 1:]).mean().item(),
@@ -122,7 +122,7 @@ def evaluate_policy(policy, reference, n_prompts, seed, preference):
         'gold_rate': gold.mean().item(),
         'kl_to_reference': kl_to_reference.sum(dim=1).mean().item(),
         'kl_to_reference_by_position': kl_to_reference.mean(dim=0).tolist(),
-        'kl_to_aligned': kl_divergence(aligned_targets, response_log_probs(policy, aligned)).sum(dim=1).mean().item(),
+        'kl_to_aligned': kl_divergence(aligned_targets, next_token_log_probs(policy, aligned)).sum(dim=1).mean().item(),
     }
 
 

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from toy_rlhf.data import gold_reward
-from toy_rlhf.enumeration import RESPONSES, all_responses, response_log_probs_exact, response_rewards_exact
+from toy_rlhf.enumeration import RESPONSES, all_responses, all_response_log_probs, all_response_rewards
 from toy_rlhf.language import DIGITS, RESPONSE_LENGTH, is_valid_output
 from toy_rlhf.preferences import Preference, best_reachable
 
@@ -203,7 +203,7 @@ def evaluate_against_optimum(policy, reference, reward_model, beta, prompts, pre
     model's. For several policies or betas, compute the tables once (exact_tables) and call
     compare_to_optimum or optimal_frontier directly."""
     tables = exact_tables(reference, reward_model, prompts, preference)
-    log_pi = response_log_probs_exact(policy.eval(), prompts)
+    log_pi = all_response_log_probs(policy.eval(), prompts)
     row = compare_to_optimum(log_pi, tables.log_ref, tables.rewards, prompts, beta, preference)
     if gold_margin is not None:
         gold = compare_to_optimum(log_pi, tables.log_ref, tables.gold(gold_margin), prompts, beta, preference)
@@ -240,5 +240,5 @@ def gold_table(prompts, preference, margin):
 
 def exact_tables(reference, reward_model, prompts, preference):
     """The ExactTables of `prompts` (P, 4) for a reference policy, a reward model and a preference."""
-    return ExactTables(prompts, response_log_probs_exact(reference.eval(), prompts),
-                       response_rewards_exact(reward_model.eval(), prompts), preference)
+    return ExactTables(prompts, all_response_log_probs(reference.eval(), prompts),
+                       all_response_rewards(reward_model.eval(), prompts), preference)

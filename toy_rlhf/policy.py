@@ -1,4 +1,10 @@
-"""The policy: a GPT over digits and SEP that writes a response after prompt + SEP."""
+"""The policy: a GPT over digits and SEP that writes a response after prompt + SEP.
+
+Log-probabilities go by one name per shape, here and everywhere: next_token_log_probs (B, T, vocab),
+the distribution at each response position; token_log_probs (B, T), of the tokens a response holds;
+sequence_log_probs (B,), of whole responses (methods/dpo.py); all_response_log_probs (P, 10^4), of
+every response of each prompt (toy_rlhf.enumeration).
+"""
 import torch
 
 from mingpt.model import GPT
@@ -31,7 +37,7 @@ def started_from(policy, config):
     return model
 
 
-def response_log_probs(model, sequences):
+def next_token_log_probs(model, sequences):
     """Log-probabilities of the next token at each response position, by teacher forcing.
 
     sequences: (B, 9) prompt + SEP + 4 digits -> (B, 4, vocab): row t is log pi(. | prefix of y_t).
@@ -40,7 +46,7 @@ def response_log_probs(model, sequences):
     return logits[:, PROMPT_LENGTH:].log_softmax(dim=-1)
 
 
-def log_probs_of_responses(log_probs, sequences):
+def token_log_probs_from(log_probs, sequences):
     """From next-token log-probs (B, 4, vocab), those of the response tokens actually in
     `sequences` (B, 9): (B, 4)."""
     return log_probs.gather(2, sequences[:, PROMPT_LENGTH + 1:].unsqueeze(2)).squeeze(2)
@@ -48,7 +54,7 @@ def log_probs_of_responses(log_probs, sequences):
 
 def token_log_probs(model, sequences):
     """Log-probabilities of the response tokens actually in `sequences` (B, 9) -> (B, 4)."""
-    return log_probs_of_responses(response_log_probs(model, sequences), sequences)
+    return token_log_probs_from(next_token_log_probs(model, sequences), sequences)
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ import torch
 from toy_rlhf.files import fingerprint
 from toy_rlhf.language import (DIGITS, PROMPT_LENGTH, RESPONSE_LENGTH, WINDOW, increments, join, sample_responses,
                                with_each_first_digit)
-from toy_rlhf.policy import generate_responses, response_log_probs
+from toy_rlhf.policy import generate_responses, next_token_log_probs
 
 
 class PreferenceError(ValueError):
@@ -76,7 +76,7 @@ class Preference:
             log_probs = policy(context)[0][:, -1:].log_softmax(dim=-1)  # (B, 1, V): the first response position
             return self.best_level_rate(log_probs, context)
         sentences = generate_responses(policy, prompts, generator)
-        return self.best_level_rate(response_log_probs(policy, sentences), sentences)
+        return self.best_level_rate(next_token_log_probs(policy, sentences), sentences)
 
     def sample_aligned(self, prompts, generator=None):
         """One response of the aligned language per prompt: (B, 4) -> (B, 4). With a first_token, the

@@ -33,7 +33,7 @@ from typing import Literal
 
 import torch
 
-from toy_rlhf.enumeration import response_log_probs_differentiable, response_log_probs_exact, response_rewards_exact
+from toy_rlhf.enumeration import all_response_log_probs_with_grad, all_response_log_probs, all_response_rewards
 from toy_rlhf.flags import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability, Seed
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods.rollout import TrainingLog, start_training
@@ -115,14 +115,14 @@ def train_exact(sft_policy, reward_model, config, preference=None, progress=True
         policy.load_state_dict(start_policy.state_dict())
     with TrainingLog(config.iters, f'exact {config.divergence} beta={config.beta:g}', progress,
                      shown=('objective/gap_closed', 'policy/top_mass')) as log:
-        rewards_of = reward_table or (lambda prompts: response_rewards_exact(reward_model, prompts))
+        rewards_of = reward_table or (lambda prompts: all_response_rewards(reward_model, prompts))
         pool = prompt_tables(reference, rewards_of, sample_prompts(config.prompt_pool, generator)) \
             if config.prompt_pool else None
         for step in range(config.iters):
             prompts, log_ref, rewards = step_tables(reference, rewards_of, config, generator, pool)
             beta = target_beta(config, step)
             policy.train()
-            log_pi = response_log_probs_differentiable(policy, prompts)  # (P, 10^4), with gradient
+            log_pi = all_response_log_probs_with_grad(policy, prompts)  # (P, 10^4), with gradient
             if config.divergence == 'reverse':
                 loss = reverse_loss(log_pi, log_ref, rewards, beta)
             else:
@@ -140,7 +140,7 @@ def train_exact(sft_policy, reward_model, config, preference=None, progress=True
 def prompt_tables(reference, rewards_of, prompts):
     """(prompts (P, 4), log pi_ref (P, 10^4), rewards_of(prompts) (P, 10^4)), without gradients."""
     with torch.no_grad():
-        return prompts, response_log_probs_exact(reference, prompts), rewards_of(prompts)
+        return prompts, all_response_log_probs(reference, prompts), rewards_of(prompts)
 
 
 def step_tables(reference, rewards_of, config, generator, pool=None):

@@ -15,7 +15,7 @@ from mingpt.utils import set_seed
 from toy_rlhf.flags import GroupSize, NonNegativeFloat, PositiveFloat, PositiveInt, Seed
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.metrics import kl_divergence, rule_probability
-from toy_rlhf.policy import generate_responses, log_probs_of_responses, response_log_probs
+from toy_rlhf.policy import generate_responses, token_log_probs_from, next_token_log_probs
 from toy_rlhf.reward import score_sentences
 from toy_rlhf.training import progress_bar
 
@@ -73,12 +73,12 @@ def rollout(actor, reference, reward_model, prompts, generator, preference):
     """
     reward_model.eval()  # frozen: only ever called here, under no_grad
     sentences = generate_responses(actor, prompts, generator)
-    actor_log_probs = response_log_probs(actor, sentences)  # (B, 4, V)
-    reference_log_probs = response_log_probs(reference, sentences)  # (B, 4, V)
+    actor_log_probs = next_token_log_probs(actor, sentences)  # (B, 4, V)
+    reference_log_probs = next_token_log_probs(reference, sentences)  # (B, 4, V)
     return {
         'sentences': sentences,
-        'logp_old': log_probs_of_responses(actor_log_probs, sentences),  # (B, 4)
-        'logp_ref': log_probs_of_responses(reference_log_probs, sentences),  # (B, 4)
+        'logp_old': token_log_probs_from(actor_log_probs, sentences),  # (B, 4)
+        'logp_ref': token_log_probs_from(reference_log_probs, sentences),  # (B, 4)
         'score': score_sentences(reward_model, sentences),  # (B,)
         'kl_full': kl_divergence(actor_log_probs.exp(), reference_log_probs).sum(dim=1),  # (B,)
         'entropy': -(actor_log_probs.exp() * actor_log_probs).sum(dim=-1).mean(dim=1),  # (B,)

@@ -15,7 +15,7 @@ from toy_rlhf.checkpoint import CheckpointError, load_checkpoint, load_model
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods import METHODS, method_of_stem
 from toy_rlhf.metrics import samples_to_preference
-from toy_rlhf.enumeration import response_log_probs_exact
+from toy_rlhf.enumeration import all_response_log_probs
 from toy_rlhf.optimal import (compare_to_optimum, exact_tables, expected_reward, objective, optimal_log_probs,
                               optimal_value, response_kl)
 from toy_rlhf.pipeline import check_trained_from, checkpoint_preference
@@ -53,7 +53,7 @@ def variant_row(run, variant, tables):
     if method.train is None:
         return exact_row(variant.describe(), method, config, method.exact_policy(tables, config), tables,
                          run.gold_margin)
-    log_pi = response_log_probs_exact(run.policy(variant), tables.prompts)
+    log_pi = all_response_log_probs(run.policy(variant), tables.prompts)
     row = exact_row(variant.describe(), method, config, log_pi, tables, run.gold_margin)
     checkpoint = run.checkpoint(variant)
     return {**row, **consumed(method, checkpoint['history']), 'seconds': checkpoint['metrics']['seconds']}
@@ -92,7 +92,7 @@ def checkpoint_row(policy_path, reference_path, reward_path, n_prompts, seed, ch
                               if field.name in settings})
     prompts = sample_prompts(n_prompts, torch.Generator().manual_seed(seed))
     tables = exact_tables(load_model(reference_path, 'policy'), load_model(reward_path, 'reward'), prompts, preference)
-    log_pi = response_log_probs_exact(load_model(policy_path, 'policy'), prompts)
+    log_pi = all_response_log_probs(load_model(policy_path, 'policy'), prompts)
     return exact_row(Path(policy_path).stem, method, config, log_pi, tables,
                      reward_settings.get('gold_margin', RewardConfig.gold_margin))
 

@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from toy_rlhf import figures
-from toy_rlhf.enumeration import response_log_probs_exact
+from toy_rlhf.enumeration import all_response_log_probs
 from toy_rlhf.figures import MODEL_COLORS
 from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, PositiveInt, Seed
 from toy_rlhf.language import sample_prompts
@@ -80,7 +80,7 @@ class CollapseMeasure:
         if rounds % self.every:
             return {}
         start = time.perf_counter()
-        row = {f'collapse/{name}': value for name, value in self.measure(response_log_probs_exact(policy.eval(),
+        row = {f'collapse/{name}': value for name, value in self.measure(all_response_log_probs(policy.eval(),
                                                                                                   self.tables.prompts)).items()}
         self.seconds += time.perf_counter() - start
         return row

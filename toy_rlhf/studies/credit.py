@@ -29,7 +29,7 @@ import torch
 from matplotlib.lines import Line2D
 
 from toy_rlhf import figures
-from toy_rlhf.enumeration import response_log_probs_exact
+from toy_rlhf.enumeration import all_response_log_probs
 from toy_rlhf.figures import DASHES, FIGURE_SIZES
 from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, PositiveInt, Probability, Seed
 from toy_rlhf.language import sample_prompts
@@ -90,7 +90,7 @@ class ExactMeasure:
             return {}
         start = time.perf_counter()
         tables = self.tables
-        log_pi = response_log_probs_exact(actor.eval(), tables.prompts)
+        log_pi = all_response_log_probs(actor.eval(), tables.prompts)
         kl = kl_split(log_pi, tables.log_ref)
         best_level_rate = gold_metrics(log_pi, tables.prompts, tables.preference)['preference_rate']
         row = {'exact/best_level_rate': best_level_rate.mean().item(),

@@ -22,7 +22,7 @@ from toy_rlhf.methods.ppo import PPOConfig
 from toy_rlhf.metrics import (EVALUATION_PROMPTS, PREFERENCE_TARGET, aligned_next_tokens, evaluate_policy,
                               samples_to_preference, true_distributions)
 from toy_rlhf.pipeline import ensure_stage, machine, reward_stage, sft_stage, versions
-from toy_rlhf.policy import response_log_probs
+from toy_rlhf.policy import next_token_log_probs
 from toy_rlhf.preferences import DEFAULT_PREFERENCE, best_reachable, resolve_preference
 from toy_rlhf.reward import RewardConfig, first_digit_rewards
 from toy_rlhf.run import Run, Variant
@@ -152,7 +152,7 @@ def next_token_probabilities(models, prompt, response, preference):
     tokens), 'models': {label: (4, V) array}, 'language': (4, V) array, 'starred': 4 lists of tokens}."""
     sentence = join(prompt[None], response[None])  # (1, 9)
     with torch.no_grad():
-        probabilities = {label: response_log_probs(model.eval(), sentence).exp()[0].numpy()  # (4, V)
+        probabilities = {label: next_token_log_probs(model.eval(), sentence).exp()[0].numpy()  # (4, V)
                          for label, model in models.items()}
     language = true_distributions(sentence)[0]  # (4, V)
     aligned = aligned_next_tokens(preference, prompt[None], response[None])[0]  # (4, V)

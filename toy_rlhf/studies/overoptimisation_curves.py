@@ -16,7 +16,7 @@ import torch
 from toy_rlhf.checkpoint import load_model
 from toy_rlhf.language import is_valid_output
 from toy_rlhf.methods.best_of_n import cumulative_masses, level_kl, level_log_probs, reward_levels, textbook_kl
-from toy_rlhf.enumeration import all_responses, response_log_probs_exact, response_rewards_exact
+from toy_rlhf.enumeration import all_responses, all_response_log_probs, all_response_rewards
 from toy_rlhf.optimal import digit_distribution, optimal_log_probs, response_kl
 
 MEASURED = ('proxy', 'gold', 'gold_valid')  # the expectations every point of a curve has
@@ -41,7 +41,7 @@ class Tables:
 
     @functools.cached_property
     def log_ref(self):
-        return response_log_probs_exact(load_model(self.sft_path, 'policy'), self.prompts)
+        return all_response_log_probs(load_model(self.sft_path, 'policy'), self.prompts)
 
     @functools.cached_property
     def gold_and_valid(self):
@@ -49,7 +49,7 @@ class Tables:
 
     def rewards(self, proxy_path):
         if proxy_path not in self._rewards:
-            self._rewards[proxy_path] = response_rewards_exact(load_model(proxy_path, 'reward'), self.prompts)
+            self._rewards[proxy_path] = all_response_rewards(load_model(proxy_path, 'reward'), self.prompts)
         return self._rewards[proxy_path]
 
     def values(self, proxy_path, margin):
@@ -59,7 +59,7 @@ class Tables:
 
     def measure(self, actor, *, proxy_path, margin):
         """A policy's exact expectations(): its log-probs of every response against these tables."""
-        return expectations(response_log_probs_exact(actor, self.prompts), self.log_ref,
+        return expectations(all_response_log_probs(actor, self.prompts), self.log_ref,
                             self.values(proxy_path, margin))
 
 
