@@ -21,6 +21,7 @@ import torch
 from toy_rlhf import pipeline
 from toy_rlhf.benchmark import benchmark, format_report
 from toy_rlhf.checkpoint import CheckpointError
+from toy_rlhf.executors import ExecutorError
 from toy_rlhf.files import WriteError
 from toy_rlhf.flags import Bounds, ExactPrompts, SampledPrompts, Threads, add_config_flags, config_from_args
 from toy_rlhf.methods import METHODS
@@ -33,6 +34,7 @@ from toy_rlhf.run_dir import PLOTS, RunDirError, open_run_dir
 from toy_rlhf.sft import SFTConfig
 from toy_rlhf.studies.against_optimum import checkpoint_row
 from toy_rlhf.studies.credit import CreditConfig, credit_assignment
+from toy_rlhf.studies.leaderboard import LeaderboardConfig, leaderboard
 from toy_rlhf.studies.main import RunAllConfig, quick_schedule, run_all
 from toy_rlhf.studies.methods import SWEPT, CompareConfig, SweepConfig, compare, sweep
 from toy_rlhf.studies.overoptimisation import OverOptConfig, overoptimisation
@@ -56,11 +58,11 @@ threads, sampled_prompts, exact_prompts = (hint.__metadata__[0].parse(int)  # th
 seed = Bounds(low=0, high=2 ** 32 - 1, description='an integer from 0 to 2^32 - 1').parse(int)
 
 
-def add_common_arguments(parser, with_run):
+def add_common_arguments(parser, with_run, run='default'):
     if with_run:
         where = parser.add_mutually_exclusive_group()
-        where.add_argument('--run', default='default', metavar='NAME',
-                           help='run name: checkpoints and logs go to runs/NAME (default: default)')
+        where.add_argument('--run', default=run, metavar='NAME',
+                           help=f'run name: checkpoints and logs go to runs/NAME (default: {run})')
         where.add_argument('--run-dir', default=None, metavar='PATH',
                            help='or any folder for the checkpoints and logs, instead of runs/NAME')
     parser.add_argument('--threads', type=threads, default=None,
@@ -183,6 +185,19 @@ def run_compare(args):
     compare(args.run_dir, args.plots_dir, config, method_configs(args, METHODS), args.progress)
 
 
+def run_leaderboard(args):
+    config = config_from_args(args, LeaderboardConfig)
+    check_betas('--betas', config.betas)
+    check_betas('--seeds', config.seeds)
+    unusable = [name for name in config.methods if name not in METHODS
+                or not (METHODS[name].train or METHODS[name].exact_policy)]
+    if unusable:
+        raise UsageError(f'--methods: unknown method {unusable[0]!r}; registered: {", ".join(METHODS)}')
+    for name in config.preferences:
+        check_preference(name)
+    leaderboard(args.run_dir, config, args.progress)
+
+
 def add_overopt_arguments(parser):
     add_config_flags(parser, OverOptConfig)
     add_plots_dir(parser, 'overoptimisation.png')
@@ -263,6 +278,7 @@ class Command:
     add_arguments: Callable
     run: Callable
     writes_run_dir: bool = True
+    default_run: str = 'default'  # the run folder's name when --run is not given (runs/RUN)
 
 
 def commands():
@@ -298,6 +314,12 @@ def commands():
                           'few rounds: samples to the target rate, gap closed, KL per position; draws '
                           'credit_assignment.png, writes runs/RUN/credit_assignment.md and .json.',
                           add_credit_arguments, run_credit),
+        'leaderboard': Command('leaderboard.py', 'every method on every preference over seeds, measured exactly',
+                               'An SFT policy per seed, a reward model per preference and seed, every method that trains '
+                               'or has an exact policy at each beta; checkpoints and measured rows reused; writes '
+                               'runs/RUN/leaderboard.md, .json and .png (RUN: leaderboard).',
+                               lambda parser: add_config_flags(parser, LeaderboardConfig), run_leaderboard,
+                               default_run='leaderboard'),
         'overopt': Command('overoptimisation.py', 'reward over-optimisation: proxy against gold along sqrt(KL), exactly',
                            "Proxy reward models on --pairs labelled pairs (and --gold-margin label noise) from the run's "
                            'SFT policy; pi*_beta, best-of-n and PPO snapshots evaluated exactly; Gao et al.\'s forms '
@@ -318,7 +340,7 @@ def commands():
 def build_parser(command, prog):
     spec = commands()[command]
     parser = Parser(prog=prog, description=f'{spec.summary[0].upper()}{spec.summary[1:]}. {spec.description}')
-    add_common_arguments(parser, with_run=spec.writes_run_dir)
+    add_common_arguments(parser, with_run=spec.writes_run_dir, run=spec.default_run)
     spec.add_arguments(parser)
     return parser
 
@@ -396,7 +418,7 @@ def run_command(command, argv=None, prog=None):
         prepare(args, spec.writes_run_dir)
         with open_run_dir(args.run_dir) if spec.writes_run_dir else contextlib.nullcontext():
             spec.run(args)
-    except (UsageError, CheckpointError, TrainingError, WriteError, RunDirError, PreferenceError) as error:
+    except (UsageError, CheckpointError, TrainingError, WriteError, RunDirError, PreferenceError, ExecutorError) as error:
         print(f'{parser.prog}: error: {error}', file=sys.stderr)
         sys.exit(2)
     except (MemoryError, RuntimeError) as error:
