@@ -42,11 +42,12 @@ def dask_executor(workers, address):
         raise ExecutorError(DASK_MISSING) from None
     with contextlib.ExitStack() as stack:
         try:
+            scheduler = address
             if address == 'local':
                 # One thread per worker process: the variants' numbers then match the process pool's.
-                address = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                                           dashboard_address=None))
-            client = stack.enter_context(Client(address, timeout='10s'))
+                scheduler = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1,
+                                                             processes=True, dashboard_address=None))
+            client = stack.enter_context(Client(scheduler, timeout='10s'))
         except (OSError, TimeoutError, ValueError) as error:
             raise ExecutorError(f'--address {address}: no dask scheduler answered ({error})') from None
         yield client.get_executor()

@@ -59,7 +59,8 @@ class LeaderboardConfig:
 
 
 # The smoke test's SFT and reward schedules (as `toy-rlhf all --quick`): seconds, not minutes.
-QUICK = {'sft': (('iters', 60), ('warmup_iters', 10)), 'reward': (('iters', 60), ('pairs', 1000), ('held_out_pairs', 500))}
+QUICK = {'sft': (('iters', 60), ('warmup_iters', 10)),
+         'reward': (('iters', 60), ('pairs', 1000), ('held_out_pairs', 500))}
 METRICS = ('gap_closed', 'gold_gap_closed', 'kl_to_target', 'consumed', 'seconds')
 
 
@@ -163,12 +164,14 @@ def summarise(rows):
     """{'methods', 'preferences', 'cells', 'method_rank', 'preference_rank', 'seed_order', 'inseparable'}:
     cells[method][preference][metric] the spread over seeds; ranks by median gap closed (1 best), a
     method's averaged over preferences, a preference's (1 easiest) over methods."""
-    methods, preferences = list(dict.fromkeys(row['label'] for row in rows)), list(dict.fromkeys(row['preference'] for row in rows))
+    methods = list(dict.fromkeys(row['label'] for row in rows))
+    preferences = list(dict.fromkeys(row['preference'] for row in rows))
     cells = {method: {preference: {} for preference in preferences} for method in methods}
     for method, preference in itertools.product(methods, preferences):
         chosen = [row for row in rows if (row['label'], row['preference']) == (method, preference)]
         for metric in METRICS:
-            values = [row.get('samples', row.get('pairs')) if metric == 'consumed' else row.get(metric) for row in chosen]
+            values = [row.get('samples', row.get('pairs')) if metric == 'consumed' else row.get(metric)
+                      for row in chosen]
             cells[method][preference][metric] = spread(values)
         cells[method][preference]['seeds'] = len(chosen)
     median = {(method, preference): (cells[method][preference]['gap_closed'] or {'median': -np.inf})['median']
@@ -178,7 +181,8 @@ def summarise(rows):
     by_method = {method: ranks({preference: median[method, preference] for preference in preferences})
                  for method in methods}
     return {'methods': methods, 'preferences': preferences, 'cells': cells,
-            'method_rank': {method: statistics.mean(by_preference[p][method] for p in preferences) for method in methods},
+            'method_rank': {method: statistics.mean(by_preference[p][method] for p in preferences)
+                            for method in methods},
             'preference_rank': {p: statistics.mean(by_method[m][p] for m in methods) for p in preferences},
             **seed_agreement(rows, cells, methods, preferences)}
 
@@ -197,8 +201,9 @@ def seed_agreement(rows, cells, methods, preferences):
     for preference in preferences:
         orders = set()
         for seed in sorted({row['seed'] for row in rows}):
-            scores = {row['label']: row['gap_closed'] for row in rows if (row['preference'], row['seed']) == (preference, seed)}
-            orders.add(tuple(sorted(scores, key=lambda label: (-(scores[label] if scores[label] is not None else -np.inf), label))))
+            scores = {row['label']: -np.inf if row['gap_closed'] is None else row['gap_closed']
+                      for row in rows if (row['preference'], row['seed']) == (preference, seed)}
+            orders.add(tuple(sorted(scores, key=lambda label: (-scores[label], label))))
         same_order[preference] = len(orders) == 1
         spreads = {method: cells[method][preference]['gap_closed'] for method in methods}
         inseparable[preference] = [[a, b] for a, b in itertools.combinations(methods, 2)
@@ -229,15 +234,14 @@ def gap_table(summary):
     preferences = summary['preferences']
     cells = [[method, *(_spread_text(summary['cells'][method][p]['gap_closed'], '.3f') for p in preferences),
               f"{summary['method_rank'][method]:.2f}"] for method in summary['methods']]
-    cells.append(['mean rank of the preference (1: easiest)', *(f"{summary['preference_rank'][p]:.2f}" for p in preferences), ''])
+    cells.append(['mean rank of the preference (1: easiest)',
+                  *(f"{summary['preference_rank'][p]:.2f}" for p in preferences), ''])
     return markdown_table(['method', *preferences, 'mean rank'], cells)
 
 
 def leaderboard_report(summary, config):
-    order = '\n'.join(f"- {p}: {'the same order on every seed' if summary['seed_order'][p] else 'the order changes with the seed'}"
-                      + (f"; cannot separate: {', '.join(f'{a} ~ {b}' for a, b in summary['inseparable'][p])}"
-                         if summary['inseparable'][p] else '; every pair separated') for p in summary['preferences'])
-    schedule = 'each method\'s quick schedule, short SFT and reward schedules' if config.quick else 'the default schedules'
+    order = '\n'.join(seed_verdict(summary, preference) for preference in summary['preferences'])
+    schedule = "each method's quick schedule, short SFT and reward schedules" if config.quick else 'the default schedules'
     return f"""# Leaderboard
 
 Every method on every preference, seeds {' '.join(map(str, config.seeds))}, betas {' '.join(f'{b:g}' for b in config.betas)},
@@ -271,21 +275,33 @@ Every method on every preference, seeds {' '.join(map(str, config.seeds))}, beta
 """
 
 
+def seed_verdict(summary, preference):
+    """One line: whether the seeds agree on the order of the methods for a preference, and which
+    pairs their ranges cannot separate."""
+    order = 'the same order on every seed' if summary['seed_order'][preference] else 'the order changes with the seed'
+    pairs = ', '.join(f'{a} ~ {b}' for a, b in summary['inseparable'][preference])
+    return f"- {preference}: {order}; " + (f'cannot separate: {pairs}' if pairs else 'every pair separated')
+
+
 def plot_leaderboard(summary, path):
     """Methods x preferences heat map of the median gap closed under the reward model, the range over
     seeds written in each cell."""
     methods, preferences = summary['methods'], summary['preferences']
-    medians = np.array([[(summary['cells'][m][p]['gap_closed'] or {'median': np.nan})['median'] for p in preferences]
-                        for m in methods])
+    medians = np.array([[(summary['cells'][m][p]['gap_closed'] or {'median': np.nan})['median']
+                         for p in preferences] for m in methods])
     fig, ax = plt.subplots(figsize=(2.2 * len(preferences) + 3, 0.7 * len(methods) + 2), layout='constrained')
-    image = ax.imshow(medians, cmap='viridis', vmin=min(0.0, np.nanmin(medians, initial=0.0)), vmax=1.0, aspect='auto')
+    # From 0 (the reference) to 1 (the optimum); a cell below 0 (worse than the reference) is red, so
+    # that one far-off policy does not stretch the scale of all the others.
+    colours = plt.get_cmap('viridis').with_extremes(under='#d62728')
+    image = ax.imshow(medians, cmap=colours, vmin=0.0, vmax=1.0, aspect='auto')
     for (i, method), (j, preference) in itertools.product(enumerate(methods), enumerate(preferences)):
         spread_ = summary['cells'][method][preference]['gap_closed']
-        text = 'n/a' if spread_ is None else f"{spread_['median']:.3f}\n[{spread_['low']:.3f}, {spread_['high']:.3f}]"
+        text = 'n/a' if spread_ is None else \
+            f"{spread_['median']:.3f}\n[{spread_['low']:.3f}, {spread_['high']:.3f}]"
         ax.text(j, i, text, ha='center', va='center', fontsize=8,
                 color='black' if spread_ is not None and spread_['median'] > 0.6 else 'white')
     ax.set_xticks(range(len(preferences)), preferences)
     ax.set_yticks(range(len(methods)), methods)
     ax.set_title('Gap closed to J* under the reward model: median [range] over seeds')
-    fig.colorbar(image, ax=ax, label='median gap closed')
+    fig.colorbar(image, ax=ax, label='median gap closed', extend='min')
     return figures.save(fig, path)
