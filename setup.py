@@ -11,6 +11,8 @@ setup(
     install_requires=['torch>=2.1', 'numpy', 'matplotlib', 'tqdm'],
     # setuptools: tests/test_packaging.py builds the wheel offline, without build isolation (70.1 builds
     # wheels without the `wheel` package). ruff: the linter tests/test_lint.py runs.
-    extras_require={'test': ['pytest', 'setuptools>=70.1', 'ruff']},
+    extras_require={'test': ['pytest', 'setuptools>=70.1', 'ruff'],
+                    # --executor dask (toy_rlhf.executors): a LocalCluster here or a scheduler elsewhere.
+                    'dask': ['dask', 'distributed']},
     entry_points={'console_scripts': ['toy-rlhf = toy_rlhf.entry:main']},
 )

@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 
 from toy_rlhf.checkpoint import CheckpointError
-from toy_rlhf.commands import UsageError, commands, threads
+from toy_rlhf.commands import UsageError, check_preference, commands, threads
+from toy_rlhf.executors import ExecutorError
 from toy_rlhf.files import WriteError
 from toy_rlhf.methods import METHODS
-from toy_rlhf.preferences import PreferenceError, resolve_preference
+from toy_rlhf.preferences import PreferenceError
 from toy_rlhf.run_dir import PLOTS, RunDirError, open_run_dir
 from toy_rlhf.training import TrainingError
 
@@ -31,11 +32,11 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
 
 
-def add_common_arguments(parser, with_run):
+def add_common_arguments(parser, with_run, run='default'):
     if with_run:
         where = parser.add_mutually_exclusive_group()
-        where.add_argument('--run', default='default', metavar='NAME',
-                           help='run name: checkpoints and logs go to runs/NAME (default: default)')
+        where.add_argument('--run', default=run, metavar='NAME',
+                           help=f'run name: checkpoints and logs go to runs/NAME (default: {run})')
         where.add_argument('--run-dir', default=None, metavar='PATH',
                            help='or any folder for the checkpoints and logs, instead of runs/NAME')
     parser.add_argument('--threads', type=threads, default=None,
@@ -46,7 +47,7 @@ def add_common_arguments(parser, with_run):
 def build_parser(command, prog):
     spec = commands()[command]
     parser = Parser(prog=prog, description=f'{spec.summary[0].upper()}{spec.summary[1:]}. {spec.description}')
-    add_common_arguments(parser, with_run=spec.writes_run_dir)
+    add_common_arguments(parser, with_run=spec.writes_run_dir, run=spec.default_run)
     spec.add_arguments(parser)
     return parser
 
@@ -80,14 +81,6 @@ def prepare(args, writes_run_dir):
         else:
             args.plots_dir = args.run_dir / PLOTS
     args.progress = not args.quiet
-
-
-def check_preference(name):
-    """Refuse a --preference that is neither a built-in nor a working module:function, before training."""
-    try:
-        resolve_preference(name)
-    except PreferenceError as error:
-        raise UsageError(str(error)) from None
 
 
 def _check_writable(folder):
@@ -124,7 +117,8 @@ def run_command(command, argv=None, prog=None):
         prepare(args, spec.writes_run_dir)
         with open_run_dir(args.run_dir) if spec.writes_run_dir else contextlib.nullcontext():
             spec.run(args)
-    except (UsageError, CheckpointError, TrainingError, WriteError, RunDirError, PreferenceError) as error:
+    except (UsageError, CheckpointError, TrainingError, WriteError, RunDirError, PreferenceError,
+            ExecutorError) as error:
         print(f'{parser.prog}: error: {error}', file=sys.stderr)
         sys.exit(2)
     except (MemoryError, RuntimeError) as error:

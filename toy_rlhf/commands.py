@@ -16,13 +16,14 @@ from toy_rlhf.flags import Bounds, ExactPrompts, SampledPrompts, Threads, add_co
 from toy_rlhf.methods import METHODS
 from toy_rlhf.metrics import EVALUATION_PROMPTS
 from toy_rlhf.optimal import EXACT_PROMPTS
-from toy_rlhf.preferences import DEFAULT_PREFERENCE
+from toy_rlhf.preferences import DEFAULT_PREFERENCE, PreferenceError, resolve_preference
 from toy_rlhf.reward import RewardConfig
 from toy_rlhf.run import Run, Variant
 from toy_rlhf.sft import SFTConfig
 from toy_rlhf.studies.against_optimum import checkpoint_row
 from toy_rlhf.studies.collapse import CollapseConfig, collapse
 from toy_rlhf.studies.credit import CreditConfig, credit_assignment
+from toy_rlhf.studies.leaderboard import LeaderboardConfig, leaderboard
 from toy_rlhf.studies.main import RunAllConfig, quick_schedule, run_all
 from toy_rlhf.studies.methods import SWEPT, CompareConfig, SweepConfig, compare, sweep
 from toy_rlhf.studies.overoptimisation import OverOptConfig, overoptimisation
@@ -162,6 +163,28 @@ def run_compare(args):
     compare(args.run_dir, args.plots_dir, config, method_configs(args, METHODS), args.progress)
 
 
+def run_leaderboard(args):
+    config = config_from_args(args, LeaderboardConfig)
+    check_betas('--betas', config.betas)
+    check_betas('--seeds', config.seeds)
+    unusable = [name for name in config.methods if name not in METHODS
+                or not (METHODS[name].train or METHODS[name].exact_policy)]
+    if unusable:
+        raise UsageError(f'--methods: unknown method {unusable[0]!r}; registered: {", ".join(METHODS)}')
+    for name in config.preferences:
+        check_preference(name)
+    leaderboard(args.run_dir, config, args.progress)
+
+
+def check_preference(name):
+    """Refuse a --preference that is neither a built-in nor a working module:function, before training."""
+    try:
+        resolve_preference(name)
+    except PreferenceError as error:
+        raise UsageError(str(error)) from None
+
+
+
 def add_overopt_arguments(parser):
     add_config_flags(parser, OverOptConfig)
     add_plots_dir(parser, 'overoptimisation.png')
@@ -242,6 +265,7 @@ class Command:
     add_arguments: Callable
     run: Callable
     writes_run_dir: bool = True
+    default_run: str = 'default'  # the run folder's name when --run is not given (runs/RUN)
 
 
 def commands():
@@ -282,6 +306,12 @@ def commands():
                             'the KL beyond what pi* pays, against rounds, for each method and each exact path; the '
                             'ceiling (the best exact path) and each method\'s optimiser gap; draws collapse.png, writes '
                             'runs/RUN/collapse.md and .json.', add_collapse_arguments, run_collapse),
+        'leaderboard': Command('leaderboard.py', 'every method on every preference over seeds, measured exactly',
+                               'An SFT policy per seed, a reward model per preference and seed, every method that trains '
+                               'or has an exact policy at each beta; checkpoints and measured rows reused; writes '
+                               'runs/RUN/leaderboard.md, .json and .png (RUN: leaderboard).',
+                               lambda parser: add_config_flags(parser, LeaderboardConfig), run_leaderboard,
+                               default_run='leaderboard'),
         'overopt': Command('overoptimisation.py', 'reward over-optimisation: proxy against gold along sqrt(KL), exactly',
                            "Proxy reward models on --pairs labelled pairs (and --gold-margin label noise) from the run's "
                            'SFT policy; pi*_beta, best-of-n and PPO snapshots evaluated exactly; Gao et al.\'s forms '

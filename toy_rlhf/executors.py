@@ -1,18 +1,53 @@
-"""Where a study's variants train: here, one after another, or in worker processes.
+"""Where a study's variants train: here, one after another, in worker processes, or on a dask cluster.
 
 Run.train takes a standard concurrent.futures.Executor, or None for here and now. Workers get their
 inputs by value and run one thread each, so a variant's numbers are the same whichever worker trains
-it (and the same as a serial run with --threads 1).
+it (and the same as a serial run with --threads 1). A variant carries its own seed: no worker's
+state enters its numbers.
+
+dask is an optional extra (pip install -e ".[dask]"): only --executor dask imports it.
 """
 import concurrent.futures
 import contextlib
 
+DASK_MISSING = '--executor dask needs dask and distributed: pip install -e ".[dask]"'
+
+
+class ExecutorError(Exception):
+    """An executor that cannot be had (dask not installed, a scheduler that does not answer); one line."""
+
 
 @contextlib.contextmanager
-def executor(workers=1):
-    """None (train here) for one worker, else a pool of `workers` processes; shut down on leaving."""
+def executor(workers=1, kind='process', address='local'):
+    """None (train here) for one process worker, else a pool of `workers` processes; with kind 'dask',
+    a dask cluster's executor: a LocalCluster of `workers` one-thread processes here (address 'local'),
+    or the scheduler at address (tcp://HOST:PORT). Shut down on leaving."""
+    if kind == 'dask':
+        with dask_executor(workers, address) as pool:
+            yield pool
+        return
     if workers == 1:
         yield None
         return
     with concurrent.futures.ProcessPoolExecutor(workers) as pool:
         yield pool
+
+
+@contextlib.contextmanager
+def dask_executor(workers, address):
+    """A concurrent.futures.Executor on a dask cluster (Client.get_executor): see executor."""
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise ExecutorError(DASK_MISSING) from None
+    with contextlib.ExitStack() as stack:
+        try:
+            scheduler = address
+            if address == 'local':
+                # One thread per worker process: the variants' numbers then match the process pool's.
+                scheduler = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1,
+                                                             processes=True, dashboard_address=None))
+            client = stack.enter_context(Client(scheduler, timeout='10s'))
+        except (OSError, TimeoutError, ValueError) as error:
+            raise ExecutorError(f'--address {address}: no dask scheduler answered ({error})') from None
+        yield client.get_executor()

@@ -1,0 +1,127 @@
+"""The leaderboard: the same grid gives the same numbers wherever its methods train (here, a process
+pool, a dask cluster), a second call recomputes nothing, and bad input is one line, exit status 2."""
+import json
+import signal
+from dataclasses import replace
+
+import pytest
+import torch
+
+from toy_rlhf import cli, run as run_module
+from toy_rlhf.studies import leaderboard as study
+from toy_rlhf.studies.leaderboard import LeaderboardConfig, leaderboard
+
+# What is tested is where the variants train and what is reused, not what they learn: tiny stages.
+TINY = {'sft': (('iters', 3), ('batch_size', 8), ('warmup_iters', 1)),
+        'reward': (('iters', 2), ('pairs', 32), ('held_out_pairs', 32)),
+        'ppo': (('iters', 2), ('prompts_per_iter', 4)), 'dpo': (('iters', 2), ('pairs', 32))}
+GRID = LeaderboardConfig(preferences=('first-digit',), methods=('ppo', 'dpo'), seeds=(1,), prompts=2)
+
+
+def numbers(folder):
+    """Every measured number of the leaderboard in folder (training seconds left out: wall time)."""
+    rows = json.loads((folder / 'leaderboard.json').read_text())['rows']
+    return [{key: value for key, value in row.items() if key != 'seconds'} for row in rows]
+
+
+def at_one_thread(folder, config):
+    # A serial run matches the workers' numbers at their one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        leaderboard(folder, config, progress=False, schedule=TINY)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def with_the_same_inputs(serial, folder):
+    """folder holding the serial run's SFT policies and reward models (not its methods' checkpoints),
+    so that only the methods train again."""
+    for path in [*serial.glob('seed*/sft.pt'), *serial.glob('seed*/*/sft.pt'), *serial.glob('seed*/*/reward.pt')]:
+        copy = folder / path.relative_to(serial)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_bytes(path.read_bytes())
+    return folder
+
+
+@pytest.fixture(scope='module')
+def serial(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('serial')
+    at_one_thread(folder, GRID)
+    return folder
+
+
+def test_a_process_pool_gives_the_numbers_of_a_serial_run(serial, tmp_path):
+    at_one_thread(with_the_same_inputs(serial, tmp_path), replace(GRID, workers=2))
+    assert sorted(path.name for path in tmp_path.rglob('*.pt')) == sorted(path.name for path in serial.rglob('*.pt'))
+    assert numbers(tmp_path) == numbers(serial)
+    assert {row['label'] for row in numbers(serial)} == {'PPO beta=1', 'DPO beta=1'}
+
+
+def test_a_second_call_with_nothing_changed_trains_and_measures_nothing(serial, monkeypatch):
+    stamps = {path: path.stat().st_mtime_ns for path in serial.rglob('*.pt')}
+    before = numbers(serial)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError('recomputed')
+
+    monkeypatch.setattr(run_module, 'train_variant', forbidden)
+    monkeypatch.setattr(study, 'variant_row', forbidden)
+    monkeypatch.setattr(study, 'reward_stage', forbidden)
+    monkeypatch.setattr(study, 'sft_stage', forbidden)
+    leaderboard(serial, GRID, progress=False, schedule=TINY)
+    assert numbers(serial) == before
+    assert {path: path.stat().st_mtime_ns for path in serial.rglob('*.pt')} == stamps
+
+
+def test_a_changed_checkpoint_is_measured_again(serial, monkeypatch):
+    # The rows are keyed by the checkpoint's fingerprint: another checkpoint under the same name is remeasured.
+    (policy,) = (serial / 'seed1' / 'first-digit').glob('dpo_beta1*.pt')
+    stored = json.loads((policy.parent / 'rows.json').read_text())
+    stored[policy.stem]['key']['made_from'][policy.name] = 'another'
+    (policy.parent / 'rows.json').write_text(json.dumps(stored))
+    measured = []
+    real = study.variant_row
+    monkeypatch.setattr(study, 'variant_row', lambda run, variant, tables: measured.append(variant.name)
+                        or real(run, variant, tables))
+    at_one_thread(serial, GRID)  # remeasured as it was measured: the other tests compare with it
+    assert measured == [policy.stem]
+
+
+def test_a_dask_local_cluster_gives_the_numbers_of_a_serial_run(serial, tmp_path):
+    pytest.importorskip('distributed')
+    at_one_thread(with_the_same_inputs(serial, tmp_path), replace(GRID, workers=2, executor='dask'))
+    assert numbers(tmp_path) == numbers(serial)
+
+
+def test_the_summary_ranks_methods_and_says_which_the_seeds_cannot_separate():
+    rows = [{'label': label, 'preference': 'p', 'seed': seed, 'gap_closed': gap}
+            for label, gaps in (('A', (0.9, 0.8)), ('B', (0.85, 0.95)), ('C', (0.1, 0.2))) for seed, gap in enumerate(gaps)]
+    summary = study.summarise(rows)
+    assert summary['method_rank'] == {'A': 2, 'B': 1, 'C': 3}
+    assert summary['seed_order'] == {'p': False}  # A first on seed 0, B on seed 1
+    assert summary['inseparable'] == {'p': [['A', 'B']]}
+    assert summary['cells']['A']['p']['gap_closed'] == {'median': pytest.approx(0.85), 'low': 0.8, 'high': 0.9}
+
+
+@pytest.fixture
+def sigterm_handler_restored():
+    handler = signal.getsignal(signal.SIGTERM)  # run_command sets its own
+    yield
+    signal.signal(signal.SIGTERM, handler)
+
+
+@pytest.mark.parametrize('arguments, words', [
+    (['--preferences', 'no-such-preference'], ['no-such-preference']),
+    (['--seeds'], ['--seeds']),
+    (['--methods', 'no_such_method'], ['no_such_method']),
+])
+def test_bad_input_is_one_line_and_status_two(tmp_path, monkeypatch, capsys, sigterm_handler_restored, arguments,
+                                              words):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        cli.run_command('leaderboard', [*arguments, '--quiet'], prog='scripts/leaderboard.py')
+    assert stop.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith('scripts/leaderboard.py: error: ') and all(word in line for word in words)
+    assert not (tmp_path / 'runs' / 'leaderboard' / 'seed0').exists()

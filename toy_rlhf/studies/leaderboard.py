@@ -1,0 +1,325 @@
+"""Every method on every preference over several seeds, measured exactly: the leaderboard
+(`toy-rlhf leaderboard`).
+
+For each seed an SFT policy (shared by the preferences), for each preference and seed a reward model,
+and from them each method at each beta, trained as a Variant through Run.train (its checkpoint reused
+when it was made with the same settings from the same inputs, so a killed run resumes) and measured
+exactly over all 10^4 responses of the same prompts (variant_row). Each cell's measured row is kept
+in the cell's folder under the fingerprints it was made from, so a call with nothing changed measures
+nothing. Writes leaderboard.md, leaderboard.json and leaderboard.png into the leaderboard's folder:
+
+    FOLDER/seed0/sft.pt                   the seed's SFT policy
+    FOLDER/seed0/first-digit/             a run folder: sft.pt (a copy), reward.pt, each method's checkpoint,
+                                          rows.json (the measured rows, keyed by what they were made from)
+
+Methods are ranked in each preference by their median gap closed under the reward model (the
+objective the reward-model methods maximise; DPO and IPO aim at the gold one, shown beside it).
+"""
+import itertools
+import json
+import re
+import statistics
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from toy_rlhf import executors, figures
+from toy_rlhf.enumeration import response_log_probs_exact
+from toy_rlhf.files import atomic_write, fingerprint, write_json
+from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, PositiveInt, Seed
+from toy_rlhf.language import sample_prompts
+from toy_rlhf.methods import METHODS
+from toy_rlhf.optimal import EXACT_PROMPTS
+from toy_rlhf.pipeline import ensure_stage, reward_stage, sft_stage
+from toy_rlhf.preferences import PREFERENCES
+from toy_rlhf.reward import RewardConfig
+from toy_rlhf.run import Run
+from toy_rlhf.sft import SFTConfig
+from toy_rlhf.studies.against_optimum import consumed, exact_row, variant_row
+from toy_rlhf.studies.methods import method_variant
+from toy_rlhf.studies.output import markdown_table, write_study
+
+
+@dataclass
+class LeaderboardConfig:
+    preferences: tuple[str, ...] = ()  # built-in names or module:function (default: every built-in)
+    methods: tuple[str, ...] = ()  # registry names (default: every method that trains or has an exact policy)
+    seeds: tuple[Seed, ...] = (0, 1, 2)  # training seeds: an SFT policy each, a reward model per preference and seed
+    betas: tuple[NonNegativeFloat, ...] = (1.0,)  # the KL strengths every method is run at
+    prompts: ExactPrompts = EXACT_PROMPTS  # prompts of the exact evaluation (each: all 10^4 responses)
+    seed: Seed = 0  # seed of the evaluation prompts: every cell is measured on the same ones
+    quick: bool = False  # each method's quick schedule (Method.quick) and short SFT and reward schedules
+    fresh: bool = False  # retrain and remeasure even where the same settings were done before
+    executor: Literal['process', 'dask'] = 'process'  # where the methods train: processes here, or a dask cluster
+    workers: PositiveInt = 1  # workers at once, one thread each (1: here, one after another)
+    address: str = 'local'  # --executor dask: tcp://HOST:PORT of a scheduler, or local for a LocalCluster here
+
+
+# The smoke test's SFT and reward schedules (as `toy-rlhf all --quick`): seconds, not minutes.
+QUICK = {'sft': (('iters', 60), ('warmup_iters', 10)),
+         'reward': (('iters', 60), ('pairs', 1000), ('held_out_pairs', 500))}
+METRICS = ('gap_closed', 'gold_gap_closed', 'kl_to_target', 'consumed', 'seconds')
+
+
+def chosen_methods(config):
+    return config.methods or tuple(name for name, method in METHODS.items() if method.train or method.exact_policy)
+
+
+def schedules(config):
+    """{'sft': settings, 'reward': settings, METHOD: settings}: ((field, value), ...) over the defaults."""
+    if not config.quick:
+        return {}
+    return {**QUICK, **{name: METHODS[name].quick for name in chosen_methods(config)}}
+
+
+def cell_variants(config, seed, schedule):
+    """Every chosen method at every beta on `seed`, with its schedule's settings."""
+    configs = {name: replace(METHODS[name].config(), **dict(schedule.get(name, ()))) for name in chosen_methods(config)}
+    return [method_variant(name, beta, seed, configs) for beta in config.betas for name in chosen_methods(config)]
+
+
+def folder_name(preference):
+    """A preference's folder: its name, with what a path cannot hold (module:function's colon) as _."""
+    return re.sub(r'[^A-Za-z0-9._-]', '_', preference)
+
+
+def cell_run(run_dir, preference, seed, config, schedule, progress):
+    """The Run of one (preference, seed): the seed's SFT policy copied in, a reward model trained on it
+    where none was made with the same settings."""
+    folder, shared = Path(run_dir) / f'seed{seed}' / folder_name(preference), Path(run_dir) / f'seed{seed}' / 'sft.pt'
+    # A copy rather than a link, so each cell is a whole run folder (toy-rlhf compare --run-dir works on it).
+    if not (folder / 'sft.pt').exists() or fingerprint(folder / 'sft.pt') != fingerprint(shared):
+        atomic_write(folder / 'sft.pt', lambda file: file.write(shared.read_bytes()))
+    reward = replace(RewardConfig(seed=seed, preference=preference), **dict(schedule.get('reward', ())))
+    ensure_stage(folder, 'reward', reward, (folder / 'sft.pt',), reward_stage, config.fresh, progress)
+    return Run(folder, preference, config.fresh, progress)
+
+
+def row_key(run, variant, config):
+    """What a measured row depends on: the fingerprints of the checkpoints it was made from, the
+    variant's settings and the evaluation prompts; as JSON gives it back."""
+    made_from = ([run.path(variant)] if METHODS[variant.method].train else []) + [run.sft_path, run.reward_path]
+    key = {'made_from': {path.name: fingerprint(path) for path in made_from}, 'settings': asdict(variant.config()),
+           'prompts': config.prompts, 'seed': config.seed}
+    return json.loads(json.dumps(key))
+
+
+def measure_cell(run, chosen, config, prompts):
+    """Each variant's exact row, from rows.json where it was measured from the same checkpoints, else
+    measured now (the exact tables computed only then); rows.json rewritten."""
+    path = run.folder / 'rows.json'
+    try:
+        stored = {} if config.fresh else json.loads(path.read_text())
+    except (OSError, ValueError):
+        stored = {}
+    rows = []
+    for variant in chosen:
+        key = row_key(run, variant, config)
+        if stored.get(variant.name, {}).get('key') != key:
+            stored[variant.name] = {'key': key, 'row': measured_row(run, variant, run.tables(prompts))}
+            write_json(path, stored)  # at once: a run killed in the next measurement keeps this one
+        rows.append({**stored[variant.name]['row'], 'preference': run.preference.name, 'seed': variant.seed,
+                     'beta': variant.beta, 'checkpoint': variant.name})
+    return rows
+
+
+def measured_row(run, variant, tables):
+    """variant_row; where the method's own exact target cannot be solved for this run's reward model
+    (GRPO's fixed point may not converge), the row without it, said in one line: one cell's target
+    must not stop the whole board."""
+    try:
+        return variant_row(run, variant, tables)
+    except RuntimeError as error:
+        if 'did not converge' not in str(error):
+            raise
+        print(f'{variant.name}: {error}; measured with no own target')
+    method = replace(METHODS[variant.method], target=lambda tables, config: None)
+    log_pi = response_log_probs_exact(run.policy(variant), tables.prompts)
+    row = exact_row(variant.describe(), method, variant.config(), log_pi, tables, run.gold_margin)
+    checkpoint = run.checkpoint(variant)
+    return {**row, **consumed(method, checkpoint['history']), 'seconds': checkpoint['metrics']['seconds']}
+
+
+def leaderboard(run_dir, config, progress=True, schedule=None):
+    """Train and measure every cell; write the leaderboard. schedule: {'sft', 'reward', METHOD:
+    settings} over the defaults (default: the quick ones with config.quick, else none). Returns the
+    summary (summarise)."""
+    run_dir, schedule = Path(run_dir), schedules(config) if schedule is None else schedule
+    prompts = sample_prompts(config.prompts, torch.Generator().manual_seed(config.seed))
+    rows = []
+    with executors.executor(config.workers, config.executor, config.address) as pool:
+        for seed in config.seeds:
+            sft = replace(SFTConfig(seed=seed), **dict(schedule.get('sft', ())))
+            ensure_stage(run_dir / f'seed{seed}', 'sft', sft, (), sft_stage, config.fresh, progress)
+            for preference in config.preferences or tuple(PREFERENCES):
+                run = cell_run(run_dir, preference, seed, config, schedule, progress)
+                chosen = cell_variants(config, seed, schedule)
+                run.train(chosen, pool)
+                rows += measure_cell(run, chosen, config, prompts)
+    summary = summarise(rows)
+    figure = plot_leaderboard(summary, run_dir / 'leaderboard.png')
+    report = write_study(run_dir, 'leaderboard', leaderboard_report(summary, config),
+                         {'settings': asdict(config), 'schedule': schedule, 'rows': rows, **summary}, figure)
+    print(gap_table(summary))
+    print(f'Leaderboard: {report}, figure {figure}')
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# The summary: medians and ranges over seeds, ranks, and what the seeds can tell apart.
+
+def spread(values):
+    """{'median', 'low', 'high'} of the values that are not None; None where none is."""
+    values = [value for value in values if value is not None]
+    return {'median': statistics.median(values), 'low': min(values), 'high': max(values)} if values else None
+
+
+def summarise(rows):
+    """{'methods', 'preferences', 'cells', 'method_rank', 'preference_rank', 'seed_order', 'inseparable'}:
+    cells[method][preference][metric] the spread over seeds; ranks by median gap closed (1 best), a
+    method's averaged over preferences, a preference's (1 easiest) over methods."""
+    methods = list(dict.fromkeys(row['label'] for row in rows))
+    preferences = list(dict.fromkeys(row['preference'] for row in rows))
+    cells = {method: {preference: {} for preference in preferences} for method in methods}
+    for method, preference in itertools.product(methods, preferences):
+        chosen = [row for row in rows if (row['label'], row['preference']) == (method, preference)]
+        for metric in METRICS:
+            values = [row.get('samples', row.get('pairs')) if metric == 'consumed' else row.get(metric)
+                      for row in chosen]
+            cells[method][preference][metric] = spread(values)
+        cells[method][preference]['seeds'] = len(chosen)
+    median = {(method, preference): (cells[method][preference]['gap_closed'] or {'median': -np.inf})['median']
+              for method, preference in itertools.product(methods, preferences)}
+    by_preference = {preference: ranks({method: median[method, preference] for method in methods})
+                     for preference in preferences}
+    by_method = {method: ranks({preference: median[method, preference] for preference in preferences})
+                 for method in methods}
+    return {'methods': methods, 'preferences': preferences, 'cells': cells,
+            'method_rank': {method: statistics.mean(by_preference[p][method] for p in preferences)
+                            for method in methods},
+            'preference_rank': {p: statistics.mean(by_method[m][p] for m in methods) for p in preferences},
+            **seed_agreement(rows, cells, methods, preferences)}
+
+
+def ranks(scores):
+    """{name: rank} by score, highest first (1), tied names sharing the mean of their places."""
+    order = sorted(scores, key=lambda name: -scores[name])
+    return {name: statistics.mean(place + 1 for place, other in enumerate(order) if scores[other] == scores[name])
+            for name in scores}
+
+
+def seed_agreement(rows, cells, methods, preferences):
+    """Per preference: whether the methods come in the same order (by gap closed) on every seed, and
+    the pairs of methods whose ranges over seeds overlap (the seeds cannot separate them)."""
+    same_order, inseparable = {}, {}
+    for preference in preferences:
+        orders = set()
+        for seed in sorted({row['seed'] for row in rows}):
+            scores = {row['label']: -np.inf if row['gap_closed'] is None else row['gap_closed']
+                      for row in rows if (row['preference'], row['seed']) == (preference, seed)}
+            orders.add(tuple(sorted(scores, key=lambda label: (-scores[label], label))))
+        same_order[preference] = len(orders) == 1
+        spreads = {method: cells[method][preference]['gap_closed'] for method in methods}
+        inseparable[preference] = [[a, b] for a, b in itertools.combinations(methods, 2)
+                                   if spreads[a] and spreads[b] and spreads[a]['low'] <= spreads[b]['high']
+                                   and spreads[b]['low'] <= spreads[a]['high']]
+    return {'seed_order': same_order, 'inseparable': inseparable}
+
+
+# ---------------------------------------------------------------------------------------------
+# The tables and the figure.
+
+def _spread_text(spread_, style):
+    if spread_ is None:
+        return 'n/a'
+    low, high = format(spread_['low'], style), format(spread_['high'], style)
+    return format(spread_['median'], style) + ('' if low == high else f' [{low}, {high}]')
+
+
+def metric_table(summary, metric, style):
+    """Methods (rows) by preferences (columns): the metric's median [range over seeds] in each cell."""
+    cells = [[method, *(_spread_text(summary['cells'][method][p][metric], style) for p in summary['preferences'])]
+             for method in summary['methods']]
+    return markdown_table(['method', *summary['preferences']], cells)
+
+
+def gap_table(summary):
+    """Gap closed under the reward model, with each method's mean rank and each preference's."""
+    preferences = summary['preferences']
+    cells = [[method, *(_spread_text(summary['cells'][method][p]['gap_closed'], '.3f') for p in preferences),
+              f"{summary['method_rank'][method]:.2f}"] for method in summary['methods']]
+    cells.append(['mean rank of the preference (1: easiest)',
+                  *(f"{summary['preference_rank'][p]:.2f}" for p in preferences), ''])
+    return markdown_table(['method', *preferences, 'mean rank'], cells)
+
+
+def leaderboard_report(summary, config):
+    order = '\n'.join(seed_verdict(summary, preference) for preference in summary['preferences'])
+    schedule = "each method's quick schedule, short SFT and reward schedules" if config.quick else 'the default schedules'
+    return f"""# Leaderboard
+
+Every method on every preference, seeds {' '.join(map(str, config.seeds))}, betas {' '.join(f'{b:g}' for b in config.betas)},
+{schedule}; each policy measured exactly over all 10^4 responses of the same {config.prompts} prompts (seed
+{config.seed}). Each cell: the median over seeds [lowest, highest]. Gap closed = (J - J_ref) / (J* - J_ref),
+1 at the optimum of the KL-regularised objective. Ranks by median gap closed under the reward model.
+
+## Gap closed under the reward model
+
+{gap_table(summary)}
+
+## Gap closed under the gold reward
+
+{metric_table(summary, 'gold_gap_closed', '.3f')}
+
+## KL from the method's own target (nats)
+
+{metric_table(summary, 'kl_to_target', '.3f')}
+
+## Consumed (rollout samples, or labelled pairs for the offline methods)
+
+{metric_table(summary, 'consumed', ',.0f')}
+
+## Training seconds (wall)
+
+{metric_table(summary, 'seconds', '.1f')}
+
+## Do the seeds agree?
+
+{order}
+"""
+
+
+def seed_verdict(summary, preference):
+    """One line: whether the seeds agree on the order of the methods for a preference, and which
+    pairs their ranges cannot separate."""
+    order = 'the same order on every seed' if summary['seed_order'][preference] else 'the order changes with the seed'
+    pairs = ', '.join(f'{a} ~ {b}' for a, b in summary['inseparable'][preference])
+    return f"- {preference}: {order}; " + (f'cannot separate: {pairs}' if pairs else 'every pair separated')
+
+
+def plot_leaderboard(summary, path):
+    """Methods x preferences heat map of the median gap closed under the reward model, the range over
+    seeds written in each cell."""
+    methods, preferences = summary['methods'], summary['preferences']
+    medians = np.array([[(summary['cells'][m][p]['gap_closed'] or {'median': np.nan})['median']
+                         for p in preferences] for m in methods])
+    fig, ax = plt.subplots(figsize=(2.2 * len(preferences) + 3, 0.7 * len(methods) + 2), layout='constrained')
+    # From 0 (the reference) to 1 (the optimum); a cell below 0 (worse than the reference) is red, so
+    # that one far-off policy does not stretch the scale of all the others.
+    colours = plt.get_cmap('viridis').with_extremes(under='#d62728')
+    image = ax.imshow(medians, cmap=colours, vmin=0.0, vmax=1.0, aspect='auto')
+    for (i, method), (j, preference) in itertools.product(enumerate(methods), enumerate(preferences)):
+        spread_ = summary['cells'][method][preference]['gap_closed']
+        text = 'n/a' if spread_ is None else \
+            f"{spread_['median']:.3f}\n[{spread_['low']:.3f}, {spread_['high']:.3f}]"
+        ax.text(j, i, text, ha='center', va='center', fontsize=8,
+                color='black' if spread_ is not None and spread_['median'] > 0.6 else 'white')
+    ax.set_xticks(range(len(preferences)), preferences)
+    ax.set_yticks(range(len(methods)), methods)
+    ax.set_title('Gap closed to J* under the reward model: median [range] over seeds')
+    fig.colorbar(image, ax=ax, label='median gap closed', extend='min')
+    return figures.save(fig, path)
