@@ -50,6 +50,9 @@ class Method:
     # A short schedule that already learns, in a few seconds: ((field, value), ...) over the defaults.
     # The tests train every method with it (tests/test_every_method.py).
     quick: tuple = ()
+    # A yardstick rather than a method people train (the exact optimiser): the studies that compare or
+    # rank methods leave it out unless named (--methods); the collapse study measures against it.
+    reference: bool = False
 
     def stem(self, config):
         """The checkpoint file stem of a run with `config` (one of self.config): ppo_beta1 with the
@@ -141,5 +144,5 @@ register(Method(
 register(Method(
     name='exact', label='exact optimiser', config=exact.ExactConfig, train=exact.train_exact, needs_reward_model=True,
     summary='a reference, not a method: exact gradients of the exact objective over all 10^4 responses, nothing sampled',
-    color='#7f7f7f', marker='h', online=False,
+    color='#7f7f7f', marker='h', online=False, reference=True,
     quick=(('iters', 15), ('prompts_per_iter', 2), ('prompt_pool', 4), ('learning_rate', 3e-3))))

@@ -47,7 +47,7 @@ from toy_rlhf.studies.output import markdown_table, write_study
 @dataclass
 class LeaderboardConfig:
     preferences: tuple[str, ...] = ()  # built-in names or module:function (default: every built-in)
-    methods: tuple[str, ...] = ()  # registry names (default: every method that trains or has an exact policy)
+    methods: tuple[str, ...] = ()  # registry names (default: every method that trains or has an exact policy, but the yardsticks)
     seeds: tuple[Seed, ...] = (0, 1, 2)  # training seeds: an SFT policy each, a reward model per preference and seed
     betas: tuple[NonNegativeFloat, ...] = (1.0,)  # the KL strengths every method is run at
     prompts: ExactPrompts = EXACT_PROMPTS  # prompts of the exact evaluation (each: all 10^4 responses)
@@ -66,7 +66,8 @@ METRICS = ('gap_closed', 'gold_gap_closed', 'kl_to_target', 'consumed', 'seconds
 
 
 def chosen_methods(config):
-    return config.methods or tuple(name for name, method in METHODS.items() if method.train or method.exact_policy)
+    return config.methods or tuple(name for name, method in METHODS.items()
+                                   if (method.train or method.exact_policy) and not method.reference)
 
 
 def schedules(config):

@@ -38,7 +38,7 @@ SWEPT = ('ppo', 'dpo')  # the methods of the sweep (their settings: --ppo.*, --d
 @dataclass
 class CompareConfig:
     betas: tuple[NonNegativeFloat, ...] = (1.0,)  # the KL strengths every method is run at
-    methods: tuple[str, ...] = ()  # the methods to compare, by registry name (default: all registered)
+    methods: tuple[str, ...] = ()  # the methods to compare, by registry name (default: every registered one but the exact optimiser, a yardstick)
     presets: bool = True  # also each method's named presets (the registry's), a row each
     prompts: ExactPrompts = EXACT_PROMPTS  # prompts of the exact evaluation (each: all 10^4 responses)
     # Each training run is independent: with N workers, N run at once in processes of one thread each.
@@ -72,7 +72,8 @@ def variants(config, method_configs=None):
     """The comparison's variants: every method, and each of its presets, at every beta, on the
     comparison's seed."""
     return [method_variant(name, beta, config.seed, method_configs, preset)
-            for beta in config.betas for name in (config.methods or METHODS)
+            for beta in config.betas
+            for name in (config.methods or [name for name, method in METHODS.items() if not method.reference])
             for preset in (((), ''), *((settings, label) for label, settings, _ in
                                        (METHODS[name].presets if config.presets else ())))]
 
