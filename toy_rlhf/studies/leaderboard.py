@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from toy_rlhf import executors, figures
-from toy_rlhf.enumeration import response_log_probs_exact
+from toy_rlhf.enumeration import all_response_log_probs
 from toy_rlhf.files import atomic_write, fingerprint, write_json
 from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, PositiveInt, Seed
 from toy_rlhf.language import sample_prompts
@@ -139,7 +139,7 @@ def measured_row(run, variant, tables):
             raise
         print(f'{variant.name}: {error}; measured with no own target')
     method = replace(METHODS[variant.method], target=lambda tables, config: None)
-    log_pi = response_log_probs_exact(run.policy(variant), tables.prompts)
+    log_pi = all_response_log_probs(run.policy(variant), tables.prompts)
     row = exact_row(variant.describe(), method, variant.config(), log_pi, tables, run.gold_margin)
     checkpoint = run.checkpoint(variant)
     return {**row, **consumed(method, checkpoint['history']), 'seconds': checkpoint['metrics']['seconds']}
