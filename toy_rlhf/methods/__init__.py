@@ -21,7 +21,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
-from toy_rlhf.methods import best_of_n, dpo, grpo, ipo, online_dpo, ppo, reinforce_pp, rloo
+from toy_rlhf.methods import best_of_n, dpo, entropy, grpo, ipo, online_dpo, ppo, reinforce_pp, rloo
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def method_of_stem(stem):
 register(Method(
     name='ppo', label='PPO', config=ppo.PPOConfig, train=ppo.train_ppo, needs_reward_model=True,
     summary='PPO with a per-token KL penalty in the reward, leave-one-out baseline (or --critic)',
-    color='#2ca02c', marker='o',
+    color='#2ca02c', marker='o', target=entropy.with_entropy_bonus(None),
     presets=(('PPO, critic, GAE lambda 0.95', (('critic', True), ('gae_lambda', 0.95)), '#1f77b4'),
              ('PPO, critic, GAE lambda 1', (('critic', True), ('gae_lambda', 1.0)), '#17becf')),
     quick=(('iters', 25), ('prompts_per_iter', 64))))
@@ -106,7 +106,7 @@ register(Method(
 register(Method(
     name='rloo', label='RLOO', config=rloo.RLOOConfig, train=rloo.train_rloo, needs_reward_model=True,
     summary='REINFORCE with a leave-one-out baseline, the KL in the sequence reward, the sequence ratio clipped',
-    color='#9467bd', marker='D',
+    color='#9467bd', marker='D', target=entropy.with_entropy_bonus(None),
     quick=(('iters', 12),)))
 register(Method(
     name='reinforce_pp', label='REINFORCE++', config=reinforce_pp.ReinforcePPConfig,
@@ -117,7 +117,7 @@ register(Method(
 register(Method(
     name='grpo', label='GRPO', config=grpo.GRPOConfig, train=grpo.train_grpo, needs_reward_model=True,
     summary='GRPO as TRL ships it: group-normalised advantages, k3 KL in the loss (--scale-rewards, --kl: the fixes)',
-    color='#d62728', marker='^', target=grpo.fixed_point, target_label="GRPO's fixed point",
+    color='#d62728', marker='^', target=entropy.with_entropy_bonus(grpo.fixed_point), target_label="GRPO's fixed point",
     # The two fixes that bring its fixed point back to pi*: no division by the group's std (Dr. GRPO)
     # and the k3 term multiplied by the ratio to the rollout policy (DeepSeek-V3.2).
     presets=(('GRPO, unscaled + bias-corrected k3', (('scale_rewards', 'none'), ('kl', 'bias-corrected-k3')),
