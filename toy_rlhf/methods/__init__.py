@@ -117,7 +117,8 @@ register(Method(
 register(Method(
     name='grpo', label='GRPO', config=grpo.GRPOConfig, train=grpo.train_grpo, needs_reward_model=True,
     summary='GRPO as TRL ships it: group-normalised advantages, k3 KL in the loss (--scale-rewards, --kl: the fixes)',
-    color='#d62728', marker='^', target=entropy.with_entropy_bonus(grpo.fixed_point), target_label="GRPO's fixed point",
+    color='#d62728', marker='^', target=entropy.with_entropy_bonus(grpo.fixed_point, closed_form=False),
+    target_label="GRPO's fixed point",
     # The two fixes that bring its fixed point back to pi*: no division by the group's std (Dr. GRPO)
     # and the k3 term multiplied by the ratio to the rollout policy (DeepSeek-V3.2).
     presets=(('GRPO, unscaled + bias-corrected k3', (('scale_rewards', 'none'), ('kl', 'bias-corrected-k3')),

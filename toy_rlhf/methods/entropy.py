@@ -18,8 +18,9 @@ of the per-token bonus: with responses of 4 tokens the mean token entropy along 
 H(pi) / 4 in expectation (chain rule), but its gradient leaves out the future-entropy term, and the
 bonus is weighed against advantages on each method's own scale (PPO whitens them, GRPO divides by
 the group's std, RLOO's are the raw sequence reward). The target below is the closed form at
-alpha = entropy_coef: a reference point with the coefficient taken at face value, against which a
-trained policy is measured.
+alpha = entropy_coef for PPO and RLOO: a reference point with the coefficient taken at face value,
+against which a trained policy is measured; GRPO's bonus has no known target (None). pi_alpha also
+flattens digits 2-4 towards pi_ref^(beta / (alpha + beta)), KL that pi* never spends (the "entropy tax").
 """
 import torch
 
@@ -59,12 +60,18 @@ def entropy_regularised_value(log_ref, rewards, beta, alpha):
     return scale * ((beta * digit_distribution(log_ref) + rewards) / scale).logsumexp(dim=1)
 
 
-def with_entropy_bonus(target):
-    """The registry's target of a method with `entropy_coef`: pi_alpha at alpha = config.entropy_coef
-    when it is positive, otherwise target(tables, config) (None: pi* of the reward model)."""
+def with_entropy_bonus(target, closed_form=True):
+    """The registry's target of a method with `entropy_coef`: without the bonus target(tables, config)
+    (None: pi* of the reward model); with it pi_alpha at alpha = config.entropy_coef, or None (no
+    exact target known) for a method whose closed_form is False.
+
+    GRPO's is False: dividing by the group's std already moves its fixed point far from pi*
+    (grpo.fixed_point), and the bonus is weighed against those rescaled advantages, so pi_alpha is
+    not where it goes."""
     def entropy_target(tables, config):
         if config.entropy_coef > 0:
-            return entropy_regularised_optimum(tables.log_ref, tables.rewards, config.beta, config.entropy_coef)
+            return entropy_regularised_optimum(tables.log_ref, tables.rewards, config.beta,
+                                               config.entropy_coef) if closed_form else None
         if target is None:
             return optimal_log_probs(tables.log_ref, tables.rewards, config.beta)
         return target(tables, config)
