@@ -21,7 +21,8 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
-from toy_rlhf.methods import best_of_n, dpo, entropy, grpo, ipo, online_dpo, ppo, reinforce_pp, rloo
+from toy_rlhf.methods import (best_of_n, distill, dpo, entropy, grpo, ipo, kto, online_dpo, ppo, reinforce_pp,
+                             rloo)
 
 
 @dataclass(frozen=True)
@@ -139,3 +140,14 @@ register(Method(
     name='best_of_n', label='Best-of-n', config=best_of_n.BestOfNConfig, train=None, needs_reward_model=True,
     summary='the best of n reference samples under the reward model, exact by enumeration (no training)',
     color='#ff7f0e', marker='*', exact_policy=best_of_n.exact_policy, online=False))
+register(Method(
+    name='distill', label='On-policy distillation', config=distill.DistillConfig, train=distill.train_distill,
+    needs_reward_model=True,
+    summary='the student samples, the loss is the per-token KL to an exact teacher (pi* or best-of-n: BOND)',
+    color='#7f7f7f', marker='p', target=distill.target, target_label='the exact teacher',
+    quick=(('iters', 12),)))
+register(Method(
+    name='kto', label='KTO', config=kto.KTOConfig, train=kto.train_kto, needs_reward_model=False,
+    summary="Kahneman-Tversky optimisation on the pairs taken apart (chosen desirable, rejected not), TRL's defaults",
+    color='#aec7e8', marker='d', target=kto.target, target_label='none known', online=False,
+    quick=(('iters', 100), ('pairs', 4000))))
