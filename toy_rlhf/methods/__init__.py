@@ -21,7 +21,8 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
-from toy_rlhf.methods import best_of_n, dpo, exact, grpo, ipo, online_dpo, ppo, reinforce_pp, rloo
+from toy_rlhf.methods import (best_of_n, distill, dpo, entropy, exact, grpo, ipo, kto, online_dpo, ppo,
+                             reinforce_pp, rloo)
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def method_of_stem(stem):
 register(Method(
     name='ppo', label='PPO', config=ppo.PPOConfig, train=ppo.train_ppo, needs_reward_model=True,
     summary='PPO with a per-token KL penalty in the reward, leave-one-out baseline (or --critic)',
-    color='#2ca02c', marker='o',
+    color='#2ca02c', marker='o', target=entropy.with_entropy_bonus(None),
     presets=(('PPO, critic, GAE lambda 0.95', (('critic', True), ('gae_lambda', 0.95)), '#1f77b4'),
              ('PPO, critic, GAE lambda 1', (('critic', True), ('gae_lambda', 1.0)), '#17becf')),
     quick=(('iters', 25), ('prompts_per_iter', 64))))
@@ -109,7 +110,7 @@ register(Method(
 register(Method(
     name='rloo', label='RLOO', config=rloo.RLOOConfig, train=rloo.train_rloo, needs_reward_model=True,
     summary='REINFORCE with a leave-one-out baseline, the KL in the sequence reward, the sequence ratio clipped',
-    color='#9467bd', marker='D',
+    color='#9467bd', marker='D', target=entropy.with_entropy_bonus(None),
     quick=(('iters', 12),)))
 register(Method(
     name='reinforce_pp', label='REINFORCE++', config=reinforce_pp.ReinforcePPConfig,
@@ -120,7 +121,8 @@ register(Method(
 register(Method(
     name='grpo', label='GRPO', config=grpo.GRPOConfig, train=grpo.train_grpo, needs_reward_model=True,
     summary='GRPO as TRL ships it: group-normalised advantages, k3 KL in the loss (--scale-rewards, --kl: the fixes)',
-    color='#d62728', marker='^', target=grpo.fixed_point, target_label="GRPO's fixed point",
+    color='#d62728', marker='^', target=entropy.with_entropy_bonus(grpo.fixed_point, closed_form=False),
+    target_label="GRPO's fixed point",
     # The two fixes that bring its fixed point back to pi*: no division by the group's std (Dr. GRPO)
     # and the k3 term multiplied by the ratio to the rollout policy (DeepSeek-V3.2).
     presets=(('GRPO, unscaled + bias-corrected k3', (('scale_rewards', 'none'), ('kl', 'bias-corrected-k3')),
@@ -146,3 +148,14 @@ register(Method(
     summary='a reference, not a method: exact gradients of the exact objective over all 10^4 responses, nothing sampled',
     color='#7f7f7f', marker='h', online=False, reference=True,
     quick=(('iters', 15), ('prompts_per_iter', 2), ('prompt_pool', 4), ('learning_rate', 3e-3))))
+register(Method(
+    name='distill', label='On-policy distillation', config=distill.DistillConfig, train=distill.train_distill,
+    needs_reward_model=True,
+    summary='the student samples, the loss is the per-token KL to an exact teacher (pi* or best-of-n: BOND)',
+    color='#c49c94', marker='p', target=distill.target, target_label='the exact teacher',
+    quick=(('iters', 12),)))
+register(Method(
+    name='kto', label='KTO', config=kto.KTOConfig, train=kto.train_kto, needs_reward_model=False,
+    summary="Kahneman-Tversky optimisation on the pairs taken apart (chosen desirable, rejected not), TRL's defaults",
+    color='#aec7e8', marker='d', target=kto.target, target_label='none known', online=False,
+    quick=(('iters', 100), ('pairs', 4000))))

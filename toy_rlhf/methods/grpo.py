@@ -35,13 +35,14 @@ from typing import Literal
 
 import torch
 
-from toy_rlhf.flags import PositiveFloat
+from toy_rlhf.flags import NonNegativeFloat, PositiveFloat
 from toy_rlhf.language import DIGITS, RESPONSE_LENGTH
 from toy_rlhf.methods.advantages import clipped_surrogate_loss, group_normalised_advantages
+from toy_rlhf.methods.entropy import mean_token_entropy
 from toy_rlhf.methods.rollout import (RolloutConfig, TrainingLog, mean_rows, minibatches, prompt_groups, rollout,
                                       rollout_row, start_training)
 from toy_rlhf.optimal import digit_distribution, optimal_log_probs
-from toy_rlhf.policy import token_log_probs
+from toy_rlhf.policy import token_log_probs_from, next_token_log_probs
 from toy_rlhf.training import check_finite, gradient_step
 
 
@@ -55,6 +56,9 @@ class GRPOConfig(RolloutConfig):
     # RolloutConfig's clip_epsilon, the symmetric clip. DAPO uses 0.28.
     clip_epsilon_high: PositiveFloat = RolloutConfig.clip_epsilon  # upper ratio clip, 1 + this (DAPO: 0.28)
     drop_uniform_groups: bool = False  # leave groups whose scores are all equal out of the update (DAPO)
+    # TRL's entropy_coef: alpha * the mean entropy of the next-token distributions at the sampled
+    # positions, subtracted from the loss (toy_rlhf/methods/entropy.py); 0 is off, as TRL and verl.
+    entropy_coef: NonNegativeFloat = 0.0  # entropy bonus alpha: the loss gets -alpha * mean token entropy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,13 +126,16 @@ def update(actor, optimizer, batch, kept, config):
     steps = []
     for index in minibatches(len(kept), config):
         index = kept[index]
-        logp_new = token_log_probs(actor, batch['sentences'][index])
+        log_probs = next_token_log_probs(actor, batch['sentences'][index])  # (b, 4, V): next-token log-probs
+        logp_new = token_log_probs_from(log_probs, batch['sentences'][index])  # (b, 4): the sampled tokens'
         logp_old, logp_ref = batch['logp_old'][index], batch['logp_ref'][index]
         loss, clip_fraction, approx_kl = clipped_surrogate_loss(
             logp_new, logp_old, batch['advantages'][index], config.clip_epsilon, config.clip_epsilon_high)
         kl = k3_kl(logp_new, logp_ref, logp_old if config.kl == 'bias-corrected-k3' else None).mean()
         if config.kl != 'k1-in-reward':
             loss = loss + config.beta * kl
+        if config.entropy_coef:  # the entropy bonus, per token as TRL (entropy.py)
+            loss = loss - config.entropy_coef * mean_token_entropy(log_probs)
         gradient_step(optimizer, loss, actor, config.max_grad_norm)
         steps.append({'policy/loss': loss.item(), 'policy/clipfrac': clip_fraction.item(),
                       'policy/approxkl': approx_kl.item(), 'kl': kl.item()})

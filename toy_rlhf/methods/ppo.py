@@ -20,12 +20,13 @@ from dataclasses import dataclass
 import torch
 
 from mingpt.utils import CfgNode
-from toy_rlhf.flags import PositiveFloat, Probability
+from toy_rlhf.flags import NonNegativeFloat, PositiveFloat, Probability
 from toy_rlhf.methods.advantages import (clipped_surrogate_loss, gae_advantages, leave_one_out_advantages,
                                          per_token_rewards, returns_to_go, whiten)
+from toy_rlhf.methods.entropy import mean_token_entropy
 from toy_rlhf.methods.rollout import (RolloutConfig, TrainingLog, mean_rows, minibatches, prompt_groups, rollout,
                                       rollout_row, start_training)
-from toy_rlhf.policy import started_from, token_log_probs
+from toy_rlhf.policy import token_log_probs_from, next_token_log_probs, started_from
 from toy_rlhf.training import check_finite, gradient_step
 
 
@@ -37,6 +38,9 @@ class PPOConfig(RolloutConfig):
     # CleanRL's default, off here: at beta=1 on first-digit the constant rate already lands next to
     # pi*; on a preference that needs many rounds the decay closes more of the gap (README).
     anneal_lr: bool = False  # decay the learning rate linearly to 0 over the rounds
+    # TRL's entropy_coef: alpha * the mean entropy of the next-token distributions at the sampled
+    # positions, subtracted from the loss (toy_rlhf/methods/entropy.py); 0 is off, as TRL and verl.
+    entropy_coef: NonNegativeFloat = 0.0  # entropy bonus alpha: the loss gets -alpha * mean token entropy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,13 +127,17 @@ def update(actor, optimizer, batch, config, critic=None, critic_optimizer=None):
     """K epochs of minibatch updates of the clipped surrogate (and the clipped value loss); returns
     the mean loss, clip fraction and approximate KL (and the critic's value loss and explained
     variance, which tell a critic that learns from one that does not)."""
+    entropy_coef = getattr(config, 'entropy_coef', 0.0)  # REINFORCE++ reuses this update, without the bonus
     actor.train()
     steps = []
     for index in minibatches(len(batch['sentences']), config):
         sentences = batch['sentences'][index]
-        logp_new = token_log_probs(actor, sentences)
+        log_probs = next_token_log_probs(actor, sentences)  # (b, 4, V): next-token log-probs
+        logp_new = token_log_probs_from(log_probs, sentences)  # (b, 4): the sampled tokens'
         loss, clip_fraction, approx_kl = clipped_surrogate_loss(
             logp_new, batch['logp_old'][index], batch['advantages'][index], config.clip_epsilon)
+        if entropy_coef:  # the entropy bonus, per token as TRL (entropy.py)
+            loss = loss - entropy_coef * mean_token_entropy(log_probs)
         gradient_step(optimizer, loss, actor, config.max_grad_norm)
         step = {'policy/loss': loss.item(), 'policy/clipfrac': clip_fraction.item(),
                 'policy/approxkl': approx_kl.item()}

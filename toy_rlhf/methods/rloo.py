@@ -25,11 +25,12 @@ import math
 from dataclasses import dataclass
 
 
-from toy_rlhf.flags import PositiveFloat
+from toy_rlhf.flags import NonNegativeFloat, PositiveFloat
 from toy_rlhf.methods.advantages import clipped_surrogate_loss, leave_one_out_advantages, per_token_rewards, whiten
+from toy_rlhf.methods.entropy import mean_token_entropy
 from toy_rlhf.methods.rollout import (RolloutConfig, TrainingLog, mean_rows, minibatches, prompt_groups, rollout,
                                       rollout_row, start_training)
-from toy_rlhf.policy import token_log_probs
+from toy_rlhf.policy import token_log_probs_from, next_token_log_probs
 from toy_rlhf.training import check_finite, gradient_step
 
 
@@ -46,6 +47,9 @@ class RLOOConfig(RolloutConfig):
     # Off, as TRL: leave-one-out advantages have mean 0 per prompt already, so whitening only scales
     # them, and the norm clip undoes any scale (the same run either way, to 3 digits).
     normalize_advantages: bool = False  # whiten the advantages over the batch (mean 0, std 1)
+    # TRL's entropy_coef: alpha * the mean entropy of the next-token distributions at the sampled
+    # positions, subtracted from the loss (toy_rlhf/methods/entropy.py); 0 is off, as TRL and verl.
+    entropy_coef: NonNegativeFloat = 0.0  # entropy bonus alpha: the loss gets -alpha * mean token entropy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,9 +110,12 @@ def update(actor, optimizer, batch, config):
     actor.train()
     steps = []
     for index in minibatches(len(batch['sentences']), config):
-        logp_new = token_log_probs(actor, batch['sentences'][index])
+        log_probs = next_token_log_probs(actor, batch['sentences'][index])  # (b, 4, V): next-token log-probs
+        logp_new = token_log_probs_from(log_probs, batch['sentences'][index])  # (b, 4): the sampled tokens'
         loss, clip_fraction, approx_kl = sequence_surrogate_loss(
             logp_new, batch['logp_old'][index], batch['advantages'][index], clip_epsilon)
+        if config.entropy_coef:  # the entropy bonus, per token as TRL (entropy.py)
+            loss = loss - config.entropy_coef * mean_token_entropy(log_probs)
         gradient_step(optimizer, loss, actor, config.max_grad_norm)
         steps.append({'policy/loss': loss.item(), 'policy/clipfrac': clip_fraction.item(),
                       'policy/approxkl': approx_kl.item()})

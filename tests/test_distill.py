@@ -1,0 +1,57 @@
+"""On-policy distillation: the teacher's next-token distributions against its table, the divergences
+against hand-computed values, and where the quick schedule lands against its exact teacher."""
+import math
+
+import torch
+
+from toy_rlhf.enumeration import all_responses, all_response_log_probs
+from toy_rlhf.language import SEP, VOCAB_SIZE, sample_prompts
+from toy_rlhf.methods import METHODS
+from toy_rlhf.methods.distill import DistillConfig, divergence_loss, teacher_next_token
+from toy_rlhf.optimal import exact_tables, expected_reward, objective, optimal_value, response_kl
+from toy_rlhf.preferences import PREFERENCES
+
+
+def test_the_teachers_next_token_distributions_multiply_to_its_table():
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randn(3, 10 ** 4, dtype=torch.float64, generator=generator).log_softmax(dim=1)
+    responses = all_responses()[torch.randint(10 ** 4, (3,), generator=generator)]  # (3, 4)
+    log_ref_next = torch.randn(3, 4, VOCAB_SIZE, generator=generator).log_softmax(dim=-1)
+    teacher = teacher_next_token(table, responses, log_ref_next)  # (3, 4, V)
+    assert torch.allclose(teacher.exp().sum(dim=-1), torch.ones(3, 4), atol=1e-5)
+    assert torch.equal(teacher[..., SEP], log_ref_next[..., SEP])  # SEP: the reference's
+    # Renormalised over digits, the conditionals along a response multiply to the table's probability.
+    digits = teacher[..., :SEP].log_softmax(dim=-1).double()
+    along = digits.gather(2, responses.unsqueeze(2)).squeeze(2).sum(dim=1)
+    index = (responses * torch.tensor([1000, 100, 10, 1])).sum(dim=1)
+    assert torch.allclose(along, table[torch.arange(3), index], atol=1e-5)
+
+
+def test_the_divergences_match_hand_computations():
+    # p = (1/2, 1/2), q = (1/4, 3/4), each divergence written out term by term.
+    p, q = torch.tensor([[[0.5, 0.5]]]).log(), torch.tensor([[[0.25, 0.75]]]).log()
+    reverse = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    forward = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert math.isclose(divergence_loss(p, q, 'reverse-kl', 0.5).item(), reverse, rel_tol=1e-6)
+    assert math.isclose(divergence_loss(p, q, 'forward-kl', 0.5).item(), forward, rel_tol=1e-6)
+    # JSD at 1/2: m = (3/8, 5/8), (KL(q || m) + KL(p || m)) / 2.
+    m = (0.375, 0.625)
+    jsd = 0.5 * sum(a * math.log(a / b) for a, b in zip((0.25, 0.75), m)) + \
+        0.5 * sum(a * math.log(a / b) for a, b in zip((0.5, 0.5), m))
+    assert math.isclose(divergence_loss(p, q, 'jsd', 0.5).item(), jsd, rel_tol=1e-6)
+    assert divergence_loss(p, p, 'jsd', 0.3).abs().item() < 1e-7
+
+
+def test_the_quick_schedule_distils_pi_star_closing_most_of_the_gap(sft_policy, reward_model, quick_runs):
+    tables = exact_tables(sft_policy, reward_model, sample_prompts(20, torch.Generator().manual_seed(3)),
+                          PREFERENCES['first-digit'])
+    config = DistillConfig(**dict(METHODS['distill'].quick))
+    log_pi = all_response_log_probs(quick_runs['distill'][0], tables.prompts)
+    teacher = METHODS['distill'].target(tables, config)
+    # Measured (seed 0, 12 rounds): 0.23 nats from the teacher (the SFT policy 5.9), 96% of the gap
+    # to J* closed (93.7% after 4 rounds, 94.8% after 8: still climbing, slowly).
+    assert response_kl(log_pi, teacher).mean() < 0.35
+    J, J_ref = (objective(x, tables.log_ref, tables.rewards, 1.0).mean() for x in (log_pi, tables.log_ref))
+    J_star = optimal_value(tables.log_ref, tables.rewards, 1.0).mean()
+    assert (J - J_ref) / (J_star - J_ref) > 0.93
+    assert expected_reward(log_pi, tables.rewards).mean() > expected_reward(tables.log_ref, tables.rewards).mean()
