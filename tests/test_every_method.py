@@ -54,7 +54,7 @@ def test_the_same_seed_gives_the_same_run_another_seed_another_and_the_inputs_st
     before = {model: weights_and_gradients(model) for model in (sft_policy, reward_model)}
 
     def run(seed):
-        policy, history = train_quickly(name, sft_policy, reward_model, iters=2, seed=seed)
+        policy, history = train_quickly(name, sft_policy, reward_model, iters=1, seed=seed)
         return policy.state_dict(), [{k: v for k, v in row.items() if not k.startswith('time/')} for row in history]
 
     (weights, history), (weights_again, history_again) = run(0), run(0)

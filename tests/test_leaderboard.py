@@ -88,6 +88,7 @@ def test_a_changed_checkpoint_is_measured_again(serial, monkeypatch):
     assert measured == [policy.stem]
 
 
+@pytest.mark.slow  # starting a local cluster takes most of it: `pytest -m slow` (with the [dask] extra)
 def test_a_dask_local_cluster_gives_the_numbers_of_a_serial_run(serial, tmp_path):
     pytest.importorskip('distributed')
     at_one_thread(with_the_same_inputs(serial, tmp_path), replace(GRID, workers=2, executor='dask'))

@@ -156,14 +156,14 @@ def test_a_changed_sft_model_makes_the_reward_model_and_ppo_which_start_from_it_
     shutil.copytree(run_dir, copy)
     configs = stage_configs(tiny_schedule())
     ppo_inputs = (copy / 'sft.pt', copy / 'reward.pt')
-    stages = {'sft': pipeline.provenance(configs['sft']),
-              'reward': pipeline.provenance(configs['reward'], (copy / 'sft.pt',)),
-              **{f'ppo beta={beta:g}': pipeline.provenance(ppo, ppo_inputs, 'first-digit')
+    stages = {'sft': lambda: pipeline.provenance(configs['sft']),
+              'reward': lambda: pipeline.provenance(configs['reward'], (copy / 'sft.pt',)),
+              **{f'ppo beta={beta:g}': functools.partial(pipeline.provenance, ppo, ppo_inputs, 'first-digit')
                  for beta, ppo in configs['ppo'].items()}}
     names = dict(zip(stages, CHECKPOINTS))
 
-    def current():
-        return {stage: pipeline.current_checkpoint(copy / names[stage], made_from) is not None
+    def current():  # the provenance as it is now: the inputs' fingerprints read again
+        return {stage: pipeline.current_checkpoint(copy / names[stage], made_from()) is not None
                 for stage, made_from in stages.items()}
 
     assert all(current().values())
