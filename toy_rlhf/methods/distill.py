@@ -34,8 +34,7 @@ from toy_rlhf.enumeration import all_response_log_probs, all_response_rewards
 from toy_rlhf.flags import PositiveFloat, PositiveInt, Probability
 from toy_rlhf.language import DIGITS, PROMPT_LENGTH, RESPONSE_LENGTH, SEP, sample_prompts
 from toy_rlhf.methods.best_of_n import best_of_n_log_probs
-from toy_rlhf.methods.rollout import (RolloutConfig, TrainingLog, mean_rows, minibatches, rollout, rollout_row,
-                                      start_training)
+from toy_rlhf.methods.rollout import (RolloutConfig, TrainingLog, mean_rows, minibatches, rollout, start_training)
 from toy_rlhf.optimal import digit_distribution, optimal_log_probs
 from toy_rlhf.policy import next_token_log_probs
 from toy_rlhf.training import check_finite, gradient_step
@@ -121,7 +120,6 @@ def train_distill(sft_policy, reward_model, config, preference, progress=True, m
     """
     student, reference, optimizer, generator = start_training(sft_policy, config)
     reward_model.eval()
-    samples = 0
     with TrainingLog(config.iters, f'distill {config.teacher} beta={config.beta:g}', progress,
                      shown=('objective/scores', 'objective/kl_full', 'gold/preference_rate')) as log:
         for iteration in range(config.iters):
@@ -139,11 +137,7 @@ def train_distill(sft_policy, reward_model, config, preference, progress=True, m
             # 3. update: the divergence per token, over minibatches
             stats = update(student, optimizer, batch, config)
             check_finite('distill', iteration, loss=stats['loss'])
-            samples += len(batch['sentences'])
-            measured = measure(iteration + 1, student) if measure is not None else {}
-            log.add({'iter': iteration, **rollout_row(batch, config.beta, samples, log.seconds()), **stats,
-                     **measured})
-            log.step()
+            log.end_round(iteration, batch, config.beta, stats, student, measure)
     return student.eval(), log.rows
 
 

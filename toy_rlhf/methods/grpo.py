@@ -40,7 +40,7 @@ from toy_rlhf.language import DIGITS, RESPONSE_LENGTH
 from toy_rlhf.methods.advantages import clipped_surrogate_loss, group_normalised_advantages
 from toy_rlhf.methods.entropy import mean_token_entropy
 from toy_rlhf.methods.rollout import (RolloutConfig, TrainingLog, mean_rows, minibatches, prompt_groups, rollout,
-                                      rollout_row, start_training)
+                                      start_training)
 from toy_rlhf.optimal import digit_distribution, optimal_log_probs
 from toy_rlhf.policy import token_log_probs_from, next_token_log_probs
 from toy_rlhf.training import check_finite, gradient_step
@@ -91,7 +91,6 @@ def train_grpo(sft_policy, reward_model, config, preference, progress=True, meas
     actor, reference, optimizer, generator = start_training(sft_policy, config)
     K = config.samples_per_prompt
 
-    samples = 0
     with TrainingLog(config.iters, f'GRPO beta={config.beta:g}', progress,
                      shown=('objective/scores', 'objective/kl_full', 'gold/preference_rate')) as log:
         for iteration in range(config.iters):
@@ -111,11 +110,8 @@ def train_grpo(sft_policy, reward_model, config, preference, progress=True, meas
             # 4. update: clipped surrogate + beta * k3 per token, over minibatches of the kept samples
             stats = update(actor, optimizer, batch, kept, config) if len(kept) else {}
             check_finite('grpo', iteration, loss=stats.get('policy/loss', 0.0))
-            samples += len(batch['sentences'])
-            measured = measure(iteration + 1, actor) if measure is not None else {}
-            log.add({'iter': iteration, **rollout_row(batch, config.beta, samples, log.seconds()),
-                     'frac_reward_zero_std': uniform.float().mean().item(), **stats, **measured})
-            log.step()
+            stats = {'frac_reward_zero_std': uniform.float().mean().item(), **stats}
+            log.end_round(iteration, batch, config.beta, stats, actor, measure)
     return actor.eval(), log.rows
 
 

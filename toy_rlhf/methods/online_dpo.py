@@ -47,7 +47,7 @@ from toy_rlhf.flags import PositiveFloat, PositiveInt, Seed
 from toy_rlhf.language import PROMPT_LENGTH
 from toy_rlhf.methods.dpo import dpo_loss, sequence_log_probs
 from toy_rlhf.methods.rollout import (TrainingLog, mean_rows, minibatches, prompt_groups, rollout,
-                                      rollout_row, start_training)
+                                      start_training)
 from toy_rlhf.training import check_finite, gradient_step
 
 
@@ -104,7 +104,6 @@ def train_online_dpo(sft_policy, reward_model, config, preference, progress=True
     what measure(rounds done, actor) returns after each round (as train_ppo's)."""
     actor, reference, optimizer, generator = start_training(sft_policy, config)
 
-    samples = 0
     with TrainingLog(config.iters, f'online DPO beta={config.beta:g}', progress,
                      shown=('loss', 'rewards/margins', 'gold/preference_rate')) as log:
         for iteration in range(config.iters):
@@ -117,11 +116,7 @@ def train_online_dpo(sft_policy, reward_model, config, preference, progress=True
             # 3. update: the DPO loss of the labelled pairs against the frozen reference
             stats = update(actor, optimizer, batch, chosen, rejected, config)
             check_finite('online_dpo', iteration, loss=stats['loss'])
-            samples += len(batch['sentences'])
-            measured = measure(iteration + 1, actor) if measure is not None else {}
-            log.add({'iter': iteration, **rollout_row(batch, config.beta, samples, log.seconds()), **stats,
-                     **measured})
-            log.step()
+            log.end_round(iteration, batch, config.beta, stats, actor, measure)
     return actor.eval(), log.rows
 
 

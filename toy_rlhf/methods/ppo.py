@@ -25,7 +25,7 @@ from toy_rlhf.methods.advantages import (clipped_surrogate_loss, gae_advantages,
                                          per_token_rewards, returns_to_go, whiten)
 from toy_rlhf.methods.entropy import mean_token_entropy
 from toy_rlhf.methods.rollout import (RolloutConfig, TrainingLog, mean_rows, minibatches, prompt_groups, rollout,
-                                      rollout_row, start_training)
+                                      start_training)
 from toy_rlhf.policy import token_log_probs_from, next_token_log_probs, started_from
 from toy_rlhf.training import check_finite, gradient_step
 
@@ -89,7 +89,6 @@ def train_ppo(sft_policy, reward_model, config, preference, progress=True, measu
     critic = value_model(sft_policy) if config.critic else None
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=config.learning_rate) if critic else None
 
-    samples = 0
     with TrainingLog(config.iters, f'PPO beta={config.beta:g}', progress,
                      shown=('objective/scores', 'objective/kl_full', 'gold/preference_rate')) as log:
         for iteration in range(config.iters):
@@ -115,11 +114,7 @@ def train_ppo(sft_policy, reward_model, config, preference, progress=True, measu
             # 4. update: the clipped surrogate per token (and the critic's clipped value loss)
             stats = update(actor, optimizer, batch, config, critic, critic_optimizer)
             check_finite('ppo', iteration, loss=stats['policy/loss'])
-            samples += len(batch['sentences'])
-            measured = measure(iteration + 1, actor) if measure is not None else {}
-            log.add({'iter': iteration, **rollout_row(batch, config.beta, samples, log.seconds()), **stats,
-                     **measured})
-            log.step()
+            log.end_round(iteration, batch, config.beta, stats, actor, measure)
     return actor.eval(), log.rows
 
 

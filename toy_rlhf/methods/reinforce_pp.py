@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from toy_rlhf.flags import PositiveInt
 from toy_rlhf.methods.ppo import update
 from toy_rlhf.methods.advantages import per_token_rewards, returns_to_go, whiten
-from toy_rlhf.methods.rollout import RolloutConfig, TrainingLog, prompt_groups, rollout, rollout_row, start_training
+from toy_rlhf.methods.rollout import RolloutConfig, TrainingLog, prompt_groups, rollout, start_training
 from toy_rlhf.training import check_finite
 
 
@@ -44,7 +44,6 @@ def train_reinforce_pp(sft_policy, reward_model, config, preference, progress=Tr
     plus what measure(rounds done, actor) returns after each round (as train_ppo's)."""
     actor, reference, optimizer, generator = start_training(sft_policy, config)
 
-    samples = 0
     with TrainingLog(config.iters, f'REINFORCE++ beta={config.beta:g}', progress,
                      shown=('objective/scores', 'objective/kl_full', 'gold/preference_rate')) as log:
         for iteration in range(config.iters):
@@ -58,9 +57,5 @@ def train_reinforce_pp(sft_policy, reward_model, config, preference, progress=Tr
             # 4. update: PPO's clipped surrogate per token
             stats = update(actor, optimizer, batch, config)
             check_finite('reinforce++', iteration, loss=stats['policy/loss'])
-            samples += len(batch['sentences'])
-            measured = measure(iteration + 1, actor) if measure is not None else {}
-            log.add({'iter': iteration, **rollout_row(batch, config.beta, samples, log.seconds()), **stats,
-                     **measured})
-            log.step()
+            log.end_round(iteration, batch, config.beta, stats, actor, measure)
     return actor.eval(), log.rows

@@ -29,7 +29,7 @@ from toy_rlhf.flags import NonNegativeFloat, PositiveFloat
 from toy_rlhf.methods.advantages import clipped_surrogate_loss, leave_one_out_advantages, per_token_rewards, whiten
 from toy_rlhf.methods.entropy import mean_token_entropy
 from toy_rlhf.methods.rollout import (RolloutConfig, TrainingLog, mean_rows, minibatches, prompt_groups, rollout,
-                                      rollout_row, start_training)
+                                      start_training)
 from toy_rlhf.policy import token_log_probs_from, next_token_log_probs
 from toy_rlhf.training import check_finite, gradient_step
 
@@ -79,7 +79,6 @@ def train_rloo(sft_policy, reward_model, config, preference, progress=True, meas
     """
     actor, reference, optimizer, generator = start_training(sft_policy, config)
 
-    samples = 0
     with TrainingLog(config.iters, f'RLOO beta={config.beta:g}', progress,
                      shown=('objective/scores', 'objective/kl_full', 'gold/preference_rate')) as log:
         for iteration in range(config.iters):
@@ -95,11 +94,7 @@ def train_rloo(sft_policy, reward_model, config, preference, progress=True, meas
             # 4. update: the clipped surrogate of the sequences
             stats = update(actor, optimizer, batch, config)
             check_finite('rloo', iteration, loss=stats['policy/loss'])
-            samples += len(batch['sentences'])
-            measured = measure(iteration + 1, actor) if measure is not None else {}
-            log.add({'iter': iteration, **rollout_row(batch, config.beta, samples, log.seconds()), **stats,
-                     **measured})
-            log.step()
+            log.end_round(iteration, batch, config.beta, stats, actor, measure)
     return actor.eval(), log.rows
 
 

@@ -121,14 +121,15 @@ def mean_rows(rows):
 class TrainingLog:
     """The history of a stage and its progress bar; `with` closes the bar, also when the stage fails.
 
-        with TrainingLog(config.iters, 'PPO beta=1', progress) as log:
+        with TrainingLog(config.iters, 'PPO beta=1', progress, shown=('objective/scores',)) as log:
             for iteration in range(config.iters):
                 ...
-                log.add({'iter': iteration, ...}, score='objective/scores')
+                log.end_round(iteration, batch, config.beta, stats, actor, measure)
     """
 
     def __init__(self, total, description, progress=True, shown=()):
         self.rows = []
+        self.samples = 0  # responses sampled so far, counted by end_round
         self.shown = shown  # names of the row's numbers to show beside the bar
         self.bar = progress_bar(total, description, progress)
         self.clock = time.perf_counter()
@@ -152,3 +153,11 @@ class TrainingLog:
 
     def step(self):
         self.bar.update(1)
+
+    def end_round(self, iteration, batch, beta, stats, policy, measure=None):
+        """Close a round of an online method: count its responses, log the rollout's row, the update's
+        stats and what measure(rounds done, policy) returns, and move the bar."""
+        self.samples += len(batch['sentences'])
+        measured = measure(iteration + 1, policy) if measure is not None else {}
+        self.add({'iter': iteration, **rollout_row(batch, beta, self.samples, self.seconds()), **stats, **measured})
+        self.step()
