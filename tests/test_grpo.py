@@ -10,7 +10,7 @@ from toy_rlhf.enumeration import all_responses, all_response_log_probs
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods.advantages import group_normalised_advantages
 from toy_rlhf.methods.grpo import (GRPOConfig, fixed_point, forward_kl_step, k3_kl, per_token_fixed_point,
-                                   reverse_kl_step, train_grpo, uniform_groups)
+                                   reverse_kl_step, reward_std, train_grpo, uniform_groups)
 from toy_rlhf.metrics import evaluate_policy
 from toy_rlhf.optimal import (ExactTables, digit_distribution, exact_tables, objective, optimal_log_probs, optimal_value,
                               response_kl)
@@ -154,6 +154,29 @@ def test_with_std_scaling_sigma_is_the_std_under_the_fixed_point_itself(kl):
         lam = ((1 + u) + math.sqrt((1 + u) ** 2 - 3 * u)) / 2
         expected = 0.25 / (lam - u)
     assert math.isclose(p, expected, abs_tol=1e-8)
+
+
+def test_where_iterating_sigma_would_cycle_the_fixed_point_is_still_self_consistent():
+    # A reference with independent digits and a noisy reward, at beta 0.3 with bias-corrected k3: a
+    # stronger push (smaller sigma) first spreads the reward before it concentrates the policy, so
+    # sigma <- std(sigma) jumps between two values for ever (the case the leaderboard met).
+    generator = torch.Generator().manual_seed(3)
+    per_digit = torch.log_softmax(3 * torch.randn(4, 10, generator=generator, dtype=torch.float64), dim=1)
+    log_ref = sum(per_digit[i][RESPONSES[:, i]] for i in range(4)).unsqueeze(0)
+    rewards = 4 * torch.randn(1, len(RESPONSES), generator=generator, dtype=torch.float64)
+    config, c = GRPOConfig(beta=0.3, kl='bias-corrected-k3'), 3 / 4
+
+    def answer(sigma):
+        return per_token_fixed_point(log_ref, c * rewards / sigma, config.beta, reverse_kl_step)
+
+    sigmas = [reward_std(log_ref, rewards, 'group')]
+    for _ in range(40):
+        sigmas.append(reward_std(answer(sigmas[-1]), rewards, 'group'))
+    assert abs(sigmas[-1] - sigmas[-2]).item() > 0.5 and abs(sigmas[-1] - sigmas[-3]).item() < 1e-6  # a 2-cycle
+    log_pi = fixed_point(ExactTables(None, log_ref, rewards), config)
+    sigma = reward_std(log_pi, rewards, 'group')
+    assert torch.allclose(log_pi, answer(sigma), atol=1e-7)  # the std under the answer is the sigma it was solved at
+    assert min(sigmas[-2:]) < sigma < max(sigmas[-2:])  # between the cycle's two values
 
 
 @pytest.mark.parametrize('kl', ['k3-in-loss', 'bias-corrected-k3', 'k1-in-reward'])

@@ -183,7 +183,7 @@ def test_the_sweep_puts_every_policy_at_or_below_the_exact_optimum_and_reuses_it
     for name, short in (('ppo', functools.partial(PPOConfig, iters=3, prompts_per_iter=16)),
                         ('dpo', functools.partial(DPOConfig, iters=5, pairs=256))):
         monkeypatch.setitem(METHODS, name, dataclasses.replace(METHODS[name], config=short))
-    config = SweepConfig(betas=(1.0, 0.0), dpo_betas=(1.0,), prompts=2)
+    config = SweepConfig(betas=(1.0, 0.0), prompts=2)  # DPO at 1 only: its objective has no beta 0
     rows = sweep(copy, tmp_path / 'plots', config, progress=False)
     assert [row['label'] for row in rows] == ['PPO beta=1', 'PPO beta=0', 'DPO beta=1']
     for row in rows:

@@ -25,7 +25,7 @@ from toy_rlhf.studies.collapse import CollapseConfig, collapse
 from toy_rlhf.studies.credit import CreditConfig, credit_assignment
 from toy_rlhf.studies.leaderboard import LeaderboardConfig, leaderboard
 from toy_rlhf.studies.main import RunAllConfig, quick_schedule, run_all
-from toy_rlhf.studies.methods import SWEPT, CompareConfig, SweepConfig, compare, sweep
+from toy_rlhf.studies.methods import CompareConfig, SweepConfig, compare, sweep
 from toy_rlhf.studies.overoptimisation import OverOptConfig, overoptimisation
 
 
@@ -108,14 +108,20 @@ def check_betas(flag, betas):
 def add_sweep_arguments(parser):
     add_config_flags(parser, SweepConfig)
     add_plots_dir(parser, 'frontier.png')
-    add_method_flags(parser, SWEPT)
+    add_method_flags(parser, METHODS)
 
 
 def run_sweep(args):
     config = config_from_args(args, SweepConfig)
     check_betas('--betas', config.betas)
-    check_betas('--dpo-betas', config.dpo_betas)
-    sweep(args.run_dir, args.plots_dir, config, method_configs(args, SWEPT), args.progress)
+    check_methods(config.methods)
+    sweep(args.run_dir, args.plots_dir, config, method_configs(args, config.methods), args.progress)
+
+
+def check_methods(names):
+    unknown = [name for name in names if name not in METHODS]
+    if unknown:
+        raise UsageError(f'--methods: unknown method {unknown[0]!r}; registered: {", ".join(METHODS)}')
 
 
 def add_credit_arguments(parser):
@@ -157,9 +163,7 @@ def method_configs(args, names):
 def run_compare(args):
     config = config_from_args(args, CompareConfig)
     check_betas('--betas', config.betas)
-    unknown = [name for name in config.methods if name not in METHODS]
-    if unknown:
-        raise UsageError(f'--methods: unknown method {unknown[0]!r}; registered: {", ".join(METHODS)}')
+    check_methods(config.methods)
     compare(args.run_dir, args.plots_dir, config, method_configs(args, METHODS), args.progress)
 
 
@@ -290,7 +294,7 @@ def commands():
                        'Exact evaluation, the figures and runs/RUN/report.md. Stages whose checkpoints were made '
                        'with the same settings are reused; --sft.*, --reward.* and --ppo.* set any stage setting.',
                        add_all_arguments, run_everything),
-        'sweep': Command('sweep_beta.py', 'PPO for several betas (and DPO) against the exact optimum',
+        'sweep': Command('sweep_beta.py', 'PPO and DPO (or any methods) at several betas against the exact optimum',
                          "From the run's SFT policy and reward model; each policy evaluated exactly over all 10^4 "
                          'responses; draws frontier.png, writes runs/RUN/sweep.md.', add_sweep_arguments, run_sweep),
         'compare': Command('compare_methods.py', 'every registered method against pi* and its own exact target',

@@ -207,7 +207,7 @@ def reward_std(log_pi, rewards, scale_rewards):
     return (weights * (rewards - mean) ** 2).sum(dim=dims, keepdim=True).sqrt() + 1e-4
 
 
-def fixed_point(tables, config, iters=1000, tolerance=1e-10):
+def fixed_point(tables, config, tolerance=1e-10):
     """log pi (P, 10^4) where the expected GRPO update of `config` is zero, for a tabular policy: the
     registry's `target`. The KL terms' gradients are in the module's docstring; the advantage's:
 
@@ -216,10 +216,10 @@ def fixed_point(tables, config, iters=1000, tolerance=1e-10):
     reward under pi itself (group; batch: over the table's prompts), and each state s solves
         max_pi sum_a pi(a|s) Q(s, a) - beta KL(.|s),   Q(s, a) = E_pi[c r / sigma | s, a],
     forward KL for k3-in-loss, reverse for bias-corrected k3 (per_token_fixed_point). sigma depends on
-    the answer: from pi_ref's, sigma <- the std under the fixed point for sigma, to convergence. On a
-    binary bandit this reaches the stable fixed point (0.81 at beta 1, q_ref 0.25), not the unstable
-    one (0.887) beyond which the policy collapses onto argmax r; where the only fixed point is that
-    collapse (beta 0.25 there) it returns it. A sigma that oscillates raises RuntimeError.
+    the answer: it is the root of std(sigma) = sigma (self_consistent_sigma) nearest the reference's
+    std. On a binary bandit that is the stable fixed point (0.81 at beta 1, q_ref 0.25), not the
+    unstable one (0.887) beyond which the policy collapses onto argmax r; where the only fixed point is
+    that collapse (beta 0.25 there) it returns it.
 
     Approximations: (1) tabular; (2) std scaling: the std of K samples replaced by sigma_pi, a
     large-K limit. At K = 4 a binary reward's exact expected advantage gap is ~1.4 whatever p, where
@@ -239,15 +239,36 @@ def fixed_point(tables, config, iters=1000, tolerance=1e-10):
     c = (config.samples_per_prompt - 1) / config.samples_per_prompt
     if config.scale_rewards == 'none':
         return per_token_fixed_point(log_ref, c * rewards, beta, step)
-    # Prompts are independent under group scaling: each stops iterating when its sigma has converged.
-    log_pi, sigma = torch.empty_like(log_ref), reward_std(log_ref, rewards, config.scale_rewards)
-    active = torch.ones(len(log_ref), dtype=torch.bool)
-    for _ in range(iters):
-        scale = sigma[active] if config.scale_rewards == 'group' else sigma
-        log_pi[active] = per_token_fixed_point(log_ref[active], c * rewards[active] / scale, beta, step)
-        new_sigma = reward_std(log_pi, rewards, config.scale_rewards)
-        active = ((new_sigma - sigma).abs() > tolerance * sigma).view(-1).expand(len(log_ref))
-        sigma = new_sigma
-        if not active.any():
-            return log_pi
-    raise RuntimeError(f'GRPO fixed point: sigma did not converge in {iters} iterations')
+
+    def answer(sigma):  # the fixed point for a given sigma ((P, 1) or (1, 1))
+        return per_token_fixed_point(log_ref, c * rewards / sigma, beta, step)
+
+    def excess(sigma):  # std under the answer - sigma: zero at a self-consistent sigma
+        return reward_std(answer(sigma), rewards, config.scale_rewards) - sigma
+
+    return answer(self_consistent_sigma(excess, reward_std(log_ref, rewards, config.scale_rewards), tolerance))
+
+
+def self_consistent_sigma(excess, start, tolerance, factor=1.2):
+    """The root of excess(sigma) nearest `start` in the direction excess points (a tensor of
+    independent scalars, one per prompt under group scaling): step geometrically from `start` by
+    `factor` until excess changes sign, then bisect that bracket to a relative width of `tolerance`.
+
+    Why not iterate sigma <- std(sigma): that map can fall faster than slope -1 near its root (a
+    stronger push raises the reward's spread before it concentrates the policy), and then it settles
+    into a two-cycle and never converges. The root is the same stationary point of the expected update
+    either way. The search always ends: std >= 1e-4 (reward_std's floor) gives excess > 0 below 1e-4,
+    and std is bounded, so excess < 0 for large sigma."""
+    upward = excess(start) > 0  # which way the root lies
+    inner, outer = start.clone(), torch.where(upward, start * factor, start / factor)
+    crossed = torch.zeros_like(upward)
+    while not crossed.all():  # 2. step out until the sign changes
+        moving = ~crossed & ((excess(outer) > 0) == upward)
+        crossed |= ~moving
+        inner = torch.where(moving, outer, inner)
+        outer = torch.where(moving, torch.where(upward, outer * factor, outer / factor), outer)
+    while ((outer - inner).abs() > tolerance * inner).any():  # 3. bisect [inner, outer]
+        middle = (inner * outer).sqrt()
+        same_side = (excess(middle) > 0) == upward
+        inner, outer = torch.where(same_side, middle, inner), torch.where(same_side, outer, middle)
+    return (inner * outer).sqrt()

@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from toy_rlhf import executors, figures
-from toy_rlhf.enumeration import all_response_log_probs
 from toy_rlhf.files import atomic_write, fingerprint, write_json
 from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, PositiveInt, Seed
 from toy_rlhf.language import sample_prompts
@@ -39,7 +38,7 @@ from toy_rlhf.preferences import PREFERENCES
 from toy_rlhf.reward import RewardConfig
 from toy_rlhf.run import Run
 from toy_rlhf.sft import SFTConfig
-from toy_rlhf.studies.against_optimum import consumed, exact_row, variant_row
+from toy_rlhf.studies.against_optimum import variant_row
 from toy_rlhf.studies.methods import method_variant
 from toy_rlhf.studies.output import markdown_table, write_study
 
@@ -121,28 +120,11 @@ def measure_cell(run, chosen, config, prompts):
     for variant in chosen:
         key = row_key(run, variant, config)
         if stored.get(variant.name, {}).get('key') != key:
-            stored[variant.name] = {'key': key, 'row': measured_row(run, variant, run.tables(prompts))}
+            stored[variant.name] = {'key': key, 'row': variant_row(run, variant, run.tables(prompts))}
             write_json(path, stored)  # at once: a run killed in the next measurement keeps this one
         rows.append({**stored[variant.name]['row'], 'preference': run.preference.name, 'seed': variant.seed,
                      'beta': variant.beta, 'checkpoint': variant.name})
     return rows
-
-
-def measured_row(run, variant, tables):
-    """variant_row; where the method's own exact target cannot be solved for this run's reward model
-    (GRPO's fixed point may not converge), the row without it, said in one line: one cell's target
-    must not stop the whole board."""
-    try:
-        return variant_row(run, variant, tables)
-    except RuntimeError as error:
-        if 'did not converge' not in str(error):
-            raise
-        print(f'{variant.name}: {error}; measured with no own target')
-    method = replace(METHODS[variant.method], target=lambda tables, config: None)
-    log_pi = all_response_log_probs(run.policy(variant), tables.prompts)
-    row = exact_row(variant.describe(), method, variant.config(), log_pi, tables, run.gold_margin)
-    checkpoint = run.checkpoint(variant)
-    return {**row, **consumed(method, checkpoint['history']), 'seconds': checkpoint['metrics']['seconds']}
 
 
 def leaderboard(run_dir, config, progress=True, schedule=None):

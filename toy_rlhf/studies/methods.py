@@ -7,12 +7,14 @@ evaluated over all 10^4 responses of the same prompts (toy_rlhf.studies.against_
 J*, the KL from pi* and from the method's own exact target (where that differs from pi*), gold
 metrics, and what it consumed. Writes methods.md, methods.json and methods.png.
 
-The beta sweep (`toy-rlhf sweep`) is a preset of the same study: PPO at each of its betas and DPO at
-each of its DPO betas, the policies on the exact frontier of reward against KL; it writes sweep.md,
-sweep.json and frontier.png. The two methods keep separate lists of betas because DPO's objective
-has no beta = 0 (its loss is flat there) while PPO's beta = 0 is the point of the sweep's far end.
+The beta sweep (`toy-rlhf sweep`) is a preset of the same study: the swept methods (PPO and DPO by
+default; any registered ones with --methods) at each beta, the policies on the exact frontier of
+reward against KL; it writes sweep.md, sweep.json and frontier.png. A method runs at the betas its
+config takes: DPO's objective has no beta = 0 (its loss is flat there), while PPO's beta = 0 is the
+point of the sweep's far end.
 """
 import time
+import typing
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import torch
 
 from toy_rlhf import figures
 from toy_rlhf.figures import DASHES, FIGURE_SIZES, MODEL_COLORS, PREFERRED_COLOR, centred_average
-from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, PositiveFloat, PositiveInt, Seed
+from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, PositiveInt, Seed, value_fits
 from toy_rlhf.executors import executor
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods import METHODS
@@ -32,7 +34,6 @@ from toy_rlhf.studies.output import markdown_table, write_study
 
 # The optimum's frontier is drawn through these betas (log-spaced, plus the limit beta -> 0).
 FRONTIER_BETAS = [0.0] + [10 ** (k / 8) for k in range(-20, 13)]
-SWEPT = ('ppo', 'dpo')  # the methods of the sweep (their settings: --ppo.*, --dpo.*)
 
 
 @dataclass
@@ -50,8 +51,8 @@ class CompareConfig:
 
 @dataclass
 class SweepConfig:
-    betas: tuple[NonNegativeFloat, ...] = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0)  # PPO runs, one per beta
-    dpo_betas: tuple[PositiveFloat, ...] = (0.1, 1.0)  # DPO runs on the same preference pairs
+    betas: tuple[NonNegativeFloat, ...] = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0)  # a run of each method per beta its config takes
+    methods: tuple[str, ...] = ('ppo', 'dpo')  # the swept methods, by registry name
     prompts: ExactPrompts = EXACT_PROMPTS  # prompts of the exact evaluation (each: all 10^4 responses)
     seed: Seed = 0  # random seed of every run and of the evaluation prompts
     fresh: bool = False  # retrain even where a checkpoint with the same settings exists
@@ -79,9 +80,14 @@ def variants(config, method_configs=None):
 
 
 def sweep_variants(config, method_configs=None):
-    """The sweep's variants: PPO at every beta and DPO at every DPO beta, on the sweep's seed."""
+    """The sweep's variants: each swept method at every beta its config takes, on the sweep's seed."""
     return [method_variant(name, beta, config.seed, method_configs)
-            for name, betas in zip(SWEPT, (config.betas, config.dpo_betas)) for beta in betas]
+            for name in config.methods for beta in config.betas if takes_beta(METHODS[name], beta)]
+
+
+def takes_beta(method, beta):
+    """Whether `method`'s objective has this beta (the bounds of its config's `beta` flag)."""
+    return value_fits(typing.get_type_hints(method.config, include_extras=True)['beta'], beta)
 
 
 def measure(run, chosen, config):
@@ -118,15 +124,15 @@ def compare(run_dir, plots_dir, config, method_configs=None, progress=True):
 
 
 def sweep(run_dir, plots_dir, config, method_configs=None, progress=True):
-    """The sweep preset: train PPO and DPO at their betas, evaluate exactly, draw plots_dir/frontier.png
-    and write run_dir/sweep.md and sweep.json. method_configs: {'ppo': ..., 'dpo': ...}, the methods'
-    other settings (their beta and seed are set here). Returns the rows of the table."""
+    """The sweep preset: train the swept methods at the betas, evaluate exactly, draw plots_dir/frontier.png
+    and write run_dir/sweep.md and sweep.json. method_configs: {name: config}, the methods' other
+    settings (their beta and seed are set here). Returns the rows of the table."""
     run = Run(run_dir, config.preference, config.fresh, progress).build(config.seed)
     chosen = sweep_variants(config, method_configs)
     run.train(chosen)
     rows, frontier = measure(run, chosen, config)
     figure = plot_frontier(frontier, rows, Path(plots_dir) / 'frontier.png')
-    report = write_study(run_dir, 'sweep', sweep_report(rows, config),
+    report = write_study(run_dir, 'sweep', sweep_report(rows, config, run.preference.name),
                          {'prompts': config.prompts, 'seed': config.seed, 'policies': rows, 'frontier': frontier},
                          figure)
     print(f'Sweep: table in {report}, figure {figure}')
@@ -197,16 +203,16 @@ def optimum_table(rows):
     return markdown_table(['beta', 'preference', 'fidelity', 'gold', 'KL', 'KL later'], cells)
 
 
-def sweep_report(rows, config):
+def sweep_report(rows, config, preference):
     return f"""# Beta sweep
 
 Exact, over all 10^4 responses of {config.prompts} prompts (seed {config.seed}). J = E[r] - beta * KL(pi || pi_ref)
 under the reward model, J* its maximum (the closed-form optimum at the same beta), gap closed =
 (J - J_ref) / (J* - J_ref) with J_ref the reference's own J. Gap closed (gold): the same with the
-labeler's gold reward in place of the reward model, the objective DPO solves. KL first: the part of
-the KL spent on the first digit; KL later: on digits 2-4. The reward depends almost only on the first
-digit, so the optimum spends almost nothing on digits 2-4: KL a policy spends there is waste, or
-reward hacking.
+labeler's gold reward ({preference}) in place of the reward model, the objective DPO
+solves. KL first: the part of the KL spent on the first digit; KL later: on digits 2-4. Compare each
+with the optimum's own split below: KL a policy spends beyond it where the optimum spends little is
+waste, or reward hacking.
 
 {sweep_table(rows)}
 
