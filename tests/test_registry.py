@@ -21,7 +21,7 @@ from toy_rlhf.sft import SFTConfig
 from toy_rlhf.studies import credit as credit_module
 from toy_rlhf.studies.credit import CreditConfig, credit_assignment
 from toy_rlhf.studies.main import RunAllConfig
-from toy_rlhf.studies.methods import CompareConfig, SweepConfig, compare
+from toy_rlhf.studies.methods import CompareConfig, SweepConfig, compare, sweep
 from toy_rlhf.studies.overoptimisation import OverOptConfig
 
 
@@ -78,7 +78,7 @@ def test_a_registered_method_names_its_checkpoints(dummy):
     assert method_of_stem('sft') is None and method_of_stem('unknown_beta1') is None
 
 
-def test_a_registered_method_appears_in_the_comparison_table_and_figure(dummy, tmp_path, monkeypatch):
+def test_a_registered_method_appears_in_the_comparison_and_the_sweep_tables_and_figures(dummy, tmp_path, monkeypatch):
     run_dir = tmp_path / 'runs' / 'default'
     torch.manual_seed(0)
     save_checkpoint(run_dir / 'sft.pt', GPT(policy_config()), 'policy', {}, {})
@@ -99,6 +99,12 @@ def test_a_registered_method_appears_in_the_comparison_table_and_figure(dummy, t
     assert json.loads((run_dir / 'methods.json').read_text())['policies'][0]['label'] == 'Dummy beta=1'
     assert 'Dummy beta=1' in legends
     assert (tmp_path / 'plots' / 'methods.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    legends.clear()
+    swept = sweep(run_dir, tmp_path / 'plots', SweepConfig(methods=('dummy',), betas=(1.0, 0.0), prompts=2),
+                  progress=False)
+    assert [row['label'] for row in swept] == ['Dummy beta=1', 'Dummy beta=0']
+    assert '| Dummy beta=0 |' in (run_dir / 'sweep.md').read_text()
+    assert 'Dummy beta=0' in legends
     assert plt.get_fignums() == []
 
 
