@@ -13,6 +13,8 @@ setup(
     # wheels without the `wheel` package). ruff: the linter tests/test_lint.py runs.
     extras_require={'test': ['pytest', 'setuptools>=70.1', 'ruff'],
                     # --executor dask (toy_rlhf.executors): a LocalCluster here or a scheduler elsewhere.
-                    'dask': ['dask', 'distributed']},
+                    'dask': ['dask', 'distributed'],
+                    # --track / toy-rlhf track (toy_rlhf.tracking): the logs replayed into a tracker.
+                    'tensorboard': ['tensorboard'], 'wandb': ['wandb'], 'trackio': ['trackio']},
     entry_points={'console_scripts': ['toy-rlhf = toy_rlhf.entry:main']},
 )

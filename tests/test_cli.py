@@ -147,9 +147,11 @@ SEED_MISTAKES = {
     'negative seed': ('train_sft.py', ['--seed', '-1'] + TINY_SFT, None, ['--seed', '-1']),
 }
 
-# The flags each script documents: every script has --seed, --threads, --quiet and --help; those that
-# write a run folder also --run; those that train a network also --device.
+# The flags each script documents: every script has --seed (but track.py, which replays a finished run:
+# nothing random), --threads, --quiet and --help; those that write a run folder also --run; those that
+# train a network also --device.
 SHARED_FLAGS = ['--seed', '--threads', '--quiet', '--help']
+NOTHING_RANDOM = {'track.py'}
 FLAGS = {
     'train_sft.py': ['--run', '--device', '--iters', '--batch-size', '--learning-rate', '--model-type'],
     'train_reward.py': ['--run', '--device', '--pairs', '--iters', '--batch-size', '--learning-rate',
@@ -158,6 +160,7 @@ FLAGS = {
                      '--minibatches', '--learning-rate', '--clip-epsilon', '--critic', '--gae-lambda',
                      '--value-clip', '--max-grad-norm'],
     'evaluate.py': ['--reference', '--prompts', '--json'],
+    'track.py': ['--to', '--logdir'],
 }
 ALL_SCRIPTS = sorted(path.name for path in SCRIPTS.glob('*.py'))
 ENVIRONMENT = {**os.environ, 'OMP_NUM_THREADS': '1'}
@@ -289,7 +292,8 @@ def test_help_exits_zero_and_mentions_every_flag(results, script):
     (command,) = [name for name, spec in cli.commands().items() if spec.script == script]
     parser = cli.build_parser(command, f'scripts/{script}')
     defined = [flag for action in parser._actions for flag in action.option_strings]
-    expected = SHARED_FLAGS + FLAGS.get(script, [])
+    shared = [flag for flag in SHARED_FLAGS if not (flag == '--seed' and script in NOTHING_RANDOM)]
+    expected = shared + FLAGS.get(script, [])
     assert set(expected) <= set(defined)
     for flag in set(defined) | set(expected):
         assert re.search(rf'(?<![\w-]){re.escape(flag)}(?![\w-])', result.stdout), flag

@@ -22,6 +22,7 @@ from toy_rlhf.files import WriteError
 from toy_rlhf.methods import METHODS
 from toy_rlhf.preferences import PreferenceError
 from toy_rlhf.run_dir import PLOTS, RunDirError, open_run_dir
+from toy_rlhf.tracking import TRACKERS, TrackingError, replay, tracker_module
 from toy_rlhf.training import TrainingError
 
 
@@ -39,6 +40,11 @@ def add_common_arguments(parser, with_run, run='default'):
                            help=f'run name: checkpoints and logs go to runs/NAME (default: {run})')
         where.add_argument('--run-dir', default=None, metavar='PATH',
                            help='or any folder for the checkpoints and logs, instead of runs/NAME')
+        parser.add_argument('--track', choices=TRACKERS, default=None,
+                            help="once the command is done, replay the run folder's logs into this tracker, as "
+                                 '`toy-rlhf track RUN_DIR --to TRACKER` does: tensorboard (into RUN/tensorboard), '
+                                 'wandb (offline, into RUN/wandb) or trackio; each an optional extra, pip install '
+                                 '-e ".[tensorboard]" (default: none)')
     parser.add_argument('--threads', type=threads, default=None,
                         help='CPU threads for torch (default: all cores torch sees)')
     parser.add_argument('--quiet', action='store_true', help='no progress bars')
@@ -61,6 +67,8 @@ def prepare(args, writes_run_dir):
     for name, value in vars(args).items():
         if name.rpartition('.')[2] == 'preference' and value:
             check_preference(value)
+    if getattr(args, 'track', None):
+        tracker_module(args.track)  # not installed: said now, not after training
     if args.threads:
         torch.set_num_threads(args.threads)
     if writes_run_dir and args.run_dir is None:
@@ -117,8 +125,10 @@ def run_command(command, argv=None, prog=None):
         prepare(args, spec.writes_run_dir)
         with open_run_dir(args.run_dir) if spec.writes_run_dir else contextlib.nullcontext():
             spec.run(args)
+            if getattr(args, 'track', None):  # the whole run folder, from its logs, once they are all written
+                replay(args.run_dir, args.track)
     except (UsageError, CheckpointError, TrainingError, WriteError, RunDirError, PreferenceError,
-            ExecutorError) as error:
+            ExecutorError, TrackingError) as error:
         print(f'{parser.prog}: error: {error}', file=sys.stderr)
         sys.exit(2)
     except (MemoryError, RuntimeError) as error:

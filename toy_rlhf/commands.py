@@ -27,6 +27,7 @@ from toy_rlhf.studies.leaderboard import LeaderboardConfig, leaderboard
 from toy_rlhf.studies.main import RunAllConfig, quick_schedule, run_all
 from toy_rlhf.studies.methods import CompareConfig, SweepConfig, compare, sweep
 from toy_rlhf.studies.overoptimisation import OverOptConfig, overoptimisation
+from toy_rlhf.tracking import TRACKERS, replay
 
 
 class UsageError(Exception):
@@ -261,6 +262,23 @@ def evaluate(args):
         print(f'  {name:<32} {shown}')
 
 
+def add_track_arguments(parser):
+    parser.add_argument('run_folder', metavar='RUN_DIR', help='a run folder, e.g. runs/default (any folder a command '
+                        'wrote into, with --run or --run-dir); every NAME.jsonl log beside its checkpoint NAME.pt is replayed')
+    parser.add_argument('--to', choices=TRACKERS, default='tensorboard',
+                        help='the tracker: tensorboard, wandb (offline unless WANDB_MODE says otherwise; WANDB_PROJECT '
+                             'names the project, default toy-rlhf) or trackio; each an optional extra, pip install -e '
+                             '".[tensorboard]" (default: tensorboard)')
+    parser.add_argument('--logdir', default=None, metavar='DIR',
+                        help='where the tracker writes: tensorboard into DIR (default: RUN_DIR/tensorboard; a replay '
+                             "replaces a stage's earlier one there), wandb into DIR/wandb (default DIR: RUN_DIR); "
+                             'trackio keeps its own store')
+
+
+def run_track(args):
+    replay(args.run_folder, args.to, args.logdir)
+
+
 @dataclass(frozen=True)
 class Command:
     script: str  # its thin entry point in scripts/
@@ -329,6 +347,10 @@ def commands():
                             'Preference rate, fidelity, gold rate, KL to the reference and to the aligned language; '
                             '--optimal adds the gap to the exact optimum.', add_evaluate_arguments, evaluate,
                             writes_run_dir=False),
+        'track': Command('track.py', "replay a run's logs into TensorBoard or wandb",
+                         "Every stage's .jsonl log, row by row, with the settings stored in its checkpoint; the logs "
+                         'stay the source of truth, the tracker gets a copy (toy_rlhf.tracking says what goes where).',
+                         add_track_arguments, run_track, writes_run_dir=False),
     })
     return table
 
