@@ -11,7 +11,7 @@ import torch
 from toy_rlhf.enumeration import all_response_log_probs
 from toy_rlhf.methods import METHODS
 from toy_rlhf.methods.nash_md import best_response, nash_equilibrium, nash_md_loss, win_probability
-from toy_rlhf.methods.sppo import estimated_win_probability, mw_iterates, sppo_loss
+from toy_rlhf.methods.sppo import estimated_win_probability, iterations, mw_iterates, sppo_loss
 from toy_rlhf.optimal import digit_distribution, optimal_log_probs, response_kl
 from toy_rlhf.preferences import PREFERENCES
 
@@ -188,18 +188,18 @@ def test_sppo_iterates_each_land_nearest_their_exact_mw_iterate(sft_policy, rewa
     trained = {}
 
     def measure(rounds, policy):
-        if rounds % config.rounds == 0:
-            trained[rounds // config.rounds] = all_response_log_probs(policy, tables.prompts)
+        if rounds % config.rounds_per_iterate == 0:
+            trained[rounds // config.rounds_per_iterate] = all_response_log_probs(policy, tables.prompts)
         return {}
 
     # The quick run itself, measured as it goes (measuring draws no random numbers: the same run), and
     # shared with the registry-wide test.
     quick_runs['sppo'] = method.train(sft_policy, config=config, preference=PREFERENCES['first-digit'],
                                       progress=False, reward_model=reward_model, measure=measure)
-    exact = mw_iterates(tables.log_ref, tables.rewards, 1 / config.beta, config.iters + 1)
+    exact = mw_iterates(tables.log_ref, tables.rewards, 1 / config.beta, iterations(config) + 1)
     gold = tables.gold(1.0)
     rate = lambda log_pi: (digit_distribution(log_pi).exp() * gold).sum(dim=1).mean().item()  # noqa: E731
-    assert sorted(trained) == list(range(1, config.iters + 1))
+    assert sorted(trained) == list(range(1, iterations(config) + 1))
     for t, log_pi in trained.items():
         distances = [response_kl(iterate, log_pi).mean().item() for iterate in exact]
         assert min(range(len(exact)), key=distances.__getitem__) == t, (t, distances)

@@ -168,4 +168,4 @@ register(Method(
     name='sppo', label='SPPO', config=sppo.SPPOConfig, train=sppo.train_sppo, needs_reward_model=True,
     summary='self-play preference optimisation: each iterate regressed on multiplicative weights of BT win rates',
     color='#637939', marker='<', target=sppo.target, target_label='the exact multiplicative-weights iterate',
-    quick=(('rounds', 4),)))
+    quick=(('iters', 12), ('rounds_per_iterate', 4))))

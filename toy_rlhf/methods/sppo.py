@@ -4,9 +4,10 @@ the reward model's Bradley-Terry probabilities, P(y > y') = sigmoid(r(y) - r(y')
 SPPO approximates multiplicative weights on the preference game, one policy per iteration t:
     pi_{t+1}(y) = pi_t(y) exp(eta (P(y > pi_t) - 1/2)) / Z_t,    P(y > pi) = sum_y' pi(y') P(y > y'),
 each iterate fitted by regression on samples of the previous one. Policy: a copy of the SFT policy,
-trained; pi_0 is the SFT policy (the reference, frozen). Iteration t (`iters` of them):
+trained; pi_0 is the SFT policy (the reference, frozen). `iters` rounds, and every
+`rounds_per_iterate` of them an SPPO iteration t:
   0. freeze    pi_t: a frozen copy of the policy as it is now (the sampler and the regression's base)
-  then `rounds` times:
+  then in each round of the iteration:
   1. rollout   K responses to each of P prompts from pi_t; their log-probs under pi_t and the reward
                model's scores s_k
   2. estimate  P^(y_k > pi_t) = the mean over the prompt's other samples j of sigmoid(s_k - s_j)
@@ -16,8 +17,8 @@ eta is 1 / beta, as TRL parametrises SPPO (DPOConfig loss_type 'sppo_hard': the 
 +-1 / (2 beta)), so that the registry's beta is the method's only strength.
 
 Target. The exact multiplicative-weights iterates from pi_ref over the enumerated 10^4 responses of each
-prompt (mw_iterates, with nash_md.win_probability): the registry's target is pi_T after T = iters
-iterations. Two reasons the trained iterates are not exactly on that trajectory, besides sampling and
+prompt (mw_iterates, with nash_md.win_probability): the registry's target is pi_T after the
+T = ceil(iters / rounds_per_iterate) iterations the run starts. Two reasons the trained iterates are not exactly on that trajectory, besides sampling and
 the fit: the regression leaves out log Z_t (the paper replaces it by eta / 2, the 1/2 above), and a
 normalised pi_theta fitting an unnormalised target by least squares under pi_t lands near, not on,
 pi_t exp(eta (P - 1/2)) / Z_t (the two agree to first order in the spread of eta P under pi_t, since
@@ -48,8 +49,8 @@ class SPPOConfig:
     """Not a RolloutConfig: the samples come from the frozen iterate pi_t, not from the policy being
     fitted, and there is no ratio to clip."""
     beta: PositiveFloat = 0.5  # 1 / eta, the inverse step of multiplicative weights (TRL's sppo beta)
-    iters: PositiveInt = 3  # SPPO iterations t: each freezes pi_t and fits pi_{t+1}
-    rounds: PositiveInt = 6  # sample-and-update rounds per iteration, all sampling pi_t
+    iters: PositiveInt = 18  # sample-and-update rounds
+    rounds_per_iterate: PositiveInt = 6  # rounds per SPPO iteration t, all sampling the frozen pi_t
     prompts_per_iter: PositiveInt = 64  # prompts per round
     samples_per_prompt: GroupSize = 5  # K responses per prompt, each one's P^ from the others (the paper's K)
     epochs: PositiveInt = 1  # passes of the update over each round's samples
@@ -90,35 +91,40 @@ def mw_iterates(log_ref, rewards, eta, iterations):
 # ---------------------------------------------------------------------------------------------
 # The loop and the target.
 
+def iterations(config):
+    """The SPPO iterations a run starts: ceil(iters / rounds_per_iterate)."""
+    return -(-config.iters // config.rounds_per_iterate)
+
+
 def target(tables, config):
-    """The exact iterate pi_T, T = config.iters, eta = 1 / config.beta, on the tables' prompts: (P, 10^4)."""
-    return mw_iterates(tables.log_ref, tables.rewards, 1 / config.beta, config.iters)[-1]
+    """The exact iterate pi_T, T = iterations(config), eta = 1 / config.beta, on the tables' prompts: (P, 10^4)."""
+    return mw_iterates(tables.log_ref, tables.rewards, 1 / config.beta, iterations(config))[-1]
 
 
 def train_sppo(sft_policy, reward_model, config, preference, progress=True, measure=None):
-    """Fine-tune a copy of sft_policy with config.iters SPPO iterations at eta = 1 / config.beta, the
-    reward model judging each pair of samples. Returns the policy (eval mode) and the log: one row per
+    """Fine-tune a copy of sft_policy with SPPO at eta = 1 / config.beta, pi_t frozen anew every
+    config.rounds_per_iterate rounds, the reward model judging each pair of samples. Returns the policy (eval mode) and the log: one row per
     round, the rollout's metrics (rollout_row, those of the frozen iterate pi_t that sampled), the
     iteration, the loss, plus what measure(rounds done, policy) returns."""
     actor, reference, optimizer, generator = start_training(sft_policy, config)
     eta = 1 / config.beta
-    with TrainingLog(config.iters * config.rounds, f'SPPO eta={eta:g}', progress,
+    with TrainingLog(config.iters, f'SPPO eta={eta:g}', progress,
                      shown=('loss', 'objective/kl_full', 'gold/preference_rate')) as log:
-        for iteration in range(config.iters):
+        for round_ in range(config.iters):
             # 0. freeze: pi_t, the iterate this iteration samples from and regresses against
-            iterate = copy.deepcopy(actor).eval().requires_grad_(False)
-            for round_ in range(config.rounds):
-                # 1. rollout: K responses per prompt from pi_t, its log-probs and the scores
-                batch = rollout(iterate, reference, reward_model, prompt_groups(config, generator), generator,
-                                preference)
-                # 2. estimate: each response's win probability against pi_t, from the prompt's other samples
-                batch['win'] = estimated_win_probability(batch['score'], config.samples_per_prompt)
-                check_finite('sppo', iteration, win=batch['win'])
-                # 3. update: regress log pi_theta/pi_t on eta (P^ - 1/2)
-                stats = update(actor, optimizer, batch, eta, config)
-                check_finite('sppo', iteration, loss=stats['loss'])
-                log.end_round(iteration * config.rounds + round_, batch, config.beta,
-                              {'sppo/iteration': iteration + 1, **stats}, actor, measure)
+            if round_ % config.rounds_per_iterate == 0:
+                iterate = copy.deepcopy(actor).eval().requires_grad_(False)
+            # 1. rollout: K responses per prompt from pi_t, its log-probs and the scores
+            batch = rollout(iterate, reference, reward_model, prompt_groups(config, generator), generator,
+                            preference)
+            # 2. estimate: each response's win probability against pi_t, from the prompt's other samples
+            batch['win'] = estimated_win_probability(batch['score'], config.samples_per_prompt)
+            check_finite('sppo', round_, win=batch['win'])
+            # 3. update: regress log pi_theta/pi_t on eta (P^ - 1/2)
+            stats = update(actor, optimizer, batch, eta, config)
+            check_finite('sppo', round_, loss=stats['loss'])
+            log.end_round(round_, batch, config.beta,
+                          {'sppo/iteration': round_ // config.rounds_per_iterate + 1, **stats}, actor, measure)
     return actor.eval(), log.rows
 
 
