@@ -5,7 +5,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods import METHODS
+from toy_rlhf.optimal import exact_tables
 from toy_rlhf.preferences import PREFERENCES
 from toy_rlhf.reward import RewardConfig, train_reward
 from toy_rlhf.sft import SFTConfig, train_sft
@@ -59,3 +61,12 @@ def train_quickly(name, sft_policy, reward_model, **settings):
 @pytest.fixture(scope='session')
 def quick_runs(sft_policy, reward_model):
     return QuickRuns(sft_policy, reward_model)
+
+
+@pytest.fixture(scope='session')
+def first_digit_tables(sft_policy, reward_model):
+    """The exact tables (toy_rlhf.optimal.ExactTables) of the shared SFT policy and reward model on 20
+    prompts, for the first digit: computed once per session (the reward model's 2 x 10^5 scores are
+    the cost) for every test that measures trained policies exactly."""
+    return exact_tables(sft_policy, reward_model, sample_prompts(20, torch.Generator().manual_seed(3)),
+                        PREFERENCES['first-digit'])

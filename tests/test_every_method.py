@@ -7,20 +7,17 @@ import torch
 
 from conftest import train_quickly
 from toy_rlhf.enumeration import all_response_log_probs
-from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods import METHODS
-from toy_rlhf.optimal import exact_tables, expected_reward, objective, optimal_value
-from toy_rlhf.preferences import PREFERENCES
+from toy_rlhf.optimal import expected_reward, objective, optimal_value
 
 TRAINED = [name for name, method in METHODS.items() if method.train is not None]
 
 
 @pytest.fixture(scope='module')
-def tables(sft_policy, reward_model):
+def tables(first_digit_tables):
     # Exact over all 10^4 responses of 20 prompts: the best-level rate of a policy is then exact per
     # prompt, and its mean over 20 prompts varies by ~0.05 across prompt draws.
-    return exact_tables(sft_policy, reward_model, sample_prompts(20, torch.Generator().manual_seed(3)),
-                        PREFERENCES['first-digit'])
+    return first_digit_tables
 
 
 def best_level_rate(log_pi, tables):

@@ -21,8 +21,8 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
-from toy_rlhf.methods import (best_of_n, distill, dpo, entropy, exact, grpo, ipo, kto, online_dpo, ppo,
-                             reinforce_pp, rloo)
+from toy_rlhf.methods import (best_of_n, distill, dpo, entropy, exact, grpo, ipo, kto, nash_md, online_dpo, ppo,
+                             reinforce_pp, rloo, sppo)
 
 
 @dataclass(frozen=True)
@@ -159,3 +159,13 @@ register(Method(
     summary="Kahneman-Tversky optimisation on the pairs taken apart (chosen desirable, rejected not), TRL's defaults",
     color='#aec7e8', marker='d', target=kto.target, target_label='none known', online=False,
     quick=(('iters', 100), ('pairs', 4000))))
+register(Method(
+    name='nash_md', label='Nash-MD', config=nash_md.NashMDConfig, train=nash_md.train_nash_md, needs_reward_model=True,
+    summary="Nash-MD as TRL's: the policy's response against one from its geometric mixture with the reference, BT-judged",
+    color='#393b79', marker='>', target=nash_md.target, target_label='pi_tau (Nash equilibrium)',
+    quick=(('iters', 20), ('prompts_per_iter', 64), ('learning_rate', 1e-3))))
+register(Method(
+    name='sppo', label='SPPO', config=sppo.SPPOConfig, train=sppo.train_sppo, needs_reward_model=True,
+    summary='self-play preference optimisation: each iterate regressed on multiplicative weights of BT win rates',
+    color='#637939', marker='<', target=sppo.target, target_label='the exact multiplicative-weights iterate',
+    quick=(('iters', 12), ('rounds_per_iterate', 4))))
