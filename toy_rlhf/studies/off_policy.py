@@ -141,14 +141,20 @@ def off_policy_report(record):
 
 
 def plot_off_policy(record, path):
-    """One panel per knob: the distance from pi* against the knob, one line per variant."""
+    """One panel per knob: the distance from pi* against the knob, one line per variant; shaded, the
+    range of on-policy PPO over the seeds (how far apart two seeds land)."""
     knobs = measured_knobs(record)
+    first_values = {knob: values[0] for knob, values, *_ in KNOBS}  # each knob's on-policy value
+    on_policy = [row['distance'] for row in record['rows']
+                 if row['variant'] in ('ppo', 'none') and row['value'] == first_values[row['knob']]][:1]
+    seeds = on_policy + record['on_policy_other_seeds']
     fig, axes = plt.subplots(1, len(knobs), figsize=(5 * len(knobs), 4.2), layout='constrained', squeeze=False)
     for ax, (knob, values, kinds, _) in zip(axes[0], knobs):
         for label, _ in kinds:
             points = [row['distance'] for value in values for row in record['rows']
                       if row['knob'] == knob and row['value'] == value and row['variant'] == label]
             ax.plot(values, points, marker='o', label=label)
+        ax.axhspan(min(seeds), max(seeds), color='grey', alpha=0.2, label=f'on-policy PPO, {len(seeds)} seeds')
         ax.set(xlabel=knob, ylabel='KL(pi || pi*) (nats)', title=f'PPO, {knob}', xticks=values)
         ax.legend(fontsize=8)
     fig.savefig(path, dpi=120)
