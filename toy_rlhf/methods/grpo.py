@@ -217,7 +217,8 @@ def reward_std(log_pi, rewards, scale_rewards):
 
 def fixed_point(tables, config, tolerance=1e-10):
     """log pi (P, 10^4) where the expected GRPO update of `config` is zero, for a tabular policy: the
-    registry's `target`. The KL terms' gradients are in the module's docstring; the advantage's:
+    registry's `target`. It is the on-policy update's: config's off-policy knobs (OffPolicyConfig) are
+    not in it. The KL terms' gradients are in the module's docstring; the advantage's:
 
     E[(r_i - group mean) grad log pi(y_i)] = (K - 1)/K grad E_pi[r], the group mean holding the sample's
     own r. So the surrogate pushes with c r / sigma, c = (K - 1)/K, sigma = 1 (none) or the std of the
