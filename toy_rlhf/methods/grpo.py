@@ -37,17 +37,18 @@ import torch
 
 from toy_rlhf.flags import NonNegativeFloat, PositiveFloat
 from toy_rlhf.language import DIGITS, RESPONSE_LENGTH
-from toy_rlhf.methods.advantages import clipped_surrogate_loss, group_normalised_advantages
+from toy_rlhf.methods.advantages import group_normalised_advantages
 from toy_rlhf.methods.entropy import mean_token_entropy
-from toy_rlhf.methods.rollout import (RolloutConfig, TrainingLog, mean_rows, minibatches, prompt_groups, rollout,
-                                      start_training)
+from toy_rlhf.methods.ratios import effective_sample_size, policy_loss, weighted_mean
+from toy_rlhf.methods.rollout import (OffPolicyConfig, RolloutConfig, Sampler, TrainingLog, mean_rows, minibatches,
+                                      prompt_groups, rollout, start_training)
 from toy_rlhf.optimal import digit_distribution, optimal_log_probs
 from toy_rlhf.policy import token_log_probs_from, next_token_log_probs
 from toy_rlhf.training import check_finite, gradient_step
 
 
 @dataclass
-class GRPOConfig(RolloutConfig):
+class GRPOConfig(OffPolicyConfig):
     # Dividing by the group's std (TRL's default) makes the update blind to the reward's scale: at
     # beta 1 the reward model's std of ~4.5 under the SFT policy acts like beta ~4 (see fixed_point).
     scale_rewards: Literal['group', 'batch', 'none'] = 'group'  # advantages / std of: the group, the batch, none
@@ -90,13 +91,14 @@ def train_grpo(sft_policy, reward_model, config, preference, progress=True, meas
     """
     actor, reference, optimizer, generator = start_training(sft_policy, config)
     K = config.samples_per_prompt
+    sampler = Sampler(config)  # the actor itself unless config makes the rollout off-policy
 
     with TrainingLog(config.iters, f'GRPO beta={config.beta:g}', progress,
                      shown=('objective/scores', 'objective/kl_full', 'gold/preference_rate')) as log:
         for iteration in range(config.iters):
-            # 1. rollout: P prompts x K samples, everything computed once with the rollout policy
+            # 1. rollout: P prompts x K samples from the sampler, everything computed once with the actor
             batch = rollout(actor, reference, reward_model, prompt_groups(config, generator), generator,
-                            preference)
+                            preference, sampler)
             # 2. rewards: the score of each response (minus beta times its k1 log-ratio, for k1-in-reward)
             rewards = batch['score']
             if config.kl == 'k1-in-reward':
@@ -125,16 +127,22 @@ def update(actor, optimizer, batch, kept, config):
         log_probs = next_token_log_probs(actor, batch['sentences'][index])  # (b, 4, V): next-token log-probs
         logp_new = token_log_probs_from(log_probs, batch['sentences'][index])  # (b, 4): the sampled tokens'
         logp_old, logp_ref = batch['logp_old'][index], batch['logp_ref'][index]
-        loss, clip_fraction, approx_kl = clipped_surrogate_loss(
-            logp_new, logp_old, batch['advantages'][index], config.clip_epsilon, config.clip_epsilon_high)
-        kl = k3_kl(logp_new, logp_ref, logp_old if config.kl == 'bias-corrected-k3' else None).mean()
+        # the trainer's ratio pi / pi_old, clipped as config.ratio says; the sampler's weight pi_old / mu
+        loss, clip_fraction, approx_kl, weights = policy_loss(
+            logp_new, logp_old, batch['logp_sampler'][index], batch['advantages'][index], config,
+            config.clip_epsilon_high)
+        # the KL term is an expectation over pi_old's tokens too: the sampler's weight corrects it alike
+        kl = weighted_mean(k3_kl(logp_new, logp_ref, logp_old if config.kl == 'bias-corrected-k3' else None), weights)
         if config.kl != 'k1-in-reward':
             loss = loss + config.beta * kl
         if config.entropy_coef:  # the entropy bonus, per token as TRL (entropy.py)
             loss = loss - config.entropy_coef * mean_token_entropy(log_probs)
         gradient_step(optimizer, loss, actor, config.max_grad_norm)
-        steps.append({'policy/loss': loss.item(), 'policy/clipfrac': clip_fraction.item(),
-                      'policy/approxkl': approx_kl.item(), 'kl': kl.item()})
+        step = {'policy/loss': loss.item(), 'policy/clipfrac': clip_fraction.item(),
+                'policy/approxkl': approx_kl.item(), 'kl': kl.item()}
+        if weights is not None:
+            step['sampler/effective_sample_size'] = effective_sample_size(weights)
+        steps.append(step)
     actor.eval()
     return mean_rows(steps)
 
@@ -209,7 +217,8 @@ def reward_std(log_pi, rewards, scale_rewards):
 
 def fixed_point(tables, config, tolerance=1e-10):
     """log pi (P, 10^4) where the expected GRPO update of `config` is zero, for a tabular policy: the
-    registry's `target`. The KL terms' gradients are in the module's docstring; the advantage's:
+    registry's `target`. It is the on-policy update's: config's off-policy knobs (OffPolicyConfig) are
+    not in it. The KL terms' gradients are in the module's docstring; the advantage's:
 
     E[(r_i - group mean) grad log pi(y_i)] = (K - 1)/K grad E_pi[r], the group mean holding the sample's
     own r. So the surrogate pushes with c r / sigma, c = (K - 1)/K, sigma = 1 (none) or the std of the

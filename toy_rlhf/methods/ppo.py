@@ -8,6 +8,7 @@ Each iteration:
   3. advantages  returns minus a baseline (leave-one-out over the samples of each prompt, or a
                  learned critic with GAE), whitened
   4. update      K epochs of the clipped surrogate over minibatches, gradient-norm clipped
+                 (or another ratio variant, with a sampler correction: ratios.py)
 The objective maximised is E[score] - beta * KL(actor || reference), the KL-regularised RL objective
 of Ziegler et al. (2019) and InstructGPT; its optimum is pi* = pi_ref exp(score / beta) / Z.
 
@@ -21,17 +22,18 @@ import torch
 
 from mingpt.utils import CfgNode
 from toy_rlhf.flags import NonNegativeFloat, PositiveFloat, Probability
-from toy_rlhf.methods.advantages import (clipped_surrogate_loss, gae_advantages, leave_one_out_advantages,
-                                         per_token_rewards, returns_to_go, whiten)
+from toy_rlhf.methods.advantages import (gae_advantages, leave_one_out_advantages, per_token_rewards, returns_to_go,
+                                         whiten)
 from toy_rlhf.methods.entropy import mean_token_entropy
-from toy_rlhf.methods.rollout import (RolloutConfig, TrainingLog, mean_rows, minibatches, prompt_groups, rollout,
-                                      start_training)
+from toy_rlhf.methods.ratios import effective_sample_size, policy_loss
+from toy_rlhf.methods.rollout import (OffPolicyConfig, Sampler, TrainingLog, mean_rows, minibatches, prompt_groups,
+                                      rollout, start_training)
 from toy_rlhf.policy import token_log_probs_from, next_token_log_probs, started_from
 from toy_rlhf.training import check_finite, gradient_step
 
 
 @dataclass
-class PPOConfig(RolloutConfig):
+class PPOConfig(OffPolicyConfig):
     critic: bool = False  # learn a value function (GAE) instead of the leave-one-out baseline
     gae_lambda: Probability = 0.95  # GAE lambda (critic only); gamma is 1
     value_clip: PositiveFloat = 0.2  # clip of the value update (critic only)
@@ -88,6 +90,7 @@ def train_ppo(sft_policy, reward_model, config, preference, progress=True, measu
     actor, reference, optimizer, generator = start_training(sft_policy, config)
     critic = value_model(sft_policy) if config.critic else None
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=config.learning_rate) if critic else None
+    sampler = Sampler(config)  # the actor itself unless config makes the rollout off-policy
 
     with TrainingLog(config.iters, f'PPO beta={config.beta:g}', progress,
                      shown=('objective/scores', 'objective/kl_full', 'gold/preference_rate')) as log:
@@ -96,9 +99,9 @@ def train_ppo(sft_policy, reward_model, config, preference, progress=True, measu
             for adam in filter(None, (optimizer, critic_optimizer)):
                 for group in adam.param_groups:
                     group['lr'] = annealed_learning_rate(config, iteration)
-            # 1. rollout: P prompts x K samples, everything computed once with the rollout policy
+            # 1. rollout: P prompts x K samples from the sampler, everything computed once with the actor
             batch = rollout(actor, reference, reward_model, prompt_groups(config, generator), generator,
-                            preference)
+                            preference, sampler)
             # 2. rewards: the k1 KL penalty at every token, the score at the last one
             batch['rewards'] = per_token_rewards(batch['score'], batch['logp_old'], batch['logp_ref'], config.beta)
             check_finite('ppo', iteration, rewards=batch['rewards'])
@@ -111,7 +114,8 @@ def train_ppo(sft_policy, reward_model, config, preference, progress=True, measu
                 advantages = gae_advantages(batch['rewards'], batch['values'], config.gae_lambda)
                 batch['returns'] = advantages + batch['values']
             batch['advantages'] = whiten(advantages)
-            # 4. update: the clipped surrogate per token (and the critic's clipped value loss)
+            # 4. update: the clipped surrogate per token, or config's variant with its sampler correction
+            #    (and the critic's clipped value loss)
             stats = update(actor, optimizer, batch, config, critic, critic_optimizer)
             check_finite('ppo', iteration, loss=stats['policy/loss'])
             log.end_round(iteration, batch, config.beta, stats, actor, measure)
@@ -129,13 +133,16 @@ def update(actor, optimizer, batch, config, critic=None, critic_optimizer=None):
         sentences = batch['sentences'][index]
         log_probs = next_token_log_probs(actor, sentences)  # (b, 4, V): next-token log-probs
         logp_new = token_log_probs_from(log_probs, sentences)  # (b, 4): the sampled tokens'
-        loss, clip_fraction, approx_kl = clipped_surrogate_loss(
-            logp_new, batch['logp_old'][index], batch['advantages'][index], config.clip_epsilon)
+        # the trainer's ratio pi / pi_old, clipped as config.ratio says; the sampler's weight pi_old / mu
+        loss, clip_fraction, approx_kl, weights = policy_loss(
+            logp_new, batch['logp_old'][index], batch['logp_sampler'][index], batch['advantages'][index], config)
         if entropy_coef:  # the entropy bonus, per token as TRL (entropy.py)
             loss = loss - entropy_coef * mean_token_entropy(log_probs)
         gradient_step(optimizer, loss, actor, config.max_grad_norm)
         step = {'policy/loss': loss.item(), 'policy/clipfrac': clip_fraction.item(),
                 'policy/approxkl': approx_kl.item()}
+        if weights is not None:
+            step['sampler/effective_sample_size'] = effective_sample_size(weights)
         if critic is not None:
             values = state_values(critic, sentences)
             value_loss = clipped_value_loss(values, batch['values'][index], batch['returns'][index],

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from toy_rlhf.flags import PositiveInt
 from toy_rlhf.methods.ppo import update
 from toy_rlhf.methods.advantages import per_token_rewards, returns_to_go, whiten
-from toy_rlhf.methods.rollout import RolloutConfig, TrainingLog, prompt_groups, rollout, start_training
+from toy_rlhf.methods.rollout import OffPolicyConfig, Sampler, TrainingLog, prompt_groups, rollout, start_training
 from toy_rlhf.training import check_finite
 
 
 @dataclass
-class ReinforcePPConfig(RolloutConfig):
+class ReinforcePPConfig(OffPolicyConfig):
     # One response to each of 384 prompts, PPO's 384 responses per rollout: with no per-prompt baseline
     # a group buys nothing (96 prompts x 4 closed the same gap to J*, seeds 0-2).
     prompts_per_iter: PositiveInt = 384  # prompts in a rollout
@@ -43,13 +43,14 @@ def train_reinforce_pp(sft_policy, reward_model, config, preference, progress=Tr
     config.beta. Returns the actor (eval mode) and the log: one dict per iteration, TRL's metric names,
     plus what measure(rounds done, actor) returns after each round (as train_ppo's)."""
     actor, reference, optimizer, generator = start_training(sft_policy, config)
+    sampler = Sampler(config)  # the actor itself unless config makes the rollout off-policy
 
     with TrainingLog(config.iters, f'REINFORCE++ beta={config.beta:g}', progress,
                      shown=('objective/scores', 'objective/kl_full', 'gold/preference_rate')) as log:
         for iteration in range(config.iters):
-            # 1. rollout, everything computed once with the rollout policy
+            # 1. rollout from the sampler, everything computed once with the actor
             batch = rollout(actor, reference, reward_model, prompt_groups(config, generator), generator,
-                            preference)
+                            preference, sampler)
             # 2. and 3. rewards and advantages: the KL-penalised return to go, whitened over the batch
             batch['advantages'] = reinforce_pp_advantages(batch['score'], batch['logp_old'], batch['logp_ref'],
                                                           config.beta)

@@ -4,16 +4,24 @@ A rollout samples responses from the current policy (the actor) and computes, on
 gradients, everything the update needs: the log-probs of the sampled tokens under the actor (the *old*
 policy of PPO's ratio) and under the frozen reference, and the reward model's score. Each method then
 turns those into advantages its own way, with the estimators of advantages.py.
+
+Off-policy on purpose (OffPolicyConfig): the responses can come from a Sampler that is not the actor,
+the actor of `staleness` rounds ago (asynchronous RL), its logits rounded to bf16 or fp16, tempered or
+cut to the top k (an inference engine's sampling). The sampler's next-token distribution is computed
+exactly, so the rollout keeps the log-probs of the sampled tokens under it (logp_sampler) beside those
+under the actor at rollout time (logp_old): the importance weights of ratios.py are exact.
 """
 import copy
 import time
+from collections import deque
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from mingpt.utils import set_seed
-from toy_rlhf.flags import GroupSize, NonNegativeFloat, PositiveFloat, PositiveInt, Seed
-from toy_rlhf.language import sample_prompts
+from toy_rlhf.flags import GroupSize, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Seed
+from toy_rlhf.language import RESPONSE_LENGTH, join, sample_prompts
 from toy_rlhf.metrics import kl_divergence, rule_probability
 from toy_rlhf.policy import generate_responses, token_log_probs_from, next_token_log_probs
 from toy_rlhf.reward import score_sentences
@@ -41,6 +49,66 @@ class RolloutConfig:
     seed: Seed = 0  # random seed: the same seed gives the same run
 
 
+@dataclass
+class OffPolicyConfig(RolloutConfig):
+    """RolloutConfig with a sampler that need not be the policy, and the ratio variants and sampler
+    corrections of ratios.py (its docstring has each one's equation and library defaults). The
+    defaults are on-policy PPO: the same random draws and numbers as without these fields."""
+    staleness: NonNegativeInt = 0  # rounds the sampling actor lags the trained one (asynchronous RL)
+    sampler_temperature: PositiveFloat = 1.0  # the sampler's temperature (the policy's is 1)
+    sampler_top_k: NonNegativeInt = 0  # the sampler keeps the k most likely tokens; 0 keeps all
+    sampler_precision: Literal['fp32', 'bf16', 'fp16'] = 'fp32'  # the sampler's logits rounded to this first
+    ratio: Literal['ppo', 'gspo', 'gmpo', 'cispo', 'sapo'] = 'ppo'  # the trainer's ratio and its clip
+    # TRL's default ('trl', 0.2 absolute) scales every on-policy step by 0.2; its docs recommend 5.
+    cispo_bounds: Literal['trl', 'trl-5', 'verl', 'open-instruct'] = 'trl-5'  # whose reading of CISPO's clip bounds
+    sampler_correction: Literal['none', 'tis', 'mis', 'icepop'] = 'none'  # of the sampler's weight pi_old / mu
+    correction_level: Literal['token', 'sequence'] = 'token'  # the sampler's weight per token or per response
+    correction_band: Literal['verl', 'trl', 'open-instruct', 'openrlhf'] = 'verl'  # whose default thresholds
+
+
+PRECISIONS = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def sampler_log_probs(logits, temperature=1.0, top_k=0, precision='fp32'):
+    """The sampler's next-token log-probs from the actor's logits (..., V): rounded to `precision`,
+    divided by the temperature, all but the top k set to -inf (as an inference engine samples)."""
+    if precision != 'fp32':
+        logits = logits.to(PRECISIONS[precision]).float()
+    logits = logits / temperature
+    if top_k:
+        kth_largest = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth_largest, float('-inf'))
+    return logits.log_softmax(dim=-1)
+
+
+class Sampler:
+    """The policy that writes a rollout's responses: the actor itself (on-policy), or the actor of
+    config.staleness rounds ago (the first actor until then), sampled through sampler_log_probs."""
+
+    def __init__(self, config):
+        self.config = config
+        self.on_policy = (config.staleness == 0 and config.sampler_temperature == 1 and config.sampler_top_k == 0
+                          and config.sampler_precision == 'fp32')
+        self.copies = deque(maxlen=config.staleness + 1)  # the actors of the last rounds, oldest first
+
+    @torch.no_grad()
+    def __call__(self, actor, prompts, generator):
+        """Sentences (B, 9) and logp_sampler (B, 4), the sampled tokens' log-probs under the sampler
+        (None on-policy: they are logp_old, and today's sampling code draws the same numbers)."""
+        if self.on_policy:
+            return generate_responses(actor, prompts, generator), None
+        self.copies.append(copy.deepcopy(actor).eval())
+        model, sentences, logp_sampler = self.copies[0], join(prompts), []
+        for _ in range(RESPONSE_LENGTH):
+            logits, _ = model(sentences)
+            log_probs = sampler_log_probs(logits[:, -1], self.config.sampler_temperature, self.config.sampler_top_k,
+                                          self.config.sampler_precision)  # (B, V)
+            token = torch.multinomial(log_probs.exp(), 1, generator=generator)  # (B, 1)
+            logp_sampler.append(log_probs.gather(1, token))
+            sentences = torch.cat([sentences, token], dim=1)
+        return sentences, torch.cat(logp_sampler, dim=1)
+
+
 # ---------------------------------------------------------------------------------------------
 # The rollout and the pieces of a training loop.
 
@@ -62,22 +130,28 @@ def prompt_groups(config, generator):
 
 
 @torch.no_grad()
-def rollout(actor, reference, reward_model, prompts, generator, preference):
-    """Sample a response per prompt from the actor and compute, once, with the rollout policy:
+def rollout(actor, reference, reward_model, prompts, generator, preference, sampler=None):
+    """Sample a response per prompt from the actor (or `sampler`, a Sampler) and compute, once:
 
     sentences (B, 9); logp_old, logp_ref (B, 4): log-probs of the sampled tokens only (the actions
-    actually taken) under the actor and the reference; score (B,): the reward model's; and, for the
+    actually taken) under the actor and the reference; logp_sampler (B, 4): under the policy that
+    sampled them (logp_old itself on-policy); score (B,): the reward model's; and, for the
     log, the exact next-token KL to the reference summed along each response, the entropy, and the
     rates of the preference's best gold level (Preference.best_level_rate) and of valid later
     digits, (B,) each.
     """
     reward_model.eval()  # frozen: only ever called here, under no_grad
-    sentences = generate_responses(actor, prompts, generator)
+    if sampler is None:
+        sentences, logp_sampler = generate_responses(actor, prompts, generator), None
+    else:
+        sentences, logp_sampler = sampler(actor, prompts, generator)
     actor_log_probs = next_token_log_probs(actor, sentences)  # (B, 4, V)
     reference_log_probs = next_token_log_probs(reference, sentences)  # (B, 4, V)
+    logp_old = token_log_probs_from(actor_log_probs, sentences)  # (B, 4): the trainer's policy at rollout time
     return {
         'sentences': sentences,
-        'logp_old': token_log_probs_from(actor_log_probs, sentences),  # (B, 4)
+        'logp_old': logp_old,
+        'logp_sampler': logp_old if logp_sampler is None else logp_sampler,  # (B, 4)
         'logp_ref': token_log_probs_from(reference_log_probs, sentences),  # (B, 4)
         'score': score_sentences(reward_model, sentences),  # (B,)
         'kl_full': kl_divergence(actor_log_probs.exp(), reference_log_probs).sum(dim=1),  # (B,)
