@@ -180,11 +180,9 @@ def test_the_sweep_puts_every_policy_at_or_below_the_exact_optimum_and_reuses_it
     copy = tmp_path / 'runs' / 'a'
     shutil.copytree(run_dir, copy)
     # Tiny PPO and DPO schedules: what is tested is the sweep around them, not their quality.
-    for name, short in (('ppo', functools.partial(PPOConfig, iters=3, prompts_per_iter=16)),
-                        ('dpo', functools.partial(DPOConfig, iters=5, pairs=256))):
-        monkeypatch.setitem(METHODS, name, dataclasses.replace(METHODS[name], config=short))
+    short = {'ppo': PPOConfig(iters=3, prompts_per_iter=16), 'dpo': DPOConfig(iters=5, pairs=256)}
     config = SweepConfig(betas=(1.0, 0.0), prompts=2)  # DPO at 1 only: its objective has no beta 0
-    rows = sweep(copy, tmp_path / 'plots', config, progress=False)
+    rows = sweep(copy, tmp_path / 'plots', config, short, progress=False)
     assert [row['label'] for row in rows] == ['PPO beta=1', 'PPO beta=0', 'DPO beta=1']
     for row in rows:
         # J* is the maximum of J over all policies, computed exactly: no trained policy exceeds it.
@@ -194,7 +192,7 @@ def test_the_sweep_puts_every_policy_at_or_below_the_exact_optimum_and_reuses_it
     assert all(f"| {row['label']} |" in report for row in rows)
     assert (tmp_path / 'plots' / 'frontier.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     capsys.readouterr()
-    again = sweep(copy, tmp_path / 'plots', config, progress=False)
+    again = sweep(copy, tmp_path / 'plots', config, short, progress=False)
     assert capsys.readouterr().out.count('reusing') == 3
     assert [row['J'] for row in again] == [row['J'] for row in rows]
 
