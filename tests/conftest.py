@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from toy_rlhf.language import sample_prompts
+from toy_rlhf import cli
 from toy_rlhf.methods import METHODS
 from toy_rlhf.optimal import exact_tables
 from toy_rlhf.preferences import PREFERENCES
@@ -70,3 +71,14 @@ def first_digit_tables(sft_policy, reward_model):
     the cost) for every test that measures trained policies exactly."""
     return exact_tables(sft_policy, reward_model, sample_prompts(20, torch.Generator().manual_seed(3)),
                         PREFERENCES['first-digit'])
+
+
+def run_cli(command, arguments, capsys):
+    """(exit status, stdout, stderr lines) of `toy-rlhf command arguments`, run in this process."""
+    try:
+        cli.run_command(command, arguments, prog=f'toy-rlhf {command}')
+        status = 0
+    except SystemExit as exit:
+        status = exit.code
+    out, err = capsys.readouterr()
+    return status, out, err.strip().splitlines()

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from toy_rlhf import cli, files, pipeline
+from toy_rlhf import files, pipeline
 from toy_rlhf.files import WriteError, atomic_write, write_json
 from toy_rlhf.run_dir import LOCK, open_run_dir
+from conftest import run_cli as run
 
 
 TINY_SFT = ['--iters', '1', '--batch-size', '2', '--quiet']
@@ -27,17 +28,6 @@ def in_a_fresh_folder(tmp_path, monkeypatch):
     handler = signal.getsignal(signal.SIGTERM)
     yield tmp_path
     signal.signal(signal.SIGTERM, handler)
-
-
-def run(command, arguments, capsys):
-    """(exit status, stdout, stderr lines) of `toy-rlhf command arguments`."""
-    try:
-        cli.run_command(command, arguments, prog=f'toy-rlhf {command}')
-        status = 0
-    except SystemExit as exit:
-        status = exit.code
-    out, err = capsys.readouterr()
-    return status, out, err.strip().splitlines()
 
 
 def assert_one_line(lines, *words):

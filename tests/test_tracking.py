@@ -11,6 +11,7 @@ from toy_rlhf import cli, pipeline
 from toy_rlhf.checkpoint import save_checkpoint
 from toy_rlhf.files import jsonl_text
 from toy_rlhf.policy import policy_config
+from conftest import run_cli as run
 
 # Each stage: (settings stored in its checkpoint, its log). An online method logs samples (its steps),
 # the others iterations; the leaderboard keeps its cells a folder deeper.
@@ -35,17 +36,6 @@ def write_run(folder, stages=STAGES):
 
 def numbers(row):
     return {key: value for key, value in row.items() if key != 'note'}
-
-
-def run(command, arguments, capsys):
-    """(exit status, stdout, stderr lines) of `toy-rlhf command arguments`."""
-    try:
-        cli.run_command(command, arguments, prog=f'toy-rlhf {command}')
-        status = 0
-    except SystemExit as exit:
-        status = exit.code
-    out, err = capsys.readouterr()
-    return status, out, err.strip().splitlines()
 
 
 def assert_one_line_error(result, *words):
