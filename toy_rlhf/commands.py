@@ -22,6 +22,7 @@ from toy_rlhf.run import Run, Variant
 from toy_rlhf.sft import SFTConfig
 from toy_rlhf.studies.against_optimum import checkpoint_row
 from toy_rlhf.studies.collapse import CollapseConfig, collapse
+from toy_rlhf.studies.off_policy import KNOBS, OffPolicyStudyConfig, off_policy
 from toy_rlhf.studies.credit import CreditConfig, credit_assignment
 from toy_rlhf.studies.leaderboard import LeaderboardConfig, leaderboard
 from toy_rlhf.studies.main import RunAllConfig, quick_schedule, run_all
@@ -141,6 +142,20 @@ def add_collapse_arguments(parser):
 
 def run_collapse(args):
     collapse(args.run_dir, args.plots_dir, config_from_args(args, CollapseConfig), args.progress)
+
+
+def add_off_policy_arguments(parser):
+    add_config_flags(parser, OffPolicyStudyConfig)
+    add_plots_dir(parser, 'off_policy.png')
+
+
+def run_off_policy(args):
+    config = config_from_args(args, OffPolicyStudyConfig)
+    unknown = [knob for knob in config.knobs if knob not in [entry[0] for entry in KNOBS]]
+    if unknown or not config.knobs:
+        raise UsageError(f'--knobs: {"unknown knob " + repr(unknown[0]) if unknown else "none given"}; '
+                         f'knobs: {", ".join(entry[0] for entry in KNOBS)}')
+    off_policy(args.run_dir, args.plots_dir, config, args.progress)
 
 
 def add_compare_arguments(parser):
@@ -334,6 +349,10 @@ def commands():
                                'runs/RUN/leaderboard.md, .json and .png (RUN: leaderboard).',
                                lambda parser: add_config_flags(parser, LeaderboardConfig), run_leaderboard,
                                default_run='leaderboard'),
+        'off-policy': Command('off_policy.py', 'PPO off-policy on purpose: each ratio variant and sampler correction against pi*',
+                              'Trains its own short SFT policy and reward model, then PPO as epochs, staleness and the '
+                              "sampler's temperature grow; draws off_policy.png, writes runs/RUN/off_policy.md and .json "
+                              '(RUN: off_policy).', add_off_policy_arguments, run_off_policy, default_run='off_policy'),
         'overopt': Command('overoptimisation.py', 'reward over-optimisation: proxy against gold along sqrt(KL), exactly',
                            "Proxy reward models on --pairs labelled pairs (and --gold-margin label noise) from the run's "
                            'SFT policy; pi*_beta, best-of-n and PPO snapshots evaluated exactly; Gao et al.\'s forms '

@@ -9,12 +9,11 @@ Three knobs turn off-policyness up, one at a time from on-policy PPO (beta 1, th
   not pi_old, and the trainer treats them as pi_old's unless a correction (tis, mis, icepop) weighs
   them by pi_old / mu.
 Each run's distance from the fixed point is the exact KL(pi || pi*) of whole responses over all 10^4
-responses of held-out prompts, averaged over prompts. Writes off_policy.md, off_policy.json and
-off_policy.png into `out_dir`:
-
-    python -m toy_rlhf.studies.off_policy --out runs/off_policy
+responses of held-out prompts, averaged over prompts. Writes off_policy.md and off_policy.json into
+the run folder and off_policy.png into its plots: `toy-rlhf off-policy` (scripts/off_policy.py), into
+runs/off_policy by default. It trains its own short SFT policy and reward model (the test suite's
+schedules), so every run of it starts from the same inputs at a seed.
 """
-import argparse
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -23,7 +22,8 @@ import matplotlib.pyplot as plt
 import torch
 
 from toy_rlhf.enumeration import all_response_log_probs
-from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, PositiveInt, Seed, add_config_flags, config_from_args
+from toy_rlhf import figures
+from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, PositiveInt, Seed
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods.ppo import PPOConfig, train_ppo
 from toy_rlhf.methods.rollout import Sampler
@@ -85,9 +85,9 @@ def distance_from_optimum(policy, tables, optimum):
     return response_kl(all_response_log_probs(policy.eval(), tables.prompts), optimum).mean().item()
 
 
-def off_policy(out_dir, config, progress=False):
+def off_policy(run_dir, plots_dir, config, progress=True):
     """Train every variant from one SFT policy and reward model, measure each one's exact distance
-    from pi*; write the table, record and figure into out_dir; returns the record."""
+    from pi*; write the table and record into run_dir and the figure into plots_dir; returns the record."""
     preference = PREFERENCES['first-digit']
     sft_policy, _ = train_sft(SFTConfig(iters=config.sft_iters, batch_size=config.sft_batch_size, seed=config.seed),
                               progress=progress)
@@ -111,10 +111,9 @@ def off_policy(out_dir, config, progress=False):
              for seed in config.noise_seeds]
     record = {'settings': asdict(config), 'reference_distance': response_kl(tables.log_ref, optimum).mean().item(),
               'on_policy_other_seeds': seeds, 'rows': rows}
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    figure = plot_off_policy(record, out_dir / 'off_policy.png')
-    write_study(out_dir, 'off_policy', off_policy_report(record), record, figure)
+    figure = plot_off_policy(record, Path(plots_dir) / 'off_policy.png')
+    report = write_study(run_dir, 'off_policy', off_policy_report(record), record, figure)
+    print(f'Table in {report}, figure {figure}')
     return record
 
 
@@ -157,19 +156,4 @@ def plot_off_policy(record, path):
         ax.axhspan(min(seeds), max(seeds), color='grey', alpha=0.2, label=f'on-policy PPO, {len(seeds)} seeds')
         ax.set(xlabel=knob, ylabel='KL(pi || pi*) (nats)', title=f'PPO, {knob}', xticks=values)
         ax.legend(fontsize=8)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--out', required=True, help='folder for off_policy.md, .json and .png')
-    add_config_flags(parser, OffPolicyStudyConfig)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # small models: one thread is as fast, and leaves the other cores alone
-    off_policy(args.out, config_from_args(args, OffPolicyStudyConfig))
-
-
-if __name__ == '__main__':
-    main()
+    return figures.save(fig, path)
