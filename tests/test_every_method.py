@@ -46,8 +46,8 @@ def weights_and_gradients(model):
 @pytest.mark.parametrize('name', TRAINED)
 def test_the_same_seed_gives_the_same_run_another_seed_another_and_the_inputs_stay_as_they_were(
         name, sft_policy, reward_model):
-    # The models come from training and may still hold its last .grad: a method must leave them as
-    # they are, and train a copy.
+    # A method must leave the models it is given as they are (weights, requires_grad, any .grad a
+    # caller's training left), and train a copy.
     before = {model: weights_and_gradients(model) for model in (sft_policy, reward_model)}
 
     def run(seed):

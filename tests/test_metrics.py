@@ -1,6 +1,6 @@
 """The exact metrics of the first-digit preference: checked on stand-in policies whose answers are
 known by hand (the language itself and the aligned language), and the gold-rate estimator against
-plain counting, for it and another preference."""
+the exact gold rate, for it and another preference."""
 import math
 from types import SimpleNamespace
 
@@ -11,9 +11,11 @@ import torch.nn.functional as F
 from mingpt.model import GPT
 from toy_rlhf.language import (PROMPT_LENGTH, SEQUENCE_LENGTH, VOCAB_SIZE, is_valid_output, join,
                                next_token_distribution, sample_prompts)
+from toy_rlhf.enumeration import all_response_log_probs
 from toy_rlhf.metrics import evaluate_policy, gold_rate, kl_divergence, language_kl
+from toy_rlhf.optimal import gold_metrics
 from toy_rlhf.policy import generate_responses, policy_config
-from toy_rlhf.preferences import PREFERENCES, preferred_first_token, reaches_best
+from toy_rlhf.preferences import PREFERENCES, preferred_first_token
 
 FIRST_DIGIT = PREFERENCES['first-digit']
 
@@ -140,31 +142,31 @@ def small_random_policy():
     return GPT(config).eval()
 
 
-@pytest.mark.parametrize('name, preference, n', [
-    # Near-uniform: gold rate ~ 1/11 * (3.4/11)^3 ~ 0.0027, ~130 gold samples in 50000; the check
-    # below tolerates ~45% of the rate, and an estimator that dropped one step's mass of ~0.3 would
-    # be off by a factor of 3.
-    ('random', 'first-digit', 50_000),
-    # The short SFT policy: gold rate ~0.27, 5 standard errors ~0.03, enough to see the ~0.04 that
-    # dropping the later digits' mass (fidelity ~0.95, cubed) would add.
-    ('sft', 'first-digit', 8_000),
+@pytest.mark.parametrize('name, preference', [
+    # Near-uniform: the gold rate is ~1/11 * (3.4/11)^3 ~ 0.0027 and a third of the mass is on
+    # responses holding SEP, so an estimator that dropped one step's mass (~0.3) would be off by a
+    # factor of 3, or one that conditioned on four digits by a factor of 1.5.
+    ('random', 'first-digit'),
+    # The short SFT policy: gold rate ~0.27; dropping the later digits' mass (fidelity ~0.95, cubed)
+    # would add ~0.04, against a standard error of ~0.003 per prompt here.
+    ('sft', 'first-digit'),
     # A preference on all four digits: each digit's allowed set depends on the digits before it.
-    ('sft', 'distinct', 8_000),
+    ('sft', 'distinct'),
 ])
-def test_the_sequential_gold_rate_agrees_with_counting_gold_samples(name, preference, n, request):
+def test_the_sequential_gold_rate_is_unbiased_for_the_exact_gold_rate(name, preference, request):
     policy = small_random_policy() if name == 'random' else request.getfixturevalue('sft_policy')
-    preference = PREFERENCES[preference]
-    prompts = sample_prompts(n, torch.Generator().manual_seed(3))
-    sentences = generate_responses(policy, prompts, torch.Generator().manual_seed(4))
-    responses = sentences[:, PROMPT_LENGTH + 1:]
-    counted = (reaches_best(preference, prompts, responses) & is_valid_output(prompts, responses).all(dim=1)).double()
-    sequential = gold_rate(policy, preference, prompts, torch.Generator().manual_seed(5)).double()
-    assert counted.sum() > 100  # enough gold samples for the normal approximation
-    # The two estimates are independent given the prompts and positively correlated through them,
-    # so the variance of their difference is at most the sum of their variances: 5 standard errors
-    # of it fail an unbiased estimator with probability < 6e-7.
-    standard_error = math.sqrt((counted.var() + sequential.var()).item() / n)
-    assert abs(counted.mean().item() - sequential.mean().item()) < 5 * standard_error
+    preference, draws = PREFERENCES[preference], 400
+    prompts = sample_prompts(8, torch.Generator().manual_seed(3))
+    # Exact, over all 10^4 responses: gold_metrics conditions on four digits, the sequential estimate
+    # does not, so the mass of digit responses is multiplied back.
+    log_pi = all_response_log_probs(policy, prompts)
+    exact = gold_metrics(log_pi, prompts, preference)['gold_rate'] * log_pi.logsumexp(dim=1).exp()
+    sequential = gold_rate(policy, preference, prompts.repeat_interleave(draws, dim=0),
+                           torch.Generator().manual_seed(5)).double().view(len(prompts), draws)
+    # Per prompt, 5 standard errors of the mean of 400 draws: an unbiased estimator fails one of the
+    # 24 checks (3 cases x 8 prompts) with probability < 24 * 6e-7.
+    standard_error = sequential.std(dim=1) / math.sqrt(draws)
+    assert torch.all((sequential.mean(dim=1) - exact).abs() < 5 * standard_error + 1e-12), (sequential.mean(dim=1), exact)
 
 
 def test_the_sequential_gold_rate_has_less_variance_than_counting(sft_policy):
