@@ -22,7 +22,7 @@ from toy_rlhf.studies import credit as credit_module
 from toy_rlhf.studies.credit import CreditConfig, credit_assignment
 from toy_rlhf.studies.main import RunAllConfig
 from toy_rlhf.studies.methods import CompareConfig, SweepConfig, compare, sweep
-from toy_rlhf.studies.overoptimisation import OverOptConfig
+from toy_rlhf.studies.overoptimisation import OverOptConfig, trains_on_a_proxy
 
 
 @dataclass
@@ -156,6 +156,8 @@ def config_classes():
     yield 'reward', RewardConfig, '', ()
     yield 'compare', CompareConfig, '', ()
     yield 'credit', CreditConfig, '', ()
+    for method in filter(trains_on_a_proxy, METHODS.values()):
+        yield 'overopt', method.config, method.name, ('seed', 'beta', 'preference')
     for method in METHODS.values():
         if method.train is not None:
             yield method.name, method.config, '', ()

@@ -27,7 +27,7 @@ from toy_rlhf.studies.credit import CreditConfig, credit_assignment
 from toy_rlhf.studies.leaderboard import LeaderboardConfig, leaderboard
 from toy_rlhf.studies.main import RunAllConfig, run_from_flags
 from toy_rlhf.studies.methods import CompareConfig, SweepConfig, compare, sweep
-from toy_rlhf.studies.overoptimisation import OverOptConfig, overoptimisation
+from toy_rlhf.studies.overoptimisation import OverOptConfig, overoptimisation, trains_on_a_proxy
 from toy_rlhf.tracking import TRACKERS, replay
 from toy_rlhf.usage import (UsageError, check_betas, check_methods, check_preference, exact_prompts, positive_int,
                             sampled_prompts, seed, working_preference)
@@ -155,6 +155,7 @@ def run_leaderboard(args):
 def add_overopt_arguments(parser):
     add_config_flags(parser, OverOptConfig)
     add_plots_dir(parser, 'overoptimisation.png')
+    add_method_flags(parser, [name for name, method in METHODS.items() if trains_on_a_proxy(method)])
 
 
 def run_overopt(args):
@@ -162,10 +163,11 @@ def run_overopt(args):
     # The proxies learn, and are judged by, the run's preference.
     preference = working_preference(args, 'reward.preference', config.reward.preference)
     config = replace(config, reward=replace(config.reward, preference=preference))
-    for flag, values in (('--pairs', config.pairs), ('--gold-margin', config.gold_margin),
-                         ('--ppo-betas', config.ppo_betas)):
+    check_methods([config.method], usable=trains_on_a_proxy, flag='--method')
+    for flag, values in (('--pairs', config.pairs), ('--gold-margin', config.gold_margin), ('--betas', config.betas)):
         check_betas(flag, values)
-    overoptimisation(args.run_dir, args.plots_dir, config, progress=args.progress)
+    overoptimisation(args.run_dir, args.plots_dir, config, method_configs(args, [config.method])[config.method],
+                     progress=args.progress)
 
 
 def add_benchmark_arguments(parser):
@@ -322,7 +324,8 @@ def study_commands():
                               '(RUN: off_policy).', add_off_policy_arguments, run_off_policy, default_run='off_policy'),
         'overopt': Command('overoptimisation.py', 'reward over-optimisation: proxy against gold along sqrt(KL), exactly',
                            "Proxy reward models on --pairs labelled pairs (and --gold-margin label noise) from the run's "
-                           'SFT policy; pi*_beta, best-of-n and PPO snapshots evaluated exactly; Gao et al.\'s forms '
-                           'fitted; draws overoptimisation.png, writes runs/RUN/overoptimisation.md and .json.',
+                           'SFT policy; pi*_beta, best-of-n and snapshots of an online method (--method, PPO by default) '
+                           "evaluated exactly; Gao et al.'s forms fitted; draws overoptimisation.png, writes "
+                           'runs/RUN/overoptimisation.md and .json.',
                            add_overopt_arguments, run_overopt),
     }
