@@ -22,7 +22,7 @@ from toy_rlhf.studies import credit as credit_module
 from toy_rlhf.studies.credit import CreditConfig, credit_assignment
 from toy_rlhf.studies.main import RunAllConfig
 from toy_rlhf.studies.methods import CompareConfig, SweepConfig, compare, sweep
-from toy_rlhf.studies.overoptimisation import OverOptConfig, trains_on_a_proxy
+from toy_rlhf.studies.overoptimisation import OverOptConfig
 
 
 @dataclass
@@ -156,7 +156,7 @@ def config_classes():
     yield 'reward', RewardConfig, '', ()
     yield 'compare', CompareConfig, '', ()
     yield 'credit', CreditConfig, '', ()
-    for method in filter(trains_on_a_proxy, METHODS.values()):
+    for method in (method for method in METHODS.values() if method.trains_online_on_a_reward_model):
         yield 'overopt', method.config, method.name, ('seed', 'beta', 'preference')
     for method in METHODS.values():
         if method.train is not None:

@@ -27,7 +27,7 @@ from toy_rlhf.studies.credit import CreditConfig, credit_assignment
 from toy_rlhf.studies.leaderboard import LeaderboardConfig, leaderboard
 from toy_rlhf.studies.main import RunAllConfig, run_from_flags
 from toy_rlhf.studies.methods import CompareConfig, SweepConfig, compare, sweep
-from toy_rlhf.studies.overoptimisation import OverOptConfig, overoptimisation, trains_on_a_proxy
+from toy_rlhf.studies.overoptimisation import OverOptConfig, overoptimisation
 from toy_rlhf.tracking import TRACKERS, replay
 from toy_rlhf.usage import (UsageError, check_betas, check_methods, check_preference, exact_prompts, positive_int,
                             sampled_prompts, seed, working_preference)
@@ -155,7 +155,7 @@ def run_leaderboard(args):
 def add_overopt_arguments(parser):
     add_config_flags(parser, OverOptConfig)
     add_plots_dir(parser, 'overoptimisation.png')
-    add_method_flags(parser, [name for name, method in METHODS.items() if trains_on_a_proxy(method)])
+    add_method_flags(parser, [name for name, method in METHODS.items() if method.trains_online_on_a_reward_model])
 
 
 def run_overopt(args):
@@ -163,7 +163,7 @@ def run_overopt(args):
     # The proxies learn, and are judged by, the run's preference.
     preference = working_preference(args, 'reward.preference', config.reward.preference)
     config = replace(config, reward=replace(config.reward, preference=preference))
-    check_methods([config.method], usable=trains_on_a_proxy, flag='--method')
+    check_methods([config.method], usable=lambda method: method.trains_online_on_a_reward_model, flag='--method')
     for flag, values in (('--pairs', config.pairs), ('--gold-margin', config.gold_margin), ('--betas', config.betas)):
         check_betas(flag, values)
     overoptimisation(args.run_dir, args.plots_dir, config, method_configs(args, [config.method])[config.method],

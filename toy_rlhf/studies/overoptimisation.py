@@ -114,12 +114,6 @@ def snapshot_curve(history, reference):
     return {'round': [0] + [row['iter'] + 1 for row in rows], **as_curve(points, reference)}
 
 
-def trains_on_a_proxy(method):
-    """Whether a registered method can be the study's: it trains, samples its own responses (so it
-    takes `measure`) and learns from a reward model (a proxy here)."""
-    return method.online and method.train is not None and method.needs_reward_model
-
-
 def run_variants(config, method_config=None):
     """The method's run on a proxy at each of config.betas (Variants: their names are their curves' among
     a proxy's curves), from method_config (the method's settings; its defaults if None)."""
