@@ -1,5 +1,6 @@
 """Reward over-optimisation: Gao et al.'s fits, the exact curves, and the study's stages reused."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from toy_rlhf.methods.ppo import PPOConfig
 from toy_rlhf.metrics import true_distributions
 from toy_rlhf.enumeration import all_responses
 from toy_rlhf.reward import RewardConfig
+from toy_rlhf.run import Variant
 from toy_rlhf.sft import SFTConfig
 from test_figures import assert_png
 
@@ -101,34 +103,35 @@ def test_the_best_of_n_curve_is_the_enumerated_best_of_n_for_every_n(language_ta
 def test_proxies_and_snapshots_are_reused_and_a_new_pair_count_trains_only_its_own(tmp_path, monkeypatch):
     # What is tested is which stages run: the figure and the proxies' rank rate (2,000 prompts, the
     # reward tests' business) are left out, and every schedule is a few steps.
-    monkeypatch.setattr(study, 'plot_overoptimisation', lambda results, ppo_betas, path: path)
+    monkeypatch.setattr(study, 'plot_overoptimisation', lambda results, method_label, runs, path: path)
     monkeypatch.setattr(pipeline, 'rank_rate', lambda model, seed, preference: 0.0)
     pipeline.sft_stage(tmp_path, SFTConfig(iters=2, batch_size=8), progress=False)
-    config = study.OverOptConfig(pairs=(50, 60), ppo_betas=(0.0,), snapshot_every=1, prompts=1,
-                                 reward=RewardConfig(iters=4, held_out_pairs=50),
-                                 ppo=PPOConfig(iters=2, prompts_per_iter=4))
+    config = study.OverOptConfig(pairs=(50, 60), betas=(0.0,), snapshot_every=1, prompts=1,
+                                 reward=RewardConfig(iters=4, held_out_pairs=50))
+    ppo = PPOConfig(iters=2, prompts_per_iter=4)
+    name = Variant.of(replace(ppo, beta=0.0), 'ppo').name  # ppo_beta0_<hash of its settings>
 
     def made():
         return {path.name: path.stat().st_mtime_ns for path in tmp_path.glob('reward_*.pt')}
 
-    first = study.overoptimisation(tmp_path, tmp_path / 'plots', config, progress=False)
-    assert set(made()) == {'reward_pairs50.pt', 'reward_pairs60.pt', 'reward_pairs50_ppo_beta0.pt',
-                           'reward_pairs60_ppo_beta0.pt'}
-    assert first[0]['curves']['ppo_beta0']['round'] == [0, 1, 2]  # the reference, then every round
+    first = study.overoptimisation(tmp_path, tmp_path / 'plots', config, ppo, progress=False)
+    assert set(made()) == {'reward_pairs50.pt', 'reward_pairs60.pt', f'reward_pairs50_{name}.pt',
+                           f'reward_pairs60_{name}.pt'}
+    assert first[0]['curves'][name]['round'] == [0, 1, 2]  # the reference, then every round
     before = made()
     with monkeypatch.context() as rerun:  # everything current: no exact table is computed again
         for table in ('all_response_log_probs', 'all_response_rewards'):
             rerun.setattr(study_math, table, lambda *args, table=table: pytest.fail(f'{table} computed on a rerun'))
-        again = study.overoptimisation(tmp_path, tmp_path / 'plots', config, progress=False)
+        again = study.overoptimisation(tmp_path, tmp_path / 'plots', config, ppo, progress=False)
     assert made() == before
     assert again[0]['curves'] == first[0]['curves']
 
     study.overoptimisation(tmp_path, tmp_path / 'plots', study.OverOptConfig(
-        **{**config.__dict__, 'pairs': (50, 70)}), progress=False)
+        **{**config.__dict__, 'pairs': (50, 70)}), ppo, progress=False)
     after = made()
-    kept = ['reward_pairs50.pt', 'reward_pairs50_ppo_beta0.pt', 'reward_pairs60.pt', 'reward_pairs60_ppo_beta0.pt']
-    assert {name: after[name] for name in kept} == {name: before[name] for name in kept}
-    assert {'reward_pairs70.pt', 'reward_pairs70_ppo_beta0.pt'} <= set(after)
+    kept = ['reward_pairs50.pt', f'reward_pairs50_{name}.pt', 'reward_pairs60.pt', f'reward_pairs60_{name}.pt']
+    assert {path: after[path] for path in kept} == {path: before[path] for path in kept}
+    assert {'reward_pairs70.pt', f'reward_pairs70_{name}.pt'} <= set(after)
 
 
 def test_the_figure_draws_every_proxy_with_its_fits_peaks_and_snapshots(language_tables, tmp_path):
@@ -145,5 +148,6 @@ def test_the_figure_draws_every_proxy_with_its_fits_peaks_and_snapshots(language
         results.append({'name': f'margin{margin:g}', 'pairs': 100, 'margin': margin, 'curves': curves,
                         'fits': study_math.fits(curves), 'peaks': study_math.peaks(curves)})
     # As a rerun reads them back from overoptimisation.json: plain lists and numbers.
-    path = study.plot_overoptimisation(json.loads(json.dumps(results)), (0.0,), tmp_path / 'overoptimisation.png')
+    path = study.plot_overoptimisation(json.loads(json.dumps(results)), 'PPO', [('ppo_beta0', 'PPO beta=0')],
+                                       tmp_path / 'overoptimisation.png')
     assert_png(path, figures.FIGURE_SIZES['overoptimisation'])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mingpt.model import GPT
-from toy_rlhf import cli, figures
+from toy_rlhf import cli, figures, pipeline
 from toy_rlhf.checkpoint import how_to_make, save_checkpoint
 from toy_rlhf.flags import NonNegativeFloat, PositiveFloat, PositiveInt, Seed, config_from_args, field_comments
 from toy_rlhf.methods import METHODS, Method, method_of_stem, register, rollout, unregister
@@ -22,7 +22,7 @@ from toy_rlhf.studies import credit as credit_module
 from toy_rlhf.studies.credit import CreditConfig, credit_assignment
 from toy_rlhf.studies.main import RunAllConfig
 from toy_rlhf.studies.methods import CompareConfig, SweepConfig, compare, sweep
-from toy_rlhf.studies.overoptimisation import OverOptConfig
+from toy_rlhf.studies.overoptimisation import OverOptConfig, overoptimisation
 
 
 @dataclass
@@ -123,6 +123,28 @@ def test_a_registered_online_method_appears_in_the_credit_study_and_its_figure(d
     assert '| Dummy |' in (run_dir / 'credit_assignment.md').read_text()
 
 
+def test_a_registered_online_method_is_trained_on_the_proxies_of_the_overoptimisation_study(dummy, tmp_path,
+                                                                                            monkeypatch):
+    run_dir = tmp_path / 'runs' / 'default'
+    torch.manual_seed(0)
+    save_checkpoint(run_dir / 'sft.pt', GPT(policy_config()), 'policy', {}, {})
+    monkeypatch.setattr(pipeline, 'rank_rate', lambda model, seed, preference: 0.0)  # the reward tests' business
+    legends = []
+    real_save = figures.save
+
+    def save(fig, path):
+        legends.extend(text.get_text() for ax in fig.axes if ax.get_legend() for text in ax.get_legend().get_texts())
+        return real_save(fig, path)
+    monkeypatch.setattr(figures, 'save', save)
+    config = OverOptConfig(pairs=(40,), method='dummy', betas=(0.0,), snapshot_every=1, prompts=1,
+                           reward=RewardConfig(iters=2, held_out_pairs=40))
+    [proxy] = overoptimisation(run_dir, tmp_path / 'plots', config, progress=False)
+    assert proxy['curves']['dummy_beta0']['round'] == [0, 1]  # the reference, then its one round, measured
+    assert (run_dir / 'reward_pairs40_dummy_beta0.pt').is_file()
+    assert '`dummy_betaB` Dummy snapshots' in (run_dir / 'overoptimisation.md').read_text()
+    assert 'Dummy beta=0 snapshots (open: proxy)' in legends
+
+
 # --- every setting reachable ----------------------------------------------------------------------
 
 def other_value(hint, default):
@@ -156,6 +178,8 @@ def config_classes():
     yield 'reward', RewardConfig, '', ()
     yield 'compare', CompareConfig, '', ()
     yield 'credit', CreditConfig, '', ()
+    for method in (method for method in METHODS.values() if method.trains_online_on_a_reward_model):
+        yield 'overopt', method.config, method.name, ('seed', 'beta', 'preference')
     for method in METHODS.values():
         if method.train is not None:
             yield method.name, method.config, '', ()

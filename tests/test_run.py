@@ -10,12 +10,14 @@ import torch
 
 from mingpt.model import GPT
 from toy_rlhf import cli, run as run_module
-from toy_rlhf.checkpoint import save_checkpoint
+from toy_rlhf.checkpoint import load_model, save_checkpoint
+from toy_rlhf.language import sample_prompts
 from toy_rlhf.policy import policy_config
 from toy_rlhf.reward import RewardConfig, reward_model_config
 from toy_rlhf.run import Run, Variant
 from toy_rlhf.sft import SFTConfig
 from toy_rlhf.studies.against_optimum import checkpoint_row
+from toy_rlhf.studies.credit import ExactMeasure
 from toy_rlhf.studies.methods import CompareConfig, compare
 
 
@@ -70,9 +72,15 @@ def test_the_gold_gap_closed_is_read_at_the_reward_models_margin_by_every_study(
     tiny = {'ppo': run_module.METHODS['ppo'].config(iters=1, prompts_per_iter=4)}
     [row] = compare(run_dir, tmp_path / 'plots', config, tiny, progress=False)
     path = run_dir / f"{Variant.of(tiny['ppo'], 'ppo').name}.pt"
-    again = checkpoint_row(path, run_dir / 'sft.pt', run_dir / 'reward.pt', 2, 0)
-    assert Run(run_dir).gold_margin == 2.0
+    again = checkpoint_row(path, run_dir / 'sft.pt', run_dir / 'reward.pt', 2, 0)  # evaluate.py --optimal's
+    run = Run(run_dir)
+    assert run.gold_margin == 2.0
     assert again['gold_gap_closed'] == pytest.approx(row['gold_gap_closed'], abs=1e-12)
+    # The credit study's measurement of the same policy, on the same prompts, at the run's margin.
+    tables = run.tables(sample_prompts(2, torch.Generator().manual_seed(0)))
+    measure = ExactMeasure(tables, tables.gold(run.gold_margin), 1.0, every=1, last=0)
+    credit = measure(1, load_model(path, 'policy'))['exact/gold_gap_closed']
+    assert credit == pytest.approx(row['gold_gap_closed'], abs=1e-9)
     # At the class default (margin 20) the gold objective is another one: its gap closed differs.
     run_at_20 = random_run(tmp_path / 'runs' / 's', preference='first-digit')
     (run_at_20 / path.name).write_bytes(path.read_bytes())
@@ -118,7 +126,7 @@ def test_a_study_on_an_empty_run_folder_trains_what_it_needs_first(tmp_path, mon
 def test_overoptimisation_judges_the_proxies_by_the_runs_preference(tmp_path, monkeypatch):
     random_run(tmp_path / 'runs' / 'default', preference='last-digit')
     monkeypatch.chdir(tmp_path)
-    cli.run_command('overopt', ['--pairs', '40', '--ppo-betas', '0', '--snapshot-every', '1', '--prompts', '1',
+    cli.run_command('overopt', ['--pairs', '40', '--betas', '0', '--snapshot-every', '1', '--prompts', '1',
                                 '--reward.iters', '2', '--reward.held-out-pairs', '40', '--ppo.iters', '1',
                                 '--ppo.prompts-per-iter', '4', '--quiet'])
     key = json.loads((tmp_path / 'runs' / 'default' / 'overoptimisation.json').read_text())['key']

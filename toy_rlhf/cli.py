@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from toy_rlhf.checkpoint import CheckpointError
-from toy_rlhf.commands import UsageError, check_preference, commands, threads
+from toy_rlhf.commands import commands
 from toy_rlhf.executors import ExecutorError
 from toy_rlhf.files import WriteError
 from toy_rlhf.methods import METHODS
@@ -24,6 +24,7 @@ from toy_rlhf.preferences import PreferenceError
 from toy_rlhf.run_dir import PLOTS, RunDirError, open_run_dir
 from toy_rlhf.tracking import TRACKERS, TrackingError, replay, tracker_module
 from toy_rlhf.training import TrainingError
+from toy_rlhf.usage import UsageError, check_preference, threads
 
 
 class Parser(argparse.ArgumentParser):
@@ -114,8 +115,16 @@ def _terminate(signum, frame):
 
 
 def run_command(command, argv=None, prog=None):
-    """Parse argv for `command`, run it (holding its run folder), and turn every user-caused failure
-    into one line, exit 2."""
+    """Parse argv for `command` and run it (see running)."""
+    with running(command, argv, prog) as args:
+        commands()[command].run(args)
+
+
+@contextlib.contextmanager
+def running(command, argv=None, prog=None):
+    """Parse argv for `command` and hold its run folder while the block runs it with the parsed flags
+    (yielded); then replay the run into --track's tracker. Every user-caused failure, in the block
+    too, ends as one line, exit 2. A study's own script runs the study in the block (scripts/run_all.py)."""
     spec = commands()[command]
     parser = build_parser(command, prog or f'scripts/{spec.script}')
     args = parser.parse_args(argv)
@@ -124,7 +133,7 @@ def run_command(command, argv=None, prog=None):
     try:
         prepare(args, spec.writes_run_dir)
         with open_run_dir(args.run_dir) if spec.writes_run_dir else contextlib.nullcontext():
-            spec.run(args)
+            yield args
             if getattr(args, 'track', None):  # the whole run folder, from its logs, once they are all written
                 replay(args.run_dir, args.track)
     except (UsageError, CheckpointError, TrainingError, WriteError, RunDirError, PreferenceError,

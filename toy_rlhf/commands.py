@@ -12,11 +12,11 @@ from typing import Callable
 
 from toy_rlhf import pipeline
 from toy_rlhf.benchmark import benchmark, format_report
-from toy_rlhf.flags import Bounds, ExactPrompts, SampledPrompts, Threads, add_config_flags, config_from_args
+from toy_rlhf.flags import add_config_flags, config_from_args
 from toy_rlhf.methods import METHODS
 from toy_rlhf.metrics import EVALUATION_PROMPTS
 from toy_rlhf.optimal import EXACT_PROMPTS
-from toy_rlhf.preferences import DEFAULT_PREFERENCE, PreferenceError, resolve_preference
+from toy_rlhf.preferences import DEFAULT_PREFERENCE
 from toy_rlhf.reward import RewardConfig
 from toy_rlhf.run import Run, Variant
 from toy_rlhf.sft import SFTConfig
@@ -25,20 +25,12 @@ from toy_rlhf.studies.collapse import CollapseConfig, collapse
 from toy_rlhf.studies.off_policy import KNOBS, OffPolicyStudyConfig, off_policy
 from toy_rlhf.studies.credit import CreditConfig, credit_assignment
 from toy_rlhf.studies.leaderboard import LeaderboardConfig, leaderboard
-from toy_rlhf.studies.main import RunAllConfig, quick_schedule, run_all
+from toy_rlhf.studies.main import RunAllConfig, run_from_flags
 from toy_rlhf.studies.methods import CompareConfig, SweepConfig, compare, sweep
 from toy_rlhf.studies.overoptimisation import OverOptConfig, overoptimisation
 from toy_rlhf.tracking import TRACKERS, replay
-
-
-class UsageError(Exception):
-    """A bad setting that argparse cannot see (an unavailable device, an unwritable folder)."""
-
-
-positive_int = Bounds(low=1, description='a positive integer').parse(int)
-threads, sampled_prompts, exact_prompts = (hint.__metadata__[0].parse(int)  # their Bounds
-                                           for hint in (Threads, SampledPrompts, ExactPrompts))
-seed = Bounds(low=0, high=2 ** 32 - 1, description='an integer from 0 to 2^32 - 1').parse(int)
+from toy_rlhf.usage import (UsageError, check_betas, check_methods, check_preference, exact_prompts, positive_int,
+                            sampled_prompts, seed, working_preference)
 
 
 def add_plots_dir(parser, figures):
@@ -75,36 +67,9 @@ def method_command(method):
     return add_arguments, run
 
 
-def working_preference(args, flag, default):
-    """The name of the preference a command works with: the run's, its reward model's (a different
-    one given with `flag` is refused); in a run without a reward model, the one given, or `default`."""
-    named = getattr(args, flag, None)
-    if Path(args.run_dir, 'reward.pt').exists():
-        return pipeline.run_preference(args.run_dir, named).name
-    return named or default
-
-
 def add_all_arguments(parser):
     add_config_flags(parser, RunAllConfig)
     add_plots_dir(parser, 'the figures')
-
-
-def run_everything(args):
-    config = config_from_args(args, RunAllConfig)
-    if config.quick:  # the quick schedule, and the flags given over it
-        config = config_from_args(args, RunAllConfig, base=quick_schedule(config))
-    check_betas('--betas', config.betas)
-    if not config.fresh:  # a run has one preference, its reward model's; --fresh retrains for another
-        config = replace(config, preference=working_preference(args, 'preference', config.preference))
-    run_all(args.run_dir, args.plots_dir, config, args.progress)
-
-
-def check_betas(flag, betas):
-    """Each value once: two betas (or pair counts, margins) that print alike (0.1 and 0.1000001) would
-    share one checkpoint name."""
-    names = [f'{beta:g}' for beta in betas]
-    if len(set(names)) != len(names):
-        raise UsageError(f'{flag}: each value once (values that print alike share a checkpoint), got {" ".join(names)}')
 
 
 def add_sweep_arguments(parser):
@@ -118,12 +83,6 @@ def run_sweep(args):
     check_betas('--betas', config.betas)
     check_methods(config.methods)
     sweep(args.run_dir, args.plots_dir, config, method_configs(args, config.methods), args.progress)
-
-
-def check_methods(names):
-    unknown = [name for name in names if name not in METHODS]
-    if unknown:
-        raise UsageError(f'--methods: unknown method {unknown[0]!r}; registered: {", ".join(METHODS)}')
 
 
 def add_credit_arguments(parser):
@@ -187,27 +146,16 @@ def run_leaderboard(args):
     config = config_from_args(args, LeaderboardConfig)
     check_betas('--betas', config.betas)
     check_betas('--seeds', config.seeds)
-    unusable = [name for name in config.methods if name not in METHODS
-                or not (METHODS[name].train or METHODS[name].exact_policy)]
-    if unusable:
-        raise UsageError(f'--methods: unknown method {unusable[0]!r}; registered: {", ".join(METHODS)}')
+    check_methods(config.methods, usable=lambda method: method.train or method.exact_policy)
     for name in config.preferences:
         check_preference(name)
     leaderboard(args.run_dir, config, args.progress)
 
 
-def check_preference(name):
-    """Refuse a --preference that is neither a built-in nor a working module:function, before training."""
-    try:
-        resolve_preference(name)
-    except PreferenceError as error:
-        raise UsageError(str(error)) from None
-
-
-
 def add_overopt_arguments(parser):
     add_config_flags(parser, OverOptConfig)
     add_plots_dir(parser, 'overoptimisation.png')
+    add_method_flags(parser, [name for name, method in METHODS.items() if method.trains_online_on_a_reward_model])
 
 
 def run_overopt(args):
@@ -215,10 +163,11 @@ def run_overopt(args):
     # The proxies learn, and are judged by, the run's preference.
     preference = working_preference(args, 'reward.preference', config.reward.preference)
     config = replace(config, reward=replace(config.reward, preference=preference))
-    for flag, values in (('--pairs', config.pairs), ('--gold-margin', config.gold_margin),
-                         ('--ppo-betas', config.ppo_betas)):
+    check_methods([config.method], usable=lambda method: method.trains_online_on_a_reward_model, flag='--method')
+    for flag, values in (('--pairs', config.pairs), ('--gold-margin', config.gold_margin), ('--betas', config.betas)):
         check_betas(flag, values)
-    overoptimisation(args.run_dir, args.plots_dir, config, progress=args.progress)
+    overoptimisation(args.run_dir, args.plots_dir, config, method_configs(args, [config.method])[config.method],
+                     progress=args.progress)
 
 
 def add_benchmark_arguments(parser):
@@ -322,11 +271,31 @@ def commands():
                                          f'Needs runs/RUN/{needs}; writes runs/RUN/{method.name}_beta<B>.pt and .jsonl '
                                          '(with _seed<S> and a hash of other non-default settings in the name).',
                                          *method_command(method))
+    table.update(study_commands())
     table.update({
+        'benchmark': Command('benchmark.py', 'time the default pipeline over fresh runs',
+                             'Median seconds and samples per second per stage, peak memory, and the quality '
+                             'figures of the same runs, in a temporary folder.', add_benchmark_arguments,
+                             run_benchmark, writes_run_dir=False),
+        'evaluate': Command('evaluate.py', 'exact gold metrics of a policy checkpoint',
+                            'Preference rate, fidelity, gold rate, KL to the reference and to the aligned language; '
+                            '--optimal adds the gap to the exact optimum.', add_evaluate_arguments, evaluate,
+                            writes_run_dir=False),
+        'track': Command('track.py', "replay a run's logs into TensorBoard or wandb",
+                         "Every stage's .jsonl log, row by row, with the settings stored in its checkpoint; the logs "
+                         'stay the source of truth, the tracker gets a copy (toy_rlhf.tracking says what goes where).',
+                         add_track_arguments, run_track, writes_run_dir=False),
+    })
+    return table
+
+
+def study_commands():
+    """{name: Command} of the studies, each from the run's SFT policy and reward model (or its own)."""
+    return {
         'all': Command('run_all.py', 'the whole pipeline: SFT, reward model, PPO per beta, figures, report',
                        'Exact evaluation, the figures and runs/RUN/report.md. Stages whose checkpoints were made '
                        'with the same settings are reused; --sft.*, --reward.* and --ppo.* set any stage setting.',
-                       add_all_arguments, run_everything),
+                       add_all_arguments, run_from_flags),
         'sweep': Command('sweep_beta.py', 'PPO and DPO (or any methods) at several betas against the exact optimum',
                          "From the run's SFT policy and reward model; each policy evaluated exactly over all 10^4 "
                          'responses; draws frontier.png, writes runs/RUN/sweep.md.', add_sweep_arguments, run_sweep),
@@ -355,21 +324,8 @@ def commands():
                               '(RUN: off_policy).', add_off_policy_arguments, run_off_policy, default_run='off_policy'),
         'overopt': Command('overoptimisation.py', 'reward over-optimisation: proxy against gold along sqrt(KL), exactly',
                            "Proxy reward models on --pairs labelled pairs (and --gold-margin label noise) from the run's "
-                           'SFT policy; pi*_beta, best-of-n and PPO snapshots evaluated exactly; Gao et al.\'s forms '
-                           'fitted; draws overoptimisation.png, writes runs/RUN/overoptimisation.md and .json.',
+                           'SFT policy; pi*_beta, best-of-n and snapshots of an online method (--method, PPO by default) '
+                           "evaluated exactly; Gao et al.'s forms fitted; draws overoptimisation.png, writes "
+                           'runs/RUN/overoptimisation.md and .json.',
                            add_overopt_arguments, run_overopt),
-        'benchmark': Command('benchmark.py', 'time the default pipeline over fresh runs',
-                             'Median seconds and samples per second per stage, peak memory, and the quality '
-                             'figures of the same runs, in a temporary folder.', add_benchmark_arguments,
-                             run_benchmark, writes_run_dir=False),
-        'evaluate': Command('evaluate.py', 'exact gold metrics of a policy checkpoint',
-                            'Preference rate, fidelity, gold rate, KL to the reference and to the aligned language; '
-                            '--optimal adds the gap to the exact optimum.', add_evaluate_arguments, evaluate,
-                            writes_run_dir=False),
-        'track': Command('track.py', "replay a run's logs into TensorBoard or wandb",
-                         "Every stage's .jsonl log, row by row, with the settings stored in its checkpoint; the logs "
-                         'stay the source of truth, the tracker gets a copy (toy_rlhf.tracking says what goes where).',
-                         add_track_arguments, run_track, writes_run_dir=False),
-    })
-    return table
-
+    }

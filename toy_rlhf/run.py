@@ -173,14 +173,13 @@ class Run:
             print(f'{variant.name}: reusing {self.path(variant)} (made with the same settings)')
             repair_log(self.path(variant).with_suffix('.jsonl'), checkpoint['history'])
             timings[variant.name] = {'seconds': 0.0, 'reused': True}
-        if executor is None:
-            done = ((variant, train_variant(*job, progress=self.progress)) for variant, job in jobs.items())
-        else:
+        if executor is None:  # here, one after another
+            for variant, job in jobs.items():
+                timings[variant.name] = self._save(variant, *train_variant(*job, progress=self.progress))
+        else:  # in the executor's workers, each saved as it comes back
             futures = {executor.submit(train_variant, *job, threads=1): variant for variant, job in jobs.items()}
-            done = ((futures[future], future.result()) for future in concurrent.futures.as_completed(futures))
-        for variant, (policy, history, metrics) in done:
-            self._save(variant, policy, history, metrics)
-            timings[variant.name] = {'seconds': metrics['seconds'], 'reused': False}
+            for future in concurrent.futures.as_completed(futures):
+                timings[futures[future].name] = self._save(futures[future], *future.result())
         return timings
 
     def _job(self, variant):
@@ -193,12 +192,14 @@ class Run:
         return provenance(variant.config(), self.inputs(variant), self.preference.name)
 
     def _save(self, variant, policy, history, metrics):
+        """Write a trained variant's checkpoint and say so in one line; returns its timing."""
         method = METHODS[variant.method]
         save_stage(self.folder, variant.name, policy, 'policy', variant.config(), metrics, history,
                    self.inputs(variant), method.name, self.preference.name)
         print(f"{method.label} beta={variant.beta:g}: preference {metrics['preference_rate']:.2%}, fidelity "
               f"{metrics['fidelity']:.2%}, gold {metrics['gold_rate']:.2%}, KL to reference "
               f"{metrics['kl_to_reference']:.3f} nats; {metrics['seconds']:.1f} s -> {self.path(variant)}")
+        return {'seconds': metrics['seconds'], 'reused': False}
 
     def policy(self, variant):
         return load_model(self.path(variant), 'policy')

@@ -55,6 +55,12 @@ class Method:
     # rank methods leave it out unless named (--methods); the collapse study measures against it.
     reference: bool = False
 
+    @property
+    def trains_online_on_a_reward_model(self):
+        """It trains, sampling its own responses (so it takes `measure`), against a reward model: what
+        the credit and over-optimisation studies train."""
+        return self.online and self.train is not None and self.needs_reward_model
+
     def stem(self, config):
         """The checkpoint file stem of a run with `config` (one of self.config): ppo_beta1 with the
         method's default settings, ppo_beta1_seed2 on another seed, and a short hash of the other

@@ -11,5 +11,6 @@ What they share is in output.py (Markdown tables, NAME.md and NAME.json) and toy
 look of every figure). A study's larger parts sit in companions named for what they hold:
 main_report.py and main_figures.py (report.md's text and the main study's seven figures),
 against_optimum.py (one policy's exact row against pi*, for the methods study and `evaluate`),
-overoptimisation_curves.py (the exact tables and curves, and Gao et al.'s fits).
+overoptimisation_curves.py and overoptimisation_figure.py (the exact tables and curves, and Gao et
+al.'s fits; the figure).
 """

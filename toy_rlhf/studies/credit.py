@@ -58,7 +58,7 @@ def credit_variants():
     each of its presets: [(Variant, colour)], seeds and schedule set by the study."""
     variants = []
     for method in METHODS.values():
-        if method.online and method.train is not None and method.needs_reward_model:
+        if method.trains_online_on_a_reward_model:
             variants.append((Variant(method.name, label=method.label), method.color))
             variants += [(Variant(method.name, settings=settings, label=label), color)
                          for label, settings, color in method.presets]

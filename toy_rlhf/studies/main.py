@@ -7,7 +7,12 @@ report are always made afresh from the checkpoints, with fixed seeds, so two run
 settings write the same metrics.json byte for byte. The report's text is main_report.py's and the
 seven figures are main_figures.py's; what a figure shows is computed here, so no drawing code runs a
 model.
+
+scripts/run_all.py parses the flags with `flags()` and calls run_all itself: from the script to PPO's
+loss is run_all -> Run.train -> train_variant -> (the registry) ppo.train_ppo -> ppo.update ->
+ratios.policy_loss.
 """
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -16,7 +21,7 @@ import torch
 
 from toy_rlhf.checkpoint import load_checkpoint, load_model
 from toy_rlhf.files import write_json
-from toy_rlhf.flags import Device, Digit, NonNegativeFloat, Seed
+from toy_rlhf.flags import Device, Digit, NonNegativeFloat, Seed, config_from_args
 from toy_rlhf.language import DIGITS, PROMPT_LENGTH, entropy_floor, join, next_token_distribution, sample_prompts
 from toy_rlhf.methods.ppo import PPOConfig
 from toy_rlhf.metrics import (EVALUATION_PROMPTS, PREFERENCE_TARGET, aligned_next_tokens, evaluate_policy,
@@ -31,6 +36,7 @@ from toy_rlhf.studies.main_figures import (plot_attention, plot_first_token, plo
                                            plot_next_token_probs, plot_ppo_curves, plot_reward_model, plot_sft_loss)
 from toy_rlhf.studies.main_report import report_text
 from toy_rlhf.studies.output import write_study
+from toy_rlhf.usage import check_betas, working_preference
 
 REFERENCE = 'reference (SFT)'
 
@@ -58,6 +64,33 @@ def quick_schedule(config):
     return replace(config, quick=True, sft=replace(config.sft, iters=60, warmup_iters=10),
                    reward=replace(config.reward, iters=60, pairs=1000, held_out_pairs=500),
                    ppo=replace(config.ppo, iters=6, prompts_per_iter=32))
+
+
+def config_from_flags(args):
+    """The study's config from the flags of `toy-rlhf all` (parsed args): the quick schedule with the
+    flags given over it, the betas checked, and the run's own preference unless --fresh retrains for
+    another."""
+    config = config_from_args(args, RunAllConfig)
+    if config.quick:
+        config = config_from_args(args, RunAllConfig, base=quick_schedule(config))
+    check_betas('--betas', config.betas)
+    if not config.fresh:  # a run has one preference, its reward model's
+        config = replace(config, preference=working_preference(args, 'preference', config.preference))
+    return config
+
+
+@contextlib.contextmanager
+def flags(argv=None):
+    """The flags of `toy-rlhf all` parsed from argv, as (args, config), while the run folder is held;
+    every failure in the block is one line, exit 2, as for any command (toy_rlhf.cli.running)."""
+    from toy_rlhf.cli import running  # here, not above: the command line imports every study, this one too
+    with running('all', argv) as args:
+        yield args, config_from_flags(args)
+
+
+def run_from_flags(args):
+    """`toy-rlhf all`: run_all with the parsed flags."""
+    return run_all(args.run_dir, args.plots_dir, config_from_flags(args), args.progress)
 
 
 def stage_configs(config):

@@ -7,7 +7,8 @@ labelled pairs (and, as a second axis, noisier labels: a smaller gold margin). K
 proxy three ways, all measured over every one of the 10^4 responses of the evaluation prompts:
   pi*_beta    the exact optimum of E[proxy] - beta KL over a fine grid of beta (the optimiser's frontier)
   best-of-n   the best of n reference samples under the proxy, n = 1..10^4, exact
-  PPO         trained on the proxy at small betas, a snapshot evaluated exactly every few rounds
+  a method    any registered online method (PPO unless --method says otherwise) trained on the proxy
+              at small betas, a snapshot evaluated exactly every few rounds (its `measure`)
 Each point gives the expected proxy reward, the gold reward, and the gold reward counted on valid
 responses only (the language's rule holds in every digit): the proxy never saw an invalid response,
 so its extrapolation there is where hacking happens. Gao et al.'s forms are fitted to the gold curves.
@@ -24,24 +25,22 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from matplotlib.lines import Line2D
 
-from toy_rlhf import figures
 from toy_rlhf.checkpoint import load_checkpoint, load_model
-from toy_rlhf.figures import FIGURE_SIZES
 from toy_rlhf.files import fingerprint
 from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, PositiveFloat, PositiveInt, Seed
 from toy_rlhf.language import sample_prompts
-from toy_rlhf.methods.ppo import PPOConfig, train_ppo
+from toy_rlhf.methods import METHODS
 from toy_rlhf.optimal import EXACT_PROMPTS
 from toy_rlhf.pipeline import ensure_stage, reward_stage, save_stage, sft_stage
 from toy_rlhf.preferences import resolve_preference
 from toy_rlhf.reward import RewardConfig
+from toy_rlhf.run import Variant
 from toy_rlhf.sft import SFTConfig
 from toy_rlhf.studies.output import markdown_table, write_study
+from toy_rlhf.studies.overoptimisation_figure import plot_overoptimisation
 from toy_rlhf.studies.overoptimisation_curves import (MEASURED, Tables, as_curve, best_of_n_curve, expectations,
                                                       fits, optimum_curve, peaks)
 
@@ -49,7 +48,6 @@ from toy_rlhf.studies.overoptimisation_curves import (MEASURED, Tables, as_curve
 BETAS = [10 ** (k / 10) for k in range(20, -31, -1)] + [0.0]
 # n = 1..10^4, fifteen per decade (rounded, so a few coincide at small n).
 BEST_OF_N = sorted({round(10 ** (k / 15)) for k in range(61)})
-PPO_MARKERS = ['o', 's', '^', 'D', 'v']  # the figure's marker of each PPO run on a proxy, by its beta's position
 
 
 @dataclass
@@ -58,27 +56,33 @@ class OverOptConfig:
     pairs: tuple[PositiveInt, ...] = (250, 1000, 4000, 20000)  # labelled pairs of each proxy reward model
     # The labeler's margin sets the label noise: P(wrong label) = sigmoid(-margin), 2e-9 at 20, 12% at 2, 27% at 1.
     gold_margin: tuple[PositiveFloat, ...] = (RewardConfig.gold_margin,)  # label noise of the proxies (one set per margin)
-    ppo_betas: tuple[NonNegativeFloat, ...] = (0.0, 0.03)  # PPO runs on each proxy, one per beta
-    snapshot_every: PositiveInt = 5  # PPO rounds between exact evaluations of the policy
+    # The online method trained on each proxy: any registered one that samples and learns from a reward
+    # model (its settings: --METHOD.*).
+    method: str = 'ppo'
+    betas: tuple[NonNegativeFloat, ...] = (0.0, 0.03)  # the method's runs on each proxy, one per beta
+    snapshot_every: PositiveInt = 5  # the method's rounds between exact evaluations of the policy
     prompts: ExactPrompts = EXACT_PROMPTS  # prompts of every exact evaluation (each: all 10^4 responses)
     seed: Seed = 0  # random seed of every stage and of the evaluation prompts
     fresh: bool = False  # retrain even where a checkpoint with the same settings exists
-    # The proxies' and PPO's own schedules (flags --reward.iters, --ppo.iters, ...); pairs, margin,
-    # seed and beta come from the fields above.
+    # The proxies' own schedule (flags --reward.iters, ...); pairs, margin and seed come from the
+    # fields above. The method's settings are its config's (overoptimisation's method_config).
     reward: RewardConfig = field(default_factory=RewardConfig)
-    ppo: PPOConfig = field(default_factory=PPOConfig)
 
 
-@dataclass
-class SnapshotPPOConfig(PPOConfig):
-    """PPO's settings and how its snapshots are measured: a run is reused only if both are the same."""
-    snapshot_every: PositiveInt = 5  # rounds between exact evaluations
-    prompts: ExactPrompts = EXACT_PROMPTS  # prompts of each evaluation (drawn with the seed)
-    gold: str = ''  # the preference whose gold reward the snapshots are measured by (its name)
+@functools.cache
+def snapshot_config_class(config_class):
+    """A method's settings (config_class) and how its snapshots are measured, as one config: a run is
+    reused only if both are the same, and its checkpoint stores both."""
+    @dataclass
+    class SnapshotConfig(config_class):
+        snapshot_every: PositiveInt = 5  # rounds between exact evaluations
+        prompts: ExactPrompts = EXACT_PROMPTS  # prompts of each evaluation (drawn with the seed)
+        gold: str = ''  # the preference whose gold reward the snapshots are measured by (its name)
+    return SnapshotConfig
 
 
 # ---------------------------------------------------------------------------------------------
-# The stages: proxies and PPO runs, each reused when current.
+# The stages: proxies and the method's runs on them, each reused when current.
 
 def proxy_name(pairs, margin):
     """Checkpoint stem of a proxy: reward_pairs250 (the default margin), reward_pairs250_margin2."""
@@ -86,19 +90,21 @@ def proxy_name(pairs, margin):
     return f'reward_pairs{pairs}{noise}'
 
 
-def snapshot_stage(run_dir, config, progress=True, *, name, proxy_path, measure):
-    """Train PPO on the proxy at proxy_path, measure(actor) every config.snapshot_every rounds and at
-    the end (the measurements ride in the log, inside the checkpoint); write name.pt and .jsonl."""
+def snapshot_stage(run_dir, config, progress=True, *, variant, proxy_path, measure):
+    """Train the variant's method on the proxy at proxy_path through the registry, measure(actor)
+    every config.snapshot_every rounds and at the end (the measurements ride in the log, inside the
+    checkpoint); write its run_path's .pt and .jsonl. config: the variant's snapshot config."""
     def every_few(rounds, actor):
         due = rounds % config.snapshot_every == 0 or rounds == config.iters
         return {f'exact/{key}': value for key, value in measure(actor).items()} if due else {}
 
-    sft_path = Path(run_dir) / 'sft.pt'
+    sft_path, name = Path(run_dir) / 'sft.pt', run_path(proxy_path, variant).stem
     start = time.perf_counter()
-    policy, history = train_ppo(load_model(sft_path, 'policy'), load_model(proxy_path, 'reward'), config,
-                                resolve_preference(config.gold), progress, measure=every_few)
+    policy, history = METHODS[variant.method].train(
+        load_model(sft_path, 'policy'), reward_model=load_model(proxy_path, 'reward'), config=variant.config(),
+        preference=resolve_preference(config.gold), progress=progress, measure=every_few)
     save_stage(run_dir, name, policy, 'policy', config, {'seconds': time.perf_counter() - start}, history,
-               inputs=(sft_path, proxy_path))
+               inputs=(sft_path, proxy_path), method=variant.method)
 
 
 def snapshot_curve(history, reference):
@@ -108,26 +114,30 @@ def snapshot_curve(history, reference):
     return {'round': [0] + [row['iter'] + 1 for row in rows], **as_curve(points, reference)}
 
 
-def ppo_curve_name(beta):
-    """The name of a PPO run's curve among a proxy's curves, and the end of its checkpoint's stem: ppo_beta0."""
-    return f'ppo_beta{beta:g}'
+def run_variants(config, method_config=None):
+    """The method's run on a proxy at each of config.betas (Variants: their names are their curves' among
+    a proxy's curves), from method_config (the method's settings; its defaults if None)."""
+    base = Variant.of(method_config or METHODS[config.method].config(), config.method)
+    return [replace(base, beta=beta, seed=config.seed) for beta in config.betas]
 
 
-def ppo_run_path(proxy_path, beta):
+def run_path(proxy_path, variant):
     """reward_pairs250_ppo_beta0.pt beside reward_pairs250.pt."""
-    return proxy_path.with_name(f'{proxy_path.stem}_{ppo_curve_name(beta)}.pt')
+    return proxy_path.with_name(f'{proxy_path.stem}_{variant.name}.pt')
 
 
 # ---------------------------------------------------------------------------------------------
 # The study.
 
-def overoptimisation(run_dir, plots_dir, config, progress=True):
+def overoptimisation(run_dir, plots_dir, config, method_config=None, progress=True):
     """Proxies, their exact curves, Gao et al.'s fits, plots_dir/overoptimisation.png and
     run_dir/overoptimisation.md and .json. The labeler and the gold are those of
     config.reward.preference: its reward, per unit of margin, is the gold every proxy is judged by.
+    config.method trains on each proxy with method_config (its settings; beta and seed are the study's).
     Returns the proxies' results."""
     run_dir, plots_dir = Path(run_dir), Path(plots_dir)
     preference = resolve_preference(config.reward.preference)
+    variants = run_variants(config, method_config)
     # 1. the reference: the run's SFT policy (trained first if the run has none)
     sft_path = run_dir / 'sft.pt'
     if not sft_path.exists():
@@ -135,21 +145,22 @@ def overoptimisation(run_dir, plots_dir, config, progress=True):
     tables = Tables(sft_path, sample_prompts(config.prompts, torch.Generator().manual_seed(config.seed)),
                     preference.reward)
 
-    # 2. the proxies and PPO on each
+    # 2. the proxies and the method's runs on each
     proxies = [(pairs, margin, run_dir / f'{proxy_name(pairs, margin)}.pt')
                for margin in config.gold_margin for pairs in config.pairs]
-    train_proxies(run_dir, config, proxies, tables, preference.name, progress)
+    train_proxies(run_dir, config, proxies, variants, tables, preference.name, progress)
 
     # 3. every proxy's exact curves, unless measured from these same checkpoints before (the
     # expensive part: the tables); Gao et al.'s forms through them and where they peak
-    inputs = [sft_path] + [run for *_, path in proxies for run in (path, *(ppo_run_path(path, beta)
-                                                                          for beta in config.ppo_betas))]
+    inputs = [sft_path] + [run for *_, path in proxies for run in (path, *(run_path(path, variant)
+                                                                          for variant in variants))]
     key = json.loads(json.dumps({'settings': asdict(replace(config, fresh=False)), 'gold': preference.name,
+                                 'method_settings': [asdict(variant.config()) for variant in variants],
                                  'betas': BETAS, 'best_of_n': BEST_OF_N,
                                  'inputs': {path.name: fingerprint(path) for path in inputs}}))
     curves = None if config.fresh else stored_curves(run_dir / 'overoptimisation.json', key)
     if curves is None:
-        curves = [proxy_curves(tables, margin, path, config.ppo_betas) for _, margin, path in proxies]
+        curves = [proxy_curves(tables, margin, path, variants) for _, margin, path in proxies]
     else:
         print(f'{run_dir / "overoptimisation.json"}: reusing the curves (measured from the same checkpoints)')
     results = [{'name': path.stem, 'pairs': pairs, 'margin': margin, 'curves': measured,
@@ -157,7 +168,8 @@ def overoptimisation(run_dir, plots_dir, config, progress=True):
                for (pairs, margin, path), measured in zip(proxies, curves)]
 
     # 4. the figure and the report
-    figure = plot_overoptimisation(results, config.ppo_betas, plots_dir / 'overoptimisation.png')
+    runs = [(variant.name, variant.describe()) for variant in variants]
+    figure = plot_overoptimisation(results, METHODS[config.method].label, runs, plots_dir / 'overoptimisation.png')
     report = write_study(run_dir, 'overoptimisation', overoptimisation_report(results, config),
                          {'key': key, 'proxies': results}, figure)
     print(peak_table(results))
@@ -165,31 +177,33 @@ def overoptimisation(run_dir, plots_dir, config, progress=True):
     return results
 
 
-def train_proxies(run_dir, config, proxies, tables, gold_name, progress):
-    """Each proxy (pairs, margin, path): a reward model on `pairs` labels drawn at `margin`, and PPO on
-    it at every beta, its snapshots measured exactly as it trains; every stage reused when current."""
+def train_proxies(run_dir, config, proxies, variants, tables, gold_name, progress):
+    """Each proxy (pairs, margin, path): a reward model on `pairs` labels drawn at `margin`, and each
+    variant of the method on it, its snapshots measured exactly as it trains; every stage reused when
+    current."""
     sft_path = run_dir / 'sft.pt'
     for pairs, margin, path in proxies:
         ensure_stage(run_dir, path.stem, replace(config.reward, pairs=pairs, gold_margin=margin, seed=config.seed),
                      (sft_path,), functools.partial(reward_stage, name=path.stem), config.fresh, progress)
-        for beta in config.ppo_betas:
-            ppo_config = SnapshotPPOConfig(**{**asdict(config.ppo), 'beta': beta, 'seed': config.seed},
-                                           snapshot_every=config.snapshot_every, prompts=config.prompts,
-                                           gold=gold_name)
+        for variant in variants:
+            method_config = variant.config()
+            snapshot_config = snapshot_config_class(type(method_config))(
+                **{name: getattr(method_config, name) for name in method_config.__dataclass_fields__},
+                snapshot_every=config.snapshot_every, prompts=config.prompts, gold=gold_name)
             measure = functools.partial(tables.measure, proxy_path=path, margin=margin)
-            ensure_stage(run_dir, ppo_run_path(path, beta).stem, ppo_config, (sft_path, path),
-                         functools.partial(snapshot_stage, name=ppo_run_path(path, beta).stem, proxy_path=path,
-                                           measure=measure), config.fresh, progress)
+            ensure_stage(run_dir, run_path(path, variant).stem, snapshot_config, (sft_path, path),
+                         functools.partial(snapshot_stage, variant=variant, proxy_path=path, measure=measure),
+                         config.fresh, progress)
 
 
-def proxy_curves(tables, margin, proxy_path, ppo_betas):
-    """One proxy's exact curves: pi*_beta, best-of-n, and each PPO run's snapshots."""
+def proxy_curves(tables, margin, proxy_path, variants):
+    """One proxy's exact curves: pi*_beta, best-of-n, and each of the method's runs' snapshots."""
     log_ref, rewards, values = tables.log_ref, tables.rewards(proxy_path), tables.values(proxy_path, margin)
     reference = expectations(log_ref, log_ref, values)
     return {'optimum': optimum_curve(log_ref, rewards, values, BETAS),
             'best_of_n': best_of_n_curve(log_ref, rewards, values, BEST_OF_N),
-            **{ppo_curve_name(beta): snapshot_curve(load_checkpoint(ppo_run_path(proxy_path, beta))['history'],
-                                                    reference) for beta in ppo_betas}}
+            **{variant.name: snapshot_curve(load_checkpoint(run_path(proxy_path, variant))['history'], reference)
+               for variant in variants}}
 
 
 def stored_curves(path, key):
@@ -230,6 +244,7 @@ def fit_table(results):
 
 
 def overoptimisation_report(results, config):
+    method = METHODS[config.method]
     return f"""# Reward over-optimisation, measured exactly
 
 Proxies: reward models from the run's SFT policy on {', '.join(f'{n:,}' for n in config.pairs)} labelled
@@ -238,7 +253,7 @@ exact over all 10^4 responses of {config.prompts} prompts: d = sqrt(KL(pi || SFT
 policy; gold per unit of margin (gold: the preferred first digit; valid gold: that, and every digit in
 the language); proxy divided by its labels' margin. Curves: `optimum` is pi*_beta of the proxy (beta
 {max(BETAS):g} .. {min(b for b in BETAS if b > 0):g}, then 0), `best_of_n` n = 1 .. {max(BEST_OF_N):,},
-`ppo_betaB` PPO snapshots every {config.snapshot_every} rounds.
+`{method.name}_betaB` {method.label} snapshots every {config.snapshot_every} rounds.
 
 ## Where gold peaks
 
@@ -249,102 +264,7 @@ the language); proxy divided by its labels' margin. Curves: `optimum` is pi*_bet
 ## Gao et al.'s forms, least squares on the gold curves
 
 best_of_n: R(d) = d (alpha - beta d); rl: R(d) = d (alpha - beta log d), through pi*_beta (`optimum`)
-and through pi*_beta with every PPO snapshot (`rl_all`). RMS: root mean square residual, in gold units.
+and through pi*_beta with every {method.label} snapshot (`rl_all`). RMS: root mean square residual, in gold units.
 
 {fit_table(results)}
 """
-
-
-# ---------------------------------------------------------------------------------------------
-# The figure.
-
-def plot_overoptimisation(proxies, ppo_betas, path):
-    """Gold (solid) and proxy (dashed) gain against d = sqrt(KL) for each proxy, best-of-n and RL
-    (pi*_beta as lines, PPO snapshots as markers), gold counted on valid responses below, Gao et al.'s
-    fits dotted with a marker at each gold peak; best-of-n's exact KL against log n - (n-1)/n and the
-    residuals of the fits to valid gold on the right. proxies: overoptimisation()'s results; ppo_betas:
-    the betas of the PPO runs on each proxy (their curves are named ppo_curve_name(beta))."""
-    colors = plt.cm.viridis(np.linspace(0, 0.85, len(proxies)))
-    fig, axes = plt.subplots(2, 3, figsize=FIGURE_SIZES['overoptimisation'], layout='constrained')
-    for row, gold in enumerate(('gold', 'gold_valid')):
-        for column, (source, title) in enumerate((('best_of_n', 'best-of-n, n = 1 .. 10^4'),
-                                                  ('optimum', 'RL: pi*_beta of the proxy (lines), PPO (markers)'))):
-            _gain_panel(axes[row, column], proxies, colors, source, gold, ppo_betas if column == 1 else ())
-            axes[row, column].set_title(f'{title}: {"gold" if gold == "gold" else "valid gold"}')
-    style = [Line2D([], [], color='black', linewidth=2, label='gold (solid)'),
-             Line2D([], [], color='black', linestyle='--', label='proxy / margin (dashed)'),
-             Line2D([], [], color='black', linestyle=':', label="Gao et al.'s form, fitted to gold"),
-             Line2D([], [], marker='*', markersize=12, linestyle='none', color='grey', markeredgecolor='black',
-                    label='gold peak')]
-    style += [Line2D([], [], marker=marker, linestyle='none', color='grey', markeredgecolor='black',
-                     label=f'PPO beta={beta:g} snapshots (open: proxy)')
-              for beta, marker in zip(ppo_betas, PPO_MARKERS)]
-    axes[0, 0].legend(loc='lower right', fontsize=8, title='proxy reward model')
-    axes[0, 1].legend(handles=style, loc='lower right', fontsize=8)
-    _best_of_n_kl_panel(axes[0, 2], proxies, colors)
-    _residual_panel(axes[1, 2], proxies, colors)
-    return figures.save(fig, path)
-
-
-def _gain_panel(ax, proxies, colors, source, gold, ppo_betas):
-    """Each proxy's `gold` and proxy gain along the curve `source`, its fit and gold peak, and the
-    snapshots of its PPO run at each of ppo_betas."""
-    for proxy, color in zip(proxies, colors):
-        curve, fit, top = proxy['curves'][source], proxy['fits'][source][gold], proxy['peaks'][source][gold]
-        ax.plot(curve['d'], curve[gold], color=color, linewidth=2, label=_proxy_label(proxy))
-        ax.plot(curve['d'], curve['proxy'], color=color, linestyle='--', linewidth=1.2)
-        ax.plot(fit['line']['d'], fit['line']['gain'], color=color, linestyle=':', linewidth=1.5)
-        ax.plot(top['d'], top['gain'], marker='*', markersize=14, color=color, markeredgecolor='black')
-        for beta, marker in zip(ppo_betas, PPO_MARKERS):
-            snapshots = proxy['curves'][ppo_curve_name(beta)]
-            ax.plot(snapshots['d'], snapshots[gold], marker=marker, linestyle='none', color=color,
-                    markeredgecolor='black', markersize=6)
-            ax.plot(snapshots['d'], snapshots['proxy'], marker=marker, linestyle='none',
-                    markerfacecolor='none', markeredgecolor=color, markersize=6)
-    ax.axhline(0, color='grey', linewidth=0.8)
-    _limit_to_gold(ax, [value for proxy in proxies for curve in proxy['curves'].values() for value in curve[gold]])
-    ax.set_xlabel('d = sqrt(KL(pi || SFT))')
-    ax.set_ylabel(('gold' if gold == 'gold' else 'valid gold (every digit in the language)')
-                  + ' gain over SFT, per unit of margin')
-    ax.grid(alpha=0.3)
-
-
-def _best_of_n_kl_panel(ax, proxies, colors):
-    for proxy, color in zip(proxies, colors):
-        curve = proxy['curves']['best_of_n']
-        ax.plot(curve['n'], curve['kl'], color=color, linewidth=2, label=f"exact, {_proxy_label(proxy)}")
-    ax.plot(curve['n'], curve['textbook_kl'], color='black', linestyle='--', label='log n - (n - 1)/n')
-    ax.set_xscale('log')
-    ax.set_xlabel('n')
-    ax.set_ylabel('KL(best-of-n || SFT), nats')
-    ax.set_title("Best-of-n's KL: exact against the textbook formula")
-    ax.legend(loc='upper left', fontsize=8)
-    ax.grid(alpha=0.3)
-
-
-def _residual_panel(ax, proxies, colors):
-    for proxy, color in zip(proxies, colors):
-        for source, line in (('best_of_n', '-'), ('optimum', '--')):
-            ax.plot(proxy['curves'][source]['d'], proxy['fits'][source]['gold_valid']['residual'], color=color,
-                    linestyle=line)
-    ax.axhline(0, color='grey', linewidth=0.8)
-    ax.legend(handles=[Line2D([], [], color='black', label='best-of-n'),
-                       Line2D([], [], color='black', linestyle='--', label='pi*_beta')], fontsize=8)
-    ax.set_xlabel('d = sqrt(KL(pi || SFT))')
-    ax.set_ylabel('valid gold minus fitted form')
-    ax.set_title("Residual of Gao et al.'s forms fitted to valid gold")
-    ax.grid(alpha=0.3)
-
-
-def _proxy_label(proxy):
-    return f"{proxy['pairs']:,} pairs, margin {proxy['margin']:g}"
-
-
-def _limit_to_gold(ax, golds):
-    """y-limits from the gold curves, so that a proxy whose own estimate runs far above them (an
-    overfitted one can claim several times the possible gain) does not flatten them; says so if cut."""
-    bottom, top = min(min(golds), 0.0), max(max(golds), 0.0)
-    span = top - bottom or 1.0
-    ax.set_ylim(bottom - 0.1 * span, top + 0.3 * span)
-    if any(np.max(line.get_ydata()) > top + 0.3 * span for line in ax.get_lines() if len(line.get_ydata())):
-        ax.text(0.99, 0.99, 'proxy curves cut at the top', transform=ax.transAxes, ha='right', va='top', fontsize=8)

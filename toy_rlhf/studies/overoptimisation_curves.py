@@ -138,14 +138,14 @@ def peak(curve, name='gold', tolerance=1e-3):
 
 
 def rl_points(curves):
-    """Every point of the RL curves of a proxy: pi*_beta and all PPO snapshots, one curve."""
+    """Every point of the RL curves of a proxy: pi*_beta and every snapshot of the method's runs, one curve."""
     rl = [curve for name, curve in curves.items() if name != 'best_of_n']
     return {key: [value for curve in rl for value in curve[key]] for key in ('kl', 'd', *MEASURED)}
 
 
 def fits(curves):
     """Gao et al.'s forms through each gold curve: best-of-n's form through best-of-n, the RL form
-    through pi*_beta alone and through pi*_beta with PPO's snapshots. {curve: {gold name: fit}}."""
+    through pi*_beta alone and through pi*_beta with the method's snapshots. {curve: {gold name: fit}}."""
     sources = {'best_of_n': (curves['best_of_n'], 'best_of_n'), 'optimum': (curves['optimum'], 'rl'),
                'rl_all': (rl_points(curves), 'rl')}
     return {source: {name: gao_fit(curve['d'], curve[name], form) for name in ('gold', 'gold_valid')}
