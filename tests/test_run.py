@@ -66,6 +66,22 @@ def test_a_runs_exact_tables_are_kept_on_disk_and_computed_again_when_an_input_c
     assert torch.equal(Run(run_dir).tables(prompts).rewards, other.rewards)
 
 
+def test_evaluate_optimal_reads_the_tables_a_study_kept_and_keeps_its_own(tmp_path, monkeypatch):
+    run_dir = random_run(tmp_path / 'r', preference='first-digit')
+    policy = run_dir / 'ppo_beta1.pt'
+    save_checkpoint(policy, load_model(run_dir / 'sft.pt', 'policy'), 'policy', {'method': 'ppo', 'beta': 1.0}, {})
+    def row():  # evaluate.py --optimal's
+        return checkpoint_row(policy, run_dir / 'sft.pt', run_dir / 'reward.pt', 2, 0, check_inputs=False)
+    first = row()
+    [stored] = run_dir.glob('tables_*.pt')
+    assert torch.equal(Run(run_dir).tables(sample_prompts(2, torch.Generator().manual_seed(0))).rewards,
+                       torch.load(stored, weights_only=True)['rewards'].double())  # one cache, the Run's
+    def computed_again(*args):
+        raise AssertionError('the stored tables were computed again')
+    monkeypatch.setattr(run_module, 'exact_tables', computed_again)
+    assert row() == first
+
+
 def test_the_gold_gap_closed_is_read_at_the_reward_models_margin_by_every_study(tmp_path):
     run_dir = random_run(tmp_path / 'runs' / 'r', gold_margin=2.0, preference='first-digit')
     config = CompareConfig(methods=('ppo',), presets=False, prompts=2)

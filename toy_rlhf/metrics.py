@@ -5,7 +5,6 @@ next-token distribution rather than from one sampled token (exact given the pref
 only the prefixes themselves are sampled, with a seeded generator.
 """
 import torch
-import torch.nn.functional as F
 
 from toy_rlhf.language import (PROMPT_LENGTH, RESPONSE_LENGTH, VOCAB_SIZE, join, next_token_distribution,
                                sample_prompts, sample_responses)
@@ -47,7 +46,7 @@ def aligned_continuations(paths, aligned, prefixes):
     (B, 256) bool (preferences.aligned_paths), prefixes (B, k) of k < 4 response digits -> (B, vocab)."""
     step = prefixes.size(1)
     same_prefix = aligned & (paths[:, :, :step] == prefixes[:, None, :]).all(dim=2)  # (B, 256)
-    return (F.one_hot(paths[:, :, step], VOCAB_SIZE).float() * same_prefix.unsqueeze(2)).sum(dim=1)
+    return torch.zeros(len(paths), VOCAB_SIZE).scatter_add_(1, paths[:, :, step], same_prefix.float())
 
 
 def rule_probability(log_probs, sentences):

@@ -128,24 +128,9 @@ class Run:
         and reward model they were computed from, so that no later study recomputes them."""
         key = tuple(map(tuple, prompts.tolist()))
         if key not in self._tables:
-            self._tables[key] = self._stored_tables(prompts)
+            self._tables[key] = stored_tables(self.folder, self.sft_path, self.reward_path, prompts, self.preference,
+                                              lambda: (self.sft_policy, self.reward_model))
         return self._tables[key]
-
-    def _stored_tables(self, prompts):
-        made_from = {'sft.pt': fingerprint(self.sft_path), 'reward.pt': fingerprint(self.reward_path),
-                     'prompts': prompts.tolist()}
-        path = self.folder / f"tables_{hashlib.sha256(str(made_from['prompts']).encode()).hexdigest()[:12]}.pt"
-        try:
-            stored = torch.load(path, weights_only=True)  # plain tensors and lists only
-            if stored['made_from'] == made_from:
-                return ExactTables(prompts, stored['log_ref'], stored['rewards'].double(), self.preference)
-        except (OSError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError):
-            pass  # none yet, or not ours as it should be: computed again, and rewritten
-        tables = exact_tables(self.sft_policy, self.reward_model, prompts, self.preference)
-        # The reward model scores in float32: stored so, its float64 table is the same numbers.
-        atomic_write(path, lambda file: torch.save({'made_from': made_from, 'log_ref': tables.log_ref,
-                                                     'rewards': tables.rewards.float()}, file))
-        return tables
 
     def path(self, variant):
         return self.folder / f'{variant.name}.pt'
@@ -206,6 +191,25 @@ class Run:
 
     def checkpoint(self, variant):
         return load_checkpoint(self.path(variant), 'policy')
+
+
+def stored_tables(folder, sft_path, reward_path, prompts, preference, models):
+    """The ExactTables of prompts (P, 4) for the SFT policy and reward model at these paths, read from
+    folder/tables_<hash of the prompts>.pt when that file was computed from the same two files (by
+    fingerprint), else computed with models() -> (reference, reward model) and written there."""
+    made_from = {'sft.pt': fingerprint(sft_path), 'reward.pt': fingerprint(reward_path), 'prompts': prompts.tolist()}
+    path = Path(folder) / f"tables_{hashlib.sha256(str(made_from['prompts']).encode()).hexdigest()[:12]}.pt"
+    try:
+        stored = torch.load(path, weights_only=True)  # plain tensors and lists only
+        if stored['made_from'] == made_from:
+            return ExactTables(prompts, stored['log_ref'], stored['rewards'].double(), preference)
+    except (OSError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError):
+        pass  # none yet, or not ours as it should be: computed again, and rewritten
+    tables = exact_tables(*models(), prompts, preference)
+    # The reward model scores in float32: stored so, its float64 table is the same numbers.
+    atomic_write(path, lambda file: torch.save({'made_from': made_from, 'log_ref': tables.log_ref,
+                                                 'rewards': tables.rewards.float()}, file))
+    return tables
 
 
 def train_variant(method, config, preference, sft_policy, reward_model=None, progress=False, threads=None):
