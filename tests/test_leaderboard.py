@@ -1,7 +1,12 @@
 """The leaderboard: the same grid gives the same numbers wherever its methods train (here, a process
 pool, a dask cluster), a second call recomputes nothing, and bad input is one line, exit status 2."""
+import contextlib
+import functools
 import json
+import os
 import signal
+import threading
+import time
 from dataclasses import replace
 
 import pytest
@@ -24,14 +29,26 @@ def numbers(folder):
     return [{key: value for key, value in row.items() if key != 'seconds'} for row in rows]
 
 
-def at_one_thread(folder, config):
+def logged(log):
+    """A training log's rows without their wall times."""
+    return [{key: value for key, value in json.loads(line).items() if not key.startswith('time/')}
+            for line in log.read_text().splitlines()]
+
+
+@contextlib.contextmanager
+def one_thread():
     # A serial run matches the workers' numbers at their one thread.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        leaderboard(folder, config, progress=False, schedule=TINY)
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def at_one_thread(folder, config):
+    with one_thread():
+        leaderboard(folder, config, progress=False, schedule=TINY)
 
 
 def with_the_same_inputs(serial, folder):
@@ -93,6 +110,41 @@ def test_a_dask_local_cluster_gives_the_numbers_of_a_serial_run(serial, tmp_path
     pytest.importorskip('distributed')
     at_one_thread(with_the_same_inputs(serial, tmp_path), replace(GRID, workers=2, executor='dask'))
     assert numbers(tmp_path) == numbers(serial)
+
+
+@pytest.mark.slow  # a cluster of its own, and cells long enough to be killed in: `pytest -m slow`
+def test_a_dask_worker_killed_mid_grid_loses_only_its_cell_which_dask_trains_again(serial, tmp_path):
+    distributed = pytest.importorskip('distributed')
+    longer = {**TINY, 'ppo': (('iters', 40), ('prompts_per_iter', 8)), 'dpo': (('iters', 60), ('pairs', 64))}
+    # The serial numbers of the same longer grid, to compare with.
+    reference = with_the_same_inputs(serial, tmp_path / 'serial')
+    run_grid = functools.partial(leaderboard, progress=False, schedule=longer)
+    with one_thread():
+        run_grid(reference, GRID)
+    killed = []
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        def kill_a_busy_worker():
+            # SIGKILL, as a machine lost: no clean-up runs in the worker. Its nanny starts another.
+            pids = client.run(os.getpid)
+            while not killed:
+                busy = [worker for worker, tasks in client.processing().items() if tasks]
+                if busy:
+                    os.kill(pids[busy[0]], signal.SIGKILL)
+                    killed.append(busy[0])
+                time.sleep(0.05)
+        killer = threading.Thread(target=kill_a_busy_worker, daemon=True)
+        killer.start()
+        folder = with_the_same_inputs(serial, tmp_path / 'dask')
+        with one_thread():
+            run_grid(folder, replace(GRID, workers=2, executor='dask', address=cluster.scheduler_address))
+        killer.join(timeout=5)
+    assert killed, 'no worker was busy to kill'
+    assert numbers(folder) == numbers(reference)  # every cell done, with the serial numbers
+    assert sorted(p.relative_to(folder) for p in folder.rglob('*') if p.is_file() and p.suffix != '.png') == \
+        sorted(p.relative_to(reference) for p in reference.rglob('*') if p.is_file() and p.suffix != '.png')
+    for log in folder.rglob('*_beta1*.jsonl'):  # each cell's log written once, not appended to twice
+        assert logged(log) == logged(reference / log.relative_to(folder))
 
 
 def test_the_summary_ranks_methods_and_says_which_the_seeds_cannot_separate():
