@@ -38,6 +38,9 @@ def trie_outputs(model, contexts, depth, end_token=None):
     for level in range(1, depth + 1):
         # Level l holds the 10^l strings of l digits; node j ends in digit j % 10.
         digits = torch.arange(DIGITS, device=contexts.device).repeat(DIGITS ** (level - 1))
+        if level == depth and end_token is not None:  # only the keys and values the end token reads
+            _extend(model, digits.expand(P, -1).unsqueeze(2), T0 + level - 1, cache, keys_only=True)
+            break
         outputs.append(_extend(model, digits.expand(P, -1).unsqueeze(2), T0 + level - 1, cache)[:, :, 0])
     if end_token is not None:
         ends = torch.full((P, DIGITS ** depth, 1), end_token, device=contexts.device)
@@ -45,16 +48,19 @@ def trie_outputs(model, contexts, depth, end_token=None):
     return outputs
 
 
-def _extend(model, tokens, position, cache):
+def _extend(model, tokens, position, cache, keys_only=False):
     """Run tokens (P, N, n) of N nodes at positions position..position + n - 1 through the model,
     each node attending to its ancestors' keys and values in cache and causally to its own tokens;
-    appends the new keys and values to cache. Returns the outputs (P, N, n, out)."""
+    appends the new keys and values to cache. Returns the outputs (P, N, n, out); with keys_only,
+    nothing: the last block stops once its keys and values are cached (no later position reads more)."""
     P, N, n = tokens.shape
     positions = torch.arange(position, position + n, device=tokens.device)
     x = (model.transformer.wte(tokens) + model.transformer.wpe(positions)).view(P * N, n, -1)
     for block, layer_cache in zip(model.transformer.h, cache):
         q, k, v = (t.view(P, N, *t.shape[1:]) for t in block.attn.query_key_value(block.ln_1(x)))  # (P, N, nh, n, hs)
         layer_cache.append((k, v))
+        if keys_only and block is model.transformer.h[-1]:
+            return None
         y = _attention(q, layer_cache)
         x = x + block.attn.c_proj(y.flatten(0, 1).transpose(1, 2).flatten(2))
         x = x + block.mlp(block.ln_2(x))
