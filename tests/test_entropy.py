@@ -10,7 +10,7 @@ from conftest import train_quickly
 from toy_rlhf.enumeration import all_response_log_probs
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods import METHODS
-from toy_rlhf.methods.entropy import (entropy_regularised_objective, entropy_regularised_optimum,
+from toy_rlhf.methods.entropy import (EntropyBonus, entropy_regularised_objective, entropy_regularised_optimum,
                                       entropy_regularised_value, mean_token_entropy)
 from toy_rlhf.methods.grpo import GRPOConfig, fixed_point
 from toy_rlhf.methods.ppo import PPOConfig
@@ -85,6 +85,36 @@ def test_the_registry_target_is_the_closed_form_with_the_bonus_and_the_old_targe
     old = fixed_point(tables, GRPOConfig(beta=0.5, **settings)) if name == 'grpo' else \
         optimal_log_probs(tables.log_ref, tables.rewards, 0.5)
     assert torch.equal(without, old)
+    # Under adaptive control alpha moves during the run: no fixed-alpha target is its destination.
+    assert target(tables, config(beta=0.5, entropy_coef=0.3, entropy_target=0.2)) is None
+
+
+def uniform_log_probs(tokens):
+    """Next-token log-probs (1, 4, 11) uniform over `tokens` of the 11: mean token entropy log(tokens)."""
+    return torch.full((1, 4, 11), -math.log(tokens)).masked_fill(torch.arange(11) >= tokens, -1e4)
+
+
+def test_adaptive_control_raises_alpha_while_the_entropy_is_at_or_below_the_target_and_lowers_it_above():
+    bonus = EntropyBonus(PPOConfig(entropy_coef=0.01, entropy_target=math.log(3), entropy_coef_delta=0.004,
+                                   entropy_coef_max=0.015))
+    low, high = uniform_log_probs(2), uniform_log_probs(8)  # entropies log 2 < log 3 < log 8
+    # Each step's loss uses the alpha it started with; the next alpha comes from its entropy.
+    assert bonus.loss(low).item() == pytest.approx(-0.01 * math.log(2))
+    assert bonus.alpha == pytest.approx(0.014) and bonus.logged() == {'policy/entropy_coef': bonus.alpha}
+    assert bonus.loss(low).item() == pytest.approx(-0.014 * math.log(2))
+    assert bonus.alpha == 0.015  # its ceiling
+    for _ in range(5):
+        bonus.loss(high)
+    assert bonus.alpha == 0.0  # its floor
+    # At alpha 0 the controller still measures (TRL before its fix did not): a collapse raises it again.
+    assert bonus.loss(low).item() == 0.0 and bonus.alpha == pytest.approx(0.004)
+
+
+def test_without_a_target_alpha_stays_and_nothing_more_is_logged():
+    bonus = EntropyBonus(PPOConfig(entropy_coef=0.1))
+    bonus.loss(uniform_log_probs(2))
+    assert bonus.alpha == 0.1 and bonus.logged() == {}
+    assert EntropyBonus(PPOConfig()).loss(uniform_log_probs(2)) == 0.0  # off: not even measured
 
 
 def test_ppo_with_the_bonus_lands_nearer_its_target_than_pi_star_and_pays_an_entropy_tax(sft_policy, reward_model):

@@ -21,10 +21,57 @@ the group's std, RLOO's are the raw sequence reward). The target below is the cl
 alpha = entropy_coef for PPO and RLOO: a reference point with the coefficient taken at face value,
 against which a trained policy is measured; GRPO's bonus has no known target (None). pi_alpha also
 flattens digits 2-4 towards pi_ref^(beta / (alpha + beta)), KL that pi* never spends (the "entropy tax").
+
+Adaptive control (TRL's use_adaptive_entropy, after Skywork-OR1): after every gradient step alpha
+goes up by entropy_coef_delta if that step's mean token entropy was at or below entropy_target, down
+by it otherwise, within [0, entropy_coef_max]. Alpha then moves during the run, so no fixed-alpha
+target is its destination: such a run's registry target is None. Unlike TRL before its fix, the
+controller keeps measuring when alpha has come down to 0 (the entropy is computed whenever the
+control is on), so it can raise alpha again.
 """
+from dataclasses import dataclass
+
 import torch
 
+from toy_rlhf.flags import NonNegativeFloat, PositiveFloat
 from toy_rlhf.optimal import digit_distribution, optimal_log_probs, response_kl
+
+
+@dataclass
+class EntropyConfig:
+    """The entropy bonus's settings: PPO's, RLOO's and GRPO's configs inherit them."""
+    # TRL's entropy_coef: alpha * the mean entropy of the next-token distributions at the sampled
+    # positions, subtracted from the loss; 0 is off, as TRL and verl. With entropy_target, alpha's start.
+    entropy_coef: NonNegativeFloat = 0.0  # entropy bonus alpha: the loss gets -alpha * mean token entropy
+    # TRL's defaults when on: target 0.2 nats, delta 0.005, ceiling 1.
+    entropy_target: NonNegativeFloat = 0.0  # adaptive bonus: alpha rises after each step whose mean token entropy is at or below this (nats), falls otherwise; 0: off
+    entropy_coef_delta: PositiveFloat = 0.005  # adaptive bonus: alpha's step up or down after each gradient step
+    entropy_coef_max: NonNegativeFloat = 1.0  # adaptive bonus: alpha's ceiling (its floor is 0)
+
+
+class EntropyBonus:
+    """The bonus's term in a method's loss, step by step: a fixed alpha, or TRL's adaptive one."""
+
+    def __init__(self, config):
+        self.config, self.alpha = config, config.entropy_coef
+
+    def loss(self, log_probs):
+        """-alpha * the mean token entropy of log_probs (B, T, V), to add to a step's loss (0 when
+        off); under adaptive control, alpha for the next step is chosen from this step's entropy."""
+        config = self.config
+        if not (self.alpha or config.entropy_target):
+            return 0.0
+        entropy = mean_token_entropy(log_probs)
+        alpha = self.alpha
+        if config.entropy_target:
+            step = config.entropy_coef_delta if entropy.item() <= config.entropy_target else -config.entropy_coef_delta
+            self.alpha = min(max(alpha + step, 0.0), config.entropy_coef_max)
+        return -alpha * entropy
+
+    def logged(self):
+        """alpha for the next step, in the training log when it moves (nothing otherwise: a run without
+        adaptive control logs what it always did)."""
+        return {'policy/entropy_coef': self.alpha} if self.config.entropy_target else {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,12 +110,14 @@ def entropy_regularised_value(log_ref, rewards, beta, alpha):
 def with_entropy_bonus(target, closed_form=True):
     """The registry's target of a method with `entropy_coef`: without the bonus target(tables, config)
     (None: pi* of the reward model); with it pi_alpha at alpha = config.entropy_coef, or None (no
-    exact target known) for a method whose closed_form is False.
+    exact target known) for a method whose closed_form is False, or under adaptive control.
 
     GRPO's is False: dividing by the group's std already moves its fixed point far from pi*
     (grpo.fixed_point), and the bonus is weighed against those rescaled advantages, so pi_alpha is
     not where it goes."""
     def entropy_target(tables, config):
+        if config.entropy_target:  # an alpha that moves has no fixed-alpha destination
+            return None
         if config.entropy_coef > 0:
             return entropy_regularised_optimum(tables.log_ref, tables.rewards, config.beta,
                                                config.entropy_coef) if closed_form else None

@@ -35,10 +35,10 @@ from typing import Literal
 
 import torch
 
-from toy_rlhf.flags import NonNegativeFloat, PositiveFloat
+from toy_rlhf.flags import PositiveFloat
 from toy_rlhf.language import DIGITS, RESPONSE_LENGTH
 from toy_rlhf.methods.advantages import group_normalised_advantages
-from toy_rlhf.methods.entropy import mean_token_entropy
+from toy_rlhf.methods.entropy import EntropyBonus, EntropyConfig
 from toy_rlhf.methods.ratios import effective_sample_size, policy_loss, weighted_mean
 from toy_rlhf.methods.rollout import (OffPolicyConfig, RolloutConfig, Sampler, TrainingLog, mean_rows, minibatches,
                                       prompt_groups, rollout, start_training)
@@ -48,7 +48,7 @@ from toy_rlhf.training import check_finite, gradient_step
 
 
 @dataclass
-class GRPOConfig(OffPolicyConfig):
+class GRPOConfig(EntropyConfig, OffPolicyConfig):
     # Dividing by the group's std (TRL's default) makes the update blind to the reward's scale: at
     # beta 1 the reward model's std of ~4.5 under the SFT policy acts like beta ~4 (see fixed_point).
     scale_rewards: Literal['group', 'batch', 'none'] = 'group'  # advantages / std of: the group, the batch, none
@@ -57,9 +57,6 @@ class GRPOConfig(OffPolicyConfig):
     # RolloutConfig's clip_epsilon, the symmetric clip. DAPO uses 0.28.
     clip_epsilon_high: PositiveFloat = RolloutConfig.clip_epsilon  # upper ratio clip, 1 + this (DAPO: 0.28)
     drop_uniform_groups: bool = False  # leave groups whose scores are all equal out of the update (DAPO)
-    # TRL's entropy_coef: alpha * the mean entropy of the next-token distributions at the sampled
-    # positions, subtracted from the loss (toy_rlhf/methods/entropy.py); 0 is off, as TRL and verl.
-    entropy_coef: NonNegativeFloat = 0.0  # entropy bonus alpha: the loss gets -alpha * mean token entropy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,6 +89,7 @@ def train_grpo(sft_policy, reward_model, config, preference, progress=True, meas
     actor, reference, optimizer, generator = start_training(sft_policy, config)
     K = config.samples_per_prompt
     sampler = Sampler(config)  # the actor itself unless config makes the rollout off-policy
+    bonus = EntropyBonus(config)  # its alpha, fixed or adapted step by step
 
     with TrainingLog(config.iters, f'GRPO beta={config.beta:g}', progress,
                      shown=('objective/scores', 'objective/kl_full', 'gold/preference_rate')) as log:
@@ -110,14 +108,14 @@ def train_grpo(sft_policy, reward_model, config, preference, progress=True, meas
             uniform = uniform_groups(batch['score'], K)  # on the score, as DAPO's accuracy and TRL's metric
             kept = (~uniform if config.drop_uniform_groups else torch.ones_like(uniform)).nonzero().squeeze(1)
             # 4. update: clipped surrogate + beta * k3 per token, over minibatches of the kept samples
-            stats = update(actor, optimizer, batch, kept, config) if len(kept) else {}
+            stats = update(actor, optimizer, batch, kept, config, bonus) if len(kept) else {}
             check_finite('grpo', iteration, loss=stats.get('policy/loss', 0.0))
             stats = {'frac_reward_zero_std': uniform.float().mean().item(), **stats}
             log.end_round(iteration, batch, config.beta, stats, actor, measure)
     return actor.eval(), log.rows
 
 
-def update(actor, optimizer, batch, kept, config):
+def update(actor, optimizer, batch, kept, config, bonus):
     """One or more passes of minibatch steps over the samples `kept`; returns the mean loss, clip
     fraction, approximate KL(old || new) and the mean k3 to the reference."""
     actor.train()
@@ -135,11 +133,10 @@ def update(actor, optimizer, batch, kept, config):
         kl = weighted_mean(k3_kl(logp_new, logp_ref, logp_old if config.kl == 'bias-corrected-k3' else None), weights)
         if config.kl != 'k1-in-reward':
             loss = loss + config.beta * kl
-        if config.entropy_coef:  # the entropy bonus, per token as TRL (entropy.py)
-            loss = loss - config.entropy_coef * mean_token_entropy(log_probs)
+        loss = loss + bonus.loss(log_probs)  # the entropy bonus, per token as TRL (entropy.py)
         gradient_step(optimizer, loss, actor, config.max_grad_norm)
         step = {'policy/loss': loss.item(), 'policy/clipfrac': clip_fraction.item(),
-                'policy/approxkl': approx_kl.item(), 'kl': kl.item()}
+                'policy/approxkl': approx_kl.item(), 'kl': kl.item(), **bonus.logged()}
         if weights is not None:
             step['sampler/effective_sample_size'] = effective_sample_size(weights)
         steps.append(step)

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import torch
 
 from mingpt.utils import CfgNode
-from toy_rlhf.flags import NonNegativeFloat, PositiveFloat, Probability
+from toy_rlhf.flags import PositiveFloat, Probability
 from toy_rlhf.methods.advantages import (gae_advantages, leave_one_out_advantages, per_token_rewards, returns_to_go,
                                          whiten)
-from toy_rlhf.methods.entropy import mean_token_entropy
+from toy_rlhf.methods.entropy import EntropyBonus, EntropyConfig
 from toy_rlhf.methods.ratios import effective_sample_size, policy_loss
 from toy_rlhf.methods.rollout import (OffPolicyConfig, Sampler, TrainingLog, mean_rows, minibatches, prompt_groups,
                                       rollout, start_training)
@@ -33,16 +33,13 @@ from toy_rlhf.training import check_finite, gradient_step
 
 
 @dataclass
-class PPOConfig(OffPolicyConfig):
+class PPOConfig(EntropyConfig, OffPolicyConfig):
     critic: bool = False  # learn a value function (GAE) instead of the leave-one-out baseline
     gae_lambda: Probability = 0.95  # GAE lambda (critic only); gamma is 1
     value_clip: PositiveFloat = 0.2  # clip of the value update (critic only)
     # CleanRL's default, off here: at beta=1 on first-digit the constant rate already lands next to
     # pi*; on a preference that needs many rounds the decay closes more of the gap (README).
     anneal_lr: bool = False  # decay the learning rate linearly to 0 over the rounds
-    # TRL's entropy_coef: alpha * the mean entropy of the next-token distributions at the sampled
-    # positions, subtracted from the loss (toy_rlhf/methods/entropy.py); 0 is off, as TRL and verl.
-    entropy_coef: NonNegativeFloat = 0.0  # entropy bonus alpha: the loss gets -alpha * mean token entropy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,6 +88,7 @@ def train_ppo(sft_policy, reward_model, config, preference, progress=True, measu
     critic = value_model(sft_policy) if config.critic else None
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=config.learning_rate) if critic else None
     sampler = Sampler(config)  # the actor itself unless config makes the rollout off-policy
+    bonus = EntropyBonus(config)  # its alpha, fixed or adapted step by step
 
     with TrainingLog(config.iters, f'PPO beta={config.beta:g}', progress,
                      shown=('objective/scores', 'objective/kl_full', 'gold/preference_rate')) as log:
@@ -116,17 +114,17 @@ def train_ppo(sft_policy, reward_model, config, preference, progress=True, measu
             batch['advantages'] = whiten(advantages)
             # 4. update: the clipped surrogate per token, or config's variant with its sampler correction
             #    (and the critic's clipped value loss)
-            stats = update(actor, optimizer, batch, config, critic, critic_optimizer)
+            stats = update(actor, optimizer, batch, config, critic, critic_optimizer, bonus)
             check_finite('ppo', iteration, loss=stats['policy/loss'])
             log.end_round(iteration, batch, config.beta, stats, actor, measure)
     return actor.eval(), log.rows
 
 
-def update(actor, optimizer, batch, config, critic=None, critic_optimizer=None):
-    """K epochs of minibatch updates of the clipped surrogate (and the clipped value loss); returns
-    the mean loss, clip fraction and approximate KL (and the critic's value loss and explained
-    variance, which tell a critic that learns from one that does not)."""
-    entropy_coef = getattr(config, 'entropy_coef', 0.0)  # REINFORCE++ reuses this update, without the bonus
+def update(actor, optimizer, batch, config, critic=None, critic_optimizer=None, bonus=None):
+    """K epochs of minibatch updates of the clipped surrogate (and the clipped value loss, and the
+    entropy bonus; REINFORCE++ reuses this update without one); returns the mean loss, clip fraction
+    and approximate KL (and the critic's value loss and explained variance, which tell a critic that
+    learns from one that does not)."""
     actor.train()
     steps = []
     for index in minibatches(len(batch['sentences']), config):
@@ -136,11 +134,11 @@ def update(actor, optimizer, batch, config, critic=None, critic_optimizer=None):
         # the trainer's ratio pi / pi_old, clipped as config.ratio says; the sampler's weight pi_old / mu
         loss, clip_fraction, approx_kl, weights = policy_loss(
             logp_new, batch['logp_old'][index], batch['logp_sampler'][index], batch['advantages'][index], config)
-        if entropy_coef:  # the entropy bonus, per token as TRL (entropy.py)
-            loss = loss - entropy_coef * mean_token_entropy(log_probs)
+        if bonus is not None:  # the entropy bonus, per token as TRL (entropy.py)
+            loss = loss + bonus.loss(log_probs)
         gradient_step(optimizer, loss, actor, config.max_grad_norm)
         step = {'policy/loss': loss.item(), 'policy/clipfrac': clip_fraction.item(),
-                'policy/approxkl': approx_kl.item()}
+                'policy/approxkl': approx_kl.item(), **(bonus.logged() if bonus else {})}
         if weights is not None:
             step['sampler/effective_sample_size'] = effective_sample_size(weights)
         if critic is not None:

@@ -25,9 +25,9 @@ import math
 from dataclasses import dataclass
 
 
-from toy_rlhf.flags import NonNegativeFloat, PositiveFloat
+from toy_rlhf.flags import PositiveFloat
 from toy_rlhf.methods.advantages import clipped_surrogate_loss, leave_one_out_advantages, per_token_rewards, whiten
-from toy_rlhf.methods.entropy import mean_token_entropy
+from toy_rlhf.methods.entropy import EntropyBonus, EntropyConfig
 from toy_rlhf.methods.rollout import (RolloutConfig, TrainingLog, mean_rows, minibatches, prompt_groups, rollout,
                                       start_training)
 from toy_rlhf.policy import token_log_probs_from, next_token_log_probs
@@ -35,7 +35,7 @@ from toy_rlhf.training import check_finite, gradient_step
 
 
 @dataclass
-class RLOOConfig(RolloutConfig):
+class RLOOConfig(EntropyConfig, RolloutConfig):
     # PPO's: every gradient of the sequence loss was above the norm clip, so the steps are as large as
     # PPO's. 1e-4 closed as much of the gap but learned the preference more slowly; 1e-3 closed less,
     # spending KL on digits 2-4.
@@ -47,9 +47,6 @@ class RLOOConfig(RolloutConfig):
     # Off, as TRL: leave-one-out advantages have mean 0 per prompt already, so whitening only scales
     # them, and the norm clip undoes any scale (the same run either way, to 3 digits).
     normalize_advantages: bool = False  # whiten the advantages over the batch (mean 0, std 1)
-    # TRL's entropy_coef: alpha * the mean entropy of the next-token distributions at the sampled
-    # positions, subtracted from the loss (toy_rlhf/methods/entropy.py); 0 is off, as TRL and verl.
-    entropy_coef: NonNegativeFloat = 0.0  # entropy bonus alpha: the loss gets -alpha * mean token entropy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,6 +75,7 @@ def train_rloo(sft_policy, reward_model, config, preference, progress=True, meas
     what measure(rounds done, actor) returns after each round (as train_ppo's).
     """
     actor, reference, optimizer, generator = start_training(sft_policy, config)
+    bonus = EntropyBonus(config)  # its alpha, fixed or adapted step by step
 
     with TrainingLog(config.iters, f'RLOO beta={config.beta:g}', progress,
                      shown=('objective/scores', 'objective/kl_full', 'gold/preference_rate')) as log:
@@ -92,13 +90,13 @@ def train_rloo(sft_policy, reward_model, config, preference, progress=True, meas
             advantages = leave_one_out_advantages(batch['rewards'], config.samples_per_prompt)
             batch['advantages'] = whiten(advantages) if config.normalize_advantages else advantages
             # 4. update: the clipped surrogate of the sequences
-            stats = update(actor, optimizer, batch, config)
+            stats = update(actor, optimizer, batch, config, bonus)
             check_finite('rloo', iteration, loss=stats['policy/loss'])
             log.end_round(iteration, batch, config.beta, stats, actor, measure)
     return actor.eval(), log.rows
 
 
-def update(actor, optimizer, batch, config):
+def update(actor, optimizer, batch, config, bonus):
     """config.epochs passes of minibatch steps on the sequence surrogate; returns the mean loss,
     fraction of clipped responses and approximate sequence KL(old || new)."""
     clip_epsilon = config.clip_epsilon if config.clip else math.inf
@@ -109,10 +107,9 @@ def update(actor, optimizer, batch, config):
         logp_new = token_log_probs_from(log_probs, batch['sentences'][index])  # (b, 4): the sampled tokens'
         loss, clip_fraction, approx_kl = sequence_surrogate_loss(
             logp_new, batch['logp_old'][index], batch['advantages'][index], clip_epsilon)
-        if config.entropy_coef:  # the entropy bonus, per token as TRL (entropy.py)
-            loss = loss - config.entropy_coef * mean_token_entropy(log_probs)
+        loss = loss + bonus.loss(log_probs)  # the entropy bonus, per token as TRL (entropy.py)
         gradient_step(optimizer, loss, actor, config.max_grad_norm)
         steps.append({'policy/loss': loss.item(), 'policy/clipfrac': clip_fraction.item(),
-                      'policy/approxkl': approx_kl.item()})
+                      'policy/approxkl': approx_kl.item(), **bonus.logged()})
     actor.eval()
     return mean_rows(steps)
