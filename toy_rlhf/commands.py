@@ -29,8 +29,8 @@ from toy_rlhf.studies.main import RunAllConfig, run_from_flags
 from toy_rlhf.studies.methods import CompareConfig, SweepConfig, compare, sweep
 from toy_rlhf.studies.overoptimisation import OverOptConfig, overoptimisation
 from toy_rlhf.tracking import TRACKERS, replay
-from toy_rlhf.usage import (UsageError, check_betas, check_methods, check_preference, exact_prompts, positive_int,
-                            sampled_prompts, seed, working_preference)
+from toy_rlhf.usage import (UsageError, check_betas, check_methods, check_preference, exact_prompts,
+                            non_negative_int, positive_int, sampled_prompts, seed, working_preference)
 
 
 def add_plots_dir(parser, figures):
@@ -176,12 +176,16 @@ def add_benchmark_arguments(parser):
     parser.add_argument('--quick', action='store_true', help='benchmark the smoke-test schedule')
     parser.add_argument('--seed', type=seed, default=0, help='random seed of the runs (default: 0)')
     parser.add_argument('--json', action='store_true', help='print the figures as JSON')
+    parser.add_argument('--notebook-iters', type=non_negative_int, default=0, metavar='N',
+                        help="after each run, time this many iterations of the blog notebook's SFT stage "
+                             "(minGPT's Trainer, gpt-nano, batch 64, learning rate 5e-4), scale them to its "
+                             "5,000 and print the pipeline's time as a ratio of it; 0: off (default: 0)")
 
 
 def run_benchmark(args):
     passed_on = ['--seed', str(args.seed)] + (['--threads', str(args.threads)] if args.threads else []) \
         + (['--quick'] if args.quick else [])
-    result = benchmark(args.repeats, passed_on)
+    result = benchmark(args.repeats, passed_on, args.notebook_iters)
     print(json.dumps(result, indent=2) if args.json else format_report(result))
 
 

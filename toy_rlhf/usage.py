@@ -17,6 +17,7 @@ class UsageError(Exception):
 
 
 positive_int = Bounds(low=1, description='a positive integer').parse(int)
+non_negative_int = Bounds(low=0, description='an integer >= 0').parse(int)
 threads, sampled_prompts, exact_prompts = (hint.__metadata__[0].parse(int)  # their Bounds
                                            for hint in (Threads, SampledPrompts, ExactPrompts))
 seed = Bounds(low=0, high=2 ** 32 - 1, description='an integer from 0 to 2^32 - 1').parse(int)
