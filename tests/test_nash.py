@@ -11,6 +11,7 @@ import torch
 from toy_rlhf.enumeration import all_response_log_probs
 from toy_rlhf.methods import METHODS
 from toy_rlhf.methods.nash_md import best_response, nash_equilibrium, nash_md_loss, win_probability
+from toy_rlhf.studies.tau import matching_beta
 from toy_rlhf.methods.sppo import estimated_win_probability, iterations, mw_iterates, sppo_loss
 from toy_rlhf.optimal import digit_distribution, optimal_log_probs, response_kl
 from toy_rlhf.preferences import PREFERENCES
@@ -85,12 +86,7 @@ def test_pi_tau_is_not_pi_star_of_the_same_kl():
     log_ref = torch.full((1, 3), 1 / 3, dtype=torch.float64).log()
     rewards = torch.tensor([[1.0, 0.5, -6.0]], dtype=torch.float64)
     pi_tau = nash_equilibrium(log_ref, rewards, 0.1)
-    low, high = 1e-3, 1e3
-    for _ in range(200):  # bisection on beta for KL(pi* || pi_ref) = KL(pi_tau || pi_ref)
-        beta = math.sqrt(low * high)
-        too_far = response_kl(optimal_log_probs(log_ref, rewards, beta), log_ref) > response_kl(pi_tau, log_ref)
-        low, high = (beta, high) if too_far else (low, beta)
-    pi_star = optimal_log_probs(log_ref, rewards, beta)
+    pi_star = optimal_log_probs(log_ref, rewards, matching_beta(log_ref, rewards, response_kl(pi_tau, log_ref).item()))
     log_odds = lambda log_pi: (log_pi[0, 0] - log_pi[0, 1]).item()  # noqa: E731
     assert log_odds(pi_tau) > log_odds(pi_star) + 0.1
     assert pi_tau[0, 2] > pi_star[0, 2] + 5

@@ -22,6 +22,7 @@ from toy_rlhf.run import Run, Variant
 from toy_rlhf.sft import SFTConfig
 from toy_rlhf.studies.against_optimum import checkpoint_row
 from toy_rlhf.studies.collapse import CollapseConfig, collapse
+from toy_rlhf.studies.tau import TauConfig, tau_study
 from toy_rlhf.studies.off_policy import KNOBS, OffPolicyStudyConfig, off_policy
 from toy_rlhf.studies.credit import CreditConfig, credit_assignment
 from toy_rlhf.studies.leaderboard import LeaderboardConfig, leaderboard
@@ -101,6 +102,15 @@ def add_collapse_arguments(parser):
 
 def run_collapse(args):
     collapse(args.run_dir, args.plots_dir, config_from_args(args, CollapseConfig), args.progress)
+
+
+def add_tau_arguments(parser):
+    add_config_flags(parser, TauConfig)
+    add_plots_dir(parser, 'tau.png')
+
+
+def run_tau(args):
+    tau_study(args.run_dir, args.plots_dir, config_from_args(args, TauConfig), args.progress)
 
 
 def add_off_policy_arguments(parser):
@@ -316,6 +326,10 @@ def study_commands():
                             'the KL beyond what pi* pays, against rounds, for each method and each exact path; the '
                             'ceiling (the best exact path) and each method\'s optimiser gap; draws collapse.png, writes '
                             'runs/RUN/collapse.md and .json.', add_collapse_arguments, run_collapse),
+        'tau': Command('tau_vs_beta.py', "the preference game's equilibrium pi_tau against pi*: tau is not beta",
+                       "From the run's SFT policy and reward model: pi*_beta and pi_tau over one grid of strengths (KL to "
+                       'the reference, score, preference rate), and Nash-MD trained at its default tau placed between '
+                       'them; draws tau.png, writes runs/RUN/tau.md and .json.', add_tau_arguments, run_tau),
         'leaderboard': Command('leaderboard.py', 'every method on every preference over seeds, measured exactly',
                                'An SFT policy per seed, a reward model per preference and seed, every method that trains '
                                'or has an exact policy at each beta; checkpoints and measured rows reused; writes '
