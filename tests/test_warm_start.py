@@ -1,11 +1,12 @@
-"""The rejection-sampling warm start of PPO: it keeps the best of n, it moves the policy towards the
-preference before PPO's first round, it counts its samples, and off it changes nothing."""
+"""The rejection-sampling warm start of PPO: it keeps the best of n or resamples them by their
+softmax weights, it moves the policy towards the preference before PPO's first round, it counts its
+samples, and off it changes nothing."""
 import torch
 
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods.ppo import PPOConfig, train_ppo
 from toy_rlhf.methods.rollout import start_training
-from toy_rlhf.methods.warm_start import best_of_n_sentences, rejection_sampling_fine_tune
+from toy_rlhf.methods.warm_start import kept_sentences, rejection_sampling_fine_tune
 from toy_rlhf.metrics import evaluate_policy
 from toy_rlhf.policy import generate_responses
 from toy_rlhf.preferences import PREFERENCES
@@ -21,13 +22,40 @@ def without_time(history):
 
 def test_best_of_n_keeps_the_highest_scoring_of_each_prompts_n_responses(sft_policy, reward_model):
     prompts = sample_prompts(6, torch.Generator().manual_seed(0))
-    best = best_of_n_sentences(sft_policy, reward_model, prompts, 5, torch.Generator().manual_seed(1))
+    best = kept_sentences(sft_policy, reward_model, prompts, 5, torch.Generator().manual_seed(1))
     # The same draws again, all of them: the kept sentence is the group's top score.
     drawn = generate_responses(sft_policy, prompts.repeat_interleave(5, dim=0), torch.Generator().manual_seed(1))
     with torch.no_grad():
         scores = score_sentences(reward_model, drawn).view(6, 5)
         assert torch.equal(score_sentences(reward_model, best), scores.max(dim=1).values)
     assert torch.equal(best[:, :4], prompts)
+
+
+def test_resampling_keeps_each_response_with_its_softmax_weight(sft_policy, reward_model):
+    # The same draws again, all of them. A kept response's score averages to the softmax(score /
+    # beta)-weighted mean of its prompt's n scores, within 4 standard errors of the mean over 2,000
+    # prompts (0.06 here). Keeping the best, or a uniform draw, would land more than 10 away (1.0 and
+    # 2.9 on this reward model at beta 4, where the weights are neither one-hot nor flat).
+    prompts, beta = sample_prompts(2000, torch.Generator().manual_seed(0)), 4.0
+    kept = kept_sentences(sft_policy, reward_model, prompts, 4, torch.Generator().manual_seed(1), 'resample', beta)
+    drawn = generate_responses(sft_policy, prompts.repeat_interleave(4, dim=0), torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        scores = score_sentences(reward_model, drawn).view(2000, 4).double()
+        kept_scores = score_sentences(reward_model, kept).double()
+    weights = torch.softmax(scores / beta, dim=1)
+    weighted = (weights * scores).sum(dim=1)
+    standard_error = ((weights * (scores - weighted[:, None]) ** 2).sum(dim=1).mean() / 2000).sqrt()
+    assert abs(kept_scores.mean() - weighted.mean()) < 4 * standard_error
+    for other in (scores.max(dim=1).values, scores.mean(dim=1)):
+        assert abs(other.mean() - weighted.mean()) > 10 * standard_error
+    assert torch.equal(kept[:, :4], prompts)
+
+
+def test_resampling_at_a_tiny_beta_keeps_the_best(sft_policy, reward_model):
+    prompts = sample_prompts(6, torch.Generator().manual_seed(0))
+    best, resampled = (kept_sentences(sft_policy, reward_model, prompts, 5, torch.Generator().manual_seed(1), pick,
+                                      beta=1e-6) for pick in ('best', 'resample'))
+    assert torch.equal(best, resampled)
 
 
 def test_the_warm_start_raises_the_preference_rate_above_the_sft_policys(sft_policy, reward_model):

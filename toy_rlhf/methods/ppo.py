@@ -18,6 +18,7 @@ samples per prompt reached 99% preference in fewer samples and less time than a 
 the KL penalty uses the k1 estimator only (TRL offers k3), which keeps the gradient unbiased.
 """
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -45,9 +46,10 @@ class PPOConfig(EntropyConfig, OffPolicyConfig):
     # Rejection-sampling fine-tuning before the first round (warm_start.py); the KL penalty stays to
     # the SFT policy. Its reference samples count in the log's `samples`. On last-digit (seed 0) 32
     # passes closed 3 points more of the gap to pi* than 16 did, and 64 no more than 32 (docs/results.md).
-    warm_start_n: NonNegativeInt = 0  # warm start on the best of n reference responses per prompt; 0: off
+    warm_start_n: NonNegativeInt = 0  # warm start on one of n reference responses per prompt; 0: off
+    warm_start_pick: Literal['best', 'resample'] = 'best'  # the one kept: the best score, or drawn by softmax(score / beta)
     warm_start_prompts: PositiveInt = 1536  # prompts of the warm start, each with its n responses
-    warm_start_epochs: PositiveInt = 32  # passes of the warm start over its best responses
+    warm_start_epochs: PositiveInt = 32  # passes of the warm start over its kept responses
     warm_start_learning_rate: PositiveFloat = 1e-3  # Adam step size of the warm start
 
 

@@ -1,6 +1,12 @@
 """A warm start for PPO by rejection-sampling fine-tuning (RFT, best-of-n fine-tuning): draw n
-responses per prompt from the reference, keep the one the reward model scores highest, and fine-tune
-the actor on the kept sentences by cross-entropy on their response tokens.
+responses per prompt from the reference, keep one, and fine-tune the actor on the kept sentences by
+cross-entropy on their response tokens. Which one is kept (`warm_start_pick`):
+- 'best': the one the reward model scores highest (RFT as Llama 2, RAFT and ReST's first step do);
+- 'resample': one drawn with probability softmax(score / beta) over the n (sampling-importance-
+  resampling): approximately a sample of pi* = pi_ref exp(r / beta) / Z, exactly as n grows, so the
+  fine-tuning is a sampled forward-KL fit of pi*. Where several of the n reach the top level, 'best'
+  keeps whichever the reward model's small differences favour, the same one for similar prompts;
+  'resample' keeps them in pi*'s proportions, at the same cost.
 
 Why: on `last-digit` PPO from the SFT policy collapses onto one response during its climb (results,
 "The collapse and the ceiling"), and the exact optimiser reached more of the gap when started from a
@@ -19,12 +25,17 @@ from toy_rlhf.training import gradient_step
 
 
 @torch.no_grad()
-def best_of_n_sentences(reference, reward_model, prompts, n, generator):
-    """For each prompt (P, 4), the sentence (P, 9) of the reward model's best of n responses drawn
-    from the reference (ties go to the first drawn)."""
+def kept_sentences(reference, reward_model, prompts, n, generator, pick='best', beta=1.0):
+    """For each prompt (P, 4), the sentence (P, 9) of one of n responses drawn from the reference:
+    the reward model's best (pick 'best'; ties go to the first drawn), or one drawn with probability
+    softmax(score / beta) over the n (pick 'resample')."""
     sentences = generate_responses(reference, prompts.repeat_interleave(n, dim=0), generator)  # (P * n, 9)
-    best = score_sentences(reward_model, sentences).view(-1, n).argmax(dim=1)  # (P,)
-    return sentences.view(len(prompts), n, -1)[torch.arange(len(prompts)), best]
+    scores = score_sentences(reward_model, sentences).view(-1, n)  # (P, n)
+    if pick == 'best':
+        kept = scores.argmax(dim=1)
+    else:  # self-normalised importance weights of pi* against the reference, which drew them
+        kept = torch.multinomial(torch.softmax(scores.double() / beta, dim=1), 1, generator=generator).squeeze(1)
+    return sentences.view(len(prompts), n, -1)[torch.arange(len(prompts)), kept]
 
 
 def response_cross_entropy(policy, sentences):
@@ -35,12 +46,13 @@ def response_cross_entropy(policy, sentences):
 
 
 def rejection_sampling_fine_tune(actor, reference, reward_model, config, generator):
-    """Fine-tune `actor` in place on the best of config.warm_start_n reference responses to each of
-    config.warm_start_prompts fresh prompts: config.warm_start_epochs passes in minibatches of
+    """Fine-tune `actor` in place on one kept (config.warm_start_pick) of config.warm_start_n
+    reference responses to each of config.warm_start_prompts fresh prompts: config.warm_start_epochs passes in minibatches of
     config.prompts_per_iter, with an Adam of its own at config.warm_start_learning_rate (PPO's
     optimizer starts fresh after it). Returns the number of responses drawn, for the log's sample count."""
     prompts = sample_prompts(config.warm_start_prompts, generator)
-    sentences = best_of_n_sentences(reference, reward_model, prompts, config.warm_start_n, generator)
+    sentences = kept_sentences(reference, reward_model, prompts, config.warm_start_n, generator,
+                               config.warm_start_pick, config.beta)
     optimizer = torch.optim.Adam(actor.parameters(), lr=config.warm_start_learning_rate)
     actor.train()
     for _ in range(config.warm_start_epochs):
