@@ -87,6 +87,9 @@ def test_the_registry_target_is_the_closed_form_with_the_bonus_and_the_old_targe
     assert torch.equal(without, old)
     # Under adaptive control alpha moves during the run: no fixed-alpha target is its destination.
     assert target(tables, config(beta=0.5, entropy_coef=0.3, entropy_target=0.2)) is None
+    # and its name says which target the tables' KL is to (GRPO's is None, so its row says none known)
+    assert METHODS[name].target_name(config(beta=0.5, entropy_coef=0.3)) == 'pi_alpha (entropy bonus alpha=0.3)'
+    assert METHODS[name].target_name(config(beta=0.5)) == METHODS[name].target_label
 
 
 def uniform_log_probs(tokens):

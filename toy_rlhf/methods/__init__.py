@@ -61,6 +61,11 @@ class Method:
         the credit and over-optimisation studies train."""
         return self.online and self.train is not None and self.needs_reward_model
 
+    def target_name(self, config):
+        """What target(tables, config) is, in words: target_label, or the entropy-regularised optimum
+        where config's entropy bonus moves the target (entropy.py)."""
+        return entropy.target_name(config) or self.target_label
+
     def stem(self, config):
         """The checkpoint file stem of a run with `config` (one of self.config): ppo_beta1 with the
         method's default settings, ppo_beta1_seed2 on another seed, and a short hash of the other

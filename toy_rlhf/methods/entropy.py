@@ -107,6 +107,13 @@ def entropy_regularised_value(log_ref, rewards, beta, alpha):
     return scale * ((beta * digit_distribution(log_ref) + rewards) / scale).logsumexp(dim=1)
 
 
+def target_name(config):
+    """The name of the target with_entropy_bonus gives where a fixed bonus moves it (config's
+    entropy_coef > 0), else None: the method's own target_label holds."""
+    alpha = getattr(config, 'entropy_coef', 0.0)  # methods without the bonus have no such field
+    return f'pi_alpha (entropy bonus alpha={alpha:g})' if alpha > 0 else None
+
+
 def with_entropy_bonus(target, closed_form=True):
     """The registry's target of a method with `entropy_coef`: without the bonus target(tables, config)
     (None: pi* of the reward model); with it pi_alpha at alpha = config.entropy_coef, or None (no

@@ -38,7 +38,7 @@ def exact_row(label, method, config, log_pi, tables, gold_margin):
     row = {'label': label, 'method': method.name,
            **compare_to_optimum(log_pi, tables.log_ref, tables.rewards, tables.prompts, beta, tables.preference),
            'kl_to_optimum': finite_or_none(response_kl(log_pi, optimum).mean().item()),
-           'target': method.target_label if known else NO_TARGET,
+           'target': method.target_name(config) if known else NO_TARGET,
            'kl_to_target': finite_or_none(response_kl(log_pi, target).mean().item()) if known else None,
            'gold_gap_closed': gap_closed(log_pi, tables.log_ref, tables.gold(gold_margin), beta)}
     if method.target is not None and known:  # where the method's own target lies, for the figure

@@ -323,7 +323,7 @@ def _landing_panel(ax, frontier, rows):
         if 'target_reward' in row:
             ax.scatter(row['target_kl_total'], row['target_reward'], facecolor='white', edgecolor=method.color,
                        marker=method.marker, s=60, linewidth=1.8, zorder=3,
-                       label=f"{row['label']}: its own target ({method.target_label})")
+                       label=f"{row['label']}: its own target ({row['target']})")
             shown.append((row['target_kl_total'], row['target_reward']))
     for row in rows[:1]:
         ax.scatter(row['optimal_kl_total'], row['optimal_reward'], marker='*', s=160, color='black', zorder=4,
