@@ -13,7 +13,8 @@ def test_each_run_is_followed_by_the_notebook_and_the_ratio_is_of_the_medians(mo
         calls.append('pipeline')
         settings = {'stages': {'sft': {'iters': 2, 'batch_size': 3}, 'reward': {'iters': 1, 'batch_size': 1}}}
         return ({'whole process': {'seconds': next(pipeline_seconds)}},
-                {'settings': settings, 'sft': {'language_kl': 0.0}, 'reward': {}, 'policies': {}})
+                {'settings': settings, 'sft': {'language_kl': 0.0}, 'reward': {},
+                 'policies': {'beta=1': {'kl_to_reference_by_position': [1.25, 0.5]}}})
 
     def notebook_once(iters):
         calls.append(('notebook', iters))
@@ -25,7 +26,8 @@ def test_each_run_is_followed_by_the_notebook_and_the_ratio_is_of_the_medians(mo
     assert calls == ['pipeline', ('notebook', 7)] * 3
     assert result['notebook_sft_seconds'] == 100.0
     assert result['ratio_to_notebook'] == 45.0 / 100.0
-    assert "0.45x of it" in benchmark.format_report(result)
+    report = benchmark.format_report(result)  # every metric of a run, a list among them (the KL by position)
+    assert "0.45x of it" in report and 'beta=1: kl_to_reference_by_position' in report and '1.2500, 0.5000' in report
     assert "notebook" not in str(result['median_seconds'])
 
 

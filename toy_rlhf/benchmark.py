@@ -108,6 +108,11 @@ def benchmark(repeats=3, extra_args=(), notebook_iters=0):
     }
 
 
+def number_or_list(value):
+    """A quality figure as text: a number, or a list of them (the KL by position)."""
+    return ', '.join(f'{item:.4f}' for item in value) if isinstance(value, list) else f'{value:.4f}'
+
+
 def format_report(result):
     lines = [f"median of {result['repeats']} fresh runs", '', f"{'stage':<14} {'seconds':>8} {'samples/s':>10}"]
     for stage, value in result['median_seconds'].items():
@@ -118,5 +123,5 @@ def format_report(result):
                       f"{result['notebook_sft_seconds']:.2f} s; the whole pipeline: "
                       f"{result['ratio_to_notebook']:.2f}x of it"]
     lines += ['', f"peak resident memory of a run: {result['peak_memory_mib']:.0f} MiB", '', 'quality (last run):']
-    lines += [f'  {name:<40} {value:.4f}' for name, value in result['quality'].items()]
+    lines += [f'  {name:<40} {number_or_list(value)}' for name, value in result['quality'].items()]
     return '\n'.join(lines)
