@@ -151,7 +151,7 @@ class Run:
             if METHODS[variant.method].train is None or variant.name in timings:
                 continue
             job = self._job(variant)  # loads (and so checks) its inputs first
-            checkpoint = None if self.fresh else current_checkpoint(self.path(variant), self._provenance(variant))
+            checkpoint = None if self.fresh else self.trained(variant)
             if checkpoint is None:
                 jobs[variant] = job
                 continue
@@ -173,8 +173,11 @@ class Run:
         reward_model = self.reward_model if METHODS[variant.method].needs_reward_model else None
         return variant.method, variant.config(), self.preference.name, sft_policy, reward_model
 
-    def _provenance(self, variant):
-        return provenance(variant.config(), self.inputs(variant), self.preference.name)
+    def trained(self, variant):
+        """The variant's checkpoint if it is in the folder and was made with its settings from this run's
+        inputs (by fingerprint), else None."""
+        return current_checkpoint(self.path(variant), provenance(variant.config(), self.inputs(variant),
+                                                                 self.preference.name))
 
     def _save(self, variant, policy, history, metrics):
         """Write a trained variant's checkpoint and say so in one line; returns its timing."""

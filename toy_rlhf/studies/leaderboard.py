@@ -6,7 +6,9 @@ and from them each method at each beta, trained as a Variant through Run.train (
 when it was made with the same settings from the same inputs, so a killed run resumes) and measured
 exactly over all 10^4 responses of the same prompts (variant_row). Each cell's measured row is kept
 in the cell's folder under the fingerprints it was made from, so a call with nothing changed measures
-nothing. Writes leaderboard.md, leaderboard.json and leaderboard.png into the leaderboard's folder:
+nothing. Writes leaderboard.md, leaderboard.json, leaderboard.png and decomposition.png (the gap split
+into the ceiling of the exact optimiser's paths, each method's optimiser gap and the reward-model gap:
+toy_rlhf/studies/decomposition.py) into the leaderboard's folder:
 
     FOLDER/seed0/sft.pt                   the seed's SFT policy
     FOLDER/seed0/first-digit/             a run folder: sft.pt (a copy), reward.pt, each method's checkpoint,
@@ -15,6 +17,7 @@ nothing. Writes leaderboard.md, leaderboard.json and leaderboard.png into the le
 Methods are ranked in each preference by their median gap closed under the reward model (the
 objective the reward-model methods maximise; DPO and IPO aim at the gold one, shown beside it).
 """
+import functools
 import itertools
 import json
 import re
@@ -39,6 +42,7 @@ from toy_rlhf.reward import RewardConfig
 from toy_rlhf.run import Run
 from toy_rlhf.sft import SFTConfig
 from toy_rlhf.studies.against_optimum import variant_row
+from toy_rlhf.studies.decomposition import cell_targets, ceiling_table, optimiser_gap_table, plot_decomposition, split_gap
 from toy_rlhf.studies.methods import method_variant
 from toy_rlhf.studies.output import markdown_table, write_study
 
@@ -108,8 +112,9 @@ def row_key(run, variant, config):
     return json.loads(json.dumps(key))
 
 
-def measure_cell(run, chosen, config, prompts):
-    """Each variant's exact row, from rows.json where it was measured from the same checkpoints, else
+def measure_cell(run, seed, chosen, config, prompts):
+    """Each variant's exact row in the run of `seed` (a method without a seed of its own, best-of-n,
+    has rows on every seed), from rows.json where it was measured from the same checkpoints, else
     measured now (the exact tables computed only then); rows.json rewritten."""
     path = run.folder / 'rows.json'
     try:
@@ -122,7 +127,7 @@ def measure_cell(run, chosen, config, prompts):
         if stored.get(variant.name, {}).get('key') != key:
             stored[variant.name] = {'key': key, 'row': variant_row(run, variant, run.tables(prompts))}
             write_json(path, stored)  # at once: a run killed in the next measurement keeps this one
-        rows.append({**stored[variant.name]['row'], 'preference': run.preference.name, 'seed': variant.seed,
+        rows.append({**stored[variant.name]['row'], 'preference': run.preference.name, 'seed': seed,
                      'beta': variant.beta, 'checkpoint': variant.name})
     return rows
 
@@ -133,7 +138,7 @@ def leaderboard(run_dir, config, progress=True, schedule=None):
     summary (summarise)."""
     run_dir, schedule = Path(run_dir), schedules(config) if schedule is None else schedule
     prompts = sample_prompts(config.prompts, torch.Generator().manual_seed(config.seed))
-    rows = []
+    rows, targets = [], []
     with executors.executor(config.workers, config.executor, config.address) as pool:
         for seed in config.seeds:
             sft = replace(SFTConfig(seed=seed), **dict(schedule.get('sft', ())))
@@ -142,11 +147,16 @@ def leaderboard(run_dir, config, progress=True, schedule=None):
                 run = cell_run(run_dir, preference, seed, config, schedule, progress)
                 chosen = cell_variants(config, seed, schedule)
                 run.train(chosen, pool)
-                rows += measure_cell(run, chosen, config, prompts)
+                rows += measure_cell(run, seed, chosen, config, prompts)
+                measure = functools.partial(measure_cell, run, seed, config=config, prompts=prompts)
+                targets += cell_targets(run, config.betas, measure, run.tables(prompts), seed)
     summary = summarise(rows)
+    split = split_gap(rows, targets, spread)
     figure = plot_leaderboard(summary, run_dir / 'leaderboard.png')
-    report = write_study(run_dir, 'leaderboard', leaderboard_report(summary, config),
-                         {'settings': asdict(config), 'schedule': schedule, 'rows': rows, **summary}, figure)
+    plot_decomposition(summary, split, run_dir / 'decomposition.png')
+    report = write_study(run_dir, 'leaderboard', leaderboard_report(summary, split, config),
+                         {'settings': asdict(config), 'schedule': schedule, 'rows': rows, **summary,
+                          'cell_targets': targets, **split}, figure)
     print(gap_table(summary))
     print(f'Leaderboard: {report}, figure {figure}')
     return summary
@@ -240,7 +250,7 @@ def gap_table(summary):
     return markdown_table(['method', *preferences, 'mean rank'], cells)
 
 
-def leaderboard_report(summary, config):
+def leaderboard_report(summary, split, config):
     order = '\n'.join(seed_verdict(summary, preference) for preference in summary['preferences'])
     schedule = "each method's quick schedule, short SFT and reward schedules" if config.quick else 'the default schedules'
     return f"""# Leaderboard
@@ -273,6 +283,21 @@ Every method on every preference, seeds {' '.join(map(str, config.seeds))}, beta
 ## Do the seeds agree?
 
 {order}
+
+## The gap, split
+
+The ceiling is the best gap closed of the exact optimiser's checkpoints in each cell's folder (none
+are trained here; toy_rlhf/studies/decomposition.py says how to make them): a lower bound on what the
+network can reach. A method's optimiser gap is the ceiling less its gap closed, seed by seed; the
+reward-model gap is what pi* of the reward model loses against pi* of gold, under gold.
+
+{ceiling_table(split, lambda spread_: _spread_text(spread_, '.3f'))}
+
+#### Optimiser gap (ceiling - gap closed)
+
+{optimiser_gap_table(split, summary['methods'], summary['preferences'], lambda spread_: _spread_text(spread_, '.3f'))}
+
+![decomposition](decomposition.png)
 """
 
 
