@@ -16,6 +16,7 @@ writing four digits). The mass a policy puts on responses with SEP in them is re
 (`non_digit_mass`); for trained policies it is tiny. Computations are in float64 so that identities
 such as J_beta(pi*) = J*_beta hold to ~1e-12.
 """
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -138,20 +139,27 @@ def gold_metrics(log_pi, prompts, preference):
     fidelity         expected share of digits 2-4 that obey the rule
     gold_rate        mass on responses of the best level with all four digits valid
     """
+    best, gold, later_valid, best_and_valid = _gold_facts(tuple(map(tuple, prompts.tolist())), preference)
+    pi = digit_distribution(log_pi).exp()
+    return {'preference_rate': (pi * best).sum(dim=1), 'gold_reward': (pi * gold).sum(dim=1),
+            'fidelity': (pi * later_valid).sum(dim=1), 'gold_rate': (pi * best_and_valid).sum(dim=1)}
+
+
+@functools.lru_cache(maxsize=8)
+def _gold_facts(prompts, preference):
+    """What gold_metrics weighs every response of the prompts (a tuple of P 4-tuples) by, each
+    (P, 10^4): whether it reaches the best level, its gold reward, the share of its digits 2-4 that
+    obey the rule, and whether it is of the best level with all four digits valid. They depend on the
+    prompts alone, and a study measures many policies on the same ones: computed once (a frozen
+    Preference is hashable; the tensors are read, never written)."""
+    prompts = torch.tensor(prompts, dtype=torch.long).view(-1, 4)
     P = len(prompts)
     responses = all_responses().repeat(P, 1)  # (P * 10^4, 4)
     repeated_prompts = prompts.repeat_interleave(RESPONSES, dim=0)
     valid = is_valid_output(repeated_prompts, responses).view(P, RESPONSES, -1)
     gold = preference.reward(repeated_prompts, responses).view(P, RESPONSES)
     best = gold >= best_reachable(preference, prompts).unsqueeze(1)
-    later_valid = valid[:, :, 1:]  # (P, 10^4, 3)
-    pi = digit_distribution(log_pi).exp()
-    return {
-        'preference_rate': (pi * best).sum(dim=1),
-        'gold_reward': (pi * gold.double()).sum(dim=1),
-        'fidelity': (pi * later_valid.double().mean(dim=2)).sum(dim=1),
-        'gold_rate': (pi * (best & valid.all(dim=2))).sum(dim=1),
-    }
+    return best, gold.double(), valid[:, :, 1:].double().mean(dim=2), best & valid.all(dim=2)
 
 
 # ---------------------------------------------------------------------------------------------

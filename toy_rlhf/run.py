@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from toy_rlhf.checkpoint import load_checkpoint, load_model
+from toy_rlhf.enumeration import all_response_log_probs
 from toy_rlhf.methods import METHODS
 from toy_rlhf.metrics import EVALUATION_PROMPTS, evaluate_policy
 from toy_rlhf.files import atomic_write, fingerprint
@@ -73,6 +74,7 @@ class Run:
         self.named_preference = preference or None  # --preference, for a user-defined one
         self.fresh, self.progress = fresh, progress
         self._tables = {}
+        self._log_probs = {}  # (variant name, prompts): response log-probs computed where the variant trained
 
     @property
     def sft_path(self):
@@ -126,7 +128,7 @@ class Run:
         """The exact tables (toy_rlhf.optimal.ExactTables) of prompts (P, 4): computed once per prompt
         set, and kept on disk (tables_<hash of the prompts>.pt) with the fingerprints of the SFT policy
         and reward model they were computed from, so that no later study recomputes them."""
-        key = tuple(map(tuple, prompts.tolist()))
+        key = _prompt_key(prompts)
         if key not in self._tables:
             self._tables[key] = stored_tables(self.folder, self.sft_path, self.reward_path, prompts, self.preference,
                                               lambda: (self.sft_policy, self.reward_model))
@@ -139,13 +141,23 @@ class Run:
         """The checkpoints a variant trains from: the SFT policy, and the reward model if it uses one."""
         return (self.sft_path, self.reward_path) if METHODS[variant.method].needs_reward_model else (self.sft_path,)
 
-    def train(self, variants, executor=None):
+    def train(self, variants, executor=None, prompts=None):
         """Train every variant whose method trains, reusing the checkpoints made with the same settings
         from the same inputs (unless the Run is fresh). Each is trained by train_variant, here or, given
         an executor (a concurrent.futures.Executor: toy_rlhf.executors), in its workers with one thread
         each; the inputs travel to the worker by value and the results come back, so a worker needs no
         shared folder, and only this process writes, each checkpoint as soon as its variant is done.
-        Returns {variant name: {'seconds', 'reused'}}."""
+        With prompts (P, 4), a variant trained now also has its log-probs of all 10^4 responses of each
+        computed where it trained, for response_log_probs. Returns {variant name: {'seconds', 'reused'}}."""
+        timings, futures = self.submit(variants, executor, prompts)
+        for future in concurrent.futures.as_completed(futures):
+            timings[futures[future].name] = self.save(futures[future], future.result())
+        return timings
+
+    def submit(self, variants, executor=None, prompts=None):
+        """train's first half: the reused checkpoints noted, the others trained and saved here (no
+        executor) or submitted to the executor's workers. Returns (timings so far, {future: variant}):
+        save(variant, future.result()) each future as it completes."""
         timings, jobs = {}, {}
         for variant in variants:
             if METHODS[variant.method].train is None or variant.name in timings:
@@ -160,12 +172,10 @@ class Run:
             timings[variant.name] = {'seconds': 0.0, 'reused': True}
         if executor is None:  # here, one after another
             for variant, job in jobs.items():
-                timings[variant.name] = self._save(variant, *train_variant(*job, progress=self.progress))
-        else:  # in the executor's workers, each saved as it comes back
-            futures = {executor.submit(train_variant, *job, threads=1): variant for variant, job in jobs.items()}
-            for future in concurrent.futures.as_completed(futures):
-                timings[futures[future].name] = self._save(futures[future], *future.result())
-        return timings
+                timings[variant.name] = self.save(variant, train_variant(*job, progress=self.progress, prompts=prompts))
+            return timings, {}
+        return timings, {executor.submit(train_variant, *job, threads=1, prompts=prompts): variant
+                         for variant, job in jobs.items()}
 
     def _job(self, variant):
         """train_variant's arguments for a variant: everything it trains from, by value."""
@@ -179,8 +189,12 @@ class Run:
         return current_checkpoint(self.path(variant), provenance(variant.config(), self.inputs(variant),
                                                                  self.preference.name))
 
-    def _save(self, variant, policy, history, metrics):
-        """Write a trained variant's checkpoint and say so in one line; returns its timing."""
+    def save(self, variant, trained):
+        """Write a trained variant's checkpoint (trained: what train_variant returns) and say so in one
+        line; keep its response log-probs for response_log_probs. Returns its timing."""
+        policy, history, metrics, log_probs = trained
+        if log_probs is not None:
+            self._log_probs[variant.name, _prompt_key(log_probs[0])] = log_probs[1]
         method = METHODS[variant.method]
         save_stage(self.folder, variant.name, policy, 'policy', variant.config(), metrics, history,
                    self.inputs(variant), method.name, self.preference.name)
@@ -192,8 +206,18 @@ class Run:
     def policy(self, variant):
         return load_model(self.path(variant), 'policy')
 
+    def response_log_probs(self, variant, prompts):
+        """A trained variant's log-probs of all 10^4 responses of each prompt (P, 4): (P, 10^4), those its
+        worker computed when it trained on these prompts (handed over once), else from its checkpoint."""
+        log_probs = self._log_probs.pop((variant.name, _prompt_key(prompts)), None)
+        return all_response_log_probs(self.policy(variant), prompts) if log_probs is None else log_probs
+
     def checkpoint(self, variant):
         return load_checkpoint(self.path(variant), 'policy')
+
+
+def _prompt_key(prompts):
+    return tuple(map(tuple, prompts.tolist()))
 
 
 def stored_tables(folder, sft_path, reward_path, prompts, preference, models):
@@ -215,11 +239,14 @@ def stored_tables(folder, sft_path, reward_path, prompts, preference, models):
     return tables
 
 
-def train_variant(method, config, preference, sft_policy, reward_model=None, progress=False, threads=None):
+def train_variant(method, config, preference, sft_policy, reward_model=None, progress=False, threads=None,
+                  prompts=None):
     """Fine-tune sft_policy with `method` (a registry name) at `config` for `preference` (a name),
     against reward_model if the method uses one, and measure the result exactly against sft_policy.
     A pure function of its arguments: the same ones give the same numbers in any process on the same
-    thread count. Returns (policy, history, metrics)."""
+    thread count. Returns (policy, history, metrics, log_probs): log_probs (prompts, the policy's
+    log-probs of all 10^4 responses of each) where prompts (P, 4) are given, computed here so that the
+    worker that trained the policy, not the process that measures it, pays for the pass; else None."""
     if threads:
         torch.set_num_threads(threads)
     preference = resolve_preference(preference)
@@ -229,4 +256,6 @@ def train_variant(method, config, preference, sft_policy, reward_model=None, pro
         policy, history = METHODS[method].train(sft_policy, config=config, preference=preference, progress=progress,
                                                 **models)
         metrics = evaluate_policy(policy, sft_policy, EVALUATION_PROMPTS, getattr(config, 'seed', 0), preference)
-    return policy, history, {**metrics, 'seconds': time.perf_counter() - start}
+    seconds = time.perf_counter() - start
+    log_probs = None if prompts is None else (prompts, all_response_log_probs(policy, prompts))
+    return policy, history, {**metrics, 'seconds': seconds}, log_probs

@@ -54,7 +54,7 @@ def variant_row(run, variant, tables):
     if method.train is None:
         return exact_row(variant.describe(), method, config, method.exact_policy(tables, config), tables,
                          run.gold_margin)
-    log_pi = all_response_log_probs(run.policy(variant), tables.prompts)
+    log_pi = run.response_log_probs(variant, tables.prompts)
     row = exact_row(variant.describe(), method, config, log_pi, tables, run.gold_margin)
     checkpoint = run.checkpoint(variant)
     return {**row, **consumed(method, checkpoint['history']), 'seconds': checkpoint['metrics']['seconds']}

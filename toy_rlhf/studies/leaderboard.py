@@ -17,6 +17,7 @@ toy_rlhf/studies/decomposition.py) into the leaderboard's folder:
 Methods are ranked in each preference by their median gap closed under the reward model (the
 objective the reward-model methods maximise; DPO and IPO aim at the gold one, shown beside it).
 """
+import concurrent.futures
 import functools
 import itertools
 import json
@@ -132,24 +133,44 @@ def measure_cell(run, seed, chosen, config, prompts):
     return rows
 
 
+def measure_ready(cells, saved, config, prompts, rows, targets):
+    """Measure the cells at the front of `cells` whose futures are all saved, in order, adding to rows
+    and targets (decomposition.cell_targets); each measured cell leaves the list."""
+    while cells and cells[0][3] <= saved:
+        seed, run, chosen, _ = cells.pop(0)
+        rows += measure_cell(run, seed, chosen, config, prompts)
+        measure = functools.partial(measure_cell, run, seed, config=config, prompts=prompts)
+        targets += cell_targets(run, config.betas, measure, run.tables(prompts), seed)
+
+
 def leaderboard(run_dir, config, progress=True, schedule=None):
     """Train and measure every cell; write the leaderboard. schedule: {'sft', 'reward', METHOD:
     settings} over the defaults (default: the quick ones with config.quick, else none). Returns the
     summary (summarise)."""
     run_dir, schedule = Path(run_dir), schedules(config) if schedule is None else schedule
     prompts = sample_prompts(config.prompts, torch.Generator().manual_seed(config.seed))
-    rows, targets = [], []
+    # Every cell's variants go to the workers as soon as its reward model is there; meanwhile this
+    # process makes the next reward model and each cell's exact tables, and measures each cell (in the
+    # grid's order) once its variants are back, saving each checkpoint as it comes.
     with executors.executor(config.workers, config.executor, config.address) as pool:
+        cells, trained_by = [], {}
         for seed in config.seeds:
             sft = replace(SFTConfig(seed=seed), **dict(schedule.get('sft', ())))
             ensure_stage(run_dir / f'seed{seed}', 'sft', sft, (), sft_stage, config.fresh, progress)
             for preference in config.preferences or tuple(PREFERENCES):
                 run = cell_run(run_dir, preference, seed, config, schedule, progress)
                 chosen = cell_variants(config, seed, schedule)
-                run.train(chosen, pool)
-                rows += measure_cell(run, seed, chosen, config, prompts)
-                measure = functools.partial(measure_cell, run, seed, config=config, prompts=prompts)
-                targets += cell_targets(run, config.betas, measure, run.tables(prompts), seed)
+                _, futures = run.submit(chosen, pool, prompts)  # trained here and now without a pool
+                trained_by.update({future: (run, variant) for future, variant in futures.items()})
+                run.tables(prompts)
+                cells.append((seed, run, chosen, set(futures)))
+        rows, targets, saved = [], [], set()
+        for future in concurrent.futures.as_completed(trained_by):
+            run, variant = trained_by[future]
+            run.save(variant, future.result())
+            saved.add(future)
+            measure_ready(cells, saved, config, prompts, rows, targets)
+        measure_ready(cells, saved, config, prompts, rows, targets)
     summary = summarise(rows)
     split = split_gap(rows, targets, spread)
     figure = plot_leaderboard(summary, run_dir / 'leaderboard.png')
