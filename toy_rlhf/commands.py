@@ -333,7 +333,8 @@ def study_commands():
         'leaderboard': Command('leaderboard.py', 'every method on every preference over seeds, measured exactly',
                                'An SFT policy per seed, a reward model per preference and seed, every method that trains '
                                'or has an exact policy at each beta; checkpoints and measured rows reused; writes '
-                               'runs/RUN/leaderboard.md, .json and .png (RUN: leaderboard).',
+                               'runs/RUN/leaderboard.md, .json and .png (RUN: leaderboard), and decomposition.png: the gap '
+                               "split by the exact optimiser's checkpoints found in each cell's folder (the ceiling).",
                                lambda parser: add_config_flags(parser, LeaderboardConfig), run_leaderboard,
                                default_run='leaderboard'),
         'off-policy': Command('off_policy.py', 'PPO off-policy on purpose: each ratio variant and sampler correction against pi*',
