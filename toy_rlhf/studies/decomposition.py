@@ -194,10 +194,11 @@ def plot_decomposition(summary, split, path):
         lowest = [summary['cells'][m][preference]['gap_closed']['median'] for m in methods
                   if summary['cells'][m][preference]['gap_closed']]
         ax.set_xlim(min(-0.1, *lowest), 1.02)
-        ax.legend(fontsize=7, loc='lower right')
     for ax in list(axes.flat)[len(preferences):]:
         ax.set_visible(False)
     for ax in axes[-1]:
         ax.set_xlabel('share of the gap to J* under the reward model (1: pi*)')
+    legend = {label: handle for ax in axes.flat for handle, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(legend.values(), legend.keys(), loc='outside lower center', ncols=len(legend), fontsize=8)
     fig.suptitle('The gap to pi*, split: reached, not found by the optimiser, not reached by any exact path')
     return figures.save(fig, path)
