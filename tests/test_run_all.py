@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from toy_rlhf import pipeline
+from toy_rlhf import cli, pipeline
 from toy_rlhf.checkpoint import load_checkpoint
 from toy_rlhf.files import jsonl_text
 from toy_rlhf.methods import METHODS, rollout
@@ -26,7 +26,7 @@ from toy_rlhf.preferences import PREFERENCES
 from toy_rlhf.run import Run, Variant
 from toy_rlhf.run_dir import LOCK
 from toy_rlhf.sft import train_sft
-from toy_rlhf.studies.main import RunAllConfig, quick_schedule, run_all, stage_configs
+from toy_rlhf.studies.main import RunAllConfig, config_from_flags, quick_schedule, run_all, stage_configs
 from toy_rlhf.studies.methods import SweepConfig, sweep
 from toy_rlhf.training import TrainingError
 
@@ -98,6 +98,41 @@ def test_the_report_table_holds_the_numbers_of_metrics_json(quick_run):
         assert cells[3] == f"{values['kl_to_reference']:.3f}"
         assert cells[4] == f"{values['kl_to_aligned']:.3f}"
     assert f"{metrics['sft']['language_kl']:.4f}" in report
+
+
+RECIPES = {name: preference.recipes['ppo'] for name, preference in PREFERENCES.items() if 'ppo' in preference.recipes}
+
+
+def test_some_built_in_preference_carries_a_ppo_recipe_and_first_digit_none():
+    assert RECIPES and 'first-digit' not in RECIPES
+    assert all(set(recipe) <= {field.name for field in dataclasses.fields(PPOConfig)} for recipe in RECIPES.values())
+
+
+@pytest.mark.parametrize('name', [*RECIPES, 'first-digit'])
+def test_a_preferences_ppo_recipe_sets_ppos_defaults_in_the_main_command_and_flags_still_win(name, tmp_path):
+    recipe = RECIPES.get(name, {})
+    parser = cli.build_parser('all', 'toy-rlhf all')
+    flags = ['--run-dir', str(tmp_path), '--preference', name]
+    assert config_from_flags(parser.parse_args(flags)).ppo == PPOConfig(**recipe)
+    assert config_from_flags(parser.parse_args([*flags, '--ppo.iters', '7'])).ppo == PPOConfig(**{**recipe, 'iters': 7})
+    quick = config_from_flags(parser.parse_args([*flags, '--quick'])).ppo  # a smoke test stays one
+    assert (quick.iters, quick.prompts_per_iter, quick.warm_start_prompts) == (6, 32, 64)
+    assert quick.warm_start_n == recipe.get('warm_start_n', 0)
+
+
+@pytest.mark.parametrize('name', [*RECIPES, 'first-digit'])
+def test_a_preferences_ppo_recipe_sets_the_defaults_of_toy_rlhf_ppo_too(name, tmp_path, monkeypatch):
+    trained = []
+    monkeypatch.setattr(Run, 'train', lambda run, variants: trained.extend(variants))
+    command = cli.commands()['ppo']
+    flags = ['--run-dir', str(tmp_path), '--preference', name]
+    for argv in (flags, [*flags, '--learning-rate', '1e-4']):
+        args = cli.build_parser('ppo', 'toy-rlhf ppo').parse_args(argv)
+        args.progress = False  # what cli.prepare sets from --quiet
+        command.run(args)
+    recipe = RECIPES.get(name, {})
+    assert [variant.config() for variant in trained] == [PPOConfig(**recipe),
+                                                         PPOConfig(**{**recipe, 'learning_rate': 1e-4})]
 
 
 def test_every_stage_retrained_with_the_same_seed_gives_the_same_weights_and_history():

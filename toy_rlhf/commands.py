@@ -16,7 +16,7 @@ from toy_rlhf.flags import add_config_flags, config_from_args
 from toy_rlhf.methods import METHODS
 from toy_rlhf.metrics import EVALUATION_PROMPTS
 from toy_rlhf.optimal import EXACT_PROMPTS
-from toy_rlhf.preferences import DEFAULT_PREFERENCE
+from toy_rlhf.preferences import DEFAULT_PREFERENCE, resolve_preference
 from toy_rlhf.reward import RewardConfig
 from toy_rlhf.run import Run, Variant
 from toy_rlhf.sft import SFTConfig
@@ -57,14 +57,17 @@ def method_command(method):
         add_config_flags(parser, method.config)
         parser.add_argument('--preference', default=None, metavar='NAME',
                             help="the run's preference, its reward model's (a different one is refused); in a run "
-                                 f'without a reward model, the gold the pairs are labelled by (default: {DEFAULT_PREFERENCE})')
+                                 f'without a reward model, the gold the pairs are labelled by (default: {DEFAULT_PREFERENCE}). '
+                                 "A preference's recipe for this method, if it has one, replaces some defaults above "
+                                 '(the log names every setting); flags given still win')
         parser.add_argument('--fresh', action='store_true',
                             help='retrain even where a checkpoint made with the same settings exists')
 
     def run(args):
-        variant = Variant.of(config_from_args(args, method.config), method.name)
-        Run(args.run_dir, working_preference(args, 'preference', DEFAULT_PREFERENCE), args.fresh,
-            args.progress).train([variant])
+        preference = working_preference(args, 'preference', DEFAULT_PREFERENCE)
+        defaults = resolve_preference(preference).method_defaults(method.name, method.config)
+        variant = Variant.of(config_from_args(args, method.config, base=defaults), method.name)
+        Run(args.run_dir, preference, args.fresh, args.progress).train([variant])
     return add_arguments, run
 
 

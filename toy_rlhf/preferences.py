@@ -13,7 +13,7 @@ enumerations, not estimates.
 """
 import importlib
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional
 
 import torch
@@ -49,6 +49,15 @@ class Preference:
     # A user-defined preference's module file, hashed: stored with everything trained for it, so that
     # a checkpoint trained against another version of the file is noticed.
     source_fingerprint: Optional[str] = None
+    # Per registered method, settings that replace its defaults for this preference: a recipe measured
+    # to close more of the gap to pi* here ({method name: {field: value}}; docs/results.md says what each
+    # one measured). The command line's flags still set any field; the leaderboard leaves recipes out,
+    # so that every method is compared at its own defaults.
+    recipes: dict = field(default_factory=dict, compare=False)
+
+    def method_defaults(self, method_name, config_class):
+        """config_class's defaults with this preference's recipe for method_name (if any) over them."""
+        return config_class(**self.recipes.get(method_name, {}))
 
     @property
     def asks_for_a_first_digit(self):
@@ -137,18 +146,27 @@ def distinct_reward(prompts, responses):
     return (sorted_digits[:, 1:] != sorted_digits[:, :-1]).all(dim=1).to(torch.float32)
 
 
+# PPO's recipe where the preference is not decided by the first digit. The default schedule is tuned
+# for the first digit (99% preference in few samples); on later digits 50 rounds end far from pi*, and
+# from the SFT policy PPO collapses onto one response during its climb. What measured best within
+# about twice the default run's time (docs/results.md, "Recipes"): four times the rounds; a
+# best-of-16 warm start, so PPO starts nearer pi*; a larger step annealed to 0, so the early rounds
+# move and the late ones settle; groups of 8 on half the prompts, the same samples per round.
+LATER_DIGITS_RECIPE = {'ppo': {'iters': 200, 'warm_start_n': 16, 'learning_rate': 1e-3, 'anneal_lr': True,
+                               'prompts_per_iter': 48, 'samples_per_prompt': 8}}
+
 PREFERENCES = {preference.name: preference for preference in (
     Preference('first-digit', 'the first output digit is (x4 + 1) % 10 (the notebook\'s)', first_digit_reward,
                levels=(0.0, 1.0), pairs='first-digit', first_token=preferred_first_token),
     # The language ends on (x4 + 4) % 10 in 6% of responses: nine language pairs in ten are ties, and
     # 20,000 of them taught the reward model nothing (held-out accuracy 58%); aligned pairs do.
     Preference('last-digit', 'the last output digit is (x4 + 4) % 10', last_digit_reward, levels=(0.0, 1.0),
-               pairs='aligned'),
+               pairs='aligned', recipes=LATER_DIGITS_RECIPE),
     Preference('digit-sum', 'the larger the sum of the output digits, the better (sum / 36)', digit_sum_reward,
-               levels=tuple(level / 36 for level in range(37))),
+               levels=tuple(level / 36 for level in range(37)), recipes=LATER_DIGITS_RECIPE),
     # Four distinct digits in 23% of language responses: two language pairs in three are ties.
     Preference('distinct', 'the four output digits are all different', distinct_reward, levels=(0.0, 1.0),
-               pairs='aligned'),
+               pairs='aligned', recipes=LATER_DIGITS_RECIPE),
 )}
 DEFAULT_PREFERENCE = 'first-digit'
 

@@ -16,6 +16,9 @@ toy_rlhf/studies/decomposition.py) into the leaderboard's folder:
 
 Methods are ranked in each preference by their median gap closed under the reward model (the
 objective the reward-model methods maximise; DPO and IPO aim at the gold one, shown beside it).
+Every method trains at its own defaults, on every preference: a preference's recipe for a method
+(Preference.recipes, which `toy-rlhf all` and `toy-rlhf METHOD` use) is left out, so that no method
+gets a schedule the others are not given.
 """
 import concurrent.futures
 import functools

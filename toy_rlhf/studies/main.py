@@ -51,7 +51,9 @@ class RunAllConfig:
     prompt: tuple[Digit, Digit, Digit, Digit] = (5, 7, 1, 5)  # the prompt of the per-sentence figures
     response: tuple[Digit, Digit, Digit, Digit] = (6, 2, 7, 3)  # the response of the per-sentence figures
     device: Device = 'cpu'  # where SFT and the reward model train (PPO and evaluation run on the CPU)
-    preference: str = DEFAULT_PREFERENCE  # first-digit, last-digit, digit-sum, distinct or module:function
+    # first-digit, last-digit, digit-sum, distinct or module:function; where the preference has a recipe
+    # for PPO (preferences.py), it replaces PPO's defaults (--ppo.* flags still win; report.md lists them)
+    preference: str = DEFAULT_PREFERENCE
     # The stages' own settings (flags --sft.iters, --reward.pairs, --ppo.learning-rate, ...); seed,
     # device, preference and beta come from the fields above.
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -63,20 +65,20 @@ def quick_schedule(config):
     """config with the stages' schedules cut to a smoke test's (seconds instead of a minute)."""
     return replace(config, quick=True, sft=replace(config.sft, iters=60, warmup_iters=10),
                    reward=replace(config.reward, iters=60, pairs=1000, held_out_pairs=500),
-                   ppo=replace(config.ppo, iters=6, prompts_per_iter=32))
+                   ppo=replace(config.ppo, iters=6, prompts_per_iter=32, warm_start_prompts=64))
 
 
 def config_from_flags(args):
-    """The study's config from the flags of `toy-rlhf all` (parsed args): the quick schedule with the
-    flags given over it, the betas checked, and the run's own preference unless --fresh retrains for
-    another."""
+    """The study's config from the flags of `toy-rlhf all` (parsed args): the run's own preference
+    unless --fresh retrains for another, PPO's defaults with that preference's recipe over them (if
+    it has one), the quick schedule, then the flags given over all of it; the betas checked."""
     config = config_from_args(args, RunAllConfig)
-    if config.quick:
-        config = config_from_args(args, RunAllConfig, base=quick_schedule(config))
     check_betas('--betas', config.betas)
     if not config.fresh:  # a run has one preference, its reward model's
         config = replace(config, preference=working_preference(args, 'preference', config.preference))
-    return config
+    recipe = resolve_preference(config.preference).method_defaults('ppo', PPOConfig)
+    base = replace(config, ppo=recipe)
+    return config_from_args(args, RunAllConfig, base=quick_schedule(base) if config.quick else base)
 
 
 @contextlib.contextmanager
