@@ -16,7 +16,7 @@ from toy_rlhf.methods.ppo import PPOConfig, train_ppo
 from toy_rlhf.metrics import aligned_next_tokens, evaluate_policy, true_distributions
 from toy_rlhf.optimal import compare_to_optimum, exact_tables, kl_split, optimal_log_probs
 from toy_rlhf.pipeline import reward_stage
-from toy_rlhf.preferences import (PREFERENCES, PreferenceError, best_reachable, language_paths,
+from toy_rlhf.preferences import (LONGER_PPO, PREFERENCES, PreferenceError, best_reachable, language_paths,
                                   preferred_first_token, reaches_best, resolve_preference,
                                   sample_aligned_path)
 from toy_rlhf.reward import RewardConfig, train_reward
@@ -257,6 +257,7 @@ def test_a_user_preference_is_resolved_and_checked():
     preference = resolve_preference('test_preferences:even_last_digit')
     assert preference.reward(PROMPT, torch.tensor([[6, 2, 7, 4]])).item() == 1.0
     assert preference.first_token is None and preference.pairs == 'language'
+    assert preference.recipes == {'ppo': LONGER_PPO}  # measured to help on preferences nobody tuned for
 
 
 @pytest.mark.parametrize('name, says', [

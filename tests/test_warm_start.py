@@ -1,11 +1,14 @@
 """The rejection-sampling warm start of PPO: it keeps the best of n or resamples them by their
 softmax weights, it moves the policy towards the preference before PPO's first round, it counts its
 samples, and off it changes nothing."""
+from dataclasses import replace
+
 import torch
 
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods.ppo import PPOConfig, train_ppo
 from toy_rlhf.methods.rollout import start_training
+from toy_rlhf.methods import warm_start
 from toy_rlhf.methods.warm_start import kept_sentences, rejection_sampling_fine_tune
 from toy_rlhf.metrics import evaluate_policy
 from toy_rlhf.policy import generate_responses
@@ -85,3 +88,27 @@ def test_off_the_warm_start_leaves_the_run_as_it_was_whatever_its_other_settings
     assert without_time(history) == without_time(history_off)
     weights, weights_off = actor.state_dict(), actor_off.state_dict()
     assert all(torch.equal(weights[name], weights_off[name]) for name in weights)
+
+
+def test_a_second_beta_takes_the_first_betas_warm_start_and_ends_as_if_it_made_its_own(sft_policy, reward_model,
+                                                                                      monkeypatch):
+    config = PPOConfig(warm_start_n=4, warm_start_prompts=32, warm_start_epochs=2, **TINY_PPO)
+    made = []
+    monkeypatch.setattr(warm_start, '_last_warm_start', {})  # nothing left by another test
+    monkeypatch.setattr(warm_start, 'rejection_sampling_fine_tune',
+                        lambda *args: made.append(args[3].beta) or rejection_sampling_fine_tune(*args))
+    preference = PREFERENCES['first-digit']
+    train_ppo(sft_policy, reward_model, config, preference, progress=False)
+    actor, history = train_ppo(sft_policy, reward_model, replace(config, beta=0.0), preference, progress=False)
+    warm_start._last_warm_start.clear()  # as a fresh process would start
+    actor_own, history_own = train_ppo(sft_policy, reward_model, replace(config, beta=0.0), preference, progress=False)
+    assert made == [1.0, 0.0]  # made for beta 1, taken at beta 0, made again once forgotten
+    assert without_time(history) == without_time(history_own)
+    weights, weights_own = actor.state_dict(), actor_own.state_dict()
+    assert all(torch.equal(weights[name], weights_own[name]) for name in weights)
+    # Another seed, or a pick that depends on beta, makes its own.
+    train_ppo(sft_policy, reward_model, replace(config, seed=1), preference, progress=False)
+    train_ppo(sft_policy, reward_model, replace(config, warm_start_pick='resample'), preference, progress=False)
+    train_ppo(sft_policy, reward_model, replace(config, warm_start_pick='resample', beta=0.5), preference,
+              progress=False)
+    assert made == [1.0, 0.0, 1.0, 1.0, 0.5]

@@ -146,14 +146,15 @@ def distinct_reward(prompts, responses):
     return (sorted_digits[:, 1:] != sorted_digits[:, :-1]).all(dim=1).to(torch.float32)
 
 
-# PPO's recipe where the preference is not decided by the first digit. The default schedule is tuned
-# for the first digit (99% preference in few samples); on later digits 50 rounds end far from pi*, and
-# from the SFT policy PPO collapses onto one response during its climb. What measured best within
-# about twice the default run's time (docs/results.md, "Recipes"): four times the rounds; a
-# best-of-16 warm start, so PPO starts nearer pi*; a larger step annealed to 0, so the early rounds
-# move and the late ones settle; groups of 8 on half the prompts, the same samples per round.
-LATER_DIGITS_RECIPE = {'ppo': {'iters': 200, 'warm_start_n': 16, 'learning_rate': 1e-3, 'anneal_lr': True,
-                               'prompts_per_iter': 48, 'samples_per_prompt': 8}}
+# PPO's recipes where the preference is not decided by the first digit alone (docs/results.md,
+# "Recipes"). Its defaults are tuned for the first digit (99% preference in few samples); elsewhere 50
+# rounds end far from pi*. Four times the rounds, a larger step annealed to 0 (the early rounds move,
+# the late ones settle) and groups of 8 on half the prompts (the same samples per round) closed more
+# of the gap on every preference measured, a user's too, so a user-defined preference gets it.
+LONGER_PPO = {'iters': 200, 'learning_rate': 1e-3, 'anneal_lr': True, 'prompts_per_iter': 48, 'samples_per_prompt': 8}
+# Where PPO started from the SFT policy collapses onto a few responses during its climb, a best-of-16
+# warm start (warm_start.py) first moves it nearer pi*; on digit-sum and users' preferences it cost.
+WARM_STARTED_PPO = {**LONGER_PPO, 'warm_start_n': 16}
 
 PREFERENCES = {preference.name: preference for preference in (
     Preference('first-digit', 'the first output digit is (x4 + 1) % 10 (the notebook\'s)', first_digit_reward,
@@ -161,12 +162,12 @@ PREFERENCES = {preference.name: preference for preference in (
     # The language ends on (x4 + 4) % 10 in 6% of responses: nine language pairs in ten are ties, and
     # 20,000 of them taught the reward model nothing (held-out accuracy 58%); aligned pairs do.
     Preference('last-digit', 'the last output digit is (x4 + 4) % 10', last_digit_reward, levels=(0.0, 1.0),
-               pairs='aligned', recipes=LATER_DIGITS_RECIPE),
+               pairs='aligned', recipes={'ppo': WARM_STARTED_PPO}),
     Preference('digit-sum', 'the larger the sum of the output digits, the better (sum / 36)', digit_sum_reward,
-               levels=tuple(level / 36 for level in range(37)), recipes=LATER_DIGITS_RECIPE),
+               levels=tuple(level / 36 for level in range(37)), recipes={'ppo': LONGER_PPO}),
     # Four distinct digits in 23% of language responses: two language pairs in three are ties.
     Preference('distinct', 'the four output digits are all different', distinct_reward, levels=(0.0, 1.0),
-               pairs='aligned', recipes=LATER_DIGITS_RECIPE),
+               pairs='aligned', recipes={'ppo': WARM_STARTED_PPO}),
 )}
 DEFAULT_PREFERENCE = 'first-digit'
 
@@ -191,7 +192,8 @@ def resolve_preference(name):
     check_signature(name, function)
     reward = guarded(name, function)
     reward(*probe_batch())
-    return Preference(name, f'user-defined: {name}', reward, source_fingerprint=source_fingerprint(function))
+    return Preference(name, f'user-defined: {name}', reward, source_fingerprint=source_fingerprint(function),
+                      recipes={'ppo': LONGER_PPO})
 
 
 def guarded(name, function):

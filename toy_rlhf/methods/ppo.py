@@ -30,7 +30,7 @@ from toy_rlhf.methods.entropy import EntropyBonus, EntropyConfig
 from toy_rlhf.methods.ratios import effective_sample_size, policy_loss
 from toy_rlhf.methods.rollout import (OffPolicyConfig, Sampler, TrainingLog, mean_rows, minibatches, prompt_groups,
                                       rollout, start_training)
-from toy_rlhf.methods.warm_start import rejection_sampling_fine_tune
+from toy_rlhf.methods.warm_start import warm_start
 from toy_rlhf.policy import token_log_probs_from, next_token_log_probs, started_from
 from toy_rlhf.training import check_finite, gradient_step
 
@@ -104,7 +104,7 @@ def train_ppo(sft_policy, reward_model, config, preference, progress=True, measu
     with TrainingLog(config.iters, f'PPO beta={config.beta:g}', progress,
                      shown=('objective/scores', 'objective/kl_full', 'gold/preference_rate')) as log:
         if config.warm_start_n:
-            log.samples = rejection_sampling_fine_tune(actor, reference, reward_model, config, generator)
+            log.samples = warm_start(actor, reference, reward_model, config, generator)
         for iteration in range(config.iters):
             # 0. learning rate of this round: constant, or decayed with --anneal-lr (critic's too)
             for adam in filter(None, (optimizer, critic_optimizer)):

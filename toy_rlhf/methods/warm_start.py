@@ -15,6 +15,10 @@ nearer pi* (Llama 2's rejection sampling, RAFT, ReST's first step): it moves the
 high reward while keeping much of the reference's spread. The reference of the KL penalty stays the
 SFT policy, so the objective, and pi*, are unchanged; only where PPO starts moves.
 """
+import copy
+import hashlib
+from dataclasses import asdict
+
 import torch
 import torch.nn.functional as F
 
@@ -43,6 +47,40 @@ def response_cross_entropy(policy, sentences):
     given, not learned."""
     log_probs = next_token_log_probs(policy, sentences)  # (B, 4, V)
     return F.nll_loss(log_probs.flatten(0, 1), sentences[:, -log_probs.size(1):].flatten())
+
+
+# The last warm start this process made, under what it was made from. `toy-rlhf all` trains PPO at
+# two betas from the same SFT policy, reward model and seed, and keeping the best of n does not
+# depend on beta: the second run takes the first's result (the actor's weights and the generator's
+# state after it, so every later draw is the same) instead of paying for it again.
+_last_warm_start = {}
+
+
+def warm_start(actor, reference, reward_model, config, generator):
+    """rejection_sampling_fine_tune, or the same result without its cost when the last call in this
+    process had the same inputs: the same weights of actor, reference and reward model, generator
+    state and settings (beta among them only where the pick depends on it). Returns the samples drawn."""
+    settings = {name: value for name, value in asdict(config).items()
+                if name != 'beta' or config.warm_start_pick == 'resample'}
+    key = (weights_digest(actor, reference, reward_model), generator.get_state().numpy().tobytes(), repr(settings))
+    if key not in _last_warm_start:
+        samples = rejection_sampling_fine_tune(actor, reference, reward_model, config, generator)
+        _last_warm_start.clear()
+        _last_warm_start[key] = copy.deepcopy(actor.state_dict()), generator.get_state(), samples
+    weights, generator_state, samples = _last_warm_start[key]
+    actor.load_state_dict(weights)
+    generator.set_state(generator_state)
+    actor.eval()
+    return samples
+
+
+def weights_digest(*models):
+    """A hash of the models' weights, in order."""
+    digest = hashlib.sha256()
+    for model in models:
+        for tensor in model.state_dict().values():
+            digest.update(tensor.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def rejection_sampling_fine_tune(actor, reference, reward_model, config, generator):
