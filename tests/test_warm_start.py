@@ -64,7 +64,7 @@ def test_resampling_at_a_tiny_beta_keeps_the_best(sft_policy, reward_model):
 def test_the_warm_start_raises_the_preference_rate_above_the_sft_policys(sft_policy, reward_model):
     # Best of 8 from a policy preferring the digit ~0.3 of the time holds it in 1 - 0.7^8 ~ 0.94 of
     # prompts; 4 passes over 256 such sentences took the rate from 0.30 to 0.83-0.91 at seeds 0-3.
-    config = PPOConfig(warm_start_n=8, warm_start_prompts=256, warm_start_epochs=4, prompts_per_iter=64)
+    config = PPOConfig(warm_start_n=8, warm_start_prompts=256, warm_start_epochs=4, warm_start_batch_size=64)
     actor, reference, _, generator = start_training(sft_policy, config)
     samples = rejection_sampling_fine_tune(actor, reference, reward_model, config, generator)
     assert samples == 256 * 8

@@ -50,6 +50,7 @@ class PPOConfig(EntropyConfig, OffPolicyConfig):
     warm_start_pick: Literal['best', 'resample'] = 'best'  # the one kept: the best score, or drawn by softmax(score / beta)
     warm_start_prompts: PositiveInt = 1536  # prompts of the warm start, each with its n responses
     warm_start_epochs: PositiveInt = 32  # passes of the warm start over its kept responses
+    warm_start_batch_size: PositiveInt = 96  # kept responses per step of the warm start
     warm_start_learning_rate: PositiveFloat = 1e-3  # Adam step size of the warm start
 
 

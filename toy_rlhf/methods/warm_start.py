@@ -86,7 +86,7 @@ def weights_digest(*models):
 def rejection_sampling_fine_tune(actor, reference, reward_model, config, generator):
     """Fine-tune `actor` in place on one kept (config.warm_start_pick) of config.warm_start_n
     reference responses to each of config.warm_start_prompts fresh prompts: config.warm_start_epochs passes in minibatches of
-    config.prompts_per_iter, with an Adam of its own at config.warm_start_learning_rate (PPO's
+    config.warm_start_batch_size, with an Adam of its own at config.warm_start_learning_rate (PPO's
     optimizer starts fresh after it). Returns the number of responses drawn, for the log's sample count."""
     prompts = sample_prompts(config.warm_start_prompts, generator)
     sentences = kept_sentences(reference, reward_model, prompts, config.warm_start_n, generator,
@@ -94,7 +94,7 @@ def rejection_sampling_fine_tune(actor, reference, reward_model, config, generat
     optimizer = torch.optim.Adam(actor.parameters(), lr=config.warm_start_learning_rate)
     actor.train()
     for _ in range(config.warm_start_epochs):
-        for index in torch.randperm(len(sentences), generator=generator).split(config.prompts_per_iter):
+        for index in torch.randperm(len(sentences), generator=generator).split(config.warm_start_batch_size):
             gradient_step(optimizer, response_cross_entropy(actor, sentences[index]), actor, config.max_grad_norm)
     actor.eval()
     return len(prompts) * config.warm_start_n
