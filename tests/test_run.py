@@ -1,6 +1,7 @@
 """A Run reads a run folder's facts one way for every study: the preference and the gold margin are
 the reward model's, a study on an empty folder trains what it needs, and a policy is measured against
 its method's own target wherever it is measured."""
+import concurrent.futures
 import dataclasses
 import json
 import signal
@@ -157,3 +158,18 @@ def test_a_method_without_a_known_target_for_the_preference_is_compared_all_the_
     [row] = compare(run_dir, tmp_path / 'plots', CompareConfig(methods=('ipo',), prompts=1), tiny, progress=False)
     assert row['target'] == 'none known for this preference' and row['kl_to_target'] is None
     assert '| none known for this preference | n/a |' in (run_dir / 'methods.md').read_text()
+
+
+def test_a_pool_trains_copies_so_the_models_this_process_reads_are_never_moved_under_it(tmp_path):
+    # Pickling for a process pool moves a tensor's storage into shared memory in place, in the pool's
+    # own thread: had a job carried the Run's own models, the exact tables computed meanwhile could read
+    # half-moved weights (they once did: a leaderboard with a pool got another reference's log-probs).
+    run = Run(random_run(tmp_path / 'r', preference='first-digit'))
+    pointers = [parameter.data_ptr() for parameter in run.sft_policy.parameters()]
+    variant = Variant('ppo', settings=(('iters', 1), ('prompts_per_iter', 2)))
+    with concurrent.futures.ProcessPoolExecutor(1) as pool:
+        _, futures = run.submit([variant], pool)
+        concurrent.futures.wait(futures)
+    assert [parameter.data_ptr() for parameter in run.sft_policy.parameters()] == pointers
+    assert not any(parameter.is_shared() for model in (run.sft_policy, run.reward_model)
+                   for parameter in model.parameters())

@@ -11,6 +11,7 @@ model's (stored in reward.pt), and a user-defined preference is imported only wh
 (toy_rlhf.pipeline.checkpoint_preference). The over-optimisation study trains proxies of its own.
 """
 import concurrent.futures
+import copy
 import functools
 import hashlib
 import pickle
@@ -174,7 +175,10 @@ class Run:
             for variant, job in jobs.items():
                 timings[variant.name] = self.save(variant, train_variant(*job, progress=self.progress, prompts=prompts))
             return timings, {}
-        return timings, {executor.submit(train_variant, *job, threads=1, prompts=prompts): variant
+        # A process pool pickles a job in a thread of its own, and torch's pickler for processes moves each
+        # tensor's storage into shared memory in place: while it does, this process may be reading the same
+        # models (the exact tables), and read half-moved weights. So each job travels as its own copies.
+        return timings, {executor.submit(train_variant, *copy.deepcopy(job), threads=1, prompts=prompts): variant
                          for variant, job in jobs.items()}
 
     def _job(self, variant):
