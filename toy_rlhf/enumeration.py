@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from toy_rlhf.language import CLS, DIGITS, RESPONSE_LENGTH, join
+from toy_rlhf.language import CLS, DIGITS, RESPONSE_LENGTH, join, sample_prompts
 
 RESPONSES = DIGITS ** RESPONSE_LENGTH  # 10^4 digit responses per prompt
 
@@ -121,3 +121,27 @@ def all_response_rewards(reward_model, prompts, prompts_per_pass=1):
     """
     return torch.cat([trie_outputs(reward_model, join(chunk), RESPONSE_LENGTH, end_token=CLS)[-1]
                       .squeeze(2).double() for chunk in prompts.split(prompts_per_pass)])
+
+
+# ---------------------------------------------------------------------------------------------
+# The tables a method trains on (the exact optimiser, distillation): of fresh prompts each step, or of
+# a fixed pool computed once, since the reward model's table of a prompt costs far more than a step.
+
+def prompt_tables(reference, rewards_of, prompts):
+    """(prompts (P, 4), log pi_ref (P, 10^4), rewards_of(prompts) (P, 10^4)), without gradients."""
+    with torch.no_grad():
+        return prompts, all_response_log_probs(reference, prompts), rewards_of(prompts)
+
+
+def prompt_pool(reference, rewards_of, size, generator):
+    """The prompt_tables of `size` prompts drawn with generator, or None for size 0 (fresh prompts)."""
+    return prompt_tables(reference, rewards_of, sample_prompts(size, generator)) if size else None
+
+
+def step_tables(reference, rewards_of, config, generator, pool=None):
+    """The prompts of a step and their tables: config.prompts_per_iter fresh ones, or as many drawn
+    without replacement from the pool's (prompt_pool)."""
+    if pool is None:
+        return prompt_tables(reference, rewards_of, sample_prompts(config.prompts_per_iter, generator))
+    chosen = torch.randperm(len(pool[0]), generator=generator)[:config.prompts_per_iter]
+    return tuple(table[chosen] for table in pool)

@@ -30,9 +30,9 @@ from typing import Literal
 
 import torch
 
-from toy_rlhf.enumeration import all_response_log_probs, all_response_rewards
-from toy_rlhf.flags import PositiveFloat, PositiveInt, Probability
-from toy_rlhf.language import DIGITS, PROMPT_LENGTH, RESPONSE_LENGTH, SEP, sample_prompts
+from toy_rlhf.enumeration import all_response_rewards, prompt_pool, step_tables
+from toy_rlhf.flags import NonNegativeInt, PositiveFloat, PositiveInt, Probability
+from toy_rlhf.language import DIGITS, PROMPT_LENGTH, RESPONSE_LENGTH, SEP
 from toy_rlhf.methods.best_of_n import best_of_n_log_probs
 from toy_rlhf.methods.rollout import (RolloutConfig, TrainingLog, mean_rows, minibatches, rollout, start_training)
 from toy_rlhf.optimal import digit_distribution, optimal_log_probs
@@ -50,6 +50,9 @@ class DistillConfig(RolloutConfig):
     # more responses each.
     prompts_per_iter: PositiveInt = 16  # prompts in a rollout (each gets an exact teacher)
     samples_per_prompt: PositiveInt = 8  # responses per prompt
+    # As the exact optimiser's: each round's prompts drawn from a fixed pool whose teachers are computed
+    # once, instead of fresh prompts each round, every one a new enumeration of the reward model.
+    prompt_pool: NonNegativeInt = 0  # draw each round's prompts from this many fixed ones (0: fresh prompts)
     learning_rate: PositiveFloat = 1e-3  # Adam step size
 
 
@@ -120,16 +123,18 @@ def train_distill(sft_policy, reward_model, config, preference, progress=True, m
     """
     student, reference, optimizer, generator = start_training(sft_policy, config)
     reward_model.eval()
+    def rewards_of(prompts):
+        return all_response_rewards(reward_model, prompts)
     with TrainingLog(config.iters, f'distill {config.teacher} beta={config.beta:g}', progress,
                      shown=('objective/scores', 'objective/kl_full', 'gold/preference_rate')) as log:
+        pool = prompt_pool(reference, rewards_of, config.prompt_pool, generator)
         for iteration in range(config.iters):
-            # 1. rollout: P prompts x K samples from the student
-            prompts = sample_prompts(config.prompts_per_iter, generator)  # (P, 4)
+            # 1. rollout: P prompts (fresh, or from the pool) x K samples from the student
+            prompts, log_ref, rewards = step_tables(reference, rewards_of, config, generator, pool)  # (P, 4), (P, 10^4) x 2
             batch = rollout(student, reference, reward_model, prompts.repeat_interleave(config.samples_per_prompt, 0),
                             generator, preference)
-            # 2. teacher: exact tables of the P prompts, its next-token distributions at the sampled states
-            table = teacher_table(all_response_log_probs(reference, prompts),
-                                  all_response_rewards(reward_model, prompts), config)
+            # 2. teacher: from the exact tables of the P prompts, its next-token distributions at the sampled states
+            table = teacher_table(log_ref, rewards, config)
             with torch.no_grad():
                 log_ref_next = next_token_log_probs(reference, batch['sentences'])
             batch['log_teacher'] = teacher_next_token(table.repeat_interleave(config.samples_per_prompt, 0),

@@ -33,9 +33,8 @@ from typing import Literal
 
 import torch
 
-from toy_rlhf.enumeration import all_response_log_probs_with_grad, all_response_log_probs, all_response_rewards
+from toy_rlhf.enumeration import all_response_log_probs_with_grad, all_response_rewards, prompt_pool, step_tables
 from toy_rlhf.flags import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability, Seed
-from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods.rollout import TrainingLog, start_training
 from toy_rlhf.optimal import digit_distribution, non_digit_mass, objective, optimal_log_probs, optimal_value
 from toy_rlhf.training import check_finite, gradient_step
@@ -116,8 +115,7 @@ def train_exact(sft_policy, reward_model, config, preference=None, progress=True
     with TrainingLog(config.iters, f'exact {config.divergence} beta={config.beta:g}', progress,
                      shown=('objective/gap_closed', 'policy/top_mass')) as log:
         rewards_of = reward_table or (lambda prompts: all_response_rewards(reward_model, prompts))
-        pool = prompt_tables(reference, rewards_of, sample_prompts(config.prompt_pool, generator)) \
-            if config.prompt_pool else None
+        pool = prompt_pool(reference, rewards_of, config.prompt_pool, generator)
         for step in range(config.iters):
             prompts, log_ref, rewards = step_tables(reference, rewards_of, config, generator, pool)
             beta = target_beta(config, step)
@@ -135,21 +133,6 @@ def train_exact(sft_policy, reward_model, config, preference=None, progress=True
             log.add({**row, **(measure(step + 1, policy) if measure is not None else {})})
             log.step()
     return policy.eval(), log.rows
-
-
-def prompt_tables(reference, rewards_of, prompts):
-    """(prompts (P, 4), log pi_ref (P, 10^4), rewards_of(prompts) (P, 10^4)), without gradients."""
-    with torch.no_grad():
-        return prompts, all_response_log_probs(reference, prompts), rewards_of(prompts)
-
-
-def step_tables(reference, rewards_of, config, generator, pool=None):
-    """The prompts of a step and their tables: prompts_per_iter fresh ones, or as many drawn without
-    replacement from the pool's (prompt_tables of the pool)."""
-    if pool is None:
-        return prompt_tables(reference, rewards_of, sample_prompts(config.prompts_per_iter, generator))
-    chosen = torch.randperm(len(pool[0]), generator=generator)[:config.prompts_per_iter]
-    return tuple(table[chosen] for table in pool)
 
 
 def step_objective(log_pi, log_ref, rewards, beta):
