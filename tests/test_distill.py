@@ -7,13 +7,14 @@ import torch
 
 from conftest import train_quickly
 
-from toy_rlhf.enumeration import all_responses, all_response_log_probs, all_response_rewards
+from toy_rlhf.enumeration import all_responses, all_response_log_probs, all_response_rewards, prompt_pool
 from toy_rlhf.language import SEP, VOCAB_SIZE, sample_prompts
 from toy_rlhf.methods import METHODS
 from toy_rlhf.methods.distill import DistillConfig, divergence_loss, teacher_next_token
 from toy_rlhf.methods.rollout import rollout
 from toy_rlhf.optimal import exact_tables, expected_reward, objective, optimal_value, response_kl
 from toy_rlhf.preferences import PREFERENCES
+from toy_rlhf.training import TrainingError
 
 
 def test_the_teachers_next_token_distributions_multiply_to_its_table():
@@ -50,7 +51,8 @@ def test_the_divergences_match_hand_computations():
 def test_twelve_rounds_distil_pi_star_closing_most_of_the_gap(sft_policy, reward_model):
     tables = exact_tables(sft_policy, reward_model, sample_prompts(20, torch.Generator().manual_seed(3)),
                           PREFERENCES['first-digit'])
-    schedule = {'iters': 12, 'prompts_per_iter': 16, 'samples_per_prompt': 8}  # 16 prompts of 8 responses a round
+    # 16 fresh prompts of 8 responses a round
+    schedule = {'iters': 12, 'prompts_per_iter': 16, 'samples_per_prompt': 8, 'prompt_pool': 0}
     config = DistillConfig(**{**dict(METHODS['distill'].quick), **schedule})
     log_pi = all_response_log_probs(train_quickly('distill', sft_policy, reward_model, **schedule)[0], tables.prompts)
     teacher = METHODS['distill'].target(tables, config)
@@ -82,3 +84,9 @@ def test_a_prompt_pool_enumerates_each_of_its_prompts_once_and_every_round_draws
     seen = {tuple(prompt) for prompts in scored for prompt in prompts.tolist()}
     for prompts in rolled_out:  # each round's prompts (each repeated for its samples) had their teacher scored
         assert {tuple(prompt) for prompt in prompts.tolist()} <= seen and len(prompts) == 8
+
+
+def test_a_pool_smaller_than_a_rounds_prompts_is_refused_before_anything_is_computed():
+    with pytest.raises(TrainingError, match='prompt_pool 4 is smaller than prompts_per_iter 16'):
+        prompt_pool(reference=None, rewards_of=None, config=DistillConfig(prompt_pool=4, prompts_per_iter=16),
+                    generator=None)

@@ -12,6 +12,7 @@ import math
 import torch
 
 from toy_rlhf.language import CLS, DIGITS, RESPONSE_LENGTH, join, sample_prompts
+from toy_rlhf.training import TrainingError
 
 RESPONSES = DIGITS ** RESPONSE_LENGTH  # 10^4 digit responses per prompt
 
@@ -133,9 +134,17 @@ def prompt_tables(reference, rewards_of, prompts):
         return prompts, all_response_log_probs(reference, prompts), rewards_of(prompts)
 
 
-def prompt_pool(reference, rewards_of, size, generator):
-    """The prompt_tables of `size` prompts drawn with generator, or None for size 0 (fresh prompts)."""
-    return prompt_tables(reference, rewards_of, sample_prompts(size, generator)) if size else None
+def prompt_pool(reference, rewards_of, config, generator):
+    """The prompt_tables of config.prompt_pool prompts drawn with generator, or None for 0 (fresh
+    prompts each step). A step draws config.prompts_per_iter of them without replacement, so a pool
+    must hold at least that many."""
+    if not config.prompt_pool:
+        return None
+    if config.prompt_pool < config.prompts_per_iter:
+        raise TrainingError(f'prompt_pool {config.prompt_pool} is smaller than prompts_per_iter '
+                            f'{config.prompts_per_iter}: each step draws its prompts from the pool; give a pool '
+                            f'of at least {config.prompts_per_iter}, or 0 for fresh prompts')
+    return prompt_tables(reference, rewards_of, sample_prompts(config.prompt_pool, generator))
 
 
 def step_tables(reference, rewards_of, config, generator, pool=None):

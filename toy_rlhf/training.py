@@ -7,7 +7,8 @@ from tqdm.auto import tqdm
 
 
 class TrainingError(Exception):
-    """A stage that cannot go on (a NaN or inf); the message is one line naming stage, iteration, quantity."""
+    """A stage that cannot go on (a NaN or inf, or settings it cannot train with); the message is one
+    line naming what stopped it."""
 
 
 def learning_rate_at(step, total_steps, peak, warmup_steps):

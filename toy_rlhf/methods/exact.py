@@ -115,7 +115,7 @@ def train_exact(sft_policy, reward_model, config, preference=None, progress=True
     with TrainingLog(config.iters, f'exact {config.divergence} beta={config.beta:g}', progress,
                      shown=('objective/gap_closed', 'policy/top_mass')) as log:
         rewards_of = reward_table or (lambda prompts: all_response_rewards(reward_model, prompts))
-        pool = prompt_pool(reference, rewards_of, config.prompt_pool, generator)
+        pool = prompt_pool(reference, rewards_of, config, generator)
         for step in range(config.iters):
             prompts, log_ref, rewards = step_tables(reference, rewards_of, config, generator, pool)
             beta = target_beta(config, step)
