@@ -39,8 +39,6 @@ ONLINE = [name for name, method in METHODS.items() if method.online and method.t
 def test_every_online_method_measured_is_the_same_run_as_unmeasured(models, name):
     reference, reward_model = models
     config = METHODS[name].config(iters=3, prompts_per_iter=4)
-    if hasattr(config, 'prompt_pool'):  # a pool's teachers are computed up front: a tiny one
-        config = dataclasses.replace(config, prompt_pool=4)
     measured_rounds = []
 
     def measure(rounds, actor):  # as ExactMeasure: forward passes, no random numbers drawn
@@ -59,8 +57,7 @@ def test_a_tiny_study_measures_every_variant_and_seed_exactly_and_draws_its_figu
     reference, reward_model = models
     variants = [variant for variant, _ in credit_variants()]
     for name in {variant.method for variant in variants}:  # tiny rollouts: the study is tested, not learning
-        pool = {'prompt_pool': 8} if 'prompt_pool' in {f.name for f in dataclasses.fields(METHODS[name].config)} else {}
-        short = functools.partial(METHODS[name].config, prompts_per_iter=8, **pool)  # a pool's teachers: a tiny one
+        short = functools.partial(METHODS[name].config, prompts_per_iter=8)
         monkeypatch.setitem(METHODS, name, dataclasses.replace(METHODS[name], config=short))
     run_dir = tmp_path / 'runs' / 'default'
     save_checkpoint(run_dir / 'sft.pt', reference, 'policy', {}, {})

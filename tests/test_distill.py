@@ -51,8 +51,7 @@ def test_the_divergences_match_hand_computations():
 def test_twelve_rounds_distil_pi_star_closing_most_of_the_gap(sft_policy, reward_model):
     tables = exact_tables(sft_policy, reward_model, sample_prompts(20, torch.Generator().manual_seed(3)),
                           PREFERENCES['first-digit'])
-    # 16 fresh prompts of 8 responses a round
-    schedule = {'iters': 12, 'prompts_per_iter': 16, 'samples_per_prompt': 8, 'prompt_pool': 0}
+    schedule = {'iters': 12, 'prompts_per_iter': 16, 'samples_per_prompt': 8}  # 16 prompts of 8 responses a round
     config = DistillConfig(**{**dict(METHODS['distill'].quick), **schedule})
     log_pi = all_response_log_probs(train_quickly('distill', sft_policy, reward_model, **schedule)[0], tables.prompts)
     teacher = METHODS['distill'].target(tables, config)

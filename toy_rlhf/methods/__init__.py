@@ -164,7 +164,7 @@ register(Method(
     needs_reward_model=True,
     summary='the student samples, the loss is the per-token KL to an exact teacher (pi* or best-of-n: BOND)',
     color='#c49c94', marker='p', target=distill.target, target_label='the exact teacher',
-    quick=(('iters', 3), ('prompts_per_iter', 4), ('samples_per_prompt', 16), ('prompt_pool', 8))))
+    quick=(('iters', 3), ('prompts_per_iter', 4), ('samples_per_prompt', 16))))
 register(Method(
     name='kto', label='KTO', config=kto.KTOConfig, train=kto.train_kto, needs_reward_model=False,
     summary="Kahneman-Tversky optimisation on the pairs taken apart (chosen desirable, rejected not), TRL's defaults",
