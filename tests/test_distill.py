@@ -7,13 +7,16 @@ import torch
 
 from conftest import train_quickly
 
+from mingpt.model import GPT
 from toy_rlhf.enumeration import all_responses, all_response_log_probs, all_response_rewards, prompt_pool
 from toy_rlhf.language import SEP, VOCAB_SIZE, sample_prompts
 from toy_rlhf.methods import METHODS
 from toy_rlhf.methods.distill import DistillConfig, divergence_loss, teacher_next_token
 from toy_rlhf.methods.rollout import rollout
 from toy_rlhf.optimal import exact_tables, expected_reward, objective, optimal_value, response_kl
+from toy_rlhf.policy import policy_config
 from toy_rlhf.preferences import PREFERENCES
+from toy_rlhf.reward import reward_model_config
 from toy_rlhf.training import TrainingError
 
 
@@ -64,9 +67,10 @@ def test_twelve_rounds_distil_pi_star_closing_most_of_the_gap(sft_policy, reward
     assert expected_reward(log_pi, tables.rewards).mean() > expected_reward(tables.log_ref, tables.rewards).mean()
 
 
-def test_a_prompt_pool_enumerates_each_of_its_prompts_once_and_every_round_draws_from_it(sft_policy, reward_model,
-                                                                                         monkeypatch):
+def test_a_prompt_pool_enumerates_each_of_its_prompts_once_and_every_round_draws_from_it(monkeypatch):
     import toy_rlhf.methods.distill as distill
+    torch.manual_seed(0)  # untrained models: what is counted does not depend on what they learned
+    sft_policy, reward_model = GPT(policy_config()), GPT(reward_model_config())
     scored, rolled_out = [], []
     def counting_rewards(model, prompts):
         scored.append(prompts)
@@ -76,13 +80,13 @@ def test_a_prompt_pool_enumerates_each_of_its_prompts_once_and_every_round_draws
         return rollout(actor, reference, reward, prompts, *args)
     monkeypatch.setattr(distill, 'all_response_rewards', counting_rewards)
     monkeypatch.setattr(distill, 'rollout', recording_rollout)
-    config = DistillConfig(iters=3, prompts_per_iter=4, samples_per_prompt=2, prompt_pool=6)
+    config = DistillConfig(iters=3, prompts_per_iter=2, samples_per_prompt=2, prompt_pool=4)
     distill.train_distill(sft_policy, reward_model, config, PREFERENCES['first-digit'], progress=False)
-    # The reward model's enumeration is the cost: once per pool prompt (fresh prompts: 4 every round).
-    assert [len(prompts) for prompts in scored] == [6]
+    # The reward model's enumeration is the cost: once per pool prompt (fresh prompts: 2 every round).
+    assert [len(prompts) for prompts in scored] == [4]
     seen = {tuple(prompt) for prompts in scored for prompt in prompts.tolist()}
     for prompts in rolled_out:  # each round's prompts (each repeated for its samples) had their teacher scored
-        assert {tuple(prompt) for prompt in prompts.tolist()} <= seen and len(prompts) == 8
+        assert {tuple(prompt) for prompt in prompts.tolist()} <= seen and len(prompts) == 4
 
 
 def test_a_pool_smaller_than_a_rounds_prompts_is_refused_before_anything_is_computed():
