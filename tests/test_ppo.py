@@ -80,7 +80,7 @@ def test_with_three_samples_per_prompt_each_is_baselined_by_the_mean_of_the_othe
 
 
 def test_the_learning_rate_is_constant_unless_annealed_and_then_falls_linearly_towards_zero():
-    constant, annealed = PPOConfig(learning_rate=4e-4, iters=4), PPOConfig(learning_rate=4e-4, iters=4, anneal_lr=True)
+    constant, annealed = PPOConfig(learning_rate=4e-4, iters=4, anneal_lr=False), PPOConfig(learning_rate=4e-4, iters=4)
     assert [annealed_learning_rate(constant, i) for i in range(4)] == [4e-4] * 4
     assert [annealed_learning_rate(annealed, i) for i in range(4)] == pytest.approx([4e-4, 3e-4, 2e-4, 1e-4])
 

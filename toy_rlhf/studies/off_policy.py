@@ -89,8 +89,8 @@ def off_policy(run_dir, plots_dir, config, progress=True):
     """Train every variant from one SFT policy and reward model, measure each one's exact distance
     from pi*; write the table and record into run_dir and the figure into plots_dir; returns the record."""
     preference = PREFERENCES['first-digit']
-    sft_policy, _ = train_sft(SFTConfig(iters=config.sft_iters, batch_size=config.sft_batch_size, seed=config.seed),
-                              progress=progress)
+    sft_policy, _ = train_sft(SFTConfig(iters=config.sft_iters, batch_size=config.sft_batch_size, targets='sampled',
+                                        seed=config.seed), progress=progress)
     reward_model, _ = train_reward(sft_policy, RewardConfig(seed=config.seed), progress=progress)
     tables = exact_tables(sft_policy, reward_model, sample_prompts(config.prompts, torch.Generator().manual_seed(
         config.seed + 1_000)), preference)
