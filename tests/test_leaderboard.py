@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from toy_rlhf import cli, run as run_module
+from toy_rlhf import cli, executors, run as run_module
 from toy_rlhf.studies import leaderboard as study
 from toy_rlhf.studies.leaderboard import LeaderboardConfig, leaderboard
 
@@ -73,6 +73,18 @@ def test_a_process_pool_gives_the_numbers_of_a_serial_run(serial, tmp_path):
     assert sorted(path.name for path in tmp_path.rglob('*.pt')) == sorted(path.name for path in serial.rglob('*.pt'))
     assert numbers(tmp_path) == numbers(serial)
     assert {row['label'] for row in numbers(serial)} == {'PPO beta=1', 'DPO beta=1'}
+
+
+def state_left_by_the_parent():
+    return getattr(executors, 'PARENT_STATE', None)
+
+
+def test_the_process_pools_workers_are_spawned_not_forked(monkeypatch):
+    # A forked worker inherits the driver's memory, autograd's device threads included, and torch
+    # refuses to run autograd in it on any machine with a GPU; a spawned one starts clean.
+    monkeypatch.setattr(executors, 'PARENT_STATE', 'set after import', raising=False)
+    with executors.executor(2) as pool:
+        assert pool.submit(state_left_by_the_parent).result() is None
 
 
 def test_a_second_call_with_nothing_changed_trains_and_measures_nothing(serial, monkeypatch):

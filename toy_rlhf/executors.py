@@ -9,6 +9,7 @@ dask is an optional extra (pip install -e ".[dask]"): only --executor dask impor
 """
 import concurrent.futures
 import contextlib
+import multiprocessing
 
 DASK_MISSING = '--executor dask needs dask and distributed: pip install -e ".[dask]"'
 TRIM_SETTING = 'distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_'  # None: not set in the workers
@@ -30,7 +31,10 @@ def executor(workers=1, kind='process', address='local'):
     if workers == 1:
         yield None
         return
-    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+    # Spawned, not forked: a fork of a process that has run autograd fails wherever torch has started
+    # its device threads (any machine with a GPU: "Unable to handle autograd's threading in combination
+    # with fork-based multiprocessing"), and the driver has trained the SFT policy by then.
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn')) as pool:
         yield pool
 
 
