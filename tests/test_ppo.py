@@ -11,7 +11,8 @@ from toy_rlhf.metrics import evaluate_policy
 from toy_rlhf.optimal import evaluate_against_optimum
 from toy_rlhf.methods.advantages import (clipped_surrogate_loss, gae_advantages, leave_one_out_advantages,
                                          per_token_rewards, returns_to_go, whiten)
-from toy_rlhf.methods.ppo import PPOConfig, annealed_learning_rate, clipped_value_loss, train_ppo
+from toy_rlhf.methods.ppo import PPOConfig, clipped_value_loss, train_ppo
+from toy_rlhf.methods.rollout import annealed_learning_rate
 from toy_rlhf.preferences import PREFERENCES
 
 

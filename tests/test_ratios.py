@@ -11,6 +11,7 @@ from mingpt.model import GPT
 from toy_rlhf.language import join
 from toy_rlhf.methods.grpo import GRPOConfig, train_grpo
 from toy_rlhf.methods.ppo import PPOConfig, train_ppo
+from toy_rlhf.methods.rloo import RLOOConfig, train_rloo
 from toy_rlhf.methods.ratios import (CISPO_BOUNDS, RATIOS, SAMPLER_BANDS, cispo_objective, gmpo_objective,
                                      gspo_objective, policy_loss, ppo_objective, sapo_objective, sampler_weights)
 from toy_rlhf.methods.rollout import Sampler, sampler_log_probs
@@ -158,15 +159,17 @@ def test_the_sampler_rounds_tempers_and_cuts_the_logits_and_keeps_its_exact_log_
     assert Sampler(PPOConfig()).on_policy and not sampler.on_policy
 
 
-@pytest.mark.parametrize('train, settings', [
-    (train_ppo, dict(staleness=1, sampler_temperature=1.3, sampler_correction='tis', ratio='gmpo')),
-    (train_grpo, dict(sampler_top_k=5, sampler_precision='bf16', sampler_correction='mis', correction_level='sequence',
-                      ratio='gspo'))])
-def test_an_off_policy_run_trains_on_the_samplers_responses_and_logs_their_weights(train, settings):
+@pytest.mark.parametrize('train, config, settings', [
+    (train_ppo, PPOConfig, dict(staleness=1, sampler_temperature=1.3, sampler_correction='tis', ratio='gmpo')),
+    (train_grpo, GRPOConfig, dict(sampler_top_k=5, sampler_precision='bf16', sampler_correction='mis',
+                                  correction_level='sequence', ratio='gspo')),
+    (train_rloo, RLOOConfig, dict(staleness=1, sampler_temperature=1.3, sampler_correction='icepop',
+                                  correction_band='openrlhf'))])
+def test_an_off_policy_run_trains_on_the_samplers_responses_and_logs_their_weights(train, config, settings):
     # An untrained policy and reward model: only the plumbing is checked, in two short rounds.
     torch.manual_seed(0)
     policy = GPT(policy_config())
-    config = replace((PPOConfig if train is train_ppo else GRPOConfig)(), iters=2, prompts_per_iter=8, **settings)
+    config = replace(config(), iters=2, prompts_per_iter=8, **settings)
     _, history = train(policy, initial_reward_model(policy), config, PREFERENCES['first-digit'], progress=False)
     sizes = [row['sampler/effective_sample_size'] for row in history]
     assert all(0 < size < 1 for size in sizes) and all(math.isfinite(row['policy/loss']) for row in history)

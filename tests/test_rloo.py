@@ -9,6 +9,7 @@ import torch
 from conftest import assert_a_quick_run_lands_near_pi_star
 from toy_rlhf.methods import METHODS
 from toy_rlhf.methods.advantages import leave_one_out_advantages
+from toy_rlhf.methods.ratios import sampler_weights
 from toy_rlhf.methods.rloo import RLOOConfig, sequence_rewards, sequence_surrogate_loss
 
 
@@ -45,6 +46,20 @@ def sequence_surrogate(clip_epsilon):
                                                              clip_epsilon)
     loss.backward()
     return loss.item(), clip_fraction.item(), approx_kl.item(), logp_new.grad
+
+
+def test_the_samplers_weight_multiplies_each_responses_term_and_is_one_on_policy():
+    logp_new = torch.log(rows([1.1, 1.1], [1.25, 0.8])).requires_grad_(True)
+    loss, _, _ = sequence_surrogate_loss(logp_new, torch.zeros(2, 2), rows(2.0, -1.0), 0.2, weights=rows(0.5, 2.0))
+    loss.backward()
+    # The clipped terms of test_the_clip_is_on_the_ratio_of_the_whole_response, 2.4 and -1, weighed 0.5 and 2.
+    assert math.isclose(loss.item(), -(0.5 * 2.4 - 2.0 * 1.0) / 2, rel_tol=1e-5)
+    assert torch.allclose(logp_new.grad, rows([0.0, 0.0], [1.0, 1.0]))
+    # On-policy (mu = pi_old) every correction's sequence weight is exactly 1: the unweighted loss.
+    logp_old = torch.log(rows([0.3, 0.6], [0.2, 0.9]))
+    for correction in ('tis', 'mis', 'icepop'):
+        weights = sampler_weights(logp_old, logp_old.clone(), correction, 'sequence', 'openrlhf')[:, 0]
+        assert torch.equal(weights, torch.ones(2))
 
 
 def test_the_clip_is_on_the_ratio_of_the_whole_response():

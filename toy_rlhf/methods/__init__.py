@@ -147,7 +147,9 @@ register(Method(
     needs_reward_model=True,
     summary='DPO on pairs the current policy samples, labelled by the reward model (Bradley-Terry or --labels hard)',
     color='#17becf', marker='P',
-    quick=(('iters', 15), ('prompts_per_iter', 64))))
+    # A constant step, as PPO's quick schedule: 15 rounds annealed raise the tests' preference rate
+    # from 0.30 to 0.61, constant to 0.83-0.85.
+    quick=(('iters', 15), ('prompts_per_iter', 64), ('anneal_lr', False))))
 register(Method(
     name='ipo', label='IPO', config=ipo.IPOConfig, train=ipo.train_ipo, needs_reward_model=False,
     summary='identity preference optimisation: a squared loss on the labelled pairs, with a finite optimum',
@@ -182,4 +184,6 @@ register(Method(
     name='sppo', label='SPPO', config=sppo.SPPOConfig, train=sppo.train_sppo, needs_reward_model=True,
     summary='self-play preference optimisation: each iterate regressed on multiplicative weights of BT win rates',
     color='#637939', marker='<', target=sppo.target, target_label='the exact multiplicative-weights iterate',
-    quick=(('iters', 12), ('rounds_per_iterate', 4))))
+    # Four rounds per iterate fit each iterate from the tests' SFT policy (sampled targets, 250 steps)
+    # only at the larger step (tests/test_nash.py).
+    quick=(('iters', 12), ('rounds_per_iterate', 4), ('learning_rate', 1e-3))))

@@ -34,7 +34,8 @@ from toy_rlhf.enumeration import all_response_rewards, prompt_pool, step_tables
 from toy_rlhf.flags import NonNegativeInt, PositiveFloat, PositiveInt, Probability
 from toy_rlhf.language import DIGITS, PROMPT_LENGTH, RESPONSE_LENGTH, SEP
 from toy_rlhf.methods.best_of_n import best_of_n_log_probs
-from toy_rlhf.methods.rollout import (RolloutConfig, TrainingLog, mean_rows, minibatches, rollout, start_training)
+from toy_rlhf.methods.rollout import (RolloutConfig, TrainingLog, mean_rows, minibatches, rollout, set_learning_rate,
+                                      start_training)
 from toy_rlhf.optimal import digit_distribution, optimal_log_probs
 from toy_rlhf.policy import next_token_log_probs
 from toy_rlhf.training import check_finite, gradient_step
@@ -131,6 +132,8 @@ def train_distill(sft_policy, reward_model, config, preference, progress=True, m
                      shown=('objective/scores', 'objective/kl_full', 'gold/preference_rate')) as log:
         pool = prompt_pool(reference, rewards_of, config, generator)
         for iteration in range(config.iters):
+            # 0. learning rate of this round: decayed towards 0 (anneal_lr), or constant
+            set_learning_rate((optimizer,), config, iteration)
             # 1. rollout: P prompts (fresh, or from the pool) x K samples from the student
             prompts, log_ref, rewards = step_tables(reference, rewards_of, config, generator, pool)  # (P, 4), (P, 10^4) x 2
             batch = rollout(student, reference, reward_model, prompts.repeat_interleave(config.samples_per_prompt, 0),

@@ -41,7 +41,7 @@ from toy_rlhf.methods.advantages import group_normalised_advantages
 from toy_rlhf.methods.entropy import EntropyBonus, EntropyConfig
 from toy_rlhf.methods.ratios import effective_sample_size, policy_loss, weighted_mean
 from toy_rlhf.methods.rollout import (OffPolicyConfig, RolloutConfig, Sampler, TrainingLog, mean_rows, minibatches,
-                                      prompt_groups, rollout, start_training)
+                                      prompt_groups, rollout, set_learning_rate, start_training)
 from toy_rlhf.optimal import digit_distribution, optimal_log_probs
 from toy_rlhf.policy import token_log_probs_from, next_token_log_probs
 from toy_rlhf.training import check_finite, gradient_step
@@ -94,6 +94,8 @@ def train_grpo(sft_policy, reward_model, config, preference, progress=True, meas
     with TrainingLog(config.iters, f'GRPO beta={config.beta:g}', progress,
                      shown=('objective/scores', 'objective/kl_full', 'gold/preference_rate')) as log:
         for iteration in range(config.iters):
+            # 0. learning rate of this round: decayed towards 0 (anneal_lr), or constant
+            set_learning_rate((optimizer,), config, iteration)
             # 1. rollout: P prompts x K samples from the sampler, everything computed once with the actor
             batch = rollout(actor, reference, reward_model, prompt_groups(config, generator), generator,
                             preference, sampler)

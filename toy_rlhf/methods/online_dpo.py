@@ -47,7 +47,7 @@ from toy_rlhf.flags import PositiveFloat, PositiveInt, Seed
 from toy_rlhf.language import PROMPT_LENGTH
 from toy_rlhf.methods.dpo import dpo_loss, sequence_log_probs
 from toy_rlhf.methods.rollout import (TrainingLog, mean_rows, minibatches, prompt_groups, rollout,
-                                      start_training)
+                                      set_learning_rate, start_training)
 from toy_rlhf.training import check_finite, gradient_step
 
 
@@ -66,6 +66,7 @@ class OnlineDPOConfig:
     epochs: PositiveInt = 1  # passes of the update over each round's pairs
     minibatches: PositiveInt = 2  # minibatches (gradient steps) per pass
     learning_rate: PositiveFloat = 3e-4  # Adam step size
+    anneal_lr: bool = True  # decay the learning rate linearly to 0 over the rounds, as RolloutConfig's
     max_grad_norm: PositiveFloat = 1.0  # gradient-norm clip
     seed: Seed = 0  # random seed: the same seed gives the same run
 
@@ -107,6 +108,8 @@ def train_online_dpo(sft_policy, reward_model, config, preference, progress=True
     with TrainingLog(config.iters, f'online DPO beta={config.beta:g}', progress,
                      shown=('loss', 'rewards/margins', 'gold/preference_rate')) as log:
         for iteration in range(config.iters):
+            # 0. learning rate of this round: decayed towards 0 (anneal_lr), or constant
+            set_learning_rate((optimizer,), config, iteration)
             # 1. rollout: two responses per prompt from the current policy, adjacent
             batch = rollout(actor, reference, reward_model, prompt_groups(config, generator), generator,
                             preference)

@@ -29,7 +29,7 @@ from toy_rlhf.methods.advantages import (gae_advantages, leave_one_out_advantage
 from toy_rlhf.methods.entropy import EntropyBonus, EntropyConfig
 from toy_rlhf.methods.ratios import effective_sample_size, policy_loss
 from toy_rlhf.methods.rollout import (OffPolicyConfig, Sampler, TrainingLog, mean_rows, minibatches, prompt_groups,
-                                      rollout, start_training)
+                                      rollout, set_learning_rate, start_training)
 from toy_rlhf.methods.warm_start import warm_start
 from toy_rlhf.policy import token_log_probs_from, next_token_log_probs, started_from
 from toy_rlhf.training import check_finite, gradient_step
@@ -40,10 +40,6 @@ class PPOConfig(EntropyConfig, OffPolicyConfig):
     critic: bool = False  # learn a value function (GAE) instead of the leave-one-out baseline
     gae_lambda: Probability = 0.95  # GAE lambda (critic only); gamma is 1
     value_clip: PositiveFloat = 0.2  # clip of the value update (critic only)
-    # CleanRL's default, and ours: with a constant rate the last rounds keep jumping about pi* (from
-    # the default SFT policy 50 rounds closed 97.0-98.1% of the gap at beta=1 on first-digit, seeds
-    # 0-2); decayed to 0 they settle on it (99.2-99.8%) (docs/results.md, "SFT on fewer sentences").
-    anneal_lr: bool = True  # decay the learning rate linearly to 0 over the rounds (off: constant)
     # Rejection-sampling fine-tuning before the first round (warm_start.py); the KL penalty stays to
     # the SFT policy. Its reference samples count in the log's `samples`. On last-digit (seed 0) 32
     # passes closed 3 points more of the gap to pi* than 16 did, and 64 no more than 32 (docs/results.md).
@@ -58,12 +54,6 @@ class PPOConfig(EntropyConfig, OffPolicyConfig):
 # ---------------------------------------------------------------------------------------------
 # The math, as pure functions (unit-tested with hand-computed values); the advantage estimators
 # and the clipped surrogate are shared with the other methods (toy_rlhf/methods/advantages.py).
-
-def annealed_learning_rate(config, iteration):
-    """The learning rate of round `iteration` (0-based): config.learning_rate, or with anneal_lr
-    that times 1 - iteration / iters, falling linearly towards 0 over the run."""
-    return config.learning_rate * (1 - iteration / config.iters) if config.anneal_lr else config.learning_rate
-
 
 def clipped_value_loss(values, values_old, returns, value_clip):
     """Half the squared error of the value, pessimistic over a clipped update as in PPO2:
@@ -109,9 +99,7 @@ def train_ppo(sft_policy, reward_model, config, preference, progress=True, measu
             log.samples = warm_start(actor, reference, reward_model, config, generator)
         for iteration in range(config.iters):
             # 0. learning rate of this round: decayed towards 0 (anneal_lr), or constant (critic's too)
-            for adam in filter(None, (optimizer, critic_optimizer)):
-                for group in adam.param_groups:
-                    group['lr'] = annealed_learning_rate(config, iteration)
+            set_learning_rate((optimizer, critic_optimizer), config, iteration)
             # 1. rollout: P prompts x K samples from the sampler, everything computed once with the actor
             batch = rollout(actor, reference, reward_model, prompt_groups(config, generator), generator,
                             preference, sampler)

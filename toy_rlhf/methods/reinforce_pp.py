@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from toy_rlhf.flags import PositiveInt
 from toy_rlhf.methods.ppo import update
 from toy_rlhf.methods.advantages import per_token_rewards, returns_to_go, whiten
-from toy_rlhf.methods.rollout import OffPolicyConfig, Sampler, TrainingLog, prompt_groups, rollout, start_training
+from toy_rlhf.methods.rollout import (OffPolicyConfig, Sampler, TrainingLog, prompt_groups, rollout, set_learning_rate,
+                                      start_training)
 from toy_rlhf.training import check_finite
 
 
@@ -48,6 +49,8 @@ def train_reinforce_pp(sft_policy, reward_model, config, preference, progress=Tr
     with TrainingLog(config.iters, f'REINFORCE++ beta={config.beta:g}', progress,
                      shown=('objective/scores', 'objective/kl_full', 'gold/preference_rate')) as log:
         for iteration in range(config.iters):
+            # 0. learning rate of this round: decayed towards 0 (anneal_lr), or constant
+            set_learning_rate((optimizer,), config, iteration)
             # 1. rollout from the sampler, everything computed once with the actor
             batch = rollout(actor, reference, reward_model, prompt_groups(config, generator), generator,
                             preference, sampler)

@@ -16,6 +16,11 @@ weight of a one-action bandit is the ratio of the action's probabilities, and th
 to the whole response. (Clipping each token's ratio is PPO's surrogate, which REINFORCE++ keeps; here
 it closed the same share of the gap to J*, see RLOOConfig.) --no-clip uses the ratio unclipped.
 
+Off-policy on purpose (rollout.SamplerConfig): a sampler mu that is not the rollout policy writes the
+responses, and a sampler correction weighs each response's term by f(w), w = pi_old(y) / mu(y) of the
+whole response (ratios.sampler_weights at sequence level: the response is the one action). The
+per-token ratio variants of PPO (GSPO, CISPO, ...) are not RLOO's: its ratio is the sequence's.
+
 Like TRL (normalize_advantages=False) the advantages are not whitened by default. TRL's defaults of
 beta 0.05, learning rate 1e-6 and 2 responses per prompt are for large language models and not taken:
 beta is the project's common 1, 4 responses per prompt as PPO's groups (the paper used 2 and 4), and
@@ -26,16 +31,17 @@ from dataclasses import dataclass
 
 
 from toy_rlhf.flags import PositiveFloat
-from toy_rlhf.methods.advantages import clipped_surrogate_loss, leave_one_out_advantages, per_token_rewards, whiten
+from toy_rlhf.methods.advantages import leave_one_out_advantages, per_token_rewards, whiten
 from toy_rlhf.methods.entropy import EntropyBonus, EntropyConfig
-from toy_rlhf.methods.rollout import (RolloutConfig, TrainingLog, mean_rows, minibatches, prompt_groups, rollout,
-                                      start_training)
+from toy_rlhf.methods.ratios import effective_sample_size, ppo_objective, sampler_weights, weighted_mean
+from toy_rlhf.methods.rollout import (SamplerConfig, Sampler, TrainingLog, mean_rows, minibatches, prompt_groups,
+                                      rollout, set_learning_rate, start_training)
 from toy_rlhf.policy import token_log_probs_from, next_token_log_probs
 from toy_rlhf.training import check_finite, gradient_step
 
 
 @dataclass
-class RLOOConfig(EntropyConfig, RolloutConfig):
+class RLOOConfig(EntropyConfig, SamplerConfig):
     # PPO's: every gradient of the sequence loss was above the norm clip, so the steps are as large as
     # PPO's. 1e-4 closed as much of the gap but learned the preference more slowly; 1e-3 closed less,
     # spending KL on digits 2-4.
@@ -58,11 +64,16 @@ def sequence_rewards(score, logp_old, logp_ref, beta):
     return per_token_rewards(score, logp_old, logp_ref, beta).sum(dim=1)
 
 
-def sequence_surrogate_loss(logp_new, logp_old, advantages, clip_epsilon):
+def sequence_surrogate_loss(logp_new, logp_old, advantages, clip_epsilon, weights=None):
     """The clipped surrogate of whole responses: token log-probs (B, T) summed into the sequence's,
-    advantages (B,). clip_epsilon = inf leaves rho * A unclipped. Returns the loss, the fraction of
-    clipped responses and the approximate KL(old || new) of the sequences."""
-    return clipped_surrogate_loss(logp_new.sum(dim=1), logp_old.sum(dim=1), advantages, clip_epsilon)
+    advantages (B,), weights (B,) the sampler's weight of each response (None: on-policy).
+    clip_epsilon = inf leaves rho * A unclipped. Returns the loss, the fraction of clipped responses
+    and the approximate KL(old || new) of the sequences."""
+    log_ratio = (logp_new - logp_old).sum(dim=1)  # (B,): log rho of each response
+    objective, clipped = ppo_objective(logp_new.sum(dim=1), logp_old.sum(dim=1), advantages, clip_epsilon,
+                                       clip_epsilon)
+    approx_kl = (log_ratio.exp() - 1) - log_ratio
+    return weighted_mean(-objective, weights), clipped.float().mean().detach(), approx_kl.mean().detach()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,21 +86,24 @@ def train_rloo(sft_policy, reward_model, config, preference, progress=True, meas
     what measure(rounds done, actor) returns after each round (as train_ppo's).
     """
     actor, reference, optimizer, generator = start_training(sft_policy, config)
+    sampler = Sampler(config)  # the actor itself unless config makes the rollout off-policy
     bonus = EntropyBonus(config)  # its alpha, fixed or adapted step by step
 
     with TrainingLog(config.iters, f'RLOO beta={config.beta:g}', progress,
                      shown=('objective/scores', 'objective/kl_full', 'gold/preference_rate')) as log:
         for iteration in range(config.iters):
-            # 1. rollout: P prompts x K samples, everything computed once with the rollout policy
+            # 0. learning rate of this round: decayed towards 0 (anneal_lr), or constant
+            set_learning_rate((optimizer,), config, iteration)
+            # 1. rollout: P prompts x K samples from the sampler, everything computed once with the actor
             batch = rollout(actor, reference, reward_model, prompt_groups(config, generator), generator,
-                            preference)
+                            preference, sampler)
             # 2. rewards: one per response, the score minus the k1 KL of the whole sequence
             batch['rewards'] = sequence_rewards(batch['score'], batch['logp_old'], batch['logp_ref'], config.beta)
             check_finite('rloo', iteration, rewards=batch['rewards'])
             # 3. advantages: each reward minus the mean of the other rewards of its prompt
             advantages = leave_one_out_advantages(batch['rewards'], config.samples_per_prompt)
             batch['advantages'] = whiten(advantages) if config.normalize_advantages else advantages
-            # 4. update: the clipped surrogate of the sequences
+            # 4. update: the clipped surrogate of the sequences, each weighed by its sampler correction
             stats = update(actor, optimizer, batch, config, bonus)
             check_finite('rloo', iteration, loss=stats['policy/loss'])
             log.end_round(iteration, batch, config.beta, stats, actor, measure)
@@ -98,18 +112,26 @@ def train_rloo(sft_policy, reward_model, config, preference, progress=True, meas
 
 def update(actor, optimizer, batch, config, bonus):
     """config.epochs passes of minibatch steps on the sequence surrogate; returns the mean loss,
-    fraction of clipped responses and approximate sequence KL(old || new)."""
+    fraction of clipped responses and approximate sequence KL(old || new) (and the sampler weights'
+    effective sample size, with a correction)."""
     clip_epsilon = config.clip_epsilon if config.clip else math.inf
     actor.train()
     steps = []
     for index in minibatches(len(batch['sentences']), config):
         log_probs = next_token_log_probs(actor, batch['sentences'][index])  # (b, 4, V): next-token log-probs
         logp_new = token_log_probs_from(log_probs, batch['sentences'][index])  # (b, 4): the sampled tokens'
+        # the sampler's weight pi_old(y) / mu(y) of each whole response, corrected; None without a correction
+        weights = sampler_weights(batch['logp_old'][index], batch['logp_sampler'][index], config.sampler_correction,
+                                  'sequence', config.correction_band)
+        weights = None if weights is None else weights[:, 0]
         loss, clip_fraction, approx_kl = sequence_surrogate_loss(
-            logp_new, batch['logp_old'][index], batch['advantages'][index], clip_epsilon)
+            logp_new, batch['logp_old'][index], batch['advantages'][index], clip_epsilon, weights)
         loss = loss + bonus.loss(log_probs)  # the entropy bonus, per token as TRL (entropy.py)
         gradient_step(optimizer, loss, actor, config.max_grad_norm)
-        steps.append({'policy/loss': loss.item(), 'policy/clipfrac': clip_fraction.item(),
-                      'policy/approxkl': approx_kl.item(), **bonus.logged()})
+        step = {'policy/loss': loss.item(), 'policy/clipfrac': clip_fraction.item(),
+                'policy/approxkl': approx_kl.item(), **bonus.logged()}
+        if weights is not None:
+            step['sampler/effective_sample_size'] = effective_sample_size(weights)
+        steps.append(step)
     actor.eval()
     return mean_rows(steps)
