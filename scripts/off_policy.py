@@ -1,4 +1,4 @@
-"""PPO off-policy on purpose, against pi*: off_policy.png and runs/off_policy/off_policy.md."""
+"""PPO, RLOO and GRPO off-policy on purpose, against pi*: off_policy.png and runs/<run>/off_policy.md."""
 from toy_rlhf.entry import run_command
 
 if __name__ == '__main__':

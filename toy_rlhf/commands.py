@@ -23,7 +23,7 @@ from toy_rlhf.sft import SFTConfig
 from toy_rlhf.studies.against_optimum import checkpoint_row
 from toy_rlhf.studies.collapse import CollapseConfig, collapse
 from toy_rlhf.studies.tau import TauConfig, tau_study
-from toy_rlhf.studies.off_policy import KNOBS, OffPolicyStudyConfig, off_policy
+from toy_rlhf.studies.off_policy import KNOBS, STUDIED_METHODS, OffPolicyStudyConfig, off_policy
 from toy_rlhf.studies.credit import CreditConfig, credit_assignment
 from toy_rlhf.studies.leaderboard import LeaderboardConfig, leaderboard
 from toy_rlhf.studies.main import RunAllConfig, run_from_flags
@@ -123,10 +123,13 @@ def add_off_policy_arguments(parser):
 
 def run_off_policy(args):
     config = config_from_args(args, OffPolicyStudyConfig)
-    unknown = [knob for knob in config.knobs if knob not in [entry[0] for entry in KNOBS]]
-    if unknown or not config.knobs:
-        raise UsageError(f'--knobs: {"unknown knob " + repr(unknown[0]) if unknown else "none given"}; '
-                         f'knobs: {", ".join(entry[0] for entry in KNOBS)}')
+    for flag, given, known in (('--knobs', config.knobs, [entry[0] for entry in KNOBS]),
+                               ('--methods', config.methods, STUDIED_METHODS)):
+        unknown = [name for name in given if name not in known]
+        if unknown or not given:
+            raise UsageError(f'{flag}: {"unsupported " + repr(unknown[0]) if unknown else "none given"}; '
+                             f'supported: {", ".join(known)}')
+    check_betas('--seeds', config.seeds)
     off_policy(args.run_dir, args.plots_dir, config, args.progress)
 
 
@@ -340,10 +343,13 @@ def study_commands():
                                "split by the exact optimiser's checkpoints found in each cell's folder (the ceiling).",
                                lambda parser: add_config_flags(parser, LeaderboardConfig), run_leaderboard,
                                default_run='leaderboard'),
-        'off-policy': Command('off_policy.py', 'PPO off-policy on purpose: each ratio variant and sampler correction against pi*',
-                              'Trains its own short SFT policy and reward model, then PPO as epochs, staleness and the '
-                              "sampler's temperature grow; draws off_policy.png, writes runs/RUN/off_policy.md and .json "
-                              '(RUN: off_policy).', add_off_policy_arguments, run_off_policy, default_run='off_policy'),
+        'off-policy': Command('off_policy.py', 'PPO, RLOO and GRPO off-policy on purpose: ratio variants and sampler '
+                              'corrections against pi*',
+                              "From the run's SFT policy and reward model (an empty folder gets the default ones), each "
+                              "method on every seed as epochs, staleness and the sampler's temperature grow, each "
+                              'policy measured exactly; checkpoints reused; draws off_policy.png, writes '
+                              'runs/RUN/off_policy.md and .json (RUN: off_policy).', add_off_policy_arguments,
+                              run_off_policy, default_run='off_policy'),
         'overopt': Command('overoptimisation.py', 'reward over-optimisation: proxy against gold along sqrt(KL), exactly',
                            "Proxy reward models on --pairs labelled pairs (and --gold-margin label noise) from the run's "
                            'SFT policy; pi*_beta, best-of-n and snapshots of an online method (--method, PPO by default) '

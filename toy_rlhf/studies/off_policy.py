@@ -1,118 +1,163 @@
-"""Off-policy on purpose: how far PPO lands from its fixed point pi* as the data goes stale, measured
-exactly, for each ratio variant and each sampler correction (ratios.py, issue 23 section 1).
+"""Off-policy on purpose: how far PPO, RLOO and GRPO land from their fixed point pi* as the data goes
+stale, measured exactly, for each ratio variant and each sampler correction (ratios.py, issue 23).
 
-Three knobs turn off-policyness up, one at a time from on-policy PPO (beta 1, the quick schedule):
+Three knobs turn off-policyness up, one at a time from each method's on-policy run (at --beta, the
+registry's quick schedule of the method, on every seed):
 - epochs over each rollout (1, 4, 8): the trainer's own ratio pi / pi_old leaves 1; what bounds it is
-  the ratio variant (ppo, gspo, gmpo, cispo with TRL's default and recommended bounds, sapo). The
-  sampler is the policy, so a sampler correction has nothing to do here.
+  the ratio variant, for PPO and GRPO (ppo, gspo, gmpo, cispo with TRL's default and recommended
+  bounds, sapo), RLOO's own clip of the whole response's ratio. The sampler is the policy, so a
+  sampler correction has nothing to do here.
 - staleness (0, 2, 4 rounds) and the sampler's temperature (1, 1.3, 1.6): the responses come from mu,
   not pi_old, and the trainer treats them as pi_old's unless a correction (tis, mis, icepop) weighs
-  them by pi_old / mu.
-Each run's distance from the fixed point is the exact KL(pi || pi*) of whole responses over all 10^4
-responses of held-out prompts, averaged over prompts. Writes off_policy.md and off_policy.json into
-the run folder and off_policy.png into its plots: `toy-rlhf off-policy` (scripts/off_policy.py), into
-runs/off_policy by default. It trains its own short SFT policy and reward model (the test suite's
-schedules), so every run of it starts from the same inputs at a seed.
+  them by pi_old / mu: per token or per response for PPO and GRPO, per response for RLOO (its one
+  action is the response).
+GRPO trains with the two fixes that make its fixed point pi* (the registry's preset), so that every
+method is measured against the same pi*: each run's distance is the exact KL(pi || pi*) of whole
+responses over all 10^4 responses of held-out prompts, averaged over prompts; each cell's table entry
+is the median over seeds and its [lowest, highest].
+
+On a Run: an empty folder gets the default SFT policy and reward model of --seed, an existing run is
+reused (`toy-rlhf off-policy --run-dir runs/default --workers 2`), and every trained policy is a
+checkpoint of the run folder, reused by a rerun. Writes off_policy.md and off_policy.json into the run
+folder and off_policy.png into its plots (scripts/off_policy.py).
 """
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
 
-from toy_rlhf.enumeration import all_response_log_probs
 from toy_rlhf import figures
+from toy_rlhf.executors import executor
 from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, PositiveInt, Seed
 from toy_rlhf.language import sample_prompts
-from toy_rlhf.methods.ppo import PPOConfig, train_ppo
+from toy_rlhf.methods import METHODS
 from toy_rlhf.methods.rollout import Sampler
-from toy_rlhf.optimal import exact_tables, optimal_log_probs, response_kl
-from toy_rlhf.preferences import PREFERENCES
-from toy_rlhf.reward import RewardConfig, train_reward
-from toy_rlhf.sft import SFTConfig, train_sft
+from toy_rlhf.optimal import optimal_log_probs, response_kl
+from toy_rlhf.run import Run, Variant
+from toy_rlhf.studies.leaderboard import spread
 from toy_rlhf.studies.output import markdown_table, write_study
+
+# The methods whose sampler need not be the policy (rollout.SamplerConfig).
+STUDIED_METHODS = ('ppo', 'rloo', 'grpo')
 
 
 @dataclass
 class OffPolicyStudyConfig:
+    methods: tuple[str, ...] = STUDIED_METHODS  # the methods whose knobs are turned (ppo, rloo, grpo)
+    knobs: tuple[str, ...] = ('epochs', 'staleness', 'temperature')  # which knobs to turn (epochs, staleness, temperature)
+    seeds: tuple[Seed, ...] = (0, 1, 2)  # every cell is trained on each: the table shows the median and range
     beta: NonNegativeFloat = 1.0  # the KL strength of every run
-    iters: PositiveInt = 25  # rounds of each PPO run (the registry's quick schedule)
-    prompts_per_iter: PositiveInt = 64  # prompts per rollout (the quick schedule's)
+    iters_scale: PositiveInt = 1  # each method's quick schedule's rounds times this (longer: nearer convergence)
     prompts: ExactPrompts = 50  # held-out prompts of the exact distance (each: all 10^4 responses)
-    seed: Seed = 0  # random seed of the models, every run and the held-out prompts
-    knobs: tuple[str, ...] = ('epochs', 'staleness', 'temperature')  # which knobs to turn (KNOBS)
-    noise_seeds: tuple[Seed, ...] = (1, 2)  # on-policy PPO again at these seeds: how much a seed alone moves
-    # The SFT policy and reward model: the test suite's short schedules (tests/conftest.py).
-    sft_iters: PositiveInt = 250  # SFT steps
-    sft_batch_size: PositiveInt = 128  # SFT batch size
+    seed: Seed = 0  # the SFT policy and reward model of an empty run folder, and the held-out prompts
+    workers: PositiveInt = 1  # training processes at once (one thread each; the same numbers as one after another)
 
 
 EPOCHS = (1, 4, 8)
 STALENESS = (0, 2, 4)
 TEMPERATURES = (1.0, 1.3, 1.6)
-# (label, PPOConfig overrides): the trainer's ratio, for the epochs knob.
+# (label, config overrides): the trainer's ratio, for the epochs knob (a per-token loss: PPO, GRPO).
 RATIO_VARIANTS = (('ppo', {}), ('gspo', {'ratio': 'gspo'}), ('gmpo', {'ratio': 'gmpo'}),
                   ('cispo (trl-5)', {'ratio': 'cispo', 'cispo_bounds': 'trl-5'}),
                   ('cispo (trl default)', {'ratio': 'cispo', 'cispo_bounds': 'trl'}),
                   ('sapo', {'ratio': 'sapo'}))
-# (label, overrides): the sampler's correction, for the staleness and temperature knobs.
+# RLOO's epochs: it has one ratio, the whole response's, clipped.
+SEQUENCE_CLIP = (('sequence clip', {}),)
+# (label, overrides): the sampler's correction, for the staleness and temperature knobs. RLOO's config
+# has no correction_level (its weight is the whole response's): it takes those without one.
 CORRECTIONS = (('none', {}), ('tis', {'sampler_correction': 'tis'}), ('mis', {'sampler_correction': 'mis'}),
                ('icepop', {'sampler_correction': 'icepop', 'correction_band': 'openrlhf'}),
                ('tis (sequence)', {'sampler_correction': 'tis', 'correction_level': 'sequence'}))
+# (knob, its values, its variants, the config field it sets); each knob's first value is on-policy.
 KNOBS = (('epochs', EPOCHS, RATIO_VARIANTS, 'epochs'), ('staleness', STALENESS, CORRECTIONS, 'staleness'),
          ('temperature', TEMPERATURES, CORRECTIONS, 'sampler_temperature'))
+# The fixes that make GRPO's fixed point pi* (the registry's preset): no division by the group's std
+# (Dr. GRPO) and the k3 term times the ratio to the rollout policy (DeepSeek-V3.2's bias correction).
+FIXED_POINT_SETTINGS = {'grpo': (('scale_rewards', 'none'), ('kl', 'bias-corrected-k3'))}
 
 
-def variants(config):
-    """(knob, value, label, PPOConfig) of every run: each knob's values crossed with its variants."""
-    base = PPOConfig(beta=config.beta, iters=config.iters, prompts_per_iter=config.prompts_per_iter, seed=config.seed)
-    return [(knob, value, label, replace(base, **{field: value}, **overrides))
-            for knob, values, kinds, field in KNOBS if knob in config.knobs
-            for value in values for label, overrides in kinds]
+# ---------------------------------------------------------------------------------------------
+# The cells: (method, knob, value, variant label, seed), each a Variant of the run.
+
+def quick_schedules(methods):
+    """{method: ((field, value), ...)}: each method's quick schedule (Method.quick) as the registry gives it."""
+    return {name: METHODS[name].quick for name in methods}
 
 
-def on_policy_twin(ppo_config):
-    """The same run without a sampler correction where the sampler is the policy (its weights are
-    all exactly 1 there: the same numbers), so that such a run is trained once."""
-    if not Sampler(ppo_config).on_policy:
-        return ppo_config
-    return replace(ppo_config, sampler_correction='none', correction_level='token', correction_band='verl')
+def base_configs(config, schedule):
+    """{method: its on-policy config}: the schedule's settings over the defaults, its rounds times
+    iters_scale, config.beta, and the settings that make the method's fixed point pi*."""
+    bases = {}
+    for name in config.methods:
+        base = replace(METHODS[name].config(), **dict(schedule[name]), **dict(FIXED_POINT_SETTINGS.get(name, ())))
+        # The step annealed to 0 for every method, as their defaults (PPO's quick schedule keeps a
+        # constant one for the tests): at a constant step the last rounds jump about where the knob
+        # moved the fixed point.
+        bases[name] = replace(base, beta=config.beta, iters=base.iters * config.iters_scale, anneal_lr=True)
+    return bases
 
 
-def distance_from_optimum(policy, tables, optimum):
-    """KL(pi || pi*) of whole responses, averaged over the tables' prompts (nats)."""
-    return response_kl(all_response_log_probs(policy.eval(), tables.prompts), optimum).mean().item()
+def knob_variants(method, kinds):
+    """The variants of a knob that `method` takes: every one whose settings its config has; RLOO, with
+    no ratio variants, its own sequence clip in place of RATIO_VARIANTS."""
+    names = {field.name for field in fields(METHODS[method].config)}
+    if kinds is RATIO_VARIANTS and 'ratio' not in names:
+        return SEQUENCE_CLIP
+    return tuple((label, overrides) for label, overrides in kinds if overrides.keys() <= names)
 
 
-def off_policy(run_dir, plots_dir, config, progress=True):
-    """Train every variant from one SFT policy and reward model, measure each one's exact distance
-    from pi*; write the table and record into run_dir and the figure into plots_dir; returns the record."""
-    preference = PREFERENCES['first-digit']
-    sft_policy, _ = train_sft(SFTConfig(iters=config.sft_iters, batch_size=config.sft_batch_size, targets='sampled',
-                                        seed=config.seed), progress=progress)
-    reward_model, _ = train_reward(sft_policy, RewardConfig(seed=config.seed), progress=progress)
-    tables = exact_tables(sft_policy, reward_model, sample_prompts(config.prompts, torch.Generator().manual_seed(
-        config.seed + 1_000)), preference)
+def on_policy_twin(method_config):
+    """The same run without a sampler correction where the sampler is the policy (its weights are all
+    exactly 1 there: the same numbers), so that such a run is trained once."""
+    if not Sampler(method_config).on_policy:
+        return method_config
+    defaults = type(method_config)()
+    corrections = [name for name in ('sampler_correction', 'correction_level', 'correction_band')
+                   if hasattr(method_config, name)]
+    return replace(method_config, **{name: getattr(defaults, name) for name in corrections})
+
+
+def cells(config, schedule):
+    """(method, knob, value, label, seed, Variant) of every cell: each method's knobs' values crossed
+    with its variants of the knob, on every seed; the Variant is the on-policy twin's."""
+    bases = base_configs(config, schedule)
+    return [(method, knob, value, label, seed,
+             Variant.of(on_policy_twin(replace(bases[method], seed=seed, **{field: value}, **overrides)), method))
+            for method in config.methods for knob, values, kinds, field in KNOBS if knob in config.knobs
+            for value in values for label, overrides in knob_variants(method, kinds) for seed in config.seeds]
+
+
+def off_policy(run_dir, plots_dir, config, progress=True, schedule=None):
+    """Train every cell's variant on the run (an empty folder gets its SFT policy and reward model
+    first; checkpoints made with the same settings are reused), measure each one's exact distance from
+    pi*; write the table and record into run_dir and the figure into plots_dir; returns the record.
+    schedule: {method: ((field, value), ...)} over its defaults (default: the registry's quick ones)."""
+    schedule = quick_schedules(config.methods) if schedule is None else schedule
+    run = Run(run_dir, progress=progress).build(config.seed)
+    tables = run.tables(sample_prompts(config.prompts, torch.Generator().manual_seed(config.seed + 1_000)))
     optimum = optimal_log_probs(tables.log_ref, tables.rewards, config.beta)
-    rows, done = [], {}
-    for knob, value, label, ppo_config in variants(config):
-        key = repr(on_policy_twin(ppo_config))  # a correction's weights are all 1 where the sampler is the policy
-        if key not in done:
-            start = time.perf_counter()
-            policy, _ = train_ppo(sft_policy, reward_model, ppo_config, preference, progress=progress)
-            done[key] = {'distance': distance_from_optimum(policy, tables, optimum),
-                         'seconds': time.perf_counter() - start}
-        rows.append({'knob': knob, 'value': value, 'variant': label, **done[key]})
-        print(f'{knob}={value:g} {label}: KL(pi || pi*) = {done[key]["distance"]:.4f}', flush=True)
-    on_policy = PPOConfig(beta=config.beta, iters=config.iters, prompts_per_iter=config.prompts_per_iter)
-    seeds = [distance_from_optimum(train_ppo(sft_policy, reward_model, replace(on_policy, seed=seed), preference,
-                                             progress=progress)[0], tables, optimum)
-             for seed in config.noise_seeds]
-    record = {'settings': asdict(config), 'reference_distance': response_kl(tables.log_ref, optimum).mean().item(),
-              'on_policy_other_seeds': seeds, 'rows': rows}
+    chosen = cells(config, schedule)
+    on_policy = {method: [Variant.of(replace(base, seed=seed), method) for seed in config.seeds]
+                 for method, base in base_configs(config, schedule).items()}
+    variants = list(dict.fromkeys([*(cell[-1] for cell in chosen), *(v for runs in on_policy.values() for v in runs)]))
+    with executor(config.workers) as workers:
+        run.train(variants, workers, tables.prompts)
+    measured = {variant.name: {'distance': response_kl(run.response_log_probs(variant, tables.prompts),
+                                                       optimum).mean().item(),
+                               'seconds': run.checkpoint(variant)['metrics']['seconds']} for variant in variants}
+    rows = []
+    for method, knob, value, label, seed, variant in chosen:
+        rows.append({'method': method, 'knob': knob, 'value': value, 'variant': label, 'seed': seed,
+                     **measured[variant.name]})
+        print(f'{method} {knob}={value:g} {label} seed {seed}: KL(pi || pi*) = {rows[-1]["distance"]:.4f}', flush=True)
+    record = {'preference': run.preference.name, 'settings': asdict(config), 'schedule': {name: dict(schedule[name]) for name in config.methods},
+              'reference_distance': response_kl(tables.log_ref, optimum).mean().item(),
+              'on_policy': {method: [measured[variant.name]['distance'] for variant in runs]
+                            for method, runs in on_policy.items()},
+              'rows': rows}
     figure = plot_off_policy(record, Path(plots_dir) / 'off_policy.png')
-    report = write_study(run_dir, 'off_policy', off_policy_report(record), record, figure)
+    report = write_study(run.folder, 'off_policy', off_policy_report(record), record, figure)
     print(f'Table in {report}, figure {figure}')
     return record
 
@@ -120,40 +165,61 @@ def off_policy(run_dir, plots_dir, config, progress=True):
 # ---------------------------------------------------------------------------------------------
 # The table and the figure.
 
-def measured_knobs(record):
-    """The KNOBS entries the record has rows of."""
-    return [entry for entry in KNOBS if any(row['knob'] == entry[0] for row in record['rows'])]
+def panels(record):
+    """(method, knob, values, labels, {(value, label): spread over seeds}) of each method and knob
+    the record has rows of, in the order of its settings and KNOBS."""
+    found = []
+    for method in record['settings']['methods']:
+        for knob, values, kinds, _ in KNOBS:
+            rows = [row for row in record['rows'] if row['method'] == method and row['knob'] == knob]
+            if rows:
+                labels = [label for label, _ in knob_variants(method, kinds)]
+                cell = {(value, label): spread([row['distance'] for row in rows
+                                                if row['value'] == value and row['variant'] == label])
+                        for value in values for label in labels}
+                found.append((method, knob, values, labels, cell))
+    return found
+
+
+def entry(distances):
+    """A table cell: the median over seeds and, with more than one seed, [lowest, highest]."""
+    text = f"{distances['median']:.4f}"
+    return text if distances['low'] == distances['high'] else f"{text} [{distances['low']:.4f}, {distances['high']:.4f}]"
 
 
 def off_policy_report(record):
-    """The study's Markdown: per knob, the distance of each variant at each value."""
-    parts = [f"# Off-policy PPO against pi* (beta {record['settings']['beta']:g}, first digit)\n\n"
-             f"Exact KL(pi || pi*) of whole responses, mean over {record['settings']['prompts']} held-out "
-             f"prompts; the SFT policy's is {record['reference_distance']:.3f}. On-policy PPO at other seeds: "
-             f"{', '.join(f'{d:.4f}' for d in record['on_policy_other_seeds'])} (how much a seed alone moves it).\n"]
-    for knob, values, kinds, _ in measured_knobs(record):
-        cell = {(row['value'], row['variant']): row['distance'] for row in record['rows'] if row['knob'] == knob}
-        header = [knob, *[label for label, _ in kinds]]
-        rows = [[f'{value:g}', *[f'{cell[value, label]:.4f}' for label, _ in kinds]] for value in values]
-        parts.append(markdown_table(header, rows) + '\n')
+    """The study's Markdown: per method and knob, the distance of each variant at each value."""
+    settings = record['settings']
+    on_policy = '; '.join(f"{METHODS[method].label} {entry(spread(distances))}"
+                          for method, distances in record['on_policy'].items())
+    parts = [f"# Off-policy on purpose against pi* (beta {settings['beta']:g}, {record['preference']})\n\n"
+             f"Exact KL(pi || pi*) of whole responses, mean over {settings['prompts']} held-out prompts; each "
+             f"cell the median over seeds {', '.join(map(str, settings['seeds']))} [lowest, highest]. The SFT "
+             f"policy's is {record['reference_distance']:.3f}. On-policy: {on_policy} (how much a seed alone "
+             'moves it).\n']
+    for method, knob, values, labels, cell in panels(record):
+        rows = [[f'{value:g}', *[entry(cell[value, label]) for label in labels]] for value in values]
+        parts.append(f'## {METHODS[method].label}, {knob}\n\n' + markdown_table([knob, *labels], rows) + '\n')
     return '\n'.join(parts)
 
 
 def plot_off_policy(record, path):
-    """One panel per knob: the distance from pi* against the knob, one line per variant; shaded, the
-    range of on-policy PPO over the seeds (how far apart two seeds land)."""
-    knobs = measured_knobs(record)
-    first_values = {knob: values[0] for knob, values, *_ in KNOBS}  # each knob's on-policy value
-    on_policy = [row['distance'] for row in record['rows']
-                 if row['variant'] in ('ppo', 'none') and row['value'] == first_values[row['knob']]][:1]
-    seeds = on_policy + record['on_policy_other_seeds']
-    fig, axes = plt.subplots(1, len(knobs), figsize=(5 * len(knobs), 4.2), layout='constrained', squeeze=False)
-    for ax, (knob, values, kinds, _) in zip(axes[0], knobs):
-        for label, _ in kinds:
-            points = [row['distance'] for value in values for row in record['rows']
-                      if row['knob'] == knob and row['value'] == value and row['variant'] == label]
-            ax.plot(values, points, marker='o', label=label)
-        ax.axhspan(min(seeds), max(seeds), color='grey', alpha=0.2, label=f'on-policy PPO, {len(seeds)} seeds')
-        ax.set(xlabel=knob, ylabel='KL(pi || pi*) (nats)', title=f'PPO, {knob}', xticks=values)
+    """A row of panels per method, one panel per knob: the distance from pi* against the knob, the
+    median over seeds of each variant, its range shaded; in grey, the range of the method's on-policy
+    run over the seeds (how far apart two seeds land)."""
+    found = panels(record)
+    methods = list(dict.fromkeys(method for method, *_ in found))
+    knobs = list(dict.fromkeys(knob for _, knob, *_ in found))
+    fig, axes = plt.subplots(len(methods), len(knobs), figsize=(5 * len(knobs), 4.2 * len(methods)),
+                             layout='constrained', squeeze=False)
+    for method, knob, values, labels, cell in found:
+        ax = axes[methods.index(method)][knobs.index(knob)]
+        for label in labels:
+            median, low, high = ([cell[value, label][key] for value in values] for key in ('median', 'low', 'high'))
+            line, = ax.plot(values, median, marker='o', label=label)
+            ax.fill_between(values, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+        seeds = record['on_policy'][method]
+        ax.axhspan(min(seeds), max(seeds), color='grey', alpha=0.2, label='on-policy, range over seeds')
+        ax.set(xlabel=knob, ylabel='KL(pi || pi*) (nats)', title=f'{METHODS[method].label}, {knob}', xticks=values)
         ax.legend(fontsize=8)
     return figures.save(fig, path)
