@@ -151,7 +151,8 @@ def off_policy(run_dir, plots_dir, config, progress=True, schedule=None):
         rows.append({'method': method, 'knob': knob, 'value': value, 'variant': label, 'seed': seed,
                      **measured[variant.name]})
         print(f'{method} {knob}={value:g} {label} seed {seed}: KL(pi || pi*) = {rows[-1]["distance"]:.4f}', flush=True)
-    record = {'preference': run.preference.name, 'settings': asdict(config), 'schedule': {name: dict(schedule[name]) for name in config.methods},
+    record = {'preference': run.preference.name, 'settings': asdict(config),
+              'on_policy_configs': {name: asdict(base) for name, base in base_configs(config, schedule).items()},
               'reference_distance': response_kl(tables.log_ref, optimum).mean().item(),
               'on_policy': {method: [measured[variant.name]['distance'] for variant in runs]
                             for method, runs in on_policy.items()},
