@@ -75,11 +75,12 @@ def per_token_rewards(score, logp_old, logp_ref, beta):
     return rewards
 
 
-def clipped_surrogate_loss(logp_new, logp_old, advantages, clip_epsilon, clip_epsilon_high=None):
+def clipped_surrogate_loss(logp_new, logp_old, advantages, clip_epsilon, clip_epsilon_high=None, weights=None):
     """PPO's clipped objective, negated for minimisation, per token.
 
     ratio = exp(logp_new - logp_old); loss = -mean(min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A)),
-    eps_high = eps unless given (DAPO's asymmetric clip). The min makes the objective pessimistic: a
+    eps_high = eps unless given (DAPO's asymmetric clip), each term times its weight where `weights`
+    are given (a sampler's importance weights, detached). The min makes the objective pessimistic: a
     token cannot gain from moving its probability further than the clip range from the rollout
     policy. Returns the loss, the fraction of clipped tokens and the approximate KL(old || new) (k3
     estimator, Schulman 2020), all scalars.
@@ -89,7 +90,8 @@ def clipped_surrogate_loss(logp_new, logp_old, advantages, clip_epsilon, clip_ep
     ratio = log_ratio.exp()
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - clip_epsilon, 1 + high) * advantages
-    loss = -torch.min(unclipped, clipped).mean()
+    objective = torch.min(unclipped, clipped)
+    loss = -(objective if weights is None else weights * objective).mean()
     clip_fraction = ((ratio < 1 - clip_epsilon) | (ratio > 1 + high)).float().mean()
     approx_kl = ((ratio - 1) - log_ratio).mean()
     return loss, clip_fraction.detach(), approx_kl.detach()

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 
 from toy_rlhf.flags import PositiveFloat
-from toy_rlhf.methods.advantages import leave_one_out_advantages, per_token_rewards, whiten
+from toy_rlhf.methods.advantages import clipped_surrogate_loss, leave_one_out_advantages, per_token_rewards, whiten
 from toy_rlhf.methods.entropy import EntropyBonus, EntropyConfig
-from toy_rlhf.methods.ratios import effective_sample_size, ppo_objective, sampler_weights, weighted_mean
+from toy_rlhf.methods.ratios import effective_sample_size, sampler_weights
 from toy_rlhf.methods.rollout import (SamplerConfig, Sampler, TrainingLog, mean_rows, minibatches, prompt_groups,
                                       rollout, set_learning_rate, start_training)
 from toy_rlhf.policy import token_log_probs_from, next_token_log_probs
@@ -69,11 +69,7 @@ def sequence_surrogate_loss(logp_new, logp_old, advantages, clip_epsilon, weight
     advantages (B,), weights (B,) the sampler's weight of each response (None: on-policy).
     clip_epsilon = inf leaves rho * A unclipped. Returns the loss, the fraction of clipped responses
     and the approximate KL(old || new) of the sequences."""
-    log_ratio = (logp_new - logp_old).sum(dim=1)  # (B,): log rho of each response
-    objective, clipped = ppo_objective(logp_new.sum(dim=1), logp_old.sum(dim=1), advantages, clip_epsilon,
-                                       clip_epsilon)
-    approx_kl = (log_ratio.exp() - 1) - log_ratio
-    return weighted_mean(-objective, weights), clipped.float().mean().detach(), approx_kl.mean().detach()
+    return clipped_surrogate_loss(logp_new.sum(dim=1), logp_old.sum(dim=1), advantages, clip_epsilon, weights=weights)
 
 
 # ---------------------------------------------------------------------------------------------
