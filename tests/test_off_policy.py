@@ -41,6 +41,15 @@ def test_ppo_and_grpo_turn_every_ratio_variant_and_correction_rloo_its_own_seque
     assert not any('ratio' in settings or 'correction_level' in settings for settings in rloo)
 
 
+def test_online_dpo_when_named_turns_the_sampler_with_no_correction_and_its_own_loss_over_epochs():
+    config = OffPolicyStudyConfig(methods=('online_dpo',), seeds=(0,))
+    online = cells(config, quick_schedules(config.methods))
+    labels = {knob: sorted({cell[3] for cell in online if cell[1] == knob}) for knob in config.knobs}
+    assert labels == {'epochs': ['its own loss'], 'staleness': ['none'], 'temperature': ['none']}
+    stale = [cell[-1].config() for cell in online if cell[1:3] == ('staleness', 2)]
+    assert [(c.staleness, c.anneal_lr) for c in stale] == [(2, True)]  # its quick schedule's constant step annealed
+
+
 def test_every_cell_is_trained_on_every_seed_with_grpos_fixes_and_the_quick_schedule_scaled():
     assert sorted({cell[4] for cell in CELLS}) == [0, 1, 2]
     assert variant_of('ppo', 'epochs', 4, 'gspo', seed=2).config().seed == 2

@@ -144,3 +144,15 @@ def test_the_label_rule_changes_the_run(sft_policy, reward_model):
         return [{k: v for k, v in row.items() if k != 'time/seconds'} for row in history]
 
     assert run(labels='hard') != run()
+
+
+def test_a_greedy_sampler_writes_each_pair_as_the_same_response_twice(sft_policy, reward_model):
+    # Top-k 1: the sampler, not the policy, writes each pair, and writes the same response twice (the
+    # policy would write two different ones for most prompts). So every margin is exactly 0 and the
+    # loss exactly log 2.
+    config = OnlineDPOConfig(sampler_top_k=1, **TINY)
+    _, history = train_online_dpo(sft_policy, reward_model, config, PREFERENCES['first-digit'], progress=False)
+    assert all(row['rewards/margins'] == 0 and math.isclose(row['loss'], math.log(2), rel_tol=1e-6) for row in history)
+    _, on_policy = train_online_dpo(sft_policy, reward_model, OnlineDPOConfig(**TINY), PREFERENCES['first-digit'],
+                                    progress=False)
+    assert all(row['rewards/margins'] != 0 for row in on_policy)

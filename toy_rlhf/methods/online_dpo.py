@@ -46,15 +46,18 @@ import torch
 from toy_rlhf.flags import PositiveFloat, PositiveInt, Seed
 from toy_rlhf.language import PROMPT_LENGTH
 from toy_rlhf.methods.dpo import dpo_loss, sequence_log_probs
-from toy_rlhf.methods.rollout import (TrainingLog, mean_rows, minibatches, prompt_groups, rollout,
-                                      set_learning_rate, start_training)
+from toy_rlhf.methods.rollout import (Sampler, SamplerSettings, TrainingLog, mean_rows, minibatches, prompt_groups,
+                                      rollout, set_learning_rate, start_training)
 from toy_rlhf.training import check_finite, gradient_step
 
 
 @dataclass
-class OnlineDPOConfig:
+class OnlineDPOConfig(SamplerSettings):
     """Not a RolloutConfig: a pair is always two samples, there is no ratio to clip, and beta must be
-    positive (at beta = 0 the DPO loss is log 2 whatever the policy)."""
+    positive (at beta = 0 the DPO loss is log 2 whatever the policy). The pairs may come from a
+    sampler that is not the policy (SamplerSettings), with no importance weight: with Bradley-Terry labels
+    DPO's optimum is pi* whichever distribution with full support draws the pairs. How far a finite
+    run gets does depend on the sampler (docs/results.md, the off-policy study)."""
     beta: PositiveFloat = 1.0  # KL strength of the objective, the same beta as PPO's penalty
     labels: Literal['bradley-terry', 'hard'] = 'bradley-terry'  # how the reward model picks the winner
     # Twice PPO's samples: at PPO's 19,200 (50 rounds) it fell short of the RL methods' gap to J*; 100
@@ -104,15 +107,16 @@ def train_online_dpo(sft_policy, reward_model, config, preference, progress=True
     metrics (rollout_row) and the DPO loss, implicit rewards, margins and accuracies of its pairs, plus
     what measure(rounds done, actor) returns after each round (as train_ppo's)."""
     actor, reference, optimizer, generator = start_training(sft_policy, config)
+    sampler = Sampler(config)  # the actor itself unless config makes the rollout off-policy
 
     with TrainingLog(config.iters, f'online DPO beta={config.beta:g}', progress,
                      shown=('loss', 'rewards/margins', 'gold/preference_rate')) as log:
         for iteration in range(config.iters):
             # 0. learning rate of this round: decayed towards 0 (anneal_lr), or constant
             set_learning_rate((optimizer,), config, iteration)
-            # 1. rollout: two responses per prompt from the current policy, adjacent
+            # 1. rollout: two responses per prompt from the sampler (the current policy by default), adjacent
             batch = rollout(actor, reference, reward_model, prompt_groups(config, generator), generator,
-                            preference)
+                            preference, sampler)
             check_finite('online_dpo', iteration, score=batch['score'])
             # 2. labels: the reward model picks the chosen response of each pair
             chosen, rejected = chosen_and_rejected(first_wins(batch['score'].view(-1, 2), config.labels, generator))

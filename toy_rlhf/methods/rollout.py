@@ -55,14 +55,19 @@ class RolloutConfig:
 
 
 @dataclass
-class SamplerConfig(RolloutConfig):
-    """RolloutConfig with a sampler that need not be the policy, and the corrections of ratios.py for
-    it (its docstring has each one's equation and library defaults). The defaults are on-policy: the
+class SamplerSettings:
+    """The Sampler's settings: a sampler that need not be the policy. The defaults are on-policy: the
     same random draws and numbers as without these fields."""
     staleness: NonNegativeInt = 0  # rounds the sampling actor lags the trained one (asynchronous RL)
     sampler_temperature: PositiveFloat = 1.0  # the sampler's temperature (the policy's is 1)
     sampler_top_k: NonNegativeInt = 0  # the sampler keeps the k most likely tokens; 0 keeps all
     sampler_precision: Literal['fp32', 'bf16', 'fp16'] = 'fp32'  # the sampler's logits rounded to this first
+
+
+@dataclass
+class SamplerConfig(SamplerSettings, RolloutConfig):
+    """RolloutConfig with a sampler that need not be the policy, and the corrections of ratios.py for
+    it (its docstring has each one's equation and library defaults). The defaults are on-policy."""
     sampler_correction: Literal['none', 'tis', 'mis', 'icepop'] = 'none'  # of the sampler's weight pi_old / mu
     correction_band: Literal['verl', 'trl', 'open-instruct', 'openrlhf'] = 'verl'  # whose default thresholds
 

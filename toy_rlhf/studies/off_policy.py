@@ -10,7 +10,8 @@ registry's quick schedule of the method, on every seed):
 - staleness (0, 2, 4 rounds) and the sampler's temperature (1, 1.3, 1.6): the responses come from mu,
   not pi_old, and the trainer treats them as pi_old's unless a correction (tis, mis, icepop) weighs
   them by pi_old / mu: per token or per response for PPO and GRPO, per response for RLOO (its one
-  action is the response).
+  action is the response). Online DPO (--methods online_dpo) has no correction: with Bradley-Terry
+  labels its optimum is pi* whoever samples the pairs, and the study shows how far a run gets.
 GRPO trains with the two fixes that make its fixed point pi* (the registry's preset), so that every
 method is measured against the same pi*: each run's distance is the exact KL(pi || pi*) of whole
 responses over all 10^4 responses of held-out prompts, averaged over prompts; each cell's table entry
@@ -38,13 +39,14 @@ from toy_rlhf.run import Run, Variant
 from toy_rlhf.studies.leaderboard import spread
 from toy_rlhf.studies.output import markdown_table, write_study
 
-# The methods whose sampler need not be the policy (rollout.SamplerConfig).
-STUDIED_METHODS = ('ppo', 'rloo', 'grpo')
+# The methods whose sampler need not be the policy (rollout.SamplerSettings); online DPO has no
+# correction to compare (its optimum does not depend on who samples the pairs): studied when named.
+STUDIED_METHODS = ('ppo', 'rloo', 'grpo', 'online_dpo')
 
 
 @dataclass
 class OffPolicyStudyConfig:
-    methods: tuple[str, ...] = STUDIED_METHODS  # the methods whose knobs are turned (ppo, rloo, grpo)
+    methods: tuple[str, ...] = ('ppo', 'rloo', 'grpo')  # the methods whose knobs are turned (also: online_dpo)
     knobs: tuple[str, ...] = ('epochs', 'staleness', 'temperature')  # which knobs to turn (epochs, staleness, temperature)
     seeds: tuple[Seed, ...] = (0, 1, 2)  # every cell is trained on each: the table shows the median and range
     beta: NonNegativeFloat = 1.0  # the KL strength of every run
@@ -64,6 +66,8 @@ RATIO_VARIANTS = (('ppo', {}), ('gspo', {'ratio': 'gspo'}), ('gmpo', {'ratio': '
                   ('sapo', {'ratio': 'sapo'}))
 # RLOO's epochs: it has one ratio, the whole response's, clipped.
 SEQUENCE_CLIP = (('sequence clip', {}),)
+# Online DPO's epochs: no ratio at all, its DPO loss.
+OWN_LOSS = (('its own loss', {}),)
 # (label, overrides): the sampler's correction, for the staleness and temperature knobs. RLOO's config
 # has no correction_level (its weight is the whole response's): it takes those without one.
 CORRECTIONS = (('none', {}), ('tis', {'sampler_correction': 'tis'}), ('mis', {'sampler_correction': 'mis'}),
@@ -99,11 +103,11 @@ def base_configs(config, schedule):
 
 
 def knob_variants(method, kinds):
-    """The variants of a knob that `method` takes: every one whose settings its config has; RLOO, with
-    no ratio variants, its own sequence clip in place of RATIO_VARIANTS."""
+    """The variants of a knob that `method` takes: every one whose settings its config has; in place of
+    RATIO_VARIANTS, RLOO its own sequence clip and online DPO its loss, which has no ratio."""
     names = {field.name for field in fields(METHODS[method].config)}
     if kinds is RATIO_VARIANTS and 'ratio' not in names:
-        return SEQUENCE_CLIP
+        return SEQUENCE_CLIP if 'clip' in names else OWN_LOSS
     return tuple((label, overrides) for label, overrides in kinds if overrides.keys() <= names)
 
 
