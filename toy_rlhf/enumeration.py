@@ -52,38 +52,44 @@ def trie_outputs(model, contexts, depth, end_token=None):
 def _extend(model, tokens, position, cache, keys_only=False):
     """Run tokens (P, N, n) of N nodes at positions position..position + n - 1 through the model,
     each node attending to its ancestors' keys and values in cache and causally to its own tokens;
-    appends the new keys and values to cache. Returns the outputs (P, N, n, out); with keys_only,
-    nothing: the last block stops once its keys and values are cached (no later position reads more)."""
+    appends the new keys and values to cache, heads first: (P, n_head, N, n, head size). Returns the
+    outputs (P, N, n, out); with keys_only, nothing: the last block stops once its keys and values
+    are cached (no later position reads more)."""
     P, N, n = tokens.shape
     positions = torch.arange(position, position + n, device=tokens.device)
     x = (model.transformer.wte(tokens) + model.transformer.wpe(positions)).view(P * N, n, -1)
     for block, layer_cache in zip(model.transformer.h, cache):
-        q, k, v = (t.view(P, N, *t.shape[1:]) for t in block.attn.query_key_value(block.ln_1(x)))  # (P, N, nh, n, hs)
+        q, k, v = (t.view(P, N, *t.shape[1:]).transpose(1, 2).contiguous()
+                   for t in block.attn.query_key_value(block.ln_1(x)))  # (P, nh, N, n, hs)
         layer_cache.append((k, v))
         if keys_only and block is model.transformer.h[-1]:
             return None
         y = _attention(q, layer_cache)
-        x = x + block.attn.c_proj(y.flatten(0, 1).transpose(1, 2).flatten(2))
+        x = x + block.attn.c_proj(y.permute(0, 2, 3, 1, 4).reshape(P * N, n, -1))
         x = x + block.mlp(block.ln_2(x))
     return model.lm_head(model.transformer.ln_f(x)).view(P, N, n, -1)
 
 
 def _attention(q, levels):
-    """Softmax attention of queries q (P, N, nh, n, hs) over the keys and values of each level, (P,
-    N_t, nh, n_t, hs) each, the last level being the queries' own tokens (seen causally).
+    """Softmax attention of queries q (P, nh, N, n, hs) over the keys and values of each level, (P,
+    nh, N_t, n_t, hs) each, the last level being the queries' own tokens (seen causally).
 
     In lexicographic order the N / N_t consecutive nodes below a node of level t are its
-    descendants, so viewing q as (P, N_t, N / N_t, ...) lines each query up with its ancestor's keys
-    without copying them N / N_t times. Returns (P, N, nh, n, hs).
+    descendants, so viewing q as (P, nh, N_t, N / N_t, ...) lines each query up with its ancestor's
+    keys without copying them N / N_t times. A level holds at most 5 keys per node, so the dot
+    products are broadcast products summed, not batched matrix products: those would be tens of
+    thousands of 1-row products, 1.2x slower for a reward table (and the library softmax over rows
+    of 10 is slower than the three operations written out). Returns (P, nh, N, n, hs).
     """
-    P, N, nh, n, hs = q.shape
-    below = [q.view(P, k.size(1), N // k.size(1), nh, n, hs) for k, _ in levels]
-    scores = torch.cat([torch.einsum('pgjhqd,pghkd->pgjhqk', group, k).reshape(P, N, nh, n, -1)
+    P, nh, N, n, hs = q.shape
+    below = [q.view(P, nh, k.size(2), -1, n, 1, hs) for k, _ in levels]  # (P, nh, N_t, N / N_t, n, 1, hs)
+    scores = torch.cat([(group * k.unsqueeze(3).unsqueeze(3)).sum(dim=-1).view(P, nh, N, n, -1)
                         for group, (k, _) in zip(below, levels)], dim=-1) / math.sqrt(hs)
     future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(diagonal=1)
     scores[..., -n:].masked_fill_(future, float('-inf'))  # a token does not see its own level's later ones
-    weights = scores.softmax(dim=-1).split([k.size(3) for k, _ in levels], dim=-1)
-    return sum(torch.einsum('pgjhqk,pghkd->pgjhqd', w.view(*group.shape[:-1], -1), v).reshape(q.shape)
+    weights = (scores - scores.amax(dim=-1, keepdim=True)).exp()
+    weights = (weights / weights.sum(dim=-1, keepdim=True)).split([k.size(3) for k, _ in levels], dim=-1)
+    return sum((w.reshape(*group.shape[:-2], -1, 1) * v.unsqueeze(3).unsqueeze(3)).sum(dim=-2).view(q.shape)
                for w, group, (_, v) in zip(weights, below, levels))
 
 
