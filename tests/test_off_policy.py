@@ -61,6 +61,16 @@ def test_every_cell_is_trained_on_every_seed_with_grpos_fixes_and_the_quick_sche
     assert all(config.anneal_lr for config in doubled.values())  # PPO's quick schedule's constant step too
 
 
+def test_top_k_when_named_truncates_the_sampler_under_every_correction_from_the_on_policy_run():
+    config = OffPolicyStudyConfig(methods=('ppo',), knobs=('top_k',), seeds=(0,))
+    truncated = cells(config, quick_schedules(config.methods))
+    assert sorted({(cell[2], cell[3]) for cell in truncated}) == sorted(
+        (k, label) for k in (0, 4, 2) for label, _ in CORRECTIONS)
+    assert {cell[-1] for cell in truncated if cell[2] == 0} == {variant_of('ppo', 'staleness', 0, 'none')}
+    top_2 = [cell[-1].config() for cell in truncated if cell[2:4] == (2, 'tis')]
+    assert [(c.sampler_top_k, c.sampler_correction) for c in top_2] == [(2, 'tis')]
+
+
 def test_a_correction_where_the_sampler_is_the_policy_is_the_on_policy_run():
     for method in ('ppo', 'rloo', 'grpo'):
         on_policy = variant_of(method, 'staleness', 0, 'none')
@@ -99,7 +109,7 @@ def test_the_report_has_a_table_per_method_and_knob_of_medians_and_ranges_over_s
 
 @pytest.mark.parametrize('flags, message', [
     (['--methods', 'ppo', 'dpo'], "--methods: unsupported 'dpo'; supported: ppo, rloo, grpo"),
-    (['--knobs', 'top_k'], "--knobs: unsupported 'top_k'; supported: epochs, staleness, temperature"),
+    (['--knobs', 'precision'], "--knobs: unsupported 'precision'; supported: epochs, staleness, temperature, top_k"),
     (['--seeds', '1', '1'], '--seeds: each value once')])
 def test_a_method_or_knob_the_study_does_not_turn_is_refused_in_one_line(flags, message, tmp_path, capsys):
     status, _, err = run_cli('off-policy', ['--run-dir', str(tmp_path / 'r'), *flags], capsys)

@@ -47,7 +47,7 @@ STUDIED_METHODS = ('ppo', 'rloo', 'grpo', 'online_dpo')
 @dataclass
 class OffPolicyStudyConfig:
     methods: tuple[str, ...] = ('ppo', 'rloo', 'grpo')  # the methods whose knobs are turned (also: online_dpo)
-    knobs: tuple[str, ...] = ('epochs', 'staleness', 'temperature')  # which knobs to turn (epochs, staleness, temperature)
+    knobs: tuple[str, ...] = ('epochs', 'staleness', 'temperature')  # which knobs to turn (epochs, staleness, temperature, top_k)
     seeds: tuple[Seed, ...] = (0, 1, 2)  # every cell is trained on each: the table shows the median and range
     beta: NonNegativeFloat = 1.0  # the KL strength of every run
     iters_scale: PositiveInt = 1  # each method's quick schedule's rounds times this (longer: nearer convergence)
@@ -59,6 +59,10 @@ class OffPolicyStudyConfig:
 EPOCHS = (1, 4, 8)
 STALENESS = (0, 2, 4)
 TEMPERATURES = (1.0, 1.3, 1.6)
+# The sampler keeps the k most likely tokens (0: all). A later digit has at most four allowed values:
+# k = 4 keeps them, k = 2 drops responses the policy writes, which no weight can bring back (a weight
+# corrects only what the sampler can draw).
+TOP_K = (0, 4, 2)
 # (label, config overrides): the trainer's ratio, for the epochs knob (a per-token loss: PPO, GRPO).
 RATIO_VARIANTS = (('ppo', {}), ('gspo', {'ratio': 'gspo'}), ('gmpo', {'ratio': 'gmpo'}),
                   ('cispo (trl-5)', {'ratio': 'cispo', 'cispo_bounds': 'trl-5'}),
@@ -75,7 +79,7 @@ CORRECTIONS = (('none', {}), ('tis', {'sampler_correction': 'tis'}), ('mis', {'s
                ('tis (sequence)', {'sampler_correction': 'tis', 'correction_level': 'sequence'}))
 # (knob, its values, its variants, the config field it sets); each knob's first value is on-policy.
 KNOBS = (('epochs', EPOCHS, RATIO_VARIANTS, 'epochs'), ('staleness', STALENESS, CORRECTIONS, 'staleness'),
-         ('temperature', TEMPERATURES, CORRECTIONS, 'sampler_temperature'))
+         ('temperature', TEMPERATURES, CORRECTIONS, 'sampler_temperature'), ('top_k', TOP_K, CORRECTIONS, 'sampler_top_k'))
 # The fixes that make GRPO's fixed point pi* (the registry's preset): no division by the group's std
 # (Dr. GRPO) and the k3 term times the ratio to the rollout policy (DeepSeek-V3.2's bias correction).
 FIXED_POINT_SETTINGS = {'grpo': (('scale_rewards', 'none'), ('kl', 'bias-corrected-k3'))}
@@ -219,12 +223,14 @@ def plot_off_policy(record, path):
                              layout='constrained', squeeze=False)
     for method, knob, values, labels, cell in found:
         ax = axes[methods.index(method)][knobs.index(knob)]
+        positions = range(len(values))  # in the knob's order, on-policy first (top_k's 0 keeps every token)
         for label in labels:
             median, low, high = ([cell[value, label][key] for value in values] for key in ('median', 'low', 'high'))
-            line, = ax.plot(values, median, marker='o', label=label)
-            ax.fill_between(values, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+            line, = ax.plot(positions, median, marker='o', label=label)
+            ax.fill_between(positions, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
         seeds = record['on_policy'][method]
         ax.axhspan(min(seeds), max(seeds), color='grey', alpha=0.2, label='on-policy, range over seeds')
-        ax.set(xlabel=knob, ylabel='KL(pi || pi*) (nats)', title=f'{METHODS[method].label}, {knob}', xticks=values)
+        ax.set(xlabel=knob, ylabel='KL(pi || pi*) (nats)', title=f'{METHODS[method].label}, {knob}')
+        ax.set_xticks(positions, [f'{value:g}' for value in values])
         ax.legend(fontsize=8)
     return figures.save(fig, path)
