@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from dataclasses import replace
 
 import pytest
@@ -132,6 +133,15 @@ def test_a_dask_local_clusters_workers_keep_glibcs_adaptive_allocator():
     with dask_executor(1, 'local') as pool:
         assert pool.submit(os.environ.get, 'MALLOC_TRIM_THRESHOLD_').result() is None
         assert pool.submit(os.environ.get, 'OMP_NUM_THREADS').result() == '1'  # dask's other settings stay
+
+
+@pytest.mark.slow  # starting a local cluster: `pytest -m slow` (with the [dask] extra)
+def test_a_dask_executor_runs_every_submit_even_two_identical_ones():
+    pytest.importorskip('distributed')
+    from toy_rlhf.executors import dask_executor
+    with dask_executor(1, 'local') as pool:
+        first, second = pool.submit(uuid.uuid4), pool.submit(uuid.uuid4)  # both held: dask would share one run
+        assert first.result() != second.result()
 
 
 @pytest.mark.slow  # a cluster of its own, and cells long enough to be killed in: `pytest -m slow`

@@ -60,4 +60,6 @@ def dask_executor(workers, address):
             client = stack.enter_context(Client(scheduler, timeout='10s'))
         except (OSError, TimeoutError, ValueError) as error:
             raise ExecutorError(f'--address {address}: no dask scheduler answered ({error})') from None
-        yield client.get_executor()
+        # pure=False: every submit runs, as in any concurrent.futures.Executor; dask's default would
+        # run two identical jobs once and hand both the same result.
+        yield client.get_executor(pure=False)
