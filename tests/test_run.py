@@ -12,6 +12,7 @@ import torch
 from mingpt.model import GPT
 from toy_rlhf import cli, run as run_module
 from toy_rlhf.checkpoint import load_model, save_checkpoint
+from toy_rlhf.executors import executor
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.policy import policy_config
 from toy_rlhf.reward import RewardConfig, reward_model_config
@@ -173,3 +174,22 @@ def test_a_pool_trains_copies_so_the_models_this_process_reads_are_never_moved_u
     assert [parameter.data_ptr() for parameter in run.sft_policy.parameters()] == pointers
     assert not any(parameter.is_shared() for model in (run.sft_policy, run.reward_model)
                    for parameter in model.parameters())
+
+
+@pytest.mark.parametrize('workers', [1, 2])  # here, and in a process pool
+def test_train_hands_each_variant_over_as_it_is_saved_or_reused_so_its_log_probs_need_not_wait(tmp_path, workers):
+    run = Run(random_run(tmp_path / 'r', preference='first-digit'), progress=False)
+    prompts = sample_prompts(2, torch.Generator().manual_seed(0))
+    variants = [Variant('ppo', seed=seed, settings=(('iters', 1), ('prompts_per_iter', 2))) for seed in (0, 1)]
+    run.train(variants[:1])  # seed 0 trained (no log-probs kept), to be reused below
+    handed = []
+
+    def then(variant):  # measured at once: the log-probs its training computed are taken, none others held
+        handed.append((variant.name, len(run._log_probs)))
+        run.response_log_probs(variant, prompts)
+    with executor(workers) as pool:
+        timings = run.train(variants, pool, prompts, then=then)
+    assert sorted(handed) == sorted([(variants[0].name, 0), (variants[1].name, 1)])
+    assert {name: timing['reused'] for name, timing in timings.items()} == {variants[0].name: True,
+                                                                           variants[1].name: False}
+    assert not run._log_probs

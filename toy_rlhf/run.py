@@ -142,24 +142,29 @@ class Run:
         """The checkpoints a variant trains from: the SFT policy, and the reward model if it uses one."""
         return (self.sft_path, self.reward_path) if METHODS[variant.method].needs_reward_model else (self.sft_path,)
 
-    def train(self, variants, executor=None, prompts=None):
+    def train(self, variants, executor=None, prompts=None, then=None):
         """Train every variant whose method trains, reusing the checkpoints made with the same settings
         from the same inputs (unless the Run is fresh). Each is trained by train_variant, here or, given
         an executor (a concurrent.futures.Executor: toy_rlhf.executors), in its workers with one thread
         each; the inputs travel to the worker by value and the results come back, so a worker needs no
         shared folder, and only this process writes, each checkpoint as soon as its variant is done.
         With prompts (P, 4), a variant trained now also has its log-probs of all 10^4 responses of each
-        computed where it trained, for response_log_probs. Returns {variant name: {'seconds', 'reused'}}."""
-        timings, futures = self.submit(variants, executor, prompts)
+        computed where it trained, for response_log_probs. then(variant), if given, is called as each
+        variant is saved or found reused, so that a study can measure it (and let go of its log-probs)
+        before the next comes. Returns {variant name: {'seconds', 'reused'}}."""
+        timings, futures = self.submit(variants, executor, prompts, then)
         for future in concurrent.futures.as_completed(futures):
             timings[futures[future].name] = self.save(futures[future], future.result())
+            if then:
+                then(futures[future])
         return timings
 
-    def submit(self, variants, executor=None, prompts=None):
+    def submit(self, variants, executor=None, prompts=None, then=None):
         """train's first half: the reused checkpoints noted, the others trained and saved here (no
-        executor) or submitted to the executor's workers. Returns (timings so far, {future: variant}):
-        save(variant, future.result()) each future as it completes."""
-        timings, jobs = {}, {}
+        executor) or submitted to the executor's workers; then(variant) on each saved here or reused.
+        Returns (timings so far, {future: variant}): save(variant, future.result()) each future as it
+        completes."""
+        timings, jobs, reused = {}, {}, []
         for variant in variants:
             if METHODS[variant.method].train is None or variant.name in timings:
                 continue
@@ -171,15 +176,24 @@ class Run:
             print(f'{variant.name}: reusing {self.path(variant)} (made with the same settings)')
             repair_log(self.path(variant).with_suffix('.jsonl'), checkpoint['history'])
             timings[variant.name] = {'seconds': 0.0, 'reused': True}
+            reused.append(variant)
+        futures = {}
         if executor is None:  # here, one after another
             for variant, job in jobs.items():
                 timings[variant.name] = self.save(variant, train_variant(*job, progress=self.progress, prompts=prompts))
-            return timings, {}
-        # A process pool pickles a job in a thread of its own, and torch's pickler for processes moves each
-        # tensor's storage into shared memory in place: while it does, this process may be reading the same
-        # models (the exact tables), and read half-moved weights. So each job travels as its own copies.
-        return timings, {executor.submit(train_variant, *copy.deepcopy(job), threads=1, prompts=prompts): variant
-                         for variant, job in jobs.items()}
+                if then:
+                    then(variant)
+        else:
+            # A process pool pickles a job in a thread of its own, and torch's pickler for processes moves
+            # each tensor's storage into shared memory in place: while it does, this process may be reading
+            # the same models (the exact tables), and read half-moved weights. So each job travels as its
+            # own copies.
+            futures = {executor.submit(train_variant, *copy.deepcopy(job), threads=1, prompts=prompts): variant
+                       for variant, job in jobs.items()}
+        if then:
+            for variant in reused:  # once the others are on their way
+                then(variant)
+        return timings, futures
 
     def _job(self, variant):
         """train_variant's arguments for a variant: everything it trains from, by value."""
