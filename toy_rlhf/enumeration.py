@@ -75,22 +75,36 @@ def _attention(q, levels):
     nh, N_t, n_t, hs) each, the last level being the queries' own tokens (seen causally).
 
     In lexicographic order the N / N_t consecutive nodes below a node of level t are its
-    descendants, so viewing q as (P, nh, N_t, N / N_t, ...) lines each query up with its ancestor's
-    keys without copying them N / N_t times. A level holds at most 5 keys per node, so the dot
-    products are broadcast products summed, not batched matrix products: those would be tens of
-    thousands of 1-row products, 1.2x slower for a reward table (and the library softmax over rows
-    of 10 is slower than the three operations written out). Returns (P, nh, N, n, hs).
-    """
+    descendants, so viewing q as (P nh N_t, (N / N_t) n, hs) lines the queries below each node up
+    with that node's keys: one batched matrix product per level, without copying any key N / N_t
+    times (broadcast products summed made a table 1.4x slower, most of it writing their (..., hs) terms).
+    Where a level's node has a single key and a single query below it, the product is a broadcast
+    one (a batched product of 1 x 1 matrices is slower). The softmax over rows of at most 10 is
+    written out (the library's is slower at that width). Returns (P, nh, N, n, hs)."""
     P, nh, N, n, hs = q.shape
-    below = [q.view(P, nh, k.size(2), -1, n, 1, hs) for k, _ in levels]  # (P, nh, N_t, N / N_t, n, 1, hs)
-    scores = torch.cat([(group * k.unsqueeze(3).unsqueeze(3)).sum(dim=-1).view(P, nh, N, n, -1)
-                        for group, (k, _) in zip(below, levels)], dim=-1) / math.sqrt(hs)
+    scores = torch.cat([_grouped_product(q, k.transpose(-2, -1), k.size(2)).view(P, nh, N, n, -1)
+                        for k, _ in levels], dim=-1) / math.sqrt(hs)
     future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(diagonal=1)
     scores[..., -n:].masked_fill_(future, float('-inf'))  # a token does not see its own level's later ones
     weights = (scores - scores.amax(dim=-1, keepdim=True)).exp()
     weights = (weights / weights.sum(dim=-1, keepdim=True)).split([k.size(3) for k, _ in levels], dim=-1)
-    return sum((w.reshape(*group.shape[:-2], -1, 1) * v.unsqueeze(3).unsqueeze(3)).sum(dim=-2).view(q.shape)
-               for w, group, (_, v) in zip(weights, below, levels))
+    y = torch.zeros_like(q)
+    for w, (_, v) in zip(weights, levels):
+        y += _grouped_product(w, v, v.size(2)).view(q.shape)
+    return y
+
+
+def _grouped_product(a, b, groups):
+    """a (P, nh, N, ...) in `groups` runs of consecutive nodes, each run times its own matrix of b
+    (P, nh, groups, r, c): (P nh groups, rows of a's run, r) @ (r, c) -> (P nh groups, rows, c)."""
+    P, nh = a.shape[:2]
+    a = a.reshape(P * nh * groups, -1, b.size(-2))
+    b = b.reshape(P * nh * groups, b.size(-2), b.size(-1))
+    if a.size(2) == 1:  # an outer product
+        return a * b
+    if a.size(1) == 1 and b.size(2) == 1:  # a dot product
+        return (a.transpose(1, 2) * b).sum(dim=1, keepdim=True)
+    return a @ b
 
 
 @torch.no_grad()
