@@ -10,7 +10,8 @@ import torch
 from mingpt.model import GPT
 from toy_rlhf.enumeration import all_response_log_probs_with_grad, all_response_log_probs
 from toy_rlhf.language import join, sample_prompts
-from toy_rlhf.methods.exact import (ExactConfig, forward_loss, reverse_loss, target_beta, train_exact)
+from toy_rlhf.methods.beta_schedule import target_beta
+from toy_rlhf.methods.exact import ExactConfig, forward_loss, reverse_loss, train_exact
 from toy_rlhf.optimal import (KL_POSITIONS, compare_to_optimum, digit_distribution, gold_table, kl_split, objective,
                               optimal_log_probs)
 from toy_rlhf.policy import policy_config, next_token_log_probs
@@ -117,6 +118,9 @@ def test_the_beta_schedule_falls_geometrically_from_the_start_to_the_target_and_
     assert betas[0] == 8.0 and betas[6:] == [1.0] * 4
     assert betas[3] == pytest.approx(8.0 * (1 / 8) ** 0.5)  # halfway in log space: sqrt(8)
     assert [target_beta(ExactConfig(beta=1.0), step) for step in range(3)] == [1.0] * 3
+    # A start not above beta is no schedule: a recipe's beta_start leaves a larger beta as it is.
+    assert target_beta(ExactConfig(beta=10.0, beta_start=8.0, iters=10), 0) == 10.0
+    assert target_beta(ExactConfig(beta=0.0, beta_start=8.0, iters=10, anneal_fraction=0.5), 1) == 8.0 * 4 / 5
 
 
 @pytest.mark.slow  # a minute on a quiet 2-core machine: `pytest -m slow`

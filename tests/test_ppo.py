@@ -300,6 +300,23 @@ def test_annealing_leaves_the_first_round_as_it_was_and_changes_the_steps_after_
     assert not all(torch.equal(weights[name], weights_annealed[name]) for name in weights)
 
 
+def test_a_beta_schedule_prices_each_rounds_kl_at_that_rounds_beta_falling_to_the_objectives(sft_policy,
+                                                                                              reward_model):
+    settings = dict(TINY_PPO, iters=4)
+    scheduled = PPOConfig(beta=1.0, beta_start=8.0, anneal_fraction=0.5, **settings)
+    runs = [train_ppo(sft_policy, reward_model, config, PREFERENCES['first-digit'], progress=False)
+            for config in (scheduled, PPOConfig(beta=1.0, **settings))]
+    (actor, history), (plain_actor, plain_history) = runs
+    assert [row['objective/kl_coef'] for row in history] == pytest.approx([8.0, 8.0 ** 0.5, 1.0, 1.0])
+    for row in history:  # the round's own objective: its score less its beta times the k1 KL
+        expected = row['objective/scores'] - row['objective/kl_coef'] * row['objective/kl']
+        assert math.isclose(row['objective/rlhf_reward'], expected, rel_tol=1e-4, abs_tol=1e-4)
+    assert 'objective/kl_coef' not in plain_history[0]  # without a schedule the log is as it was
+    # The same first rollout (same seed), priced at beta 8 instead of 1: the update itself differs.
+    assert history[0]['objective/scores'] == plain_history[0]['objective/scores']
+    assert not all(torch.equal(a, b) for a, b in zip(actor.state_dict().values(), plain_actor.state_dict().values()))
+
+
 @pytest.mark.parametrize('name, beta', [('beta1', 1.0), ('beta0', 0.0)])
 def test_no_trained_policy_beats_the_exact_optimum_of_its_objective(runs, sft_policy, reward_model, name, beta):
     # Exact over all 10^4 responses of each prompt, so no sampling error: J <= J* must hold up to

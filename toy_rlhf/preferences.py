@@ -157,6 +157,10 @@ LONGER_PPO = {'iters': 200, 'learning_rate': 1e-3, 'anneal_lr': True, 'prompts_p
 # Its steps of 48 kept responses closed 1.2 points more of last-digit's gap than steps of 96 (seeds
 # 0-2), the same on distinct, at the same cost: the same responses pass through the network.
 WARM_STARTED_PPO = {**LONGER_PPO, 'warm_start_n': 16, 'warm_start_batch_size': 48}
+# On last-digit, PPO's KL coefficient annealed from 4 down to beta over the first half of the rounds
+# (beta_schedule.py) lifted the warm-started recipe by 3.4 points of the gap (PPO seeds 0-2 on one
+# run's files, held out); on distinct and on users' preferences it cost about a point.
+ANNEALED_PPO = {**WARM_STARTED_PPO, 'beta_start': 4.0}
 
 PREFERENCES = {preference.name: preference for preference in (
     Preference('first-digit', 'the first output digit is (x4 + 1) % 10 (the notebook\'s)', first_digit_reward,
@@ -164,7 +168,7 @@ PREFERENCES = {preference.name: preference for preference in (
     # The language ends on (x4 + 4) % 10 in 6% of responses: nine language pairs in ten are ties, and
     # 20,000 of them taught the reward model nothing (held-out accuracy 58%); aligned pairs do.
     Preference('last-digit', 'the last output digit is (x4 + 4) % 10', last_digit_reward, levels=(0.0, 1.0),
-               pairs='aligned', recipes={'ppo': WARM_STARTED_PPO}),
+               pairs='aligned', recipes={'ppo': ANNEALED_PPO}),
     Preference('digit-sum', 'the larger the sum of the output digits, the better (sum / 36)', digit_sum_reward,
                levels=tuple(level / 36 for level in range(37)), recipes={'ppo': LONGER_PPO}),
     # Four distinct digits in 23% of language responses: two language pairs in three are ties.

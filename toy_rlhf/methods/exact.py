@@ -22,34 +22,32 @@ Details:
   the mass where the rewards are. The forward loss is the cross-entropy of pi* against the raw
   pi_theta, which pays for SEP by itself. m is logged.
 - beta_start > 0 anneals the target's beta geometrically from beta_start to beta over the first
-  anneal_fraction of the steps: pi* at a large beta is near pi_ref, so the path moves through
-  targets each close to where the policy is (a gentler path than aiming at pi*_beta at once).
+  anneal_fraction of the steps (beta_schedule.py): the path moves through targets each close to
+  where the policy is.
 - warm_start starts the policy from another checkpoint (say, the forward-KL fit of pi*); the
   reference stays the SFT policy given.
 """
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from toy_rlhf.enumeration import all_response_log_probs_with_grad, all_response_rewards, prompt_pool, step_tables
-from toy_rlhf.flags import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability, Seed
+from toy_rlhf.flags import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Seed
+from toy_rlhf.methods.beta_schedule import BetaScheduleConfig, target_beta
 from toy_rlhf.methods.rollout import TrainingLog, start_training
 from toy_rlhf.optimal import digit_distribution, non_digit_mass, objective, optimal_log_probs, optimal_value
 from toy_rlhf.training import check_finite, gradient_step
 
 
 @dataclass
-class ExactConfig:
+class ExactConfig(BetaScheduleConfig):
     beta: NonNegativeFloat = 1.0  # strength of the KL penalty of the objective (the target pi*'s beta)
     iters: PositiveInt = 100  # gradient steps, each on a fresh batch of prompts
     prompts_per_iter: PositiveInt = 8  # prompts per step, each with all 10^4 responses
     learning_rate: PositiveFloat = 1e-3  # Adam step size
     max_grad_norm: PositiveFloat = 1.0  # gradient-norm clip
     divergence: Literal['reverse', 'forward'] = 'reverse'  # reverse: the RL objective; forward: distil pi*
-    beta_start: NonNegativeFloat = 0.0  # anneal the target's beta from this down to beta (0: no schedule)
-    anneal_fraction: Probability = 0.5  # share of the steps the beta schedule takes
     warm_start: str = ''  # a policy checkpoint to start from ('' for the SFT policy, the reference)
     # The reward model's table of a prompt costs several times the step's own pass and gradient: a
     # pool computes each of its prompts' tables once, and each step draws its prompts from it.
@@ -59,17 +57,6 @@ class ExactConfig:
 
 # ---------------------------------------------------------------------------------------------
 # The math, as pure functions of (P, 10^4) tables.
-
-def target_beta(config, step):
-    """The beta pi* is taken at on step `step` (0-based): config.beta, or with beta_start a geometric
-    path from beta_start to beta over the first anneal_fraction of the steps."""
-    steps = math.ceil(config.anneal_fraction * config.iters)
-    if not config.beta_start or step >= steps:
-        return config.beta
-    if config.beta == 0:  # geometric towards 0 never arrives: linear instead
-        return config.beta_start * (1 - step / steps)
-    return config.beta_start * (config.beta / config.beta_start) ** (step / steps)
-
 
 def reverse_loss(log_pi, log_ref, rewards, beta):
     """-J_beta(pi) - log(1 - m) per prompt, averaged: log_pi (P, 10^4) with gradient, log_ref and

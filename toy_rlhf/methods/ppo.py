@@ -5,7 +5,9 @@ reference: warm_start.py). Reference: the SFT policy, frozen. Reward model: froz
 Each iteration:
   1. rollout     sample responses from the actor; log-probs of the sampled tokens under the actor
                  (old policy, computed once) and the reference; the reward model's score
-  2. rewards     r_t = -beta * (logp_old_t - logp_ref_t), plus the score at the last token
+  2. rewards     r_t = -beta * (logp_old_t - logp_ref_t), plus the score at the last token (beta
+                 annealed down to its value over the first rounds where beta_start is set:
+                 beta_schedule.py)
   3. advantages  returns minus a baseline (leave-one-out over the samples of each prompt, or a
                  learned critic with GAE), whitened
   4. update      K epochs of the clipped surrogate over minibatches, gradient-norm clipped
@@ -26,6 +28,7 @@ from mingpt.utils import CfgNode
 from toy_rlhf.flags import NonNegativeInt, PositiveFloat, PositiveInt, Probability
 from toy_rlhf.methods.advantages import (gae_advantages, leave_one_out_advantages, per_token_rewards, returns_to_go,
                                          whiten)
+from toy_rlhf.methods.beta_schedule import BetaScheduleConfig, target_beta
 from toy_rlhf.methods.entropy import EntropyBonus, EntropyConfig
 from toy_rlhf.methods.ratios import effective_sample_size, policy_loss
 from toy_rlhf.methods.rollout import (OffPolicyConfig, Sampler, TrainingLog, mean_rows, minibatches, prompt_groups,
@@ -36,7 +39,7 @@ from toy_rlhf.training import check_finite, gradient_step
 
 
 @dataclass
-class PPOConfig(EntropyConfig, OffPolicyConfig):
+class PPOConfig(BetaScheduleConfig, EntropyConfig, OffPolicyConfig):
     critic: bool = False  # learn a value function (GAE) instead of the leave-one-out baseline
     gae_lambda: Probability = 0.95  # GAE lambda (critic only); gamma is 1
     value_clip: PositiveFloat = 0.2  # clip of the value update (critic only)
@@ -103,8 +106,9 @@ def train_ppo(sft_policy, reward_model, config, preference, progress=True, measu
             # 1. rollout: P prompts x K samples from the sampler, everything computed once with the actor
             batch = rollout(actor, reference, reward_model, prompt_groups(config, generator), generator,
                             preference, sampler)
-            # 2. rewards: the k1 KL penalty at every token, the score at the last one
-            batch['rewards'] = per_token_rewards(batch['score'], batch['logp_old'], batch['logp_ref'], config.beta)
+            # 2. rewards: the k1 KL penalty at every token (at this round's beta), the score at the last one
+            beta = target_beta(config, iteration)
+            batch['rewards'] = per_token_rewards(batch['score'], batch['logp_old'], batch['logp_ref'], beta)
             check_finite('ppo', iteration, rewards=batch['rewards'])
             # 3. advantages: return to go minus a baseline, whitened over the batch
             if critic is None:
@@ -119,7 +123,9 @@ def train_ppo(sft_policy, reward_model, config, preference, progress=True, measu
             #    (and the critic's clipped value loss)
             stats = update(actor, optimizer, batch, config, critic, critic_optimizer, bonus)
             check_finite('ppo', iteration, loss=stats['policy/loss'])
-            log.end_round(iteration, batch, config.beta, stats, actor, measure)
+            if config.beta_start > config.beta:  # TRL's name for the KL coefficient of the round
+                stats['objective/kl_coef'] = beta
+            log.end_round(iteration, batch, beta, stats, actor, measure)
     return actor.eval(), log.rows
 
 
