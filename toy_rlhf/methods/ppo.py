@@ -92,7 +92,7 @@ def train_ppo(sft_policy, reward_model, config, preference, progress=True, measu
     """
     actor, reference, optimizer, generator = start_training(sft_policy, config)
     critic = value_model(sft_policy) if config.critic else None
-    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=config.learning_rate) if critic else None
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=config.learning_rate, foreach=True) if critic else None
     sampler = Sampler(config)  # the actor itself unless config makes the rollout off-policy
     bonus = EntropyBonus(config)  # its alpha, fixed or adapted step by step
 

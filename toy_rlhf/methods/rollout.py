@@ -136,7 +136,8 @@ def start_training(reference, config):
     generator = torch.Generator().manual_seed(config.seed)
     frozen = copy.deepcopy(reference).eval().requires_grad_(False)
     actor = copy.deepcopy(reference).train().requires_grad_(True)
-    return actor, frozen, torch.optim.Adam(actor.parameters(), lr=config.learning_rate), generator
+    # foreach: one loop over the tensors in C++ instead of Python, the same weights bit for bit.
+    return actor, frozen, torch.optim.Adam(actor.parameters(), lr=config.learning_rate, foreach=True), generator
 
 
 def annealed_learning_rate(config, iteration):

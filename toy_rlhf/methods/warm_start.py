@@ -91,7 +91,7 @@ def rejection_sampling_fine_tune(actor, reference, reward_model, config, generat
     prompts = sample_prompts(config.warm_start_prompts, generator)
     sentences = kept_sentences(reference, reward_model, prompts, config.warm_start_n, generator,
                                config.warm_start_pick, config.beta)
-    optimizer = torch.optim.Adam(actor.parameters(), lr=config.warm_start_learning_rate)
+    optimizer = torch.optim.Adam(actor.parameters(), lr=config.warm_start_learning_rate, foreach=True)
     actor.train()
     for _ in range(config.warm_start_epochs):
         for index in torch.randperm(len(sentences), generator=generator).split(config.warm_start_batch_size):
