@@ -71,6 +71,16 @@ def test_top_k_when_named_truncates_the_sampler_under_every_correction_from_the_
     assert [(c.sampler_top_k, c.sampler_correction) for c in top_2] == [(2, 'tis')]
 
 
+def test_precision_when_named_rounds_the_samplers_logits_under_every_correction_from_the_on_policy_run():
+    config = OffPolicyStudyConfig(methods=('ppo',), knobs=('precision',), seeds=(0,))
+    rounded = cells(config, quick_schedules(config.methods))
+    assert sorted({(cell[2], cell[3]) for cell in rounded}) == sorted(
+        (dtype, label) for dtype in ('fp32', 'bf16', 'fp16') for label, _ in CORRECTIONS)
+    assert {cell[-1] for cell in rounded if cell[2] == 'fp32'} == {variant_of('ppo', 'staleness', 0, 'none')}
+    bf16 = [cell[-1].config() for cell in rounded if cell[2:4] == ('bf16', 'mis')]
+    assert [(c.sampler_precision, c.sampler_correction) for c in bf16] == [('bf16', 'mis')]
+
+
 def test_a_correction_where_the_sampler_is_the_policy_is_the_on_policy_run():
     for method in ('ppo', 'rloo', 'grpo'):
         on_policy = variant_of(method, 'staleness', 0, 'none')
@@ -109,7 +119,7 @@ def test_the_report_has_a_table_per_method_and_knob_of_medians_and_ranges_over_s
 
 @pytest.mark.parametrize('flags, message', [
     (['--methods', 'ppo', 'dpo'], "--methods: unsupported 'dpo'; supported: ppo, rloo, grpo"),
-    (['--knobs', 'precision'], "--knobs: unsupported 'precision'; supported: epochs, staleness, temperature, top_k"),
+    (['--knobs', 'lag'], "--knobs: unsupported 'lag'; supported: epochs, staleness, temperature, top_k, precision"),
     (['--seeds', '1', '1'], '--seeds: each value once')])
 def test_a_method_or_knob_the_study_does_not_turn_is_refused_in_one_line(flags, message, tmp_path, capsys):
     status, _, err = run_cli('off-policy', ['--run-dir', str(tmp_path / 'r'), *flags], capsys)

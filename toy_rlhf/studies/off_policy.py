@@ -12,6 +12,8 @@ registry's quick schedule of the method, on every seed):
   them by pi_old / mu: per token or per response for PPO and GRPO, per response for RLOO (its one
   action is the response). Online DPO (--methods online_dpo) has no correction: with Bradley-Terry
   labels its optimum is pi* whoever samples the pairs, and the study shows how far a run gets.
+Two more turn only when named (--knobs): the sampler's top k (0, 4, 2), which drops responses no
+weight can bring back, and its logits' precision (fp32, bf16, fp16), an inference engine's rounding.
 GRPO trains with the two fixes that make its fixed point pi* (the registry's preset), so that every
 method is measured against the same pi*: each run's distance is the exact KL(pi || pi*) of whole
 responses over all 10^4 responses of held-out prompts, averaged over prompts; each cell's table entry
@@ -47,7 +49,7 @@ STUDIED_METHODS = ('ppo', 'rloo', 'grpo', 'online_dpo')
 @dataclass
 class OffPolicyStudyConfig:
     methods: tuple[str, ...] = ('ppo', 'rloo', 'grpo')  # the methods whose knobs are turned (also: online_dpo)
-    knobs: tuple[str, ...] = ('epochs', 'staleness', 'temperature')  # which knobs to turn (epochs, staleness, temperature, top_k)
+    knobs: tuple[str, ...] = ('epochs', 'staleness', 'temperature')  # which knobs to turn (epochs, staleness, temperature, top_k, precision)
     seeds: tuple[Seed, ...] = (0, 1, 2)  # every cell is trained on each: the table shows the median and range
     beta: NonNegativeFloat = 1.0  # the KL strength of every run
     iters_scale: PositiveInt = 1  # each method's quick schedule's rounds times this (longer: nearer convergence)
@@ -63,6 +65,8 @@ TEMPERATURES = (1.0, 1.3, 1.6)
 # k = 4 keeps them, k = 2 drops responses the policy writes, which no weight can bring back (a weight
 # corrects only what the sampler can draw).
 TOP_K = (0, 4, 2)
+# The sampler's logits rounded to an inference engine's dtype before it samples (rollout.PRECISIONS).
+PRECISIONS = ('fp32', 'bf16', 'fp16')
 # (label, config overrides): the trainer's ratio, for the epochs knob (a per-token loss: PPO, GRPO).
 RATIO_VARIANTS = (('ppo', {}), ('gspo', {'ratio': 'gspo'}), ('gmpo', {'ratio': 'gmpo'}),
                   ('cispo (trl-5)', {'ratio': 'cispo', 'cispo_bounds': 'trl-5'}),
@@ -79,7 +83,8 @@ CORRECTIONS = (('none', {}), ('tis', {'sampler_correction': 'tis'}), ('mis', {'s
                ('tis (sequence)', {'sampler_correction': 'tis', 'correction_level': 'sequence'}))
 # (knob, its values, its variants, the config field it sets); each knob's first value is on-policy.
 KNOBS = (('epochs', EPOCHS, RATIO_VARIANTS, 'epochs'), ('staleness', STALENESS, CORRECTIONS, 'staleness'),
-         ('temperature', TEMPERATURES, CORRECTIONS, 'sampler_temperature'), ('top_k', TOP_K, CORRECTIONS, 'sampler_top_k'))
+         ('temperature', TEMPERATURES, CORRECTIONS, 'sampler_temperature'), ('top_k', TOP_K, CORRECTIONS, 'sampler_top_k'),
+         ('precision', PRECISIONS, CORRECTIONS, 'sampler_precision'))
 # The fixes that make GRPO's fixed point pi* (the registry's preset): no division by the group's std
 # (Dr. GRPO) and the k3 term times the ratio to the rollout policy (DeepSeek-V3.2's bias correction).
 FIXED_POINT_SETTINGS = {'grpo': (('scale_rewards', 'none'), ('kl', 'bias-corrected-k3'))}
@@ -161,7 +166,7 @@ def off_policy(run_dir, plots_dir, config, progress=True, schedule=None):
     for method, knob, value, label, seed, variant in chosen:
         rows.append({'method': method, 'knob': knob, 'value': value, 'variant': label, 'seed': seed,
                      **measured[variant.name]})
-        print(f'{method} {knob}={value:g} {label} seed {seed}: KL(pi || pi*) = {rows[-1]["distance"]:.4f}', flush=True)
+        print(f'{method} {knob}={shown(value)} {label} seed {seed}: KL(pi || pi*) = {rows[-1]["distance"]:.4f}', flush=True)
     record = {'preference': run.preference.name, 'settings': asdict(config),
               'on_policy_configs': {name: asdict(base) for name, base in base_configs(config, schedule).items()},
               'reference_distance': response_kl(tables.log_ref, optimum).mean().item(),
@@ -193,6 +198,11 @@ def panels(record):
     return found
 
 
+def shown(value):
+    """A knob's value as the table and the figure write it: a number in its shortest form, or a dtype."""
+    return value if isinstance(value, str) else f'{value:g}'
+
+
 def entry(distances):
     """A table cell: the median over seeds and, with more than one seed, [lowest, highest]."""
     text = f"{distances['median']:.4f}"
@@ -210,7 +220,7 @@ def off_policy_report(record):
              f"policy's is {record['reference_distance']:.3f}. On-policy: {on_policy} (how much a seed alone "
              'moves it).\n']
     for method, knob, values, labels, cell in panels(record):
-        rows = [[f'{value:g}', *[entry(cell[value, label]) for label in labels]] for value in values]
+        rows = [[shown(value), *[entry(cell[value, label]) for label in labels]] for value in values]
         parts.append(f'## {METHODS[method].label}, {knob}\n\n' + markdown_table([knob, *labels], rows) + '\n')
     return '\n'.join(parts)
 
@@ -226,7 +236,7 @@ def plot_off_policy(record, path):
                              layout='constrained', squeeze=False)
     for method, knob, values, labels, cell in found:
         ax = axes[methods.index(method)][knobs.index(knob)]
-        positions = range(len(values))  # in the knob's order, on-policy first (top_k's 0 keeps every token)
+        positions = range(len(values))  # in the knob's order, on-policy first (top_k's 0 keeps every token, fp32 rounds nothing)
         for label in labels:
             median, low, high = ([cell[value, label][key] for value in values] for key in ('median', 'low', 'high'))
             line, = ax.plot(positions, median, marker='o', label=label)
@@ -234,6 +244,6 @@ def plot_off_policy(record, path):
         seeds = record['on_policy'][method]
         ax.axhspan(min(seeds), max(seeds), color='grey', alpha=0.2, label='on-policy, range over seeds')
         ax.set(xlabel=knob, ylabel='KL(pi || pi*) (nats)', title=f'{METHODS[method].label}, {knob}')
-        ax.set_xticks(positions, [f'{value:g}' for value in values])
+        ax.set_xticks(positions, [shown(value) for value in values])
         ax.legend(fontsize=8)
     return figures.save(fig, path)
