@@ -93,3 +93,24 @@ def test_a_pool_smaller_than_a_rounds_prompts_is_refused_before_anything_is_comp
     with pytest.raises(TrainingError, match='prompt_pool 4 is smaller than prompts_per_iter 16'):
         prompt_pool(reference=None, rewards_of=None, config=DistillConfig(prompt_pool=4, prompts_per_iter=16),
                     generator=None)
+
+
+def test_a_greedy_sampler_writes_the_states_the_student_is_taught_at(monkeypatch):
+    # Top-k 1: the sampler, not the student, writes each round's responses, every sample of a prompt
+    # the same one (the student would write several); the teacher is read at those states. Untrained
+    # models, two prompts of four samples, one round: only the plumbing is checked.
+    import toy_rlhf.methods.distill as distill
+    torch.manual_seed(0)
+    sft_policy, reward_model = GPT(policy_config()), GPT(reward_model_config())
+    taught = []
+    def recording_update(student, optimizer, batch, config):
+        taught.append(batch['sentences'].view(2, 4, -1))
+        return update(student, optimizer, batch, config)
+    update = distill.update
+    monkeypatch.setattr(distill, 'update', recording_update)
+    for top_k in (1, 0):
+        config = DistillConfig(iters=1, prompts_per_iter=2, samples_per_prompt=4, sampler_top_k=top_k)
+        distill.train_distill(sft_policy, reward_model, config, PREFERENCES['first-digit'], progress=False)
+    greedy, sampled = taught
+    assert all(len(set(map(tuple, prompt.tolist()))) == 1 for prompt in greedy)
+    assert any(len(set(map(tuple, prompt.tolist()))) > 1 for prompt in sampled)

@@ -115,6 +115,19 @@ def test_each_sample_wins_against_the_other_samples_of_its_prompt():
     assert win.tolist() == pytest.approx(expected, abs=1e-7)
 
 
+def test_off_policy_samples_are_weighed_by_the_iterates_probability_over_the_samplers():
+    # Prompt 1: scores 0, 1, 3 drawn by a sampler with weights pi_t / mu of 1, 2 and 1/2: sample 0's
+    # opponents count 2 : 1/2, its estimate (2 s(-1) + s(-3) / 2) / (5/2). Weights alike (prompt 2,
+    # all 3) change nothing.
+    scores = torch.tensor([0.0, 1.0, 3.0, 0.0, 1.0, 3.0])
+    log_weights = torch.tensor([1.0, 2.0, 0.5, 3.0, 3.0, 3.0]).log()
+    win = estimated_win_probability(scores, 3, log_weights)
+    s = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    expected = [(2 * s(-1) + 0.5 * s(-3)) / 2.5, (s(1) + 0.5 * s(-2)) / 1.5, (s(3) + 2 * s(2)) / 3]
+    assert win[:3].tolist() == pytest.approx(expected, abs=1e-7)
+    assert win[3:].tolist() == pytest.approx(estimated_win_probability(scores[3:], 3).tolist(), abs=1e-7)
+
+
 def test_the_sppo_loss_is_the_squared_distance_to_eta_times_the_centred_win_rate():
     log_ratio = torch.tensor([0.0, 1.0])
     win = torch.tensor([0.75, 0.25])
@@ -132,6 +145,30 @@ def test_the_nash_md_loss_weighs_each_token_by_the_kl_and_the_centred_payoff(kl_
     logp_ref = logp.detach() - torch.tensor([[0.2, 0.3, 0.1]])
     nash_md_loss(logp, logp_ref, torch.tensor([0.9]), 0.5, kl_gradient).backward()
     assert logp.grad[0].tolist() == pytest.approx([0.5 * w - 0.4 for w in kl_weights])
+
+
+def test_a_sampler_weight_scales_each_responses_nash_md_gradient():
+    # Two responses as the test above's, the second weighed 3: its gradient three times the unweighted.
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -2.0, -0.5]], requires_grad=True)
+    logp_ref = logp.detach() - torch.tensor([0.2, 0.3, 0.1])
+    nash_md_loss(logp, logp_ref, torch.tensor([0.9, 0.9]), 0.5, 'to-go', torch.tensor([1.0, 3.0])).backward()
+    unweighted = [(0.5 * w - 0.4) / 2 for w in (0.6, 0.4, 0.1)]  # the mean over two responses
+    assert logp.grad.tolist() == [pytest.approx(unweighted), pytest.approx([3 * g for g in unweighted])]
+
+
+@pytest.mark.parametrize('method, settings', [
+    ('nash_md', dict(staleness=1, sampler_temperature=1.3, sampler_correction='tis')),
+    ('sppo', dict(sampler_temperature=1.3, sampler_top_k=5))])
+def test_an_off_policy_nash_run_trains_on_the_samplers_responses(sft_policy, reward_model, method, settings):
+    # Two short rounds each way: the sampler's responses, not the policy's, reach the update.
+    config = replace(METHODS[method].config(), iters=2, prompts_per_iter=8, seed=0)
+    runs = [METHODS[method].train(sft_policy, reward_model=reward_model, config=replace(config, **changed),
+                                  preference=PREFERENCES['first-digit'], progress=False)[1]
+            for changed in ({}, settings)]
+    assert all(math.isfinite(row['loss']) for history in runs for row in history)
+    assert runs[0][0]['loss'] != runs[1][0]['loss']
+    if method == 'nash_md':  # the weights pi_old / mu it logs are not all 1
+        assert all(0 < row['sampler/effective_sample_size'] < 1 for row in runs[1])
 
 
 # --- Where the quick runs land -----------------------------------------------------------------------

@@ -3,7 +3,7 @@ a correction where the sampler is the policy is the on-policy run, the table sho
 range over seeds, and a tiny study on a run folder writes its files and reuses its checkpoints."""
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 
@@ -11,12 +11,13 @@ from conftest import run_cli
 
 from toy_rlhf import run as run_module
 from toy_rlhf.checkpoint import save_checkpoint
+from toy_rlhf.methods import METHODS
 from toy_rlhf.studies import off_policy as study
 from toy_rlhf.studies.off_policy import (CORRECTIONS, RATIO_VARIANTS, OffPolicyStudyConfig, base_configs, cells,
-                                         off_policy_report, plot_off_policy, quick_schedules)
+                                         method_schedules, off_policy_report, plot_off_policy)
 
 CONFIG = OffPolicyStudyConfig()
-SCHEDULE = quick_schedules(CONFIG.methods)
+SCHEDULE = method_schedules(CONFIG)
 CELLS = cells(CONFIG, SCHEDULE)  # (method, knob, value, label, seed, Variant) of the default study
 
 
@@ -43,11 +44,28 @@ def test_ppo_and_grpo_turn_every_ratio_variant_and_correction_rloo_its_own_seque
 
 def test_online_dpo_when_named_turns_the_sampler_with_no_correction_and_its_own_loss_over_epochs():
     config = OffPolicyStudyConfig(methods=('online_dpo',), seeds=(0,))
-    online = cells(config, quick_schedules(config.methods))
+    online = cells(config, method_schedules(config))
     labels = {knob: sorted({cell[3] for cell in online if cell[1] == knob}) for knob in config.knobs}
     assert labels == {'epochs': ['its own loss'], 'staleness': ['none'], 'temperature': ['none']}
     stale = [cell[-1].config() for cell in online if cell[1:3] == ('staleness', 2)]
     assert [(c.staleness, c.anneal_lr) for c in stale] == [(2, True)]  # its quick schedule's constant step annealed
+
+
+def test_distillation_sppo_and_nash_md_when_named_turn_the_sampler_nash_md_with_its_corrections():
+    config = OffPolicyStudyConfig(methods=('distill', 'sppo', 'nash_md'), seeds=(0,))
+    named = cells(config, method_schedules(config))
+    labels = {(method, knob): sorted({cell[3] for cell in named if cell[:2] == (method, knob)})
+              for method in config.methods for knob in config.knobs}
+    for method in ('distill', 'sppo'):
+        assert [labels[method, knob] for knob in config.knobs] == [['its own loss'], ['none'], ['none']]
+    # Nash-MD's weight is the whole response's: every correction but the per-token level's.
+    assert labels['nash_md', 'staleness'] == labels['nash_md', 'temperature'] == ['icepop', 'mis', 'none', 'tis']
+    bases = base_configs(config, method_schedules(config))
+    assert bases['distill'].anneal_lr and not hasattr(bases['sppo'], 'anneal_lr')
+    # --schedule default: each method's own defaults, not its quick schedule.
+    defaults = base_configs(replace(config, schedule='default'), method_schedules(replace(config, schedule='default')))
+    assert all(defaults[name] == METHODS[name].config(beta=config.beta) for name in ('sppo', 'nash_md'))
+    assert bases['nash_md'] != defaults['nash_md']
 
 
 def test_every_cell_is_trained_on_every_seed_with_grpos_fixes_and_the_quick_schedule_scaled():
@@ -63,7 +81,7 @@ def test_every_cell_is_trained_on_every_seed_with_grpos_fixes_and_the_quick_sche
 
 def test_top_k_when_named_truncates_the_sampler_under_every_correction_from_the_on_policy_run():
     config = OffPolicyStudyConfig(methods=('ppo',), knobs=('top_k',), seeds=(0,))
-    truncated = cells(config, quick_schedules(config.methods))
+    truncated = cells(config, method_schedules(config))
     assert sorted({(cell[2], cell[3]) for cell in truncated}) == sorted(
         (k, label) for k in (0, 4, 2) for label, _ in CORRECTIONS)
     assert {cell[-1] for cell in truncated if cell[2] == 0} == {variant_of('ppo', 'staleness', 0, 'none')}
@@ -73,7 +91,7 @@ def test_top_k_when_named_truncates_the_sampler_under_every_correction_from_the_
 
 def test_precision_when_named_rounds_the_samplers_logits_under_every_correction_from_the_on_policy_run():
     config = OffPolicyStudyConfig(methods=('ppo',), knobs=('precision',), seeds=(0,))
-    rounded = cells(config, quick_schedules(config.methods))
+    rounded = cells(config, method_schedules(config))
     assert sorted({(cell[2], cell[3]) for cell in rounded}) == sorted(
         (dtype, label) for dtype in ('fp32', 'bf16', 'fp16') for label, _ in CORRECTIONS)
     assert {cell[-1] for cell in rounded if cell[2] == 'fp32'} == {variant_of('ppo', 'staleness', 0, 'none')}
@@ -100,13 +118,15 @@ def hand_made_record():
                                          ('rloo', 0.3, labels_of('rloo', 'staleness')))
             for value in (0, 2, 4) for label in labels for seed in (0, 1, 2)]
     settings = asdict(OffPolicyStudyConfig(methods=('ppo', 'rloo'), knobs=('staleness',)))
-    return {'preference': 'first-digit', 'settings': settings, 'reference_distance': 5.0,
+    return {'preference': 'first-digit', 'settings': settings, 'targets': {'ppo': 'pi*', 'rloo': 'pi*'},
+            'reference_distance': {'ppo': 5.0, 'rloo': 5.0},
             'on_policy': {'ppo': [0.2, 0.21, 0.22], 'rloo': [0.3, 0.31, 0.32]}, 'rows': rows}
 
 
 def test_the_report_has_a_table_per_method_and_knob_of_medians_and_ranges_over_seeds(tmp_path):
     report = off_policy_report(hand_made_record())
-    assert report.startswith('# Off-policy on purpose against pi* (beta 1, first-digit)')
+    assert report.startswith("# Off-policy on purpose against each method's target (beta 1, first-digit)")
+    assert 'Targets: PPO pi* (the SFT policy 5.000); RLOO pi* (the SFT policy 5.000).' in report
     assert '## PPO, staleness' in report and '## RLOO, staleness' in report and 'epochs' not in report
     assert '| staleness | none | tis | mis | icepop | tis (sequence) |' in report
     assert '| staleness | none | tis | mis | icepop |\n' in report

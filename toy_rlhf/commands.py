@@ -89,31 +89,16 @@ def run_sweep(args):
     sweep(args.run_dir, args.plots_dir, config, method_configs(args, config.methods), args.progress)
 
 
-def add_credit_arguments(parser):
-    add_config_flags(parser, CreditConfig)
-    add_plots_dir(parser, 'credit_assignment.png')
+def study_command(config_class, study, figure):
+    """(add_arguments, run) of a study whose flags are config_class's and --plots-dir (for `figure`):
+    study(run_dir, plots_dir, config, progress)."""
+    def add_arguments(parser):
+        add_config_flags(parser, config_class)
+        add_plots_dir(parser, figure)
 
-
-def run_credit(args):
-    credit_assignment(args.run_dir, args.plots_dir, config_from_args(args, CreditConfig), args.progress)
-
-
-def add_collapse_arguments(parser):
-    add_config_flags(parser, CollapseConfig)
-    add_plots_dir(parser, 'collapse.png')
-
-
-def run_collapse(args):
-    collapse(args.run_dir, args.plots_dir, config_from_args(args, CollapseConfig), args.progress)
-
-
-def add_tau_arguments(parser):
-    add_config_flags(parser, TauConfig)
-    add_plots_dir(parser, 'tau.png')
-
-
-def run_tau(args):
-    tau_study(args.run_dir, args.plots_dir, config_from_args(args, TauConfig), args.progress)
+    def run(args):
+        study(args.run_dir, args.plots_dir, config_from_args(args, config_class), args.progress)
+    return add_arguments, run
 
 
 def add_off_policy_arguments(parser):
@@ -326,16 +311,16 @@ def study_commands():
                           "From the run's SFT policy and reward model, every variant on every seed, measured exactly every "
                           'few rounds: samples to the target rate, gap closed, KL per position; draws '
                           'credit_assignment.png, writes runs/RUN/credit_assignment.md and .json.',
-                          add_credit_arguments, run_credit),
+                          *study_command(CreditConfig, credit_assignment, 'credit_assignment.png')),
         'collapse': Command('collapse.py', 'the collapse and the ceiling: sampled methods against exact-optimiser paths',
                             "From the run's SFT policy and reward model: mass on the top response, response entropy and "
                             'the KL beyond what pi* pays, against rounds, for each method and each exact path; the '
                             'ceiling (the best exact path) and each method\'s optimiser gap; draws collapse.png, writes '
-                            'runs/RUN/collapse.md and .json.', add_collapse_arguments, run_collapse),
+                            'runs/RUN/collapse.md and .json.', *study_command(CollapseConfig, collapse, 'collapse.png')),
         'tau': Command('tau_vs_beta.py', "the preference game's equilibrium pi_tau against pi*: tau is not beta",
                        "From the run's SFT policy and reward model: pi*_beta and pi_tau over one grid of strengths (KL to "
                        'the reference, score, preference rate), and Nash-MD trained at its default tau placed between '
-                       'them; draws tau.png, writes runs/RUN/tau.md and .json.', add_tau_arguments, run_tau),
+                       'them; draws tau.png, writes runs/RUN/tau.md and .json.', *study_command(TauConfig, tau_study, 'tau.png')),
         'leaderboard': Command('leaderboard.py', 'every method on every preference over seeds, measured exactly',
                                'An SFT policy per seed, a reward model per preference and seed, every method that trains '
                                'or has an exact policy at each beta; checkpoints and measured rows reused; writes '
@@ -343,8 +328,8 @@ def study_commands():
                                "split by the exact optimiser's checkpoints found in each cell's folder (the ceiling).",
                                lambda parser: add_config_flags(parser, LeaderboardConfig), run_leaderboard,
                                default_run='leaderboard'),
-        'off-policy': Command('off_policy.py', 'PPO, RLOO and GRPO off-policy on purpose: ratio variants and sampler '
-                              'corrections against pi*',
+        'off-policy': Command('off_policy.py', 'PPO, RLOO and GRPO (and the other sampling methods) off-policy on '
+                              'purpose: ratio variants and sampler corrections against each one\'s target',
                               "From the run's SFT policy and reward model (an empty folder gets the default ones), each "
                               "method on every seed as epochs, staleness and the sampler's temperature grow, each "
                               'policy measured exactly; checkpoints reused; draws off_policy.png, writes '

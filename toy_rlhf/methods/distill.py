@@ -21,6 +21,13 @@ state's own distribution only (the states are samples). Its expectation is zero 
 student's conditionals equal the teacher's at every state it reaches, so the fixed point is the
 teacher itself, for every divergence: the registry's `target`.
 
+Off-policy on purpose (rollout.SamplerSettings): the states may come from a sampler that is not the
+student (stale, tempered, cut to its top k, rounded), with no importance weight: the loss at a state
+is that state's own divergence, least where the student's conditionals there are the teacher's, so
+the fixed point is the teacher whichever sampler visits the states, as long as it visits them all; the
+sampler only sets how much each state weighs in a finite run (a state it never draws, behind a top k,
+is left untrained).
+
 Differs from TRL on purpose: samples at temperature 1 (GKD 0.9) and only from the student (GKD's
 lmbda = 1: fully on-policy), since a temperature would make the target the teacher of a tempered
 student; the teacher is exact, not a network.
@@ -34,15 +41,15 @@ from toy_rlhf.enumeration import all_response_rewards, prompt_pool, step_tables
 from toy_rlhf.flags import NonNegativeInt, PositiveFloat, PositiveInt, Probability
 from toy_rlhf.language import DIGITS, PROMPT_LENGTH, RESPONSE_LENGTH, SEP
 from toy_rlhf.methods.best_of_n import best_of_n_log_probs
-from toy_rlhf.methods.rollout import (RolloutConfig, TrainingLog, mean_rows, minibatches, rollout, set_learning_rate,
-                                      start_training)
+from toy_rlhf.methods.rollout import (RolloutConfig, Sampler, SamplerSettings, TrainingLog, mean_rows, minibatches,
+                                      rollout, set_learning_rate, start_training)
 from toy_rlhf.optimal import digit_distribution, optimal_log_probs
 from toy_rlhf.policy import next_token_log_probs
 from toy_rlhf.training import check_finite, gradient_step
 
 
 @dataclass
-class DistillConfig(RolloutConfig):
+class DistillConfig(SamplerSettings, RolloutConfig):
     teacher: Literal['optimal', 'best-of-n'] = 'optimal'  # pi* of the reward model at beta, or best-of-n at n
     n: PositiveInt = 8  # samples of the best-of-n teacher
     divergence: Literal['reverse-kl', 'forward-kl', 'jsd'] = 'reverse-kl'  # per token, student's to the teacher
@@ -125,6 +132,7 @@ def train_distill(sft_policy, reward_model, config, preference, progress=True, m
     (rollout_row), the divergence, and what measure(rounds done, student) returns.
     """
     student, reference, optimizer, generator = start_training(sft_policy, config)
+    sampler = Sampler(config)  # the student itself unless config makes the rollout off-policy
     reward_model.eval()
     def rewards_of(prompts):
         return all_response_rewards(reward_model, prompts)
@@ -134,10 +142,10 @@ def train_distill(sft_policy, reward_model, config, preference, progress=True, m
         for iteration in range(config.iters):
             # 0. learning rate of this round: decayed towards 0 (anneal_lr), or constant
             set_learning_rate((optimizer,), config, iteration)
-            # 1. rollout: P prompts (fresh, or from the pool) x K samples from the student
+            # 1. rollout: P prompts (fresh, or from the pool) x K samples from the sampler (the student by default)
             prompts, log_ref, rewards = step_tables(reference, rewards_of, config, generator, pool)  # (P, 4), (P, 10^4) x 2
             batch = rollout(student, reference, reward_model, prompts.repeat_interleave(config.samples_per_prompt, 0),
-                            generator, preference)
+                            generator, preference, sampler)
             # 2. teacher: from the exact tables of the P prompts, its next-token distributions at the sampled states
             table = teacher_table(log_ref, rewards, config)
             with torch.no_grad():

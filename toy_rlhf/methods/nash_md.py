@@ -35,6 +35,13 @@ weights to the two nearest points), convolved with the sigmoid by FFT, and read 
 by linear interpolation: second-order accurate in the grid's step (WIN_GRID_POINTS points across the
 prompt's reward range), the error against the direct sum is checked in tests/test_nash.py.
 
+Off-policy on purpose (rollout.SamplerSettings, SamplerCorrection): the policy's responses may come
+from a sampler mu that is not the policy (the opponent's stay the mixture's). The loss is REINFORCE,
+an expectation over the policy's responses, so without a correction its expectation is over mu's; a
+correction multiplies each response's loss by f(w) of its whole weight w = pi_old(y) / mu(y)
+(ratios.sampler_weights at sequence level, as RLOO's): 'tis' caps it, which at a cap above every
+weight is the unbiased gradient again.
+
 Differs from TRL on purpose:
 - the KL term multiplies each token's log-prob by the log ratio of the response from that token on
   (kl_gradient 'to-go'), an unbiased REINFORCE gradient of the sequence KL (the tokens before t do not
@@ -53,7 +60,9 @@ import torch
 from toy_rlhf.flags import PositiveFloat, PositiveInt, Probability, Seed
 from toy_rlhf.language import RESPONSE_LENGTH, join
 from toy_rlhf.methods.advantages import returns_to_go
-from toy_rlhf.methods.rollout import TrainingLog, mean_rows, minibatches, prompt_groups, rollout, start_training
+from toy_rlhf.methods.ratios import effective_sample_size, sampler_weights
+from toy_rlhf.methods.rollout import (Sampler, SamplerCorrection, SamplerSettings, TrainingLog, mean_rows, minibatches,
+                                      prompt_groups, rollout, start_training)
 from toy_rlhf.optimal import digit_distribution
 from toy_rlhf.policy import next_token_log_probs, token_log_probs_from
 from toy_rlhf.reward import score_sentences
@@ -63,9 +72,10 @@ WIN_GRID_POINTS = 512  # reward values P(y > pi) is computed at, per prompt (the
 
 
 @dataclass
-class NashMDConfig:
+class NashMDConfig(SamplerCorrection, SamplerSettings):
     """Not a RolloutConfig: one response per prompt from the policy (the other from the mixture), and
-    no ratio to clip."""
+    no ratio to clip. The policy's responses may come from a sampler that is not the policy, and be
+    weighed by a correction (SamplerSettings, SamplerCorrection)."""
     beta: PositiveFloat = 0.1  # tau, TRL's default: the KL strength of the game (not PPO's beta: the payoff is in [0, 1])
     mixture_coef: Probability = 0.5  # m: the opponent samples from pi^(1 - m) pi_ref^m, per token (TRL's default)
     kl_gradient: Literal['to-go', 'per-token'] = 'to-go'  # each token's KL weight: the log ratio from it on, or its own (TRL)
@@ -130,10 +140,11 @@ def nash_equilibrium(log_ref, rewards, tau, step=0.5, tolerance=1e-10, max_iters
     raise RuntimeError(f'nash_equilibrium: no convergence in {max_iters} iterations at tau={tau}')
 
 
-def nash_md_loss(logp, logp_ref, probability, beta, kl_gradient):
+def nash_md_loss(logp, logp_ref, probability, beta, kl_gradient, weights=None):
     """The loss of the policy's responses: logp (B, T) token log-probs with gradients, logp_ref (B, T),
-    probability (B,) P(y > y'). beta * sum_t sg(w_t) log pi(y_t | y<t) - (P - 1/2) log pi(y), averaged;
-    the KL's weight w_t is the log ratio of tokens t..T ('to-go') or of token t alone ('per-token', TRL)."""
+    probability (B,) P(y > y'). beta * sum_t sg(w_t) log pi(y_t | y<t) - (P - 1/2) log pi(y), averaged,
+    each response's times its sampler weight (B,) where there is one; the KL's weight w_t is the log
+    ratio of tokens t..T ('to-go') or of token t alone ('per-token', TRL)."""
     log_ratio = (logp - logp_ref).detach()  # (B, T)
     if kl_gradient == 'to-go':
         # Token t's choice changes the log ratios of t and after, never those before it.
@@ -143,7 +154,8 @@ def nash_md_loss(logp, logp_ref, probability, beta, kl_gradient):
     else:
         raise ValueError(f"kl_gradient must be 'to-go' or 'per-token', got {kl_gradient!r}")
     payoff = (probability - 0.5) * logp.sum(dim=1)  # 1/2: the control variate, P(y > y) of a tie
-    return (beta * kl_term - payoff).mean()
+    loss = beta * kl_term - payoff  # (B,)
+    return loss.mean() if weights is None else (weights * loss).mean()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,12 +184,13 @@ def train_nash_md(sft_policy, reward_model, config, preference, progress=True, m
     round, the rollout's metrics (rollout_row), the loss and TRL's Nash-MD statistics, plus what
     measure(rounds done, policy) returns."""
     actor, reference, optimizer, generator = start_training(sft_policy, config)
+    sampler = Sampler(config)  # the policy itself unless config makes the rollout off-policy
     with TrainingLog(config.iters, f'Nash-MD tau={config.beta:g}', progress,
                      shown=('rewards/probabilities', 'objective/kl_full', 'gold/preference_rate')) as log:
         for iteration in range(config.iters):
-            # 1. rollout: a response from the policy, and one from the mixture, per prompt
+            # 1. rollout: a response from the sampler (the policy by default), and one from the mixture, per prompt
             prompts = prompt_groups(config, generator)
-            batch = rollout(actor, reference, reward_model, prompts, generator, preference)
+            batch = rollout(actor, reference, reward_model, prompts, generator, preference, sampler)
             mixture = generate_from_mixture(actor, reference, prompts, config.mixture_coef, generator)
             # 2. judge: the Bradley-Terry probability that the policy's response wins
             with torch.no_grad():  # the judge is frozen: no gradient reaches it
@@ -192,15 +205,22 @@ def train_nash_md(sft_policy, reward_model, config, preference, progress=True, m
 
 def update(actor, optimizer, batch, config):
     """config.epochs passes of minibatch steps on the Nash-MD loss; returns its mean and the mean
-    P(y > y')."""
+    P(y > y') (and the sampler weights' effective sample size, with a correction)."""
     actor.train()
     steps = []
     for index in minibatches(len(batch['sentences']), config):
         sentences = batch['sentences'][index]
         logp = token_log_probs_from(next_token_log_probs(actor, sentences), sentences)  # (b, 4)
+        # the sampler's weight pi_old(y) / mu(y) of each whole response, corrected; None without a correction
+        weights = sampler_weights(batch['logp_old'][index], batch['logp_sampler'][index], config.sampler_correction,
+                                  'sequence', config.correction_band)
+        weights = None if weights is None else weights[:, 0]
         loss = nash_md_loss(logp, batch['logp_ref'][index], batch['probability'][index], config.beta,
-                            config.kl_gradient)
+                            config.kl_gradient, weights)
         gradient_step(optimizer, loss, actor, config.max_grad_norm)
-        steps.append({'loss': loss.item(), 'rewards/probabilities': batch['probability'][index].mean().item()})
+        step = {'loss': loss.item(), 'rewards/probabilities': batch['probability'][index].mean().item()}
+        if weights is not None:
+            step['sampler/effective_sample_size'] = effective_sample_size(weights)
+        steps.append(step)
     actor.eval()
     return mean_rows(steps)

@@ -65,11 +65,17 @@ class SamplerSettings:
 
 
 @dataclass
-class SamplerConfig(SamplerSettings, RolloutConfig):
-    """RolloutConfig with a sampler that need not be the policy, and the corrections of ratios.py for
-    it (its docstring has each one's equation and library defaults). The defaults are on-policy."""
+class SamplerCorrection:
+    """The corrections of ratios.py for a sampler that is not the policy (its docstring has each one's
+    equation and library defaults): each sample's loss times a function of its weight pi_old / mu."""
     sampler_correction: Literal['none', 'tis', 'mis', 'icepop'] = 'none'  # of the sampler's weight pi_old / mu
     correction_band: Literal['verl', 'trl', 'open-instruct', 'openrlhf'] = 'verl'  # whose default thresholds
+
+
+@dataclass
+class SamplerConfig(SamplerCorrection, SamplerSettings, RolloutConfig):
+    """RolloutConfig with a sampler that need not be the policy, and the corrections for it. The
+    defaults are on-policy."""
 
 
 @dataclass

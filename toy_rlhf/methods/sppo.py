@@ -26,6 +26,13 @@ E_{pi_t}[P(y > pi_t)] = 1/2 exactly); and each trained iterate starts from the p
 the errors carry on. Without a KL anchor the iterates drift for as long as they run, towards the
 responses that beat the rest (for a transitive preference, the reward model's best).
 
+Off-policy on purpose (rollout.SamplerSettings): the responses may come from a sampler mu that is not
+pi_t (an iterate of `staleness` rounds before, tempered, cut to its top k, rounded). Then the others of
+a prompt are draws of mu, not pi_t, and their plain mean estimates P(y > mu): each is weighed by its
+exact pi_t(y_j) / mu(y_j), normalised over the others, which estimates P(y > pi_t) again (consistently,
+not unbiasedly, at K - 1 opponents). The regression needs no weight: its minimum sits at the target of
+every response the sampler draws, whoever draws them.
+
 Differs from the paper on purpose: P^ averages over the other K - 1 samples of the prompt (the paper's
 average over its K samples, if it counts y_k against itself, adds a 1/2 that shrinks eta by (K - 1) / K,
 a step that depends on K); the preference is the reward model's BT probability, not PairRM; each
@@ -38,16 +45,18 @@ import torch
 
 from toy_rlhf.flags import GroupSize, PositiveFloat, PositiveInt, Seed
 from toy_rlhf.methods.nash_md import win_probability
-from toy_rlhf.methods.rollout import TrainingLog, mean_rows, minibatches, prompt_groups, rollout, start_training
+from toy_rlhf.methods.rollout import (Sampler, SamplerSettings, TrainingLog, mean_rows, minibatches, prompt_groups,
+                                      rollout, start_training)
 from toy_rlhf.optimal import digit_distribution
 from toy_rlhf.policy import token_log_probs
 from toy_rlhf.training import check_finite, gradient_step
 
 
 @dataclass
-class SPPOConfig:
+class SPPOConfig(SamplerSettings):
     """Not a RolloutConfig: the samples come from the frozen iterate pi_t, not from the policy being
-    fitted, and there is no ratio to clip."""
+    fitted, and there is no ratio to clip. A sampler that is not pi_t (SamplerSettings) is weighed
+    exactly in the win-rate estimate."""
     beta: PositiveFloat = 0.5  # 1 / eta, the inverse step of multiplicative weights (TRL's sppo beta)
     iters: PositiveInt = 18  # sample-and-update rounds
     rounds_per_iterate: PositiveInt = 6  # rounds per SPPO iteration t, all sampling the frozen pi_t
@@ -66,13 +75,19 @@ class SPPOConfig:
 # ---------------------------------------------------------------------------------------------
 # The math, as pure functions.
 
-def estimated_win_probability(scores, samples_per_prompt):
-    """P^(y_k > pi_t): the mean over the other samples j of its prompt of sigmoid(s_k - s_j).
-    scores (P * K,), each prompt's K adjacent -> (P * K,)."""
+def estimated_win_probability(scores, samples_per_prompt, log_weights=None):
+    """P^(y_k > pi_t): the mean over the other samples j of its prompt of sigmoid(s_k - s_j), or,
+    with log_weights (P * K,) the log pi_t(y_j) / mu(y_j) of samples a sampler mu drew, their weighted
+    mean, the weights normalised over the others. scores (P * K,), each prompt's K adjacent -> (P * K,)."""
     grouped = scores.view(-1, samples_per_prompt)  # (P, K)
     pairwise = torch.sigmoid(grouped.unsqueeze(2) - grouped.unsqueeze(1))  # (P, K, K): P(y_k > y_j)
-    # The diagonal is a response against itself, sigmoid(0) = 1/2: left out.
-    return ((pairwise.sum(dim=2) - 0.5) / (samples_per_prompt - 1)).flatten()
+    if log_weights is None:
+        # The diagonal is a response against itself, sigmoid(0) = 1/2: left out.
+        return ((pairwise.sum(dim=2) - 0.5) / (samples_per_prompt - 1)).flatten()
+    log_weights = log_weights.view(-1, samples_per_prompt).double()
+    weights = (log_weights - log_weights.amax(dim=1, keepdim=True)).exp()  # (P, K): a prompt's scale cancels
+    others = weights.unsqueeze(1) * (1 - torch.eye(samples_per_prompt, dtype=weights.dtype))  # (P, K, K): w_j, j != k
+    return ((pairwise * others).sum(dim=2) / others.sum(dim=2)).to(scores.dtype).flatten()
 
 
 def sppo_loss(log_ratio, win, eta):
@@ -110,6 +125,7 @@ def train_sppo(sft_policy, reward_model, config, preference, progress=True, meas
     round, the rollout's metrics (rollout_row, those of the frozen iterate pi_t that sampled), the
     iteration, the loss, plus what measure(rounds done, policy) returns."""
     actor, reference, optimizer, generator = start_training(sft_policy, config)
+    sampler = Sampler(config)  # pi_t itself unless config makes the rollout off-policy
     eta = 1 / config.beta
     with TrainingLog(config.iters, f'SPPO eta={eta:g}', progress,
                      shown=('loss', 'objective/kl_full', 'gold/preference_rate')) as log:
@@ -117,11 +133,13 @@ def train_sppo(sft_policy, reward_model, config, preference, progress=True, meas
             # 0. freeze: pi_t, the iterate this iteration samples from and regresses against
             if round_ % config.rounds_per_iterate == 0:
                 iterate = copy.deepcopy(actor).eval().requires_grad_(False)
-            # 1. rollout: K responses per prompt from pi_t, its log-probs and the scores
+            # 1. rollout: K responses per prompt from the sampler (pi_t by default), their log-probs and the scores
             batch = rollout(iterate, reference, reward_model, prompt_groups(config, generator), generator,
-                            preference)
+                            preference, sampler)
             # 2. estimate: each response's win probability against pi_t, from the prompt's other samples
-            batch['win'] = estimated_win_probability(batch['score'], config.samples_per_prompt)
+            #    (weighed by pi_t / mu where the sampler mu is not pi_t)
+            log_weights = None if sampler.on_policy else (batch['logp_old'] - batch['logp_sampler']).sum(dim=1)
+            batch['win'] = estimated_win_probability(batch['score'], config.samples_per_prompt, log_weights)
             check_finite('sppo', round_, win=batch['win'])
             # 3. update: regress log pi_theta/pi_t on eta (P^ - 1/2)
             stats = update(actor, optimizer, batch, eta, config)

@@ -1,21 +1,28 @@
-"""Off-policy on purpose: how far PPO, RLOO and GRPO land from their fixed point pi* as the data goes
-stale, measured exactly, for each ratio variant and each sampler correction (ratios.py, issue 23).
+"""Off-policy on purpose: how far PPO, RLOO and GRPO land from their fixed points (pi*, or next to it)
+as the data goes stale, measured exactly, for each ratio variant and each sampler correction (ratios.py, issue 23); and,
+when named, the other methods that sample (online DPO, distillation, SPPO, Nash-MD), each against its
+own target.
 
 Three knobs turn off-policyness up, one at a time from each method's on-policy run (at --beta, the
-registry's quick schedule of the method, on every seed):
+registry's quick schedule of the method or, with --schedule default, its defaults, on every seed):
 - epochs over each rollout (1, 4, 8): the trainer's own ratio pi / pi_old leaves 1; what bounds it is
   the ratio variant, for PPO and GRPO (ppo, gspo, gmpo, cispo with TRL's default and recommended
   bounds, sapo), RLOO's own clip of the whole response's ratio. The sampler is the policy, so a
   sampler correction has nothing to do here.
 - staleness (0, 2, 4 rounds) and the sampler's temperature (1, 1.3, 1.6): the responses come from mu,
   not pi_old, and the trainer treats them as pi_old's unless a correction (tis, mis, icepop) weighs
-  them by pi_old / mu: per token or per response for PPO and GRPO, per response for RLOO (its one
-  action is the response). Online DPO (--methods online_dpo) has no correction: with Bradley-Terry
-  labels its optimum is pi* whoever samples the pairs, and the study shows how far a run gets.
+  them by pi_old / mu: per token or per response for PPO and GRPO, per response for RLOO and Nash-MD
+  (their one action is the response). Three have no correction to turn ('none'), since whoever samples
+  leaves their fixed point where it is: online DPO (with Bradley-Terry labels its optimum is pi*),
+  distillation (each state's own divergence to the teacher) and SPPO (a regression, with the win
+  rates weighed by pi_t / mu always); the study shows how far a run gets.
 Two more turn only when named (--knobs): the sampler's top k (0, 4, 2), which drops responses no
 weight can bring back, and its logits' precision (fp32, bf16, fp16), an inference engine's rounding.
-GRPO trains with the two fixes that make its fixed point pi* (the registry's preset), so that every
-method is measured against the same pi*: each run's distance is the exact KL(pi || pi*) of whole
+GRPO trains with the two fixes that put its fixed point next to pi* (the registry's preset; 0.007
+nats from it on first-digit's tables, grpo.fixed_point), so that the ratio family aims at nearly the
+same policy. Each method is measured against its own registry target at the study's beta (PPO,
+RLOO, online DPO: pi*; GRPO: its exact fixed point; distillation: its teacher, pi* by default; SPPO:
+the exact multiplicative-weights iterate of its schedule; Nash-MD: pi_tau). Each run's distance is the exact KL(pi || target) of whole
 responses over all 10^4 responses of held-out prompts, averaged over prompts; each cell's table entry
 is the median over seeds and its [lowest, highest].
 
@@ -26,6 +33,7 @@ folder and off_policy.png into its plots (scripts/off_policy.py).
 """
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Literal
 
 import matplotlib.pyplot as plt
 import torch
@@ -41,18 +49,21 @@ from toy_rlhf.run import Run, Variant
 from toy_rlhf.studies.leaderboard import spread
 from toy_rlhf.studies.output import markdown_table, write_study
 
-# The methods whose sampler need not be the policy (rollout.SamplerSettings); online DPO has no
-# correction to compare (its optimum does not depend on who samples the pairs): studied when named.
-STUDIED_METHODS = ('ppo', 'rloo', 'grpo', 'online_dpo')
+# The methods whose sampler need not be the policy (rollout.SamplerSettings); all but the first three
+# studied when named.
+STUDIED_METHODS = ('ppo', 'rloo', 'grpo', 'online_dpo', 'distill', 'sppo', 'nash_md')
 
 
 @dataclass
 class OffPolicyStudyConfig:
-    methods: tuple[str, ...] = ('ppo', 'rloo', 'grpo')  # the methods whose knobs are turned (also: online_dpo)
+    methods: tuple[str, ...] = ('ppo', 'rloo', 'grpo')  # the methods whose knobs are turned (also: online_dpo, distill, sppo, nash_md)
     knobs: tuple[str, ...] = ('epochs', 'staleness', 'temperature')  # which knobs to turn (epochs, staleness, temperature, top_k, precision)
     seeds: tuple[Seed, ...] = (0, 1, 2)  # every cell is trained on each: the table shows the median and range
     beta: NonNegativeFloat = 1.0  # the KL strength of every run
-    iters_scale: PositiveInt = 1  # each method's quick schedule's rounds times this (longer: nearer convergence)
+    # The quick schedules learn in seconds, at steps some methods overshoot with (SPPO, Nash-MD: their
+    # configs); the defaults are each method's own, at their cost.
+    schedule: Literal['quick', 'default'] = 'quick'  # each method's registry quick schedule, or its defaults
+    iters_scale: PositiveInt = 1  # each method's schedule's rounds times this (longer: nearer convergence)
     prompts: ExactPrompts = 50  # held-out prompts of the exact distance (each: all 10^4 responses)
     seed: Seed = 0  # the SFT policy and reward model of an empty run folder, and the held-out prompts
     workers: PositiveInt = 1  # training processes at once (one thread each; the same numbers as one after another)
@@ -85,7 +96,7 @@ CORRECTIONS = (('none', {}), ('tis', {'sampler_correction': 'tis'}), ('mis', {'s
 KNOBS = (('epochs', EPOCHS, RATIO_VARIANTS, 'epochs'), ('staleness', STALENESS, CORRECTIONS, 'staleness'),
          ('temperature', TEMPERATURES, CORRECTIONS, 'sampler_temperature'), ('top_k', TOP_K, CORRECTIONS, 'sampler_top_k'),
          ('precision', PRECISIONS, CORRECTIONS, 'sampler_precision'))
-# The fixes that make GRPO's fixed point pi* (the registry's preset): no division by the group's std
+# The fixes that put GRPO's fixed point next to pi* (the registry's preset): no division by the group's std
 # (Dr. GRPO) and the k3 term times the ratio to the rollout policy (DeepSeek-V3.2's bias correction).
 FIXED_POINT_SETTINGS = {'grpo': (('scale_rewards', 'none'), ('kl', 'bias-corrected-k3'))}
 
@@ -93,21 +104,22 @@ FIXED_POINT_SETTINGS = {'grpo': (('scale_rewards', 'none'), ('kl', 'bias-correct
 # ---------------------------------------------------------------------------------------------
 # The cells: (method, knob, value, variant label, seed), each a Variant of the run.
 
-def quick_schedules(methods):
-    """{method: ((field, value), ...)}: each method's quick schedule (Method.quick) as the registry gives it."""
-    return {name: METHODS[name].quick for name in methods}
+def method_schedules(config):
+    """{method: ((field, value), ...)} over its defaults: its quick schedule (Method.quick) as the
+    registry gives it, or nothing (its defaults), as config.schedule says."""
+    return {name: METHODS[name].quick if config.schedule == 'quick' else () for name in config.methods}
 
 
 def base_configs(config, schedule):
     """{method: its on-policy config}: the schedule's settings over the defaults, its rounds times
-    iters_scale, config.beta, and the settings that make the method's fixed point pi*."""
+    iters_scale, config.beta, and the settings that put the method's fixed point at (or next to) pi*."""
     bases = {}
     for name in config.methods:
         base = replace(METHODS[name].config(), **dict(schedule[name]), **dict(FIXED_POINT_SETTINGS.get(name, ())))
-        # The step annealed to 0 for every method, as their defaults (PPO's quick schedule keeps a
-        # constant one for the tests): at a constant step the last rounds jump about where the knob
-        # moved the fixed point.
-        bases[name] = replace(base, beta=config.beta, iters=base.iters * config.iters_scale, anneal_lr=True)
+        # The step annealed to 0 for every method that can (PPO's quick schedule keeps a constant one
+        # for the tests): at a constant step the last rounds jump about where the knob moved the fixed point.
+        annealed = {'anneal_lr': True} if hasattr(base, 'anneal_lr') else {}
+        bases[name] = replace(base, beta=config.beta, iters=base.iters * config.iters_scale, **annealed)
     return bases
 
 
@@ -144,21 +156,23 @@ def cells(config, schedule):
 def off_policy(run_dir, plots_dir, config, progress=True, schedule=None):
     """Train every cell's variant on the run (an empty folder gets its SFT policy and reward model
     first; checkpoints made with the same settings are reused), measure each one's exact distance from
-    pi*; write the table and record into run_dir and the figure into plots_dir; returns the record.
-    schedule: {method: ((field, value), ...)} over its defaults (default: the registry's quick ones)."""
-    schedule = quick_schedules(config.methods) if schedule is None else schedule
+    its method's target; write the table and record into run_dir and the figure into plots_dir;
+    returns the record. schedule: {method: ((field, value), ...)} over its defaults (default:
+    method_schedules)."""
+    schedule = method_schedules(config) if schedule is None else schedule
     run = Run(run_dir, progress=progress).build(config.seed)
     tables = run.tables(sample_prompts(config.prompts, torch.Generator().manual_seed(config.seed + 1_000)))
-    optimum = optimal_log_probs(tables.log_ref, tables.rewards, config.beta)
+    bases = base_configs(config, schedule)
+    targets = {method: target_log_probs(method, tables, base) for method, base in bases.items()}
     chosen = cells(config, schedule)
     on_policy = {method: [Variant.of(replace(base, seed=seed), method) for seed in config.seeds]
-                 for method, base in base_configs(config, schedule).items()}
+                 for method, base in bases.items()}
     variants = list(dict.fromkeys([*(cell[-1] for cell in chosen), *(v for runs in on_policy.values() for v in runs)]))
     measured = {}
 
     def measure(variant):  # as each arrives: its response log-probs (8 MB at 100 prompts) are let go at once
         measured[variant.name] = {'distance': response_kl(run.response_log_probs(variant, tables.prompts),
-                                                          optimum).mean().item(),
+                                                          targets[variant.method]).mean().item(),
                                   'seconds': run.checkpoint(variant)['metrics']['seconds']}
     with executor(config.workers) as workers:
         run.train(variants, workers, tables.prompts, then=measure)
@@ -166,10 +180,13 @@ def off_policy(run_dir, plots_dir, config, progress=True, schedule=None):
     for method, knob, value, label, seed, variant in chosen:
         rows.append({'method': method, 'knob': knob, 'value': value, 'variant': label, 'seed': seed,
                      **measured[variant.name]})
-        print(f'{method} {knob}={shown(value)} {label} seed {seed}: KL(pi || pi*) = {rows[-1]["distance"]:.4f}', flush=True)
+        print(f'{method} {knob}={shown(value)} {label} seed {seed}: KL(pi || target) = {rows[-1]["distance"]:.4f}',
+              flush=True)
     record = {'preference': run.preference.name, 'settings': asdict(config),
-              'on_policy_configs': {name: asdict(base) for name, base in base_configs(config, schedule).items()},
-              'reference_distance': response_kl(tables.log_ref, optimum).mean().item(),
+              'on_policy_configs': {name: asdict(base) for name, base in bases.items()},
+              'targets': {method: METHODS[method].target_name(base) for method, base in bases.items()},
+              'reference_distance': {method: response_kl(tables.log_ref, target).mean().item()
+                                     for method, target in targets.items()},
               'on_policy': {method: [measured[variant.name]['distance'] for variant in runs]
                             for method, runs in on_policy.items()},
               'rows': rows}
@@ -177,6 +194,13 @@ def off_policy(run_dir, plots_dir, config, progress=True, schedule=None):
     report = write_study(run.folder, 'off_policy', off_policy_report(record), record, figure)
     print(f'Table in {report}, figure {figure}')
     return record
+
+
+def target_log_probs(method, tables, config):
+    """The exact distribution (P, 10^4) `method` run with `config` converges to on the tables' prompts:
+    its registry target, pi* of the reward model at config.beta where it names none."""
+    target = METHODS[method].target
+    return target(tables, config) if target else optimal_log_probs(tables.log_ref, tables.rewards, config.beta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,11 +238,13 @@ def off_policy_report(record):
     settings = record['settings']
     on_policy = '; '.join(f"{METHODS[method].label} {entry(spread(distances))}"
                           for method, distances in record['on_policy'].items())
-    parts = [f"# Off-policy on purpose against pi* (beta {settings['beta']:g}, {record['preference']})\n\n"
-             f"Exact KL(pi || pi*) of whole responses, mean over {settings['prompts']} held-out prompts; each "
-             f"cell the median over seeds {', '.join(map(str, settings['seeds']))} [lowest, highest]. The SFT "
-             f"policy's is {record['reference_distance']:.3f}. On-policy: {on_policy} (how much a seed alone "
-             'moves it).\n']
+    targets = '; '.join(f"{METHODS[method].label} {target} (the SFT policy {record['reference_distance'][method]:.3f})"
+                        for method, target in record['targets'].items())
+    parts = [f"# Off-policy on purpose against each method's target (beta {settings['beta']:g}, "
+             f"{record['preference']})\n\n"
+             f"Exact KL(pi || target) of whole responses, mean over {settings['prompts']} held-out prompts; each "
+             f"cell the median over seeds {', '.join(map(str, settings['seeds']))} [lowest, highest]. Targets: "
+             f"{targets}. On-policy: {on_policy} (how much a seed alone moves it).\n"]
     for method, knob, values, labels, cell in panels(record):
         rows = [[shown(value), *[entry(cell[value, label]) for label in labels]] for value in values]
         parts.append(f'## {METHODS[method].label}, {knob}\n\n' + markdown_table([knob, *labels], rows) + '\n')
@@ -226,7 +252,7 @@ def off_policy_report(record):
 
 
 def plot_off_policy(record, path):
-    """A row of panels per method, one panel per knob: the distance from pi* against the knob, the
+    """A row of panels per method, one panel per knob: the distance from its target against the knob, the
     median over seeds of each variant, its range shaded; in grey, the range of the method's on-policy
     run over the seeds (how far apart two seeds land)."""
     found = panels(record)
@@ -243,7 +269,7 @@ def plot_off_policy(record, path):
             ax.fill_between(positions, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
         seeds = record['on_policy'][method]
         ax.axhspan(min(seeds), max(seeds), color='grey', alpha=0.2, label='on-policy, range over seeds')
-        ax.set(xlabel=knob, ylabel='KL(pi || pi*) (nats)', title=f'{METHODS[method].label}, {knob}')
+        ax.set(xlabel=knob, ylabel='KL(pi || target) (nats)', title=f'{METHODS[method].label}, {knob}')
         ax.set_xticks(positions, [shown(value) for value in values])
         ax.legend(fontsize=8)
     return figures.save(fig, path)
