@@ -1,7 +1,7 @@
-"""Off-policy on purpose: how far PPO, RLOO and GRPO land from their fixed points (pi*, or next to it)
-as the data goes stale, measured exactly, for each ratio variant and each sampler correction (ratios.py, issue 23); and,
-when named, the other methods that sample (online DPO, distillation, SPPO, Nash-MD), each against its
-own target.
+"""Off-policy on purpose: how far PPO, RLOO and GRPO land from their fixed points (pi*, or next to
+it) as the data goes stale, measured exactly, for each ratio variant and each sampler correction
+(ratios.py, issue 23); and, when named, the other methods that sample (online DPO, distillation,
+SPPO, Nash-MD), each against its own target.
 
 Three knobs turn off-policyness up, one at a time from each method's on-policy run (at --beta, the
 registry's quick schedule of the method or, with --schedule default, its defaults, on every seed):
@@ -18,13 +18,14 @@ registry's quick schedule of the method or, with --schedule default, its default
   rates weighed by pi_t / mu always); the study shows how far a run gets.
 Two more turn only when named (--knobs): the sampler's top k (0, 4, 2), which drops responses no
 weight can bring back, and its logits' precision (fp32, bf16, fp16), an inference engine's rounding.
-GRPO trains with the two fixes that put its fixed point next to pi* (the registry's preset; 0.007
-nats from it on first-digit's tables, grpo.fixed_point), so that the ratio family aims at nearly the
-same policy. Each method is measured against its own registry target at the study's beta (PPO,
-RLOO, online DPO: pi*; GRPO: its exact fixed point; distillation: its teacher, pi* by default; SPPO:
-the exact multiplicative-weights iterate of its schedule; Nash-MD: pi_tau). Each run's distance is the exact KL(pi || target) of whole
-responses over all 10^4 responses of held-out prompts, averaged over prompts; each cell's table entry
-is the median over seeds and its [lowest, highest].
+GRPO trains with the two fixes that put its fixed point next to pi* (the registry's preset; 0.003
+nats from it on the default first-digit run's held-out prompts, grpo.fixed_point), so that the ratio
+family aims at nearly the same policy. Each method is measured against its own registry target at
+the study's beta (PPO, RLOO, online DPO: pi*; GRPO: its exact fixed point; distillation: its
+teacher, pi* by default; SPPO: the exact multiplicative-weights iterate of its schedule; Nash-MD:
+pi_tau). Each run's distance is the exact KL(pi || target) of whole responses over all 10^4
+responses of held-out prompts, averaged over prompts; each cell's table entry is the median over
+seeds and its [lowest, highest].
 
 On a Run: an empty folder gets the default SFT policy and reward model of --seed, an existing run is
 reused (`toy-rlhf off-policy --run-dir runs/default --workers 2`), and every trained policy is a
