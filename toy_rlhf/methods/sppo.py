@@ -30,8 +30,9 @@ Off-policy on purpose (rollout.SamplerSettings): the responses may come from a s
 pi_t (an iterate of `staleness` rounds before, tempered, cut to its top k, rounded). Then the others of
 a prompt are draws of mu, not pi_t, and their plain mean estimates P(y > mu): each is weighed by its
 exact pi_t(y_j) / mu(y_j), normalised over the others, which estimates P(y > pi_t) again (consistently,
-not unbiasedly, at K - 1 opponents). The regression needs no weight: its minimum sits at the target of
-every response the sampler draws, whoever draws them.
+not unbiasedly, at K - 1 opponents). The regression takes no weight: a network that fits every
+response's target exactly fits it whoever draws them; one that cannot spreads its error by the
+sampler's draws, not pi_t's (measured: docs/results.md, the off-policy study).
 
 Differs from the paper on purpose: P^ averages over the other K - 1 samples of the prompt (the paper's
 average over its K samples, if it counts y_k against itself, adds a 1/2 that shrinks eta by (K - 1) / K,
