@@ -160,8 +160,8 @@ WARM_STARTED_PPO = {**LONGER_PPO, 'warm_start_n': 16, 'warm_start_batch_size': 4
 # On last-digit, PPO's KL coefficient annealed from 4 down to beta over the first half of the rounds
 # (beta_schedule.py) lifted the warm-started recipe from 91.32% to 92.63% of the gap (seeds 0-2, held
 # out; 3.4 points in a screen on one run's files); on distinct and on users' preferences it cost up
-# to a point. Annealed, 150 rounds close 91.76% (93.35% on seeds 3-5, against 93.63% at 200) in under
-# twice the default run's time; a warm start of 16 passes instead of 32 on top of that, 91.01%.
+# to a point. 150 rounds instead of 200 close 91.76% (seeds 3-5: 93.35% against 93.63%) in 1.92-1.96x
+# the default run's time, where 200 took 2.30x; a warm start of 16 passes on top of that, 91.01%.
 ANNEALED_PPO = {**WARM_STARTED_PPO, 'beta_start': 4.0, 'iters': 150}
 
 PREFERENCES = {preference.name: preference for preference in (

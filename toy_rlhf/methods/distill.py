@@ -25,8 +25,9 @@ Off-policy on purpose (rollout.SamplerSettings): the states may come from a samp
 student (stale, tempered, cut to its top k, rounded), with no importance weight: the loss at a state
 is that state's own divergence, least where the student's conditionals there are the teacher's, so
 the fixed point is the teacher whichever sampler visits the states, as long as it visits them all; the
-sampler only sets how much each state weighs in a finite run (a state it never draws, behind a top k,
-is left untrained).
+sampler only sets how much each state weighs in a finite run, or in a network that cannot match the
+teacher everywhere (a state it never draws, behind a top k, is left untrained). Measured: a stale or
+tempered sampler lands where the student's own samples do (docs/results.md, the off-policy study).
 
 Differs from TRL on purpose: samples at temperature 1 (GKD 0.9) and only from the student (GKD's
 lmbda = 1: fully on-policy), since a temperature would make the target the teacher of a tempered
