@@ -143,6 +143,7 @@ def test_the_sampler_rounds_tempers_and_cuts_the_logits_and_keeps_its_exact_log_
     logits = torch.tensor([[1.0, 1.001, 3.0, -2.0]])
     assert torch.allclose(sampler_log_probs(logits, temperature=2.0), (logits / 2).log_softmax(-1))
     assert sampler_log_probs(logits, top_k=2).exp()[0, [0, 3]].tolist() == [0.0, 0.0]
+    assert torch.equal(sampler_log_probs(logits, top_k=20), logits.log_softmax(-1))  # more than there are: all
     rounded = sampler_log_probs(logits, precision='bf16')
     assert rounded[0, 0] == rounded[0, 1] and not torch.equal(rounded, logits.log_softmax(-1))
     # The log-probs it returns are those of the tokens it drew, under the tempered actor of two rounds ago.

@@ -60,7 +60,7 @@ class SamplerSettings:
     same random draws and numbers as without these fields."""
     staleness: NonNegativeInt = 0  # rounds the sampling actor lags the trained one (asynchronous RL)
     sampler_temperature: PositiveFloat = 1.0  # the sampler's temperature (the policy's is 1)
-    sampler_top_k: NonNegativeInt = 0  # the sampler keeps the k most likely tokens; 0 keeps all
+    sampler_top_k: NonNegativeInt = 0  # the sampler keeps the k most likely tokens; 0 (or k >= the vocabulary) keeps all
     sampler_precision: Literal['fp32', 'bf16', 'fp16'] = 'fp32'  # the sampler's logits rounded to this first
 
 
@@ -97,7 +97,7 @@ def sampler_log_probs(logits, temperature=1.0, top_k=0, precision='fp32'):
     if precision != 'fp32':
         logits = logits.to(PRECISIONS[precision]).float()
     logits = logits / temperature
-    if top_k:
+    if 0 < top_k < logits.size(-1):  # a k of the vocabulary's size or more keeps every token
         kth_largest = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth_largest, float('-inf'))
     return logits.log_softmax(dim=-1)
