@@ -1,5 +1,6 @@
 """Trained models shared by the reward, PPO and metrics tests: one short SFT run and one
 reward-model run per run of the suite (shared by its xdist workers), instead of one per test."""
+import contextlib
 import math
 import os
 from dataclasses import replace
@@ -45,6 +46,17 @@ def computed_once(tmp_path_factory, name, make):
         if not path.is_file():
             torch.save(make(), path)
         return torch.load(path, weights_only=True)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch at one thread inside: a serial run then matches the numbers of workers at their one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def model_from(state, config):

@@ -1,6 +1,5 @@
 """The leaderboard: the same grid gives the same numbers wherever its methods train (here, a process
 pool, a dask cluster), a second call recomputes nothing, and bad input is one line, exit status 2."""
-import contextlib
 import functools
 import json
 import os
@@ -11,8 +10,8 @@ import uuid
 from dataclasses import replace
 
 import pytest
-import torch
 
+from conftest import one_thread
 from toy_rlhf import cli, executors, run as run_module
 from toy_rlhf.studies import leaderboard as study
 from toy_rlhf.studies.leaderboard import LeaderboardConfig, leaderboard
@@ -34,17 +33,6 @@ def logged(log):
     """A training log's rows without their wall times."""
     return [{key: value for key, value in json.loads(line).items() if not key.startswith('time/')}
             for line in log.read_text().splitlines()]
-
-
-@contextlib.contextmanager
-def one_thread():
-    # A serial run matches the workers' numbers at their one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def at_one_thread(folder, config):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from toy_rlhf import figures, pipeline
+from toy_rlhf.checkpoint import load_checkpoint
 from toy_rlhf.studies import overoptimisation as study, overoptimisation_curves as study_math
 from toy_rlhf.preferences import PREFERENCES
 from toy_rlhf.language import join, sample_prompts
@@ -17,6 +18,7 @@ from toy_rlhf.enumeration import all_responses
 from toy_rlhf.reward import RewardConfig
 from toy_rlhf.run import Variant
 from toy_rlhf.sft import SFTConfig
+from conftest import one_thread
 from test_figures import assert_png
 
 D = np.linspace(0.05, 4.0, 80)
@@ -132,6 +134,29 @@ def test_proxies_and_snapshots_are_reused_and_a_new_pair_count_trains_only_its_o
     kept = ['reward_pairs50.pt', f'reward_pairs50_{name}.pt', 'reward_pairs60.pt', f'reward_pairs60_{name}.pt']
     assert {path: after[path] for path in kept} == {path: before[path] for path in kept}
     assert {'reward_pairs70.pt', f'reward_pairs70_{name}.pt'} <= set(after)
+
+
+def test_worker_processes_give_the_numbers_of_a_serial_run_at_one_thread(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, 'plot_overoptimisation', lambda results, method_label, runs, path: path)
+    pipeline.sft_stage(tmp_path, SFTConfig(iters=2, batch_size=8), progress=False)
+    config = study.OverOptConfig(pairs=(50, 60), betas=(0.0,), snapshot_every=1, prompts=1,
+                                 reward=RewardConfig(iters=4, held_out_pairs=50))
+    ppo = PPOConfig(iters=2, prompts_per_iter=4)
+    runs = {}
+    for workers, folder in ((1, tmp_path / 'serial'), (2, tmp_path / 'workers')):
+        folder.mkdir()
+        (folder / 'sft.pt').write_bytes((tmp_path / 'sft.pt').read_bytes())
+        with one_thread():
+            runs[workers] = study.overoptimisation(folder, tmp_path / 'plots', replace(config, workers=workers), ppo,
+                                                   progress=False)
+    assert [proxy['curves'] for proxy in runs[2]] == [proxy['curves'] for proxy in runs[1]]
+    assert len(runs[1]) == 2 and all(len(proxy['curves']) == 3 for proxy in runs[1])  # pi*, best-of-n, the run
+    made = {workers: sorted(path.name for path in (tmp_path / folder).glob('reward_*.pt'))
+            for workers, folder in ((1, 'serial'), (2, 'workers'))}
+    assert made[2] == made[1] and len(made[1]) == 4
+    for name in made[1]:  # the same weights, every one written by the main process
+        serial, workers = (load_checkpoint(tmp_path / folder / name)['state_dict'] for folder in ('serial', 'workers'))
+        assert all(torch.equal(serial[key], workers[key]) for key in serial)
 
 
 def test_the_figure_draws_every_proxy_with_its_fits_peaks_and_snapshots(language_tables, tmp_path):

@@ -9,6 +9,7 @@ dask is an optional extra (pip install -e ".[dask]"): only --executor dask impor
 """
 import concurrent.futures
 import contextlib
+import copy
 import multiprocessing
 
 DASK_MISSING = '--executor dask needs dask and distributed: pip install -e ".[dask]"'
@@ -63,3 +64,26 @@ def dask_executor(workers, address):
         # pure=False: every submit runs, as in any concurrent.futures.Executor; dask's default would
         # run two identical jobs once and hand both the same result.
         yield client.get_executor(pure=False)
+
+
+def run_jobs(pool, jobs, done, progress=True):
+    """Run each of jobs, {key: (function, *arguments)}, here one after another (pool None) or in the
+    pool's workers at one thread each; done(key, result) in this process as each ends, so that only
+    this process writes. Each function takes progress= and threads= besides its arguments; a worker
+    gets its arguments by value and shows no progress bars."""
+    if pool is None:
+        for key, (function, *arguments) in jobs.items():
+            done(key, function(*arguments, progress=progress))
+        return
+    futures = {submit_by_value(pool, function, *arguments, progress=False, threads=1): key
+               for key, (function, *arguments) in jobs.items()}
+    for future in concurrent.futures.as_completed(futures):
+        done(futures[future], future.result())
+
+
+def submit_by_value(pool, function, *arguments, **keywords):
+    """pool.submit(function, *arguments, **keywords), the arguments copied first. A process pool
+    pickles a job in a thread of its own, and torch's pickler for processes moves each tensor's storage
+    into shared memory in place: while it does, this process may be reading the same models (the exact
+    tables), and read half-moved weights. So each job travels as its own copies."""
+    return pool.submit(function, *copy.deepcopy(arguments), **keywords)

@@ -100,16 +100,22 @@ def repair_log(path, history):
 def ensure_stage(run_dir, name, config, inputs, make, fresh=False, progress=True):
     """Make run_dir/name.pt with make(run_dir, config, progress) unless one made with the same
     settings from the same input checkpoints exists (or `fresh`); returns {'seconds', 'reused'}."""
-    path = Path(run_dir) / f'{name}.pt'
     start = time.perf_counter()
-    checkpoint = None if fresh else current_checkpoint(path, provenance(config, inputs))
-    reused = checkpoint is not None
-    if reused:
-        print(f'{name}: reusing {path} (made with the same settings)')
-        repair_log(path.with_suffix('.jsonl'), checkpoint['history'])
-    else:
+    reused = reused_stage(run_dir, name, config, inputs, fresh)
+    if not reused:
         make(run_dir, config, progress)
     return {'seconds': time.perf_counter() - start, 'reused': reused}
+
+
+def reused_stage(run_dir, name, config, inputs, fresh=False):
+    """Whether run_dir/name.pt was made with the same settings from the same input checkpoints (never
+    if `fresh`); if so, say so in one line and rewrite its log from it."""
+    path = Path(run_dir) / f'{name}.pt'
+    checkpoint = None if fresh else current_checkpoint(path, provenance(config, inputs))
+    if checkpoint is not None:
+        print(f'{name}: reusing {path} (made with the same settings)')
+        repair_log(path.with_suffix('.jsonl'), checkpoint['history'])
+    return checkpoint is not None
 
 
 @contextlib.contextmanager
@@ -137,8 +143,13 @@ def sft_stage(run_dir, config, progress=True):
 def reward_stage(run_dir, config, progress=True, name='reward'):
     """Train the reward model from the run's SFT policy, measure it on fresh pairs and prompts, write
     <name>.pt and <name>.jsonl (reward.pt unless a study trains several); returns its metrics."""
-    sft_path = Path(run_dir) / 'sft.pt'
-    sft_policy = load_model(sft_path, 'policy')
+    sft_policy = load_model(Path(run_dir) / 'sft.pt', 'policy')
+    return save_reward_stage(run_dir, config, name, train_reward_stage(sft_policy, config, name, progress))
+
+
+def train_reward_stage(sft_policy, config, name='reward', progress=True):
+    """reward_stage's training and measuring, without the files: (model, metrics, history). A pure
+    function of its arguments, so that a worker process can run it."""
     start = time.perf_counter()
     with stage_named(name):
         held_out = preference_pairs(config, config.held_out_pairs, config.seed + 1, sft_policy)
@@ -149,7 +160,14 @@ def reward_stage(run_dir, config, progress=True, name='reward'):
         metrics = {'pairwise_accuracy': pairwise_accuracy(model, held_out),
                    'rank_rate': rank_rate(model, seed=config.seed + 2, preference=resolve_preference(config.preference)),
                    'seconds': time.perf_counter() - start}
-    save_stage(run_dir, name, model, 'reward', config, metrics, history, inputs=(sft_path,))
+    return model, metrics, history
+
+
+def save_reward_stage(run_dir, config, name, trained):
+    """Write what train_reward_stage returned as run_dir/<name>.pt and .jsonl; say so in one line.
+    Returns its metrics."""
+    model, metrics, history = trained
+    save_stage(run_dir, name, model, 'reward', config, metrics, history, inputs=(Path(run_dir) / 'sft.pt',))
     print(f"Reward model: held-out pairwise accuracy {metrics['pairwise_accuracy']:.2%}, rank rate "
           f"{metrics['rank_rate']:.2%}; {metrics['seconds']:.1f} s -> {Path(run_dir) / name}.pt")
     return metrics

@@ -11,7 +11,6 @@ model's (stored in reward.pt), and a user-defined preference is imported only wh
 (toy_rlhf.pipeline.checkpoint_preference). The over-optimisation study trains proxies of its own.
 """
 import concurrent.futures
-import copy
 import functools
 import hashlib
 import pickle
@@ -25,6 +24,7 @@ from toy_rlhf.checkpoint import load_checkpoint, load_model
 from toy_rlhf.enumeration import all_response_log_probs
 from toy_rlhf.methods import METHODS
 from toy_rlhf.metrics import EVALUATION_PROMPTS, evaluate_policy
+from toy_rlhf.executors import submit_by_value
 from toy_rlhf.files import atomic_write, fingerprint
 from toy_rlhf.optimal import ExactTables, exact_tables
 from toy_rlhf.pipeline import (check_made_from, current_checkpoint, ensure_stage, provenance, repair_log, reward_stage, run_preference,
@@ -184,11 +184,7 @@ class Run:
                 if then:
                     then(variant)
         else:
-            # A process pool pickles a job in a thread of its own, and torch's pickler for processes moves
-            # each tensor's storage into shared memory in place: while it does, this process may be reading
-            # the same models (the exact tables), and read half-moved weights. So each job travels as its
-            # own copies.
-            futures = {executor.submit(train_variant, *copy.deepcopy(job), threads=1, prompts=prompts): variant
+            futures = {submit_by_value(executor, train_variant, *job, threads=1, prompts=prompts): variant
                        for variant, job in jobs.items()}
         if then:
             for variant in reused:  # once the others are on their way

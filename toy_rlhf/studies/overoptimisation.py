@@ -29,12 +29,14 @@ import numpy as np
 import torch
 
 from toy_rlhf.checkpoint import load_checkpoint, load_model
+from toy_rlhf.enumeration import all_response_log_probs, all_response_rewards
+from toy_rlhf.executors import executor, run_jobs
 from toy_rlhf.files import fingerprint
 from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, PositiveFloat, PositiveInt, Seed
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods import METHODS
 from toy_rlhf.optimal import EXACT_PROMPTS
-from toy_rlhf.pipeline import ensure_stage, reward_stage, save_stage, sft_stage
+from toy_rlhf.pipeline import reused_stage, save_reward_stage, save_stage, sft_stage, train_reward_stage
 from toy_rlhf.preferences import resolve_preference
 from toy_rlhf.reward import RewardConfig
 from toy_rlhf.run import Variant
@@ -64,6 +66,9 @@ class OverOptConfig:
     prompts: ExactPrompts = EXACT_PROMPTS  # prompts of every exact evaluation (each: all 10^4 responses)
     seed: Seed = 0  # random seed of every stage and of the evaluation prompts
     fresh: bool = False  # retrain even where a checkpoint with the same settings exists
+    # With N workers, N proxies (then N of the method's runs) train at once in processes of one thread
+    # each: the same numbers as --threads 1 here, one after another.
+    workers: PositiveInt = 1
     # The proxies' own schedule (flags --reward.iters, ...); pairs, margin and seed come from the
     # fields above. The method's settings are its config's (overoptimisation's method_config).
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -90,21 +95,33 @@ def proxy_name(pairs, margin):
     return f'reward_pairs{pairs}{noise}'
 
 
-def snapshot_stage(run_dir, config, progress=True, *, variant, proxy_path, measure):
-    """Train the variant's method on the proxy at proxy_path through the registry, measure(actor)
-    every config.snapshot_every rounds and at the end (the measurements ride in the log, inside the
-    checkpoint); write its run_path's .pt and .jsonl. config: the variant's snapshot config."""
-    def every_few(rounds, actor):
-        due = rounds % config.snapshot_every == 0 or rounds == config.iters
-        return {f'exact/{key}': value for key, value in measure(actor).items()} if due else {}
+def snapshot_job(method, config, snapshot_every, gold, sft_policy, proxy, prompts, log_ref, values, progress=True,
+                 threads=None):
+    """Train `method` (a registry name) at `config` on the proxy reward model, measuring the actor
+    exactly against the tables (log_ref and values of prompts: expectations()) every snapshot_every
+    rounds and at the end; the measurements ride in the log. A pure function of its arguments, so that
+    a worker can run it: returns (policy, history, seconds)."""
+    if threads:
+        torch.set_num_threads(threads)
 
-    sft_path, name = Path(run_dir) / 'sft.pt', run_path(proxy_path, variant).stem
+    def every_few(rounds, actor):
+        due = rounds % snapshot_every == 0 or rounds == config.iters
+        return {f'exact/{key}': value for key, value in
+                expectations(all_response_log_probs(actor, prompts), log_ref, values).items()} if due else {}
+
     start = time.perf_counter()
-    policy, history = METHODS[variant.method].train(
-        load_model(sft_path, 'policy'), reward_model=load_model(proxy_path, 'reward'), config=variant.config(),
-        preference=resolve_preference(config.gold), progress=progress, measure=every_few)
-    save_stage(run_dir, name, policy, 'policy', config, {'seconds': time.perf_counter() - start}, history,
-               inputs=(sft_path, proxy_path), method=variant.method)
+    policy, history = METHODS[method].train(sft_policy, reward_model=proxy, config=config,
+                                            preference=resolve_preference(gold), progress=progress, measure=every_few)
+    return policy, history, time.perf_counter() - start
+
+
+def proxy_job(sft_policy, config, name, prompts, progress=True, threads=None):
+    """A proxy: its reward model trained and measured (pipeline.train_reward_stage) and its scores of
+    every response of prompts (the table its runs are measured by). Returns (trained, rewards)."""
+    if threads:
+        torch.set_num_threads(threads)
+    trained = train_reward_stage(sft_policy, config, name, progress)
+    return trained, all_response_rewards(trained[0], prompts)
 
 
 def snapshot_curve(history, reference):
@@ -154,7 +171,9 @@ def overoptimisation(run_dir, plots_dir, config, method_config=None, progress=Tr
     # expensive part: the tables); Gao et al.'s forms through them and where they peak
     inputs = [sft_path] + [run for *_, path in proxies for run in (path, *(run_path(path, variant)
                                                                           for variant in variants))]
-    key = json.loads(json.dumps({'settings': asdict(replace(config, fresh=False)), 'gold': preference.name,
+    settings = asdict(replace(config, fresh=False))
+    del settings['workers']  # where they were trained does not change which checkpoints they are
+    key = json.loads(json.dumps({'settings': settings, 'gold': preference.name,
                                  'method_settings': [asdict(variant.config()) for variant in variants],
                                  'betas': BETAS, 'best_of_n': BEST_OF_N,
                                  'inputs': {path.name: fingerprint(path) for path in inputs}}))
@@ -178,22 +197,46 @@ def overoptimisation(run_dir, plots_dir, config, method_config=None, progress=Tr
 
 
 def train_proxies(run_dir, config, proxies, variants, tables, gold_name, progress):
-    """Each proxy (pairs, margin, path): a reward model on `pairs` labels drawn at `margin`, and each
+    """Each proxy (pairs, margin, path): a reward model on `pairs` labels drawn at `margin`, then each
     variant of the method on it, its snapshots measured exactly as it trains; every stage reused when
-    current."""
-    sft_path = run_dir / 'sft.pt'
-    for pairs, margin, path in proxies:
-        ensure_stage(run_dir, path.stem, replace(config.reward, pairs=pairs, gold_margin=margin, seed=config.seed),
-                     (sft_path,), functools.partial(reward_stage, name=path.stem), config.fresh, progress)
-        for variant in variants:
-            method_config = variant.config()
-            snapshot_config = snapshot_config_class(type(method_config))(
-                **{name: getattr(method_config, name) for name in method_config.__dataclass_fields__},
-                snapshot_every=config.snapshot_every, prompts=config.prompts, gold=gold_name)
-            measure = functools.partial(tables.measure, proxy_path=path, margin=margin)
-            ensure_stage(run_dir, run_path(path, variant).stem, snapshot_config, (sft_path, path),
-                         functools.partial(snapshot_stage, variant=variant, proxy_path=path, measure=measure),
-                         config.fresh, progress)
+    current. With config.workers > 1, the proxies train at once in worker processes, then the runs."""
+    sft_path, sft_policy = run_dir / 'sft.pt', load_model(run_dir / 'sft.pt', 'policy')
+    reward_configs = {path: replace(config.reward, pairs=pairs, gold_margin=margin, seed=config.seed)
+                      for pairs, margin, path in proxies}
+
+    def save_proxy(path, made):
+        trained, rewards = made
+        save_reward_stage(run_dir, reward_configs[path], path.stem, trained)
+        tables.keep_rewards(path, rewards)
+
+    def save_run(key, made):
+        (path, variant), (policy, history, seconds) = key, made
+        save_stage(run_dir, run_path(path, variant).stem, policy, 'policy', runs[key], {'seconds': seconds}, history,
+                   inputs=(sft_path, path), method=variant.method)
+
+    with executor(config.workers) as pool:
+        # 1. the proxies' reward models, each with its scores of every response (its runs' tables)
+        run_jobs(pool, {path: (proxy_job, sft_policy, reward_configs[path], path.stem, tables.prompts)
+                        for path in reward_configs
+                        if not reused_stage(run_dir, path.stem, reward_configs[path], (sft_path,), config.fresh)},
+                 save_proxy, progress)
+        # 2. the method's runs on each, measured against their proxy's tables
+        runs = {(path, variant): snapshot_config(variant.config(), config, gold_name)
+                for _, _, path in proxies for variant in variants}
+        run_jobs(pool, {(path, variant): (snapshot_job, variant.method, variant.config(), config.snapshot_every,
+                                          gold_name, sft_policy, load_model(path, 'reward'), tables.prompts,
+                                          tables.log_ref, tables.values(path, margin))
+                        for _, margin, path in proxies for variant in variants
+                        if not reused_stage(run_dir, run_path(path, variant).stem, runs[path, variant],
+                                            (sft_path, path), config.fresh)},
+                 save_run, progress)
+
+
+def snapshot_config(method_config, config, gold_name):
+    """A run's stored settings: its method's config and how its snapshots were measured."""
+    return snapshot_config_class(type(method_config))(
+        **{name: getattr(method_config, name) for name in method_config.__dataclass_fields__},
+        snapshot_every=config.snapshot_every, prompts=config.prompts, gold=gold_name)
 
 
 def proxy_curves(tables, margin, proxy_path, variants):

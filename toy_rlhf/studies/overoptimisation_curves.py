@@ -47,6 +47,10 @@ class Tables:
     def gold_and_valid(self):
         return gold_tables(self.gold, self.prompts)
 
+    def keep_rewards(self, proxy_path, rewards):
+        """The proxy's scores of every response, computed elsewhere (where it trained)."""
+        self._rewards[proxy_path] = rewards
+
     def rewards(self, proxy_path):
         if proxy_path not in self._rewards:
             self._rewards[proxy_path] = all_response_rewards(load_model(proxy_path, 'reward'), self.prompts)
@@ -56,11 +60,6 @@ class Tables:
         """The tables every point measures: proxy / margin, gold, gold on valid responses only."""
         gold, valid = self.gold_and_valid
         return {'proxy': self.rewards(proxy_path) / margin, 'gold': gold, 'gold_valid': gold * valid}
-
-    def measure(self, actor, *, proxy_path, margin):
-        """A policy's exact expectations(): its log-probs of every response against these tables."""
-        return expectations(all_response_log_probs(actor, self.prompts), self.log_ref,
-                            self.values(proxy_path, margin))
 
 
 def expectations(log_pi, log_ref, values):
