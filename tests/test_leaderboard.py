@@ -72,7 +72,7 @@ def test_the_process_pools_workers_are_spawned_not_forked(monkeypatch):
     # A forked worker inherits the driver's memory, autograd's device threads included, and torch
     # refuses to run autograd in it on any machine with a GPU; a spawned one starts clean.
     monkeypatch.setattr(executors, 'PARENT_STATE', 'set after import', raising=False)
-    with executors.executor(2) as pool:
+    with executors.executor(executors.ExecutorConfig(workers=2)) as pool:
         assert pool.submit(state_left_by_the_parent).result() is None
 
 

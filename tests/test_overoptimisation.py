@@ -136,7 +136,10 @@ def test_proxies_and_snapshots_are_reused_and_a_new_pair_count_trains_only_its_o
     assert {'reward_pairs70.pt', f'reward_pairs70_{name}.pt'} <= set(after)
 
 
-def test_worker_processes_give_the_numbers_of_a_serial_run_at_one_thread(tmp_path, monkeypatch):
+@pytest.mark.parametrize('executor', ['process', pytest.param('dask', marks=pytest.mark.slow)])  # dask: `pytest -m slow`
+def test_workers_give_the_numbers_of_a_serial_run_at_one_thread(executor, tmp_path, monkeypatch):
+    if executor == 'dask':
+        pytest.importorskip('distributed')
     monkeypatch.setattr(study, 'plot_overoptimisation', lambda results, method_label, runs, path: path)
     pipeline.sft_stage(tmp_path, SFTConfig(iters=2, batch_size=8), progress=False)
     config = study.OverOptConfig(pairs=(50, 60), betas=(0.0,), snapshot_every=1, prompts=1,
@@ -146,8 +149,9 @@ def test_worker_processes_give_the_numbers_of_a_serial_run_at_one_thread(tmp_pat
     for workers, folder in ((1, tmp_path / 'serial'), (2, tmp_path / 'workers')):
         folder.mkdir()
         (folder / 'sft.pt').write_bytes((tmp_path / 'sft.pt').read_bytes())
+        where = {'workers': 2, 'executor': executor} if workers == 2 else {}  # else here, one after another
         with one_thread():
-            runs[workers] = study.overoptimisation(folder, tmp_path / 'plots', replace(config, workers=workers), ppo,
+            runs[workers] = study.overoptimisation(folder, tmp_path / 'plots', replace(config, **where), ppo,
                                                    progress=False)
     assert [proxy['curves'] for proxy in runs[2]] == [proxy['curves'] for proxy in runs[1]]
     assert len(runs[1]) == 2 and all(len(proxy['curves']) == 3 for proxy in runs[1])  # pi*, best-of-n, the run

@@ -12,7 +12,7 @@ import torch
 from mingpt.model import GPT
 from toy_rlhf import cli, run as run_module
 from toy_rlhf.checkpoint import load_model, save_checkpoint
-from toy_rlhf.executors import executor
+from toy_rlhf.executors import ExecutorConfig, executor
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.policy import policy_config
 from toy_rlhf.reward import RewardConfig, reward_model_config
@@ -187,7 +187,7 @@ def test_train_hands_each_variant_over_as_it_is_saved_or_reused_so_its_log_probs
     def then(variant):  # measured at once: the log-probs its training computed are taken, none others held
         handed.append((variant.name, len(run._log_probs)))
         run.response_log_probs(variant, prompts)
-    with executor(workers) as pool:
+    with executor(ExecutorConfig(workers=workers)) as pool:
         timings = run.train(variants, pool, prompts, then=then)
     assert sorted(handed) == sorted([(variants[0].name, 0), (variants[1].name, 1)])
     assert {name: timing['reused'] for name, timing in timings.items()} == {variants[0].name: True,

@@ -11,6 +11,10 @@ import concurrent.futures
 import contextlib
 import copy
 import multiprocessing
+from dataclasses import dataclass
+from typing import Literal
+
+from toy_rlhf.flags import PositiveInt
 
 DASK_MISSING = '--executor dask needs dask and distributed: pip install -e ".[dask]"'
 TRIM_SETTING = 'distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_'  # None: not set in the workers
@@ -20,22 +24,33 @@ class ExecutorError(Exception):
     """An executor that cannot be had (dask not installed, a scheduler that does not answer); one line."""
 
 
+@dataclass
+class ExecutorConfig:
+    """Where a study's variants train: the --executor, --workers and --address flags of every study
+    that trains several (their configs inherit these fields)."""
+    executor: Literal['process', 'dask'] = 'process'  # where the variants train: processes here, or a dask cluster
+    workers: PositiveInt = 1  # variants at once, each in a worker of one thread (1: here, one after another; --threads 1 gives the workers' numbers)
+    address: str = 'local'  # --executor dask: tcp://HOST:PORT of a scheduler, or local for a LocalCluster here
+
+
 @contextlib.contextmanager
-def executor(workers=1, kind='process', address='local'):
-    """None (train here) for one process worker, else a pool of `workers` processes; with kind 'dask',
-    a dask cluster's executor: a LocalCluster of `workers` one-thread processes here (address 'local'),
-    or the scheduler at address (tcp://HOST:PORT). Shut down on leaving."""
-    if kind == 'dask':
-        with dask_executor(workers, address) as pool:
+def executor(config):
+    """Where config (an ExecutorConfig) says the variants train: None (here) for one process worker,
+    else a pool of config.workers processes; with executor 'dask', a dask cluster's executor: a
+    LocalCluster of that many one-thread processes here (address 'local'), or the scheduler at
+    config.address (tcp://HOST:PORT). Shut down on leaving."""
+    if config.executor == 'dask':
+        with dask_executor(config.workers, config.address) as pool:
             yield pool
         return
-    if workers == 1:
+    if config.workers == 1:
         yield None
         return
     # Spawned, not forked: a fork of a process that has run autograd fails wherever torch has started
     # its device threads (any machine with a GPU: "Unable to handle autograd's threading in combination
     # with fork-based multiprocessing"), and the driver has trained the SFT policy by then.
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn')) as pool:
+    context = multiprocessing.get_context('spawn')
+    with concurrent.futures.ProcessPoolExecutor(config.workers, mp_context=context) as pool:
         yield pool
 
 

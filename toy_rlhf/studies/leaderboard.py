@@ -28,14 +28,13 @@ import re
 import statistics
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 
 from toy_rlhf import executors
 from toy_rlhf.files import atomic_write, fingerprint, write_json
-from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, PositiveInt, Seed
+from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, Seed
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods import METHODS
 from toy_rlhf.optimal import EXACT_PROMPTS
@@ -52,7 +51,7 @@ from toy_rlhf.studies.output import write_study
 
 
 @dataclass
-class LeaderboardConfig:
+class LeaderboardConfig(executors.ExecutorConfig):
     preferences: tuple[str, ...] = ()  # built-in names or module:function (default: every built-in)
     methods: tuple[str, ...] = ()  # registry names (default: every method that trains or has an exact policy, but the yardsticks)
     seeds: tuple[Seed, ...] = (0, 1, 2)  # training seeds: an SFT policy each, a reward model per preference and seed
@@ -61,9 +60,6 @@ class LeaderboardConfig:
     seed: Seed = 0  # seed of the evaluation prompts: every cell is measured on the same ones
     quick: bool = False  # each method's quick schedule (Method.quick) and short SFT and reward schedules
     fresh: bool = False  # retrain and remeasure even where the same settings were done before
-    executor: Literal['process', 'dask'] = 'process'  # where the methods train: processes here, or a dask cluster
-    workers: PositiveInt = 1  # workers at once, one thread each (1: here, one after another)
-    address: str = 'local'  # --executor dask: tcp://HOST:PORT of a scheduler, or local for a LocalCluster here
 
 
 # The smoke test's SFT and reward schedules (as `toy-rlhf all --quick`): seconds, not minutes.
@@ -155,7 +151,7 @@ def leaderboard(run_dir, config, progress=True, schedule=None):
     # Every cell's variants go to the workers as soon as its reward model is there; meanwhile this
     # process makes the next reward model and each cell's exact tables, and measures each cell (in the
     # grid's order) once its variants are back, saving each checkpoint as it comes.
-    with executors.executor(config.workers, config.executor, config.address) as pool:
+    with executors.executor(config) as pool:
         cells, trained_by = [], {}
         for seed in config.seeds:
             sft = replace(SFTConfig(seed=seed), **dict(schedule.get('sft', ())))

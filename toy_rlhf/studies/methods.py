@@ -23,8 +23,8 @@ import torch
 
 from toy_rlhf import figures
 from toy_rlhf.figures import DASHES, FIGURE_SIZES, MODEL_COLORS, PREFERRED_COLOR, centred_average
-from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, PositiveInt, Seed, value_fits
-from toy_rlhf.executors import executor
+from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, Seed, value_fits
+from toy_rlhf.executors import ExecutorConfig, executor
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods import METHODS
 from toy_rlhf.optimal import EXACT_PROMPTS, optimal_frontier
@@ -37,20 +37,18 @@ FRONTIER_BETAS = [0.0] + [10 ** (k / 8) for k in range(-20, 13)]
 
 
 @dataclass
-class CompareConfig:
+class CompareConfig(ExecutorConfig):
     betas: tuple[NonNegativeFloat, ...] = (1.0,)  # the KL strengths every method is run at
     methods: tuple[str, ...] = ()  # the methods to compare, by registry name (default: every registered one but the exact optimiser, a yardstick)
     presets: bool = True  # also each method's named presets (the registry's), a row each
     prompts: ExactPrompts = EXACT_PROMPTS  # prompts of the exact evaluation (each: all 10^4 responses)
-    # Each training run is independent: with N workers, N run at once in processes of one thread each.
-    workers: PositiveInt = 1  # training processes at once (one thread each; --threads 1 gives the same numbers serially)
     seed: Seed = 0  # random seed of every run and of the evaluation prompts
     fresh: bool = False  # retrain even where a checkpoint with the same settings exists
     preference: str = ''  # the run's (its reward model's); name it only if it is module:function, imported only when named
 
 
 @dataclass
-class SweepConfig:
+class SweepConfig(ExecutorConfig):
     betas: tuple[NonNegativeFloat, ...] = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0)  # a run of each method per beta its config takes
     methods: tuple[str, ...] = ('ppo', 'dpo')  # the swept methods, by registry name
     prompts: ExactPrompts = EXACT_PROMPTS  # prompts of the exact evaluation (each: all 10^4 responses)
@@ -108,8 +106,8 @@ def compare(run_dir, plots_dir, config, method_configs=None, progress=True):
     the rows of the table."""
     run = Run(run_dir, config.preference, config.fresh, progress).build(config.seed)
     chosen = variants(config, method_configs)
-    with executor(config.workers) as workers:
-        run.train(chosen, workers)
+    with executor(config) as pool:
+        run.train(chosen, pool)
     rows, frontier = measure(run, chosen, config)
     # The learning curves of the methods that sample their own responses.
     curves = [{'label': variant.describe(), 'method': variant.method, 'beta': variant.beta,
@@ -129,7 +127,8 @@ def sweep(run_dir, plots_dir, config, method_configs=None, progress=True):
     settings (their beta and seed are set here). Returns the rows of the table."""
     run = Run(run_dir, config.preference, config.fresh, progress).build(config.seed)
     chosen = sweep_variants(config, method_configs)
-    run.train(chosen)
+    with executor(config) as pool:
+        run.train(chosen, pool)
     rows, frontier = measure(run, chosen, config)
     figure = plot_frontier(frontier, rows, Path(plots_dir) / 'frontier.png')
     report = write_study(run_dir, 'sweep', sweep_report(rows, config, run.preference.name),

@@ -40,7 +40,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from toy_rlhf import figures
-from toy_rlhf.executors import executor
+from toy_rlhf.executors import ExecutorConfig, executor
 from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, PositiveInt, Seed
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods import METHODS
@@ -56,7 +56,7 @@ STUDIED_METHODS = ('ppo', 'rloo', 'grpo', 'online_dpo', 'distill', 'sppo', 'nash
 
 
 @dataclass
-class OffPolicyStudyConfig:
+class OffPolicyStudyConfig(ExecutorConfig):
     methods: tuple[str, ...] = ('ppo', 'rloo', 'grpo')  # the methods whose knobs are turned (also: online_dpo, distill, sppo, nash_md)
     knobs: tuple[str, ...] = ('epochs', 'staleness', 'temperature')  # which knobs to turn (epochs, staleness, temperature, top_k, precision)
     seeds: tuple[Seed, ...] = (0, 1, 2)  # every cell is trained on each: the table shows the median and range
@@ -67,7 +67,6 @@ class OffPolicyStudyConfig:
     iters_scale: PositiveInt = 1  # each method's schedule's rounds times this (longer: nearer convergence)
     prompts: ExactPrompts = 50  # held-out prompts of the exact distance (each: all 10^4 responses)
     seed: Seed = 0  # the SFT policy and reward model of an empty run folder, and the held-out prompts
-    workers: PositiveInt = 1  # training processes at once (one thread each; the same numbers as one after another)
 
 
 EPOCHS = (1, 4, 8)
@@ -175,8 +174,8 @@ def off_policy(run_dir, plots_dir, config, progress=True, schedule=None):
         measured[variant.name] = {'distance': response_kl(run.response_log_probs(variant, tables.prompts),
                                                           targets[variant.method]).mean().item(),
                                   'seconds': run.checkpoint(variant)['metrics']['seconds']}
-    with executor(config.workers) as workers:
-        run.train(variants, workers, tables.prompts, then=measure)
+    with executor(config) as pool:
+        run.train(variants, pool, tables.prompts, then=measure)
     rows = []
     for method, knob, value, label, seed, variant in chosen:
         rows.append({'method': method, 'knob': knob, 'value': value, 'variant': label, 'seed': seed,

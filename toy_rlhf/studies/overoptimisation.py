@@ -30,7 +30,7 @@ import torch
 
 from toy_rlhf.checkpoint import load_checkpoint, load_model
 from toy_rlhf.enumeration import all_response_log_probs, all_response_rewards
-from toy_rlhf.executors import executor, run_jobs
+from toy_rlhf.executors import ExecutorConfig, executor, run_jobs
 from toy_rlhf.files import fingerprint
 from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, PositiveFloat, PositiveInt, Seed
 from toy_rlhf.language import sample_prompts
@@ -53,7 +53,7 @@ BEST_OF_N = sorted({round(10 ** (k / 15)) for k in range(61)})
 
 
 @dataclass
-class OverOptConfig:
+class OverOptConfig(ExecutorConfig):
     SET_BY_STUDY = ('seed', 'device', 'beta', 'pairs', 'gold_margin', 'preference')  # the stages' settings set here
     pairs: tuple[PositiveInt, ...] = (250, 1000, 4000, 20000)  # labelled pairs of each proxy reward model
     # The labeler's margin sets the label noise: P(wrong label) = sigmoid(-margin), 2e-9 at 20, 12% at 2, 27% at 1.
@@ -66,9 +66,6 @@ class OverOptConfig:
     prompts: ExactPrompts = EXACT_PROMPTS  # prompts of every exact evaluation (each: all 10^4 responses)
     seed: Seed = 0  # random seed of every stage and of the evaluation prompts
     fresh: bool = False  # retrain even where a checkpoint with the same settings exists
-    # With N workers, N proxies (then N of the method's runs) train at once in processes of one thread
-    # each: the same numbers as --threads 1 here, one after another.
-    workers: PositiveInt = 1
     # The proxies' own schedule (flags --reward.iters, ...); pairs, margin and seed come from the
     # fields above. The method's settings are its config's (overoptimisation's method_config).
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -171,8 +168,8 @@ def overoptimisation(run_dir, plots_dir, config, method_config=None, progress=Tr
     # expensive part: the tables); Gao et al.'s forms through them and where they peak
     inputs = [sft_path] + [run for *_, path in proxies for run in (path, *(run_path(path, variant)
                                                                           for variant in variants))]
-    settings = asdict(replace(config, fresh=False))
-    del settings['workers']  # where they were trained does not change which checkpoints they are
+    settings = {name: value for name, value in asdict(replace(config, fresh=False)).items()
+                if name not in ExecutorConfig.__dataclass_fields__}  # where they trained does not change them
     key = json.loads(json.dumps({'settings': settings, 'gold': preference.name,
                                  'method_settings': [asdict(variant.config()) for variant in variants],
                                  'betas': BETAS, 'best_of_n': BEST_OF_N,
@@ -214,7 +211,7 @@ def train_proxies(run_dir, config, proxies, variants, tables, gold_name, progres
         save_stage(run_dir, run_path(path, variant).stem, policy, 'policy', runs[key], {'seconds': seconds}, history,
                    inputs=(sft_path, path), method=variant.method)
 
-    with executor(config.workers) as pool:
+    with executor(config) as pool:
         # 1. the proxies' reward models, each with its scores of every response (its runs' tables)
         run_jobs(pool, {path: (proxy_job, sft_policy, reward_configs[path], path.stem, tables.prompts)
                         for path in reward_configs
