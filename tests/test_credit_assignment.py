@@ -1,5 +1,6 @@
 """The credit-assignment study: measuring leaves a run unchanged, samples are counted on measured
-rounds only, and a tiny study measures every variant and seed exactly and draws its figure."""
+rounds only, a tiny study measures every variant and seed exactly and draws its figure, and worker
+processes give its numbers (and the collapse study's)."""
 import dataclasses
 import functools
 import json
@@ -9,6 +10,8 @@ import torch
 
 from mingpt.model import GPT
 from toy_rlhf.checkpoint import save_checkpoint
+from conftest import one_thread
+from toy_rlhf.studies.collapse import CollapseConfig, collapse
 from toy_rlhf.studies.credit import CreditConfig, credit_assignment, credit_variants, samples_to_target
 from toy_rlhf.methods import METHODS
 from toy_rlhf.optimal import KL_POSITIONS
@@ -78,3 +81,28 @@ def test_a_tiny_study_measures_every_variant_and_seed_exactly_and_draws_its_figu
     report = (run_dir / 'credit_assignment.md').read_text()
     assert all(f'| {variant.label} |' in report for variant in variants)
     assert (tmp_path / 'plots' / 'credit_assignment.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.mark.slow  # two studies twice, and two workers started: `pytest -m slow`
+def test_the_credit_and_collapse_studies_give_a_serial_runs_numbers_in_worker_processes(models, tmp_path):
+    reference, reward_model = models
+    studies = {'credit': lambda folder, **where: credit_assignment(
+                   folder, tmp_path / 'plots', CreditConfig(runs=1, iters=1, prompts=1, **where), progress=False),
+               'collapse': lambda folder, **where: collapse(
+                   folder, tmp_path / 'plots', CollapseConfig(methods=('rloo',), rounds=1, exact_steps=2, exact_pool=4,
+                                                              exact_prompts_per_step=4, prompts=1, **where),
+                   progress=False)}
+    results = {}
+    for where, folder in (({}, tmp_path / 'serial'), ({'workers': 2}, tmp_path / 'workers')):
+        save_checkpoint(folder / 'sft.pt', reference, 'policy', {}, {})
+        save_checkpoint(folder / 'reward.pt', reward_model, 'reward', {}, {})
+        with one_thread():
+            results[len(where)] = {name: study(folder, **where) for name, study in studies.items()}
+
+    def numbers(result):  # every measured number, without the settings (the workers) or wall seconds
+        if isinstance(result, dict):
+            return {key: numbers(value) for key, value in result.items() if key not in ('settings', 'seconds')}
+        return [numbers(value) for value in result] if isinstance(result, list) else result
+    assert numbers(results[1]) == numbers(results[0])
+    assert len(results[0]['credit']['variants']) == len(credit_variants())
+    assert [curve['label'] for curve in results[0]['collapse']['curves']][0] == METHODS['rloo'].label

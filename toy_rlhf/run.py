@@ -273,3 +273,16 @@ def train_variant(method, config, preference, sft_policy, reward_model=None, pro
     seconds = time.perf_counter() - start
     log_probs = None if prompts is None else (prompts, all_response_log_probs(policy, prompts))
     return policy, history, {**metrics, 'seconds': seconds}, log_probs
+
+
+def train_measured(method, config, preference, sft_policy, reward_model, measure, progress=True, threads=None):
+    """Train `method` (a registry name) at `config` for `preference` (a name) from sft_policy against
+    reward_model, measure(rounds, actor) after each round (a study's exact measurement, which draws
+    no random numbers and counts its own time in measure.seconds). A pure function of its arguments, so
+    that a worker can run it: returns (history, training seconds, the measurement's left out)."""
+    if threads:
+        torch.set_num_threads(threads)
+    started, measured = time.perf_counter(), measure.seconds
+    _, history = METHODS[method].train(sft_policy, reward_model=reward_model, config=config,
+                                       preference=resolve_preference(preference), progress=progress, measure=measure)
+    return history, time.perf_counter() - started - (measure.seconds - measured)

@@ -23,18 +23,20 @@ import torch
 
 from toy_rlhf import figures
 from toy_rlhf.enumeration import all_response_log_probs
+from toy_rlhf.executors import ExecutorConfig, executor, run_jobs
 from toy_rlhf.figures import MODEL_COLORS
 from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, PositiveInt, Seed
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods import METHODS
 from toy_rlhf.methods.exact import ExactConfig, train_exact
 from toy_rlhf.optimal import KL_POSITIONS, compare_to_optimum, digit_distribution, kl_split, optimal_log_probs
-from toy_rlhf.run import Run, Variant
+from toy_rlhf.preferences import resolve_preference
+from toy_rlhf.run import Run, Variant, train_measured
 from toy_rlhf.studies.output import markdown_table, write_study
 
 
 @dataclass
-class CollapseConfig:
+class CollapseConfig(ExecutorConfig):
     methods: tuple[str, ...] = ('ppo', 'rloo', 'grpo')  # the sampled methods whose collapse is measured
     rounds: PositiveInt = 50  # rounds of each sampled method
     exact_steps: PositiveInt = 300  # steps of each exact-optimiser path (the forward path: half forward, half reverse)
@@ -107,28 +109,25 @@ def exact_paths(config):
             ('exact, forward KL then reverse', [replace(half, divergence='forward'), half])]
 
 
-def run_exact_path(run, configs, measure):
-    """Train the configs of a path in turn; the history of all of its steps, numbered on."""
+def exact_path_job(configs, sft_policy, reward_model, preference, measure, progress=True, threads=None):
+    """Train the configs of an exact path in turn from sft_policy, each starting where the previous
+    ended, measured as they train (a pure function of its arguments, so that a worker can run it):
+    (the history of all of its steps, numbered on; its seconds, the measurements' left out)."""
+    if threads:
+        torch.set_num_threads(threads)
+    started, measured = time.perf_counter(), measure.seconds
     policy, history = None, []
     for config in configs:
-        policy, rows = train_exact(run.sft_policy, run.reward_model, config, run.preference, progress=run.progress,
+        policy, rows = train_exact(sft_policy, reward_model, config, resolve_preference(preference), progress=progress,
                                    measure=functools.partial(measure_after, measure, len(history)),
                                    start_policy=policy)
         history += rows
-    return history
+    return history, time.perf_counter() - started - (measure.seconds - measured)
 
 
 def measure_after(measure, done, steps, model):
     """measure(done + steps, model): a later stage of a path counts its steps on from the earlier ones."""
     return measure(done + steps, model)
-
-
-def run_method(run, name, config, measure):
-    """Train a sampled method at its defaults (but beta, seed and rounds), measured as it trains."""
-    variant = Variant(name, config.beta, config.seed, (('iters', config.rounds),))
-    _, history = METHODS[name].train(run.sft_policy, reward_model=run.reward_model, config=variant.config(),
-                                     preference=run.preference, progress=run.progress, measure=measure)
-    return history
 
 
 def collapse(run_dir, plots_dir, config, progress=True):
@@ -140,12 +139,17 @@ def collapse(run_dir, plots_dir, config, progress=True):
     gold = tables.gold(run.gold_margin)
     measure = CollapseMeasure(tables, gold, config.beta, config.measure_every)
     start = {'round': 0, **measure.measure(tables.log_ref)}
-    curves = []
-    for name in config.methods:
-        history = run_method(run, name, config, measure)
-        curves.append(curve(METHODS[name].label, start, history))
-    for label, configs in exact_paths(config):
-        curves.append(curve(label, start, run_exact_path(run, configs, measure)))
+    models = (run.sft_policy, run.reward_model)
+    jobs = {METHODS[name].label: (train_measured, name, Variant(name, config.beta, config.seed,
+                                                                (('iters', config.rounds),)).config(),
+                                  run.preference.name, *models, measure)
+            for name in config.methods}  # each sampled method at its defaults but beta, seed and rounds
+    jobs.update({label: (exact_path_job, configs, *models, run.preference.name, measure)
+                 for label, configs in exact_paths(config)})
+    histories = {}
+    with executor(config) as pool:
+        run_jobs(pool, jobs, lambda label, made: histories.update({label: made[0]}), progress)
+    curves = [curve(label, start, histories[label]) for label in jobs]
     optimum = optimal_log_probs(tables.log_ref, tables.rewards, config.beta)
     exact = [c for c in curves if c['label'].startswith('exact')]
     best = max(exact, key=lambda c: c['rows'][-1]['gap_closed'])

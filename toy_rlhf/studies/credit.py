@@ -30,18 +30,19 @@ from matplotlib.lines import Line2D
 
 from toy_rlhf import figures
 from toy_rlhf.enumeration import all_response_log_probs
+from toy_rlhf.executors import ExecutorConfig, executor, run_jobs
 from toy_rlhf.figures import DASHES, FIGURE_SIZES
 from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, PositiveInt, Probability, Seed
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods import METHODS
 from toy_rlhf.optimal import (EXACT_PROMPTS, KL_POSITIONS, distribution_summary, expected_reward, gold_metrics,
                               kl_split, objective, optimal_log_probs, optimal_value)
-from toy_rlhf.run import Run, Variant
+from toy_rlhf.run import Run, Variant, train_measured
 from toy_rlhf.studies.output import markdown_table, write_study
 
 
 @dataclass
-class CreditConfig:
+class CreditConfig(ExecutorConfig):
     seed: Seed = 0  # seed of the evaluation prompts and of the first run of each variant
     runs: PositiveInt = 3  # runs of each variant, on seeds seed, seed + 1, ...
     beta: NonNegativeFloat = 1.0  # KL strength of every run
@@ -117,17 +118,26 @@ def credit_assignment(run_dir, plots_dir, config, progress=True):
     start = {'samples': 0, **ExactMeasure(tables, gold, config.beta, 1, 0)(0, run.sft_policy)}
 
     variants = credit_variants()
+    seeds = range(config.seed, config.seed + config.runs)
+    runs = {(variant.label, seed): replace(variant, beta=config.beta, seed=seed,
+                                           settings=(*variant.settings, ('iters', config.iters)))
+            for variant, _ in variants for seed in seeds}
+    trained = {}  # (label, seed): (history, seconds)
+    with executor(config) as pool:
+        run_jobs(pool, {key: (train_measured, seeded.method, seeded.config(), run.preference.name, run.sft_policy,
+                              run.reward_model, ExactMeasure(tables, gold, config.beta, config.measure_every,
+                                                             config.iters))
+                        for key, seeded in runs.items()}, trained.__setitem__, progress)
+
     curves, summary = [], {}  # curves: one record per variant and seed, {'variant', 'seed', 'rows'}
     for variant, _ in variants:
-        runs = []
-        for seed in range(config.seed, config.seed + config.runs):
-            seeded = replace(variant, beta=config.beta, seed=seed, settings=(*variant.settings, ('iters', config.iters)))
-            history, seconds = train_measured(run, seeded, ExactMeasure(tables, gold, config.beta, config.measure_every,
-                                                                        config.iters), progress)
+        finals = []
+        for seed in seeds:
+            history, seconds = trained[variant.label, seed]
             history = [start, *history]
             curves.append({'variant': variant.label, 'seed': seed, 'rows': history})
-            runs.append(final_numbers(history, seed, target_rate, seconds))
-        summary[variant.label] = {'runs': runs, **medians(runs)}
+            finals.append(final_numbers(history, seed, target_rate, seconds))
+        summary[variant.label] = {'runs': finals, **medians(finals)}
         print_variant(variant.label, summary[variant.label])
 
     result = {'preference': run.preference.name, 'settings': asdict(config), 'target_rate': target_rate,
@@ -138,15 +148,6 @@ def credit_assignment(run_dir, plots_dir, config, progress=True):
     report = write_study(run_dir, 'credit_assignment', credit_report(result), result, figure)
     print(f'Credit assignment: {report}, {figure}')
     return result
-
-
-def train_measured(run, variant, measure, progress):
-    """Train a variant from the run's SFT policy and reward model, measured as it trains: its history
-    and its training seconds, the measurements' own seconds left out."""
-    started = time.perf_counter()
-    _, history = METHODS[variant.method].train(run.sft_policy, reward_model=run.reward_model, config=variant.config(),
-                                               preference=run.preference, progress=progress, measure=measure)
-    return history, time.perf_counter() - started - measure.seconds
 
 
 def final_numbers(history, seed, target_rate, seconds):
