@@ -337,3 +337,16 @@ def test_the_method_list_keeps_its_summaries_in_one_column_whatever_the_longest_
         cli.train_main(['--help'])
     summaries = {name: method.summary for name, method in METHODS.items() if method.train is not None}
     assert len(set(summary_columns(capsys.readouterr().out, summaries).values())) == 1
+
+
+def test_a_worker_process_that_dies_ends_with_status_two_and_one_line(tmp_path, monkeypatch, capsys):
+    # As a worker the kernel kills for memory: the pool breaks, and the command says what happened.
+    from toy_rlhf.executors import ExecutorConfig, executor
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        with cli.running('compare', ['--quiet']):
+            with executor(ExecutorConfig(workers=2)) as pool:
+                pool.submit(os._exit, 9).result()
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert 'a worker process died' in error and '--workers' in error and 'Traceback' not in error

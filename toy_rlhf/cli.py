@@ -7,6 +7,7 @@ command (Ctrl-C while torch is imported or the interpreter exits, output into a 
 toy_rlhf.entry's, which `toy-rlhf` and the scripts call.
 """
 import argparse
+import concurrent.futures
 import contextlib
 import re
 import signal
@@ -139,6 +140,11 @@ def running(command, argv=None, prog=None):
     except (UsageError, CheckpointError, TrainingError, WriteError, RunDirError, PreferenceError,
             ExecutorError, TrackingError) as error:
         print(f'{parser.prog}: error: {error}', file=sys.stderr)
+        sys.exit(2)
+    except concurrent.futures.BrokenExecutor:  # a RuntimeError too: before the next clause
+        print(f'{parser.prog}: error: a worker process died (killed, or out of memory) before its run ended; nothing '
+              'is half-written, and the same command again reuses every checkpoint written (fewer --workers if memory '
+              'is short)', file=sys.stderr)
         sys.exit(2)
     except (MemoryError, RuntimeError) as error:
         if not isinstance(error, (MemoryError, torch.OutOfMemoryError)) and not OUT_OF_MEMORY.search(str(error)):
