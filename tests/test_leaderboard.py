@@ -85,7 +85,8 @@ def test_a_second_call_with_nothing_changed_trains_and_measures_nothing(serial, 
 
     monkeypatch.setattr(run_module, 'train_variant', forbidden)
     monkeypatch.setattr(study, 'variant_row', forbidden)
-    monkeypatch.setattr(study, 'reward_stage', forbidden)
+    monkeypatch.setattr(study, 'reward_job', forbidden)
+    monkeypatch.setattr(run_module, 'exact_tables', forbidden)  # the tables are read back
     monkeypatch.setattr(study, 'sft_stage', forbidden)
     leaderboard(serial, GRID, progress=False, schedule=TINY)
     assert numbers(serial) == before

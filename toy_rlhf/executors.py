@@ -102,3 +102,13 @@ def submit_by_value(pool, function, *arguments, **keywords):
     into shared memory in place: while it does, this process may be reading the same models (the exact
     tables), and read half-moved weights. So each job travels as its own copies."""
     return pool.submit(function, *copy.deepcopy(arguments), **keywords)
+
+
+def start(pool, function, *arguments, progress=True):
+    """function(*arguments) as a future: run here and now without a pool (with progress bars as
+    asked), else sent to the pool's workers as run_jobs sends a job (by value, one thread, no bars)."""
+    if pool is None:
+        future = concurrent.futures.Future()
+        future.set_result(function(*arguments, progress=progress))
+        return future
+    return submit_by_value(pool, function, *arguments, progress=False, threads=1)

@@ -125,14 +125,16 @@ class Run:
         check_made_from(self.reward_path, self.sft_path)
         return load_model(self.reward_path, 'reward')
 
-    def tables(self, prompts):
+    def tables(self, prompts, computed=None):
         """The exact tables (toy_rlhf.optimal.ExactTables) of prompts (P, 4): computed once per prompt
-        set, and kept on disk (tables_<hash of the prompts>.pt) with the fingerprints of the SFT policy
-        and reward model they were computed from, so that no later study recomputes them."""
+        set (here, unless `computed` holds them, made in a worker), and kept on disk (tables_<hash of
+        the prompts>.pt) with the fingerprints of the SFT policy and reward model they were computed
+        from, so that no later study recomputes them."""
         key = _prompt_key(prompts)
         if key not in self._tables:
             self._tables[key] = stored_tables(self.folder, self.sft_path, self.reward_path, prompts, self.preference,
-                                              lambda: (self.sft_policy, self.reward_model))
+                                              lambda: computed or exact_tables(self.sft_policy, self.reward_model,
+                                                                               prompts, self.preference))
         return self._tables[key]
 
     def path(self, variant):
@@ -234,10 +236,10 @@ def _prompt_key(prompts):
     return tuple(map(tuple, prompts.tolist()))
 
 
-def stored_tables(folder, sft_path, reward_path, prompts, preference, models):
+def stored_tables(folder, sft_path, reward_path, prompts, preference, compute):
     """The ExactTables of prompts (P, 4) for the SFT policy and reward model at these paths, read from
     folder/tables_<hash of the prompts>.pt when that file was computed from the same two files (by
-    fingerprint), else computed with models() -> (reference, reward model) and written there."""
+    fingerprint), else compute() (-> ExactTables) written there."""
     made_from = {'sft.pt': fingerprint(sft_path), 'reward.pt': fingerprint(reward_path), 'prompts': prompts.tolist()}
     path = Path(folder) / f"tables_{hashlib.sha256(str(made_from['prompts']).encode()).hexdigest()[:12]}.pt"
     try:
@@ -246,7 +248,7 @@ def stored_tables(folder, sft_path, reward_path, prompts, preference, models):
             return ExactTables(prompts, stored['log_ref'], stored['rewards'].double(), preference)
     except (OSError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError):
         pass  # none yet, or not ours as it should be: computed again, and rewritten
-    tables = exact_tables(*models(), prompts, preference)
+    tables = compute()
     # The reward model scores in float32: stored so, its float64 table is the same numbers.
     atomic_write(path, lambda file: torch.save({'made_from': made_from, 'log_ref': tables.log_ref,
                                                  'rewards': tables.rewards.float()}, file))

@@ -16,7 +16,7 @@ from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods import METHODS, method_of_stem
 from toy_rlhf.metrics import samples_to_preference
 from toy_rlhf.enumeration import all_response_log_probs
-from toy_rlhf.optimal import (compare_to_optimum, expected_reward, objective, optimal_log_probs,
+from toy_rlhf.optimal import (compare_to_optimum, exact_tables, expected_reward, objective, optimal_log_probs,
                               optimal_value, response_kl)
 from toy_rlhf.pipeline import check_trained_from, checkpoint_preference
 from toy_rlhf.reward import RewardConfig
@@ -94,7 +94,8 @@ def checkpoint_row(policy_path, reference_path, reward_path, n_prompts, seed, ch
     prompts = sample_prompts(n_prompts, torch.Generator().manual_seed(seed))
     # Kept beside the reward model, as a Run keeps them: a second evaluation on these prompts reads them.
     tables = stored_tables(Path(reward_path).parent, reference_path, reward_path, prompts, preference,
-                           lambda: (load_model(reference_path, 'policy'), load_model(reward_path, 'reward')))
+                           lambda: exact_tables(load_model(reference_path, 'policy'), load_model(reward_path, 'reward'),
+                                                prompts, preference))
     log_pi = all_response_log_probs(load_model(policy_path, 'policy'), prompts)
     return exact_row(Path(policy_path).stem, method, config, log_pi, tables,
                      reward_settings.get('gold_margin', RewardConfig.gold_margin))

@@ -33,13 +33,14 @@ import numpy as np
 import torch
 
 from toy_rlhf import executors
+from toy_rlhf.checkpoint import load_model
 from toy_rlhf.files import atomic_write, fingerprint, write_json
 from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, Seed
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods import METHODS
-from toy_rlhf.optimal import EXACT_PROMPTS
-from toy_rlhf.pipeline import ensure_stage, reward_stage, sft_stage
-from toy_rlhf.preferences import PREFERENCES
+from toy_rlhf.optimal import EXACT_PROMPTS, exact_tables
+from toy_rlhf.pipeline import ensure_stage, reused_stage, save_reward_stage, sft_stage, train_reward_stage
+from toy_rlhf.preferences import PREFERENCES, resolve_preference
 from toy_rlhf.reward import RewardConfig
 from toy_rlhf.run import Run
 from toy_rlhf.sft import SFTConfig
@@ -91,16 +92,30 @@ def folder_name(preference):
     return re.sub(r'[^A-Za-z0-9._-]', '_', preference)
 
 
-def cell_run(run_dir, preference, seed, config, schedule, progress):
-    """The Run of one (preference, seed): the seed's SFT policy copied in, a reward model trained on it
-    where none was made with the same settings."""
+def cell_reward(run_dir, preference, seed, config, schedule, pool, prompts, progress):
+    """Start a (preference, seed) cell: the seed's SFT policy copied into its folder, and its reward
+    model reused where one was made with the same settings, else trained with the exact tables of
+    prompts (reward_job) here, or in a worker where there is a pool. Returns (folder, the reward
+    model's settings, a future of reward_job's result or None)."""
     folder, shared = Path(run_dir) / f'seed{seed}' / folder_name(preference), Path(run_dir) / f'seed{seed}' / 'sft.pt'
     # A copy rather than a link, so each cell is a whole run folder (toy-rlhf compare --run-dir works on it).
     if not (folder / 'sft.pt').exists() or fingerprint(folder / 'sft.pt') != fingerprint(shared):
         atomic_write(folder / 'sft.pt', lambda file: file.write(shared.read_bytes()))
     reward = replace(RewardConfig(seed=seed, preference=preference), **dict(schedule.get('reward', ())))
-    ensure_stage(folder, 'reward', reward, (folder / 'sft.pt',), reward_stage, config.fresh, progress)
-    return Run(folder, preference, config.fresh, progress)
+    if reused_stage(folder, 'reward', reward, (folder / 'sft.pt',), config.fresh):
+        return folder, reward, None
+    sft_policy = load_model(folder / 'sft.pt', 'policy')
+    return folder, reward, executors.start(pool, reward_job, sft_policy, reward, prompts, progress=progress)
+
+
+def reward_job(sft_policy, config, prompts, progress=True, threads=None):
+    """A cell's reward model, trained and measured (pipeline.train_reward_stage), and its exact tables
+    of prompts: (trained, ExactTables). In a worker, so that the main process does not train while
+    the workers wait."""
+    if threads:
+        torch.set_num_threads(threads)
+    trained = train_reward_stage(sft_policy, config, 'reward', progress)
+    return trained, exact_tables(sft_policy, trained[0], prompts, resolve_preference(config.preference))
 
 
 def row_key(run, variant, config):
@@ -148,20 +163,28 @@ def leaderboard(run_dir, config, progress=True, schedule=None):
     summary (summarise)."""
     run_dir, schedule = Path(run_dir), schedules(config) if schedule is None else schedule
     prompts = sample_prompts(config.prompts, torch.Generator().manual_seed(config.seed))
-    # Every cell's variants go to the workers as soon as its reward model is there; meanwhile this
-    # process makes the next reward model and each cell's exact tables, and measures each cell (in the
-    # grid's order) once its variants are back, saving each checkpoint as it comes.
+    # Every cell's variants go to the workers as soon as its reward model is there (made, with the
+    # cell's exact tables, in a worker too); this process makes the seeds' SFT policies, saves each
+    # checkpoint as it comes, and measures each cell (in the grid's order) once its variants are back.
     with executors.executor(config) as pool:
         cells, trained_by = [], {}
         for seed in config.seeds:
             sft = replace(SFTConfig(seed=seed), **dict(schedule.get('sft', ())))
             ensure_stage(run_dir / f'seed{seed}', 'sft', sft, (), sft_stage, config.fresh, progress)
-            for preference in config.preferences or tuple(PREFERENCES):
-                run = cell_run(run_dir, preference, seed, config, schedule, progress)
+            preferences = config.preferences or tuple(PREFERENCES)
+            # The seed's reward models first, each with its exact tables: the workers take them before
+            # the cells' variants, which wait for them.
+            rewards = [cell_reward(run_dir, preference, seed, config, schedule, pool, prompts, progress)
+                       for preference in preferences]
+            for preference, (folder, reward, job) in zip(preferences, rewards):
+                made = job.result() if job else None  # (the trained reward model, its tables); None: reused
+                if made:
+                    save_reward_stage(folder, reward, 'reward', made[0])
+                run = Run(folder, preference, config.fresh, progress)
                 chosen = cell_variants(config, seed, schedule)
                 _, futures = run.submit(chosen, pool, prompts)  # trained here and now without a pool
                 trained_by.update({future: (run, variant) for future, variant in futures.items()})
-                run.tables(prompts)
+                run.tables(prompts, made[1] if made else None)  # without, computed here unless stored
                 cells.append((seed, run, chosen, set(futures)))
         rows, targets, saved = [], [], set()
         for future in concurrent.futures.as_completed(trained_by):
