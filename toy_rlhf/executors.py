@@ -90,8 +90,7 @@ def run_jobs(pool, jobs, done, progress=True):
         for key, (function, *arguments) in jobs.items():
             done(key, function(*arguments, progress=progress))
         return
-    futures = {submit_by_value(pool, function, *arguments, progress=False, threads=1): key
-               for key, (function, *arguments) in jobs.items()}
+    futures = {start(pool, function, *arguments): key for key, (function, *arguments) in jobs.items()}
     for future in concurrent.futures.as_completed(futures):
         done(futures[future], future.result())
 
