@@ -10,7 +10,8 @@ from toy_rlhf.enumeration import all_responses, all_response_log_probs
 from toy_rlhf.language import sample_prompts
 from toy_rlhf.methods.advantages import group_normalised_advantages
 from toy_rlhf.methods.grpo import (GRPOConfig, fixed_point, forward_kl_step, k3_kl, per_token_fixed_point,
-                                   reverse_kl_step, reward_std, train_grpo, uniform_groups)
+                                   reverse_kl_step, reward_std, self_consistent_sigma, train_grpo,
+                                   uniform_groups)
 from toy_rlhf.metrics import evaluate_policy
 from toy_rlhf.optimal import (ExactTables, digit_distribution, exact_tables, objective, optimal_log_probs, optimal_value,
                               response_kl)
@@ -154,6 +155,23 @@ def test_with_std_scaling_sigma_is_the_std_under_the_fixed_point_itself(kl):
         lam = ((1 + u) + math.sqrt((1 + u) ** 2 - 3 * u)) / 2
         expected = 0.25 / (lam - u)
     assert math.isclose(p, expected, abs_tol=1e-8)
+
+
+def test_the_sigma_search_finds_each_prompts_root_in_a_few_evaluations_and_ends_where_the_excess_is_exactly_0():
+    # Per prompt: a smooth root at 0.7 (found to the tolerance in a few evaluations, where bisection
+    # took some thirty-five), and a flat stretch of exact zeros on [0.45, 0.55], as rounding makes
+    # near a real root: the search stops inside it rather than halving the other end for ever.
+    evaluations = []
+
+    def excess(sigma):
+        evaluations.append(sigma)
+        smooth = 0.7 ** 2 / sigma - sigma
+        flat = torch.where(sigma < 0.45, 0.45 - sigma, torch.where(sigma > 0.55, 0.55 - sigma, 0.0))
+        return torch.cat([smooth[:1], flat[1:]])
+
+    sigma = self_consistent_sigma(excess, torch.tensor([[0.3], [0.2]], dtype=torch.float64), tolerance=1e-10)
+    assert abs(sigma[0].item() - 0.7) < 1e-9 and 0.45 <= sigma[1].item() <= 0.55
+    assert len(evaluations) <= 15
 
 
 def test_where_iterating_sigma_would_cycle_the_fixed_point_is_still_self_consistent():

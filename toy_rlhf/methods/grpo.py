@@ -260,23 +260,39 @@ def fixed_point(tables, config, tolerance=1e-10):
 def self_consistent_sigma(excess, start, tolerance, factor=1.2):
     """The root of excess(sigma) nearest `start` in the direction excess points (a tensor of
     independent scalars, one per prompt under group scaling): step geometrically from `start` by
-    `factor` until excess changes sign, then bisect that bracket to a relative width of `tolerance`.
+    `factor` until excess changes sign, then close that bracket to a relative width of `tolerance`
+    by regula falsi in log sigma, Illinois's way (the end kept twice in a row has its excess halved,
+    so both ends move): about ten evaluations where bisection took some thirty-five, each a backward
+    pass over every prompt's trie.
 
     Why not iterate sigma <- std(sigma): that map can fall faster than slope -1 near its root (a
     stronger push raises the reward's spread before it concentrates the policy), and then it settles
     into a two-cycle and never converges. The root is the same stationary point of the expected update
     either way. The search always ends: std >= 1e-4 (reward_std's floor) gives excess > 0 below 1e-4,
     and std is bounded, so excess < 0 for large sigma."""
-    upward = excess(start) > 0  # which way the root lies
-    inner, outer = start.clone(), torch.where(upward, start * factor, start / factor)
-    crossed = torch.zeros_like(upward)
-    while not crossed.all():  # 2. step out until the sign changes
-        moving = ~crossed & ((excess(outer) > 0) == upward)
-        crossed |= ~moving
-        inner = torch.where(moving, outer, inner)
+    value = excess(start)
+    upward = value > 0  # which way the root lies
+    inner, f_inner = start.clone(), value
+    outer = torch.where(upward, start * factor, start / factor)
+    f_outer = excess(outer)
+    while (moving := (f_outer > 0) == upward).any():  # 2. step out until the sign changes
+        inner, f_inner = torch.where(moving, outer, inner), torch.where(moving, f_outer, f_inner)
         outer = torch.where(moving, torch.where(upward, outer * factor, outer / factor), outer)
-    while ((outer - inner).abs() > tolerance * inner).any():  # 3. bisect [inner, outer]
-        middle = (inner * outer).sqrt()
-        same_side = (excess(middle) > 0) == upward
-        inner, outer = torch.where(same_side, middle, inner), torch.where(same_side, outer, middle)
-    return (inner * outer).sqrt()
+        f_outer = excess(outer)
+    # 3. close [inner, outer]: x = log sigma; `kept` is the end the last step kept (-1 inner, 1 outer).
+    #    Where rounding puts the secant's point on an end, the middle instead; an excess of exactly 0
+    #    is the root, and closes the bracket there.
+    a, b, kept = inner.log(), outer.log(), torch.zeros_like(inner)
+    while (open_ := (b.exp() - a.exp()).abs() > tolerance * a.exp()).any():
+        c = b - f_outer * (b - a) / (f_outer - f_inner)
+        c = torch.where(open_, torch.where((c - a) * (c - b) < 0, c, (a + b) / 2), b)
+        f_c = excess(c.exp())
+        replaces_outer = open_ & ((f_c > 0) == (f_outer > 0))
+        replaces_inner = open_ & ~replaces_outer
+        f_inner = torch.where(replaces_outer & (kept == -1), f_inner / 2, f_inner)
+        f_outer = torch.where(replaces_inner & (kept == 1), f_outer / 2, f_outer)
+        b, f_outer = torch.where(replaces_outer, c, b), torch.where(replaces_outer, f_c, f_outer)
+        a, f_inner = torch.where(replaces_inner, c, a), torch.where(replaces_inner, f_c, f_inner)
+        kept = torch.where(replaces_outer, -1.0, torch.where(replaces_inner, 1.0, kept))
+        a, b = torch.where(open_ & (f_c == 0), c, a), torch.where(open_ & (f_c == 0), c, b)
+    return (a + b).div(2).exp()
