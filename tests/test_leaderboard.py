@@ -85,6 +85,7 @@ def test_a_second_call_with_nothing_changed_trains_and_measures_nothing(serial, 
 
     monkeypatch.setattr(run_module, 'train_variant', forbidden)
     monkeypatch.setattr(study, 'variant_row', forbidden)
+    monkeypatch.setattr(study, 'row_job', forbidden)
     monkeypatch.setattr(study, 'reward_job', forbidden)
     monkeypatch.setattr(run_module, 'exact_tables', forbidden)  # the tables are read back
     monkeypatch.setattr(study, 'sft_stage', forbidden)
@@ -100,9 +101,9 @@ def test_a_changed_checkpoint_is_measured_again(serial, monkeypatch):
     stored[policy.stem]['key']['made_from'][policy.name] = 'another'
     (policy.parent / 'rows.json').write_text(json.dumps(stored))
     measured = []
-    real = study.variant_row
-    monkeypatch.setattr(study, 'variant_row', lambda run, variant, tables: measured.append(variant.name)
-                        or real(run, variant, tables))
+    real = study.row_job
+    monkeypatch.setattr(study, 'row_job', lambda variant, *args, **kwargs: measured.append(variant.name)
+                        or real(variant, *args, **kwargs))
     at_one_thread(serial, GRID)  # remeasured as it was measured: the other tests compare with it
     assert measured == [policy.stem]
 

@@ -50,13 +50,30 @@ def exact_row(label, method, config, log_pi, tables, gold_margin):
 def variant_row(run, variant, tables):
     """exact_row of a variant of the run (trained, or a method's exact distribution), with what a
     trained one consumed and how long it trained."""
+    if METHODS[variant.method].train is None:
+        return measured_row(variant, None, None, tables, run.gold_margin)
+    return measured_row(variant, run.response_log_probs(variant, tables.prompts), run.checkpoint(variant), tables,
+                        run.gold_margin)
+
+
+def row_job(variant, policy, checkpoint, tables, gold_margin, progress=True, threads=None):
+    """variant_row from its inputs by value, for a worker (toy_rlhf.executors.start): the trained
+    policy and its checkpoint's 'history' and 'metrics' (both None for a method whose policy is
+    exact, best-of-n). A pure function: the same inputs give the same row in any process on the same
+    thread count. progress: unused (no bars)."""
+    if threads:
+        torch.set_num_threads(threads)
+    log_pi = None if policy is None else all_response_log_probs(policy, tables.prompts)
+    return measured_row(variant, log_pi, checkpoint, tables, gold_margin)
+
+
+def measured_row(variant, log_pi, checkpoint, tables, gold_margin):
+    """variant_row's numbers from the policy's log-probs (P, 10^4) and its checkpoint's history and
+    metrics; the method's exact policy where log_pi is None."""
     method, config = METHODS[variant.method], variant.config()
-    if method.train is None:
-        return exact_row(variant.describe(), method, config, method.exact_policy(tables, config), tables,
-                         run.gold_margin)
-    log_pi = run.response_log_probs(variant, tables.prompts)
-    row = exact_row(variant.describe(), method, config, log_pi, tables, run.gold_margin)
-    checkpoint = run.checkpoint(variant)
+    if log_pi is None:
+        return exact_row(variant.describe(), method, config, method.exact_policy(tables, config), tables, gold_margin)
+    row = exact_row(variant.describe(), method, config, log_pi, tables, gold_margin)
     return {**row, **consumed(method, checkpoint['history']), 'seconds': checkpoint['metrics']['seconds']}
 
 

@@ -4,7 +4,8 @@
 For each seed an SFT policy (shared by the preferences), for each preference and seed a reward model,
 and from them each method at each beta, trained as a Variant through Run.train (its checkpoint reused
 when it was made with the same settings from the same inputs, so a killed run resumes) and measured
-exactly over all 10^4 responses of the same prompts (variant_row). Each cell's measured row is kept
+exactly over all 10^4 responses of the same prompts (row_job, in a worker where there are workers:
+the main process only trains the SFT policies and writes what comes back). Each cell's measured row is kept
 in the cell's folder under the fingerprints it was made from, so a call with nothing changed measures
 nothing. Writes leaderboard.md, leaderboard.json, leaderboard.png and decomposition.png (the gap split
 into the ceiling of the exact optimiser's paths, each method's optimiser gap and the reward-model gap:
@@ -44,7 +45,7 @@ from toy_rlhf.preferences import PREFERENCES, resolve_preference
 from toy_rlhf.reward import RewardConfig
 from toy_rlhf.run import Run
 from toy_rlhf.sft import SFTConfig
-from toy_rlhf.studies.against_optimum import variant_row
+from toy_rlhf.studies.against_optimum import row_job, variant_row
 from toy_rlhf.studies.decomposition import cell_targets, plot_decomposition, split_gap
 from toy_rlhf.studies.leaderboard_report import gap_table, leaderboard_report, plot_leaderboard
 from toy_rlhf.studies.methods import method_variant
@@ -127,34 +128,48 @@ def row_key(run, variant, config):
     return json.loads(json.dumps(key))
 
 
+def stored_rows(run):
+    """The cell's rows.json: {variant name: {'key': row_key, 'row': measured row}}; {} if none is readable."""
+    try:
+        return json.loads((run.folder / 'rows.json').read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def store_row(run, variant, key, row):
+    """Add a measured row to the cell's rows.json at once: a run killed in the next keeps this one."""
+    write_json(run.folder / 'rows.json', {**stored_rows(run), variant.name: {'key': key, 'row': row}})
+
+
+def start_row(run, variant, config, pool, prompts, progress):
+    """Measure a saved (or exact) variant of a cell unless its row is stored under the same key (or
+    config.fresh): row_job in a worker, or here without a pool. Returns {future: (run, variant, key)},
+    empty when there is nothing to measure."""
+    key = row_key(run, variant, config)
+    if not config.fresh and stored_rows(run).get(variant.name, {}).get('key') == key:
+        return {}
+    trains = METHODS[variant.method].train is not None
+    policy, checkpoint = (run.policy(variant), run.checkpoint(variant)) if trains else (None, None)
+    trained = checkpoint and {'history': checkpoint['history'], 'metrics': checkpoint['metrics']}
+    return {executors.start(pool, row_job, variant, policy, trained, run.tables(prompts), run.gold_margin,
+                            progress=progress): (run, variant, key)}
+
+
 def measure_cell(run, seed, chosen, config, prompts):
     """Each variant's exact row in the run of `seed` (a method without a seed of its own, best-of-n,
     has rows on every seed), from rows.json where it was measured from the same checkpoints, else
-    measured now (the exact tables computed only then); rows.json rewritten."""
-    path = run.folder / 'rows.json'
-    try:
-        stored = {} if config.fresh else json.loads(path.read_text())
-    except (OSError, ValueError):
-        stored = {}
+    measured now (the exact tables computed only then) and stored. A stored row under the same key is
+    the same numbers, so --fresh needs no exception here: its rows were all measured again by then."""
     rows = []
     for variant in chosen:
-        key = row_key(run, variant, config)
-        if stored.get(variant.name, {}).get('key') != key:
-            stored[variant.name] = {'key': key, 'row': variant_row(run, variant, run.tables(prompts))}
-            write_json(path, stored)  # at once: a run killed in the next measurement keeps this one
-        rows.append({**stored[variant.name]['row'], 'preference': run.preference.name, 'seed': seed,
-                     'beta': variant.beta, 'checkpoint': variant.name})
+        key, stored = row_key(run, variant, config), stored_rows(run).get(variant.name, {})
+        row = stored.get('row') if stored.get('key') == key else None
+        if row is None:  # not measured from these checkpoints: a checkpoint the grid did not make (the ceiling's)
+            row = variant_row(run, variant, run.tables(prompts))
+            store_row(run, variant, key, row)
+        rows.append({**row, 'preference': run.preference.name, 'seed': seed, 'beta': variant.beta,
+                     'checkpoint': variant.name})
     return rows
-
-
-def measure_ready(cells, saved, config, prompts, rows, targets):
-    """Measure the cells at the front of `cells` whose futures are all saved, in order, adding to rows
-    and targets (decomposition.cell_targets); each measured cell leaves the list."""
-    while cells and cells[0][3] <= saved:
-        seed, run, chosen, _ = cells.pop(0)
-        rows += measure_cell(run, seed, chosen, config, prompts)
-        measure = functools.partial(measure_cell, run, seed, config=config, prompts=prompts)
-        targets += cell_targets(run, config.betas, measure, run.tables(prompts), seed)
 
 
 def leaderboard(run_dir, config, progress=True, schedule=None):
@@ -163,11 +178,12 @@ def leaderboard(run_dir, config, progress=True, schedule=None):
     summary (summarise)."""
     run_dir, schedule = Path(run_dir), schedules(config) if schedule is None else schedule
     prompts = sample_prompts(config.prompts, torch.Generator().manual_seed(config.seed))
-    # Every cell's variants go to the workers as soon as its reward model is there (made, with the
-    # cell's exact tables, in a worker too); this process makes the seeds' SFT policies, saves each
-    # checkpoint as it comes, and measures each cell (in the grid's order) once its variants are back.
+    # The work goes to the workers as soon as what it needs is there: a cell's reward model (with its
+    # exact tables) first, its variants once that is back, each variant's exact row once it is
+    # saved. This process makes the seeds' SFT policies and writes every file as its job comes back:
+    # on a cluster it only hands out work.
     with executors.executor(config) as pool:
-        cells, trained_by = [], {}
+        cells, pending = [], {}  # pending: {future: (run, variant, the row's key, or None for its training)}
         for seed in config.seeds:
             sft = replace(SFTConfig(seed=seed), **dict(schedule.get('sft', ())))
             ensure_stage(run_dir / f'seed{seed}', 'sft', sft, (), sft_stage, config.fresh, progress)
@@ -182,17 +198,27 @@ def leaderboard(run_dir, config, progress=True, schedule=None):
                     save_reward_stage(folder, reward, 'reward', made[0])
                 run = Run(folder, preference, config.fresh, progress)
                 chosen = cell_variants(config, seed, schedule)
-                _, futures = run.submit(chosen, pool, prompts)  # trained here and now without a pool
-                trained_by.update({future: (run, variant) for future, variant in futures.items()})
+                _, training = run.submit(chosen, pool)  # trained and saved here and now without a pool
                 run.tables(prompts, made[1] if made else None)  # without, computed here unless stored
-                cells.append((seed, run, chosen, set(futures)))
-        rows, targets, saved = [], [], set()
-        for future in concurrent.futures.as_completed(trained_by):
-            run, variant = trained_by[future]
-            run.save(variant, future.result())
-            saved.add(future)
-            measure_ready(cells, saved, config, prompts, rows, targets)
-        measure_ready(cells, saved, config, prompts, rows, targets)
+                pending.update({future: (run, variant, None) for future, variant in training.items()})
+                for variant in chosen:
+                    if variant not in training.values():  # saved here, reused, or exact: measured now
+                        pending.update(start_row(run, variant, config, pool, prompts, progress))
+                cells.append((seed, run, chosen))
+        while pending:
+            done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                run, variant, key = pending.pop(future)
+                if key is None:  # trained: saved, then measured
+                    run.save(variant, future.result())
+                    pending.update(start_row(run, variant, config, pool, prompts, progress))
+                else:
+                    store_row(run, variant, key, future.result())
+        rows, targets = [], []
+        for seed, run, chosen in cells:  # every row stored by now: read back in the grid's order
+            rows += measure_cell(run, seed, chosen, config, prompts)
+            measure = functools.partial(measure_cell, run, seed, config=config, prompts=prompts)
+            targets += cell_targets(run, config.betas, measure, run.tables(prompts), seed)
     summary = summarise(rows)
     split = split_gap(rows, targets, spread)
     figure = plot_leaderboard(summary, run_dir / 'leaderboard.png')
