@@ -350,3 +350,28 @@ def test_a_worker_process_that_dies_ends_with_status_two_and_one_line(tmp_path, 
     assert stop.value.code == 2
     error = capsys.readouterr().err
     assert 'a worker process died' in error and '--workers' in error and 'Traceback' not in error
+
+
+@pytest.mark.parametrize('command', ['leaderboard', 'collapse'])
+def test_executor_dask_without_dask_says_how_to_install_it_before_anything_trains(tmp_path, monkeypatch, capsys,
+                                                                                   command):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, 'distributed', None)  # as where it is not installed: import fails
+    with pytest.raises(SystemExit) as stop:
+        cli.run_command(command, ['--executor', 'dask', '--quiet'])
+    assert stop.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert 'pip install -e ".[dask]"' in line
+    assert not list(tmp_path.iterdir())  # said before any run folder or checkpoint was made
+
+
+@pytest.mark.slow  # dask's client waits out its 10 s connection timeout: `pytest -m slow` (with the [dask] extra)
+def test_a_dask_address_where_no_scheduler_answers_is_one_line_before_anything_trains(tmp_path, monkeypatch, capsys):
+    pytest.importorskip('distributed')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        cli.run_command('collapse', ['--executor', 'dask', '--address', 'tcp://127.0.0.1:1', '--quiet'])
+    assert stop.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert '--address tcp://127.0.0.1:1: no dask scheduler answered' in line
+    assert not list(tmp_path.iterdir())

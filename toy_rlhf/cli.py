@@ -18,7 +18,7 @@ import torch
 
 from toy_rlhf.checkpoint import CheckpointError
 from toy_rlhf.commands import commands
-from toy_rlhf.executors import ExecutorError
+from toy_rlhf.executors import ExecutorConfig, ExecutorError, check_executor
 from toy_rlhf.files import WriteError
 from toy_rlhf.methods import METHODS
 from toy_rlhf.preferences import PreferenceError
@@ -71,6 +71,8 @@ def prepare(args, writes_run_dir):
             check_preference(value)
     if getattr(args, 'track', None):
         tracker_module(args.track)  # not installed: said now, not after training
+    if getattr(args, 'executor', None) == 'dask':  # dask not installed, or no scheduler at --address: the same
+        check_executor(ExecutorConfig('dask', address=getattr(args, 'address', 'local')))
     if args.threads:
         torch.set_num_threads(args.threads)
     if writes_run_dir and args.run_dir is None:

@@ -54,14 +54,33 @@ def executor(config):
         yield pool
 
 
-@contextlib.contextmanager
-def dask_executor(workers, address):
-    """A concurrent.futures.Executor on a dask cluster (Client.get_executor): see executor."""
+def check_executor(config):
+    """Raise ExecutorError now, before a study trains anything, where config (an ExecutorConfig) could
+    not be opened later: --executor dask without dask installed, or with no scheduler answering at
+    --address (connected to once and let go; a local cluster starts only when the study opens it)."""
+    if config.executor != 'dask':
+        return
+    if config.address == 'local':
+        _dask()
+        return
+    with dask_executor(1, config.address):
+        pass
+
+
+def _dask():
+    """(dask, distributed.Client, distributed.LocalCluster), or the one line saying how to install them."""
     try:
         import dask
         from distributed import Client, LocalCluster
     except ImportError:
         raise ExecutorError(DASK_MISSING) from None
+    return dask, Client, LocalCluster
+
+
+@contextlib.contextmanager
+def dask_executor(workers, address):
+    """A concurrent.futures.Executor on a dask cluster (Client.get_executor): see executor."""
+    dask, Client, LocalCluster = _dask()
     with contextlib.ExitStack() as stack:
         try:
             scheduler = address
