@@ -5,9 +5,9 @@ For each seed an SFT policy (shared by the preferences), for each preference and
 and from them each method at each beta, trained as a Variant through Run.train (its checkpoint reused
 when it was made with the same settings from the same inputs, so a killed run resumes) and measured
 exactly over all 10^4 responses of the same prompts (row_job, in a worker where there are workers:
-the main process only trains the SFT policies and writes what comes back). Each cell's measured row is kept
-in the cell's folder under the fingerprints it was made from, so a call with nothing changed measures
-nothing. Writes leaderboard.md, leaderboard.json, leaderboard.png and decomposition.png (the gap split
+the main process only trains the SFT policies and writes what comes back). Each cell's measured row
+is kept in the cell's folder under the fingerprints it was made from, so a call with nothing changed
+measures nothing. Writes leaderboard.md, leaderboard.json, leaderboard.png and decomposition.png (the gap split
 into the ceiling of the exact optimiser's paths, each method's optimiser gap and the reward-model gap:
 toy_rlhf/studies/decomposition.py) into the leaderboard's folder:
 
