@@ -11,6 +11,7 @@ import torch
 from mingpt.model import GPT
 from toy_rlhf.checkpoint import save_checkpoint
 from conftest import one_thread
+from toy_rlhf.studies import collapse as collapse_module
 from toy_rlhf.studies.collapse import CollapseConfig, collapse
 from toy_rlhf.studies.credit import CreditConfig, credit_assignment, credit_variants, samples_to_target
 from toy_rlhf.methods import METHODS
@@ -106,3 +107,37 @@ def test_the_credit_and_collapse_studies_give_a_serial_runs_numbers_in_worker_pr
     assert numbers(results[1]) == numbers(results[0])
     assert len(results[0]['credit']['variants']) == len(credit_variants())
     assert [curve['label'] for curve in results[0]['collapse']['curves']][0] == METHODS['rloo'].label
+
+
+def test_a_collapse_study_called_again_reuses_its_kept_runs_and_trains_only_what_is_missing(models, tmp_path,
+                                                                                          monkeypatch):
+    reference, reward_model = models
+    save_checkpoint(tmp_path / 'sft.pt', reference, 'policy', {}, {})
+    save_checkpoint(tmp_path / 'reward.pt', reward_model, 'reward', {}, {})
+    config = CollapseConfig(methods=('rloo',), rounds=1, exact_steps=2, exact_pool=4, exact_prompts_per_step=4,
+                            prompts=1)
+    study = functools.partial(collapse, tmp_path, tmp_path / 'plots', progress=False)
+    with one_thread():
+        first = study(config)
+    trained = []  # what each call trains: the sampled methods by name, the exact paths as 'exact'
+    real_run, real_path = collapse_module.train_measured, collapse_module.exact_path_job
+    monkeypatch.setattr(collapse_module, 'train_measured', lambda method, *rest, **keywords: trained.append(method)
+                        or real_run(method, *rest, **keywords))
+    monkeypatch.setattr(collapse_module, 'exact_path_job', lambda *arguments, **keywords: trained.append('exact')
+                        or real_path(*arguments, **keywords))
+
+    def again(config):
+        trained.clear()
+        with one_thread():
+            record = study(config)
+        return trained[:], {key: value for key, value in record.items() if key != 'settings'}
+
+    expected = {key: value for key, value in first.items() if key != 'settings'}
+    assert again(config) == ([], expected)  # nothing trained: every run kept, the same record
+    kept = tmp_path / 'collapse_runs.json'
+    stored = json.loads(kept.read_text())
+    del stored['results'][json.dumps(METHODS['rloo'].label)]  # as a study killed before its last run
+    kept.write_text(json.dumps(stored))
+    assert again(config) == (['rloo'], expected)  # only the missing one, with the numbers it had
+    ran, record = again(dataclasses.replace(config, fresh=True))
+    assert sorted(ran) == ['exact'] * len(collapse_module.exact_paths(config)) + ['rloo'] and record == expected

@@ -10,10 +10,13 @@ dask is an optional extra (pip install -e ".[dask]"): only --executor dask impor
 import concurrent.futures
 import contextlib
 import copy
+import json
 import multiprocessing
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Literal
 
+from toy_rlhf.files import fingerprint, write_json
 from toy_rlhf.flags import PositiveInt
 
 DASK_MISSING = '--executor dask needs dask and distributed: pip install -e ".[dask]"'
@@ -112,6 +115,38 @@ def run_jobs(pool, jobs, done, progress=True):
     futures = {start(pool, function, *arguments): key for key, (function, *arguments) in jobs.items()}
     for future in concurrent.futures.as_completed(futures):
         done(futures[future], future.result())
+
+
+def run_kept_jobs(pool, jobs, done, path, config, inputs, progress=True):
+    """run_jobs for a study whose results are JSON (its runs' histories): each result is also kept in
+    the JSON file at path as it comes, under what the jobs are made from (config's settings but where
+    they run and `fresh`, and the fingerprints of the input files). A job whose result is kept there
+    under the same is handed to done at once instead of run again, unless config.fresh: a study killed
+    midway reruns only what it had not finished. done gets every result as JSON gives it back (lists
+    for tuples), kept or new, so the study's numbers are the same either way."""
+    where = {field.name for field in fields(ExecutorConfig)} | {'fresh'}
+    made_from = json.loads(json.dumps({'settings': {name: value for name, value in asdict(config).items()
+                                                    if name not in where},
+                                       'inputs': {Path(file).name: fingerprint(file) for file in inputs}}))
+    kept = {'made_from': made_from, 'results': {}}
+    try:
+        stored = {} if config.fresh else json.loads(Path(path).read_text())
+        if stored.get('made_from') == made_from and isinstance(stored.get('results'), dict):
+            kept = stored
+    except (OSError, ValueError, AttributeError):
+        pass  # none yet, or not ours as it should be: every job runs, and the file is rewritten
+    names = {key: json.dumps(key) for key in jobs}
+    reused = [key for key in jobs if names[key] in kept['results']]
+    if reused:
+        print(f'{path}: reusing {len(reused)} of {len(jobs)} runs made with the same settings (--fresh: run them again)')
+    for key in reused:
+        done(key, kept['results'][names[key]])
+
+    def keep(key, result):
+        kept['results'][names[key]] = json.loads(json.dumps(result))
+        write_json(path, kept)  # at once: a study killed in the next job keeps this one
+        done(key, kept['results'][names[key]])
+    run_jobs(pool, {key: job for key, job in jobs.items() if key not in reused}, keep, progress)
 
 
 def submit_by_value(pool, function, *arguments, **keywords):

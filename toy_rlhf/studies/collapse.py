@@ -23,7 +23,7 @@ import torch
 
 from toy_rlhf import figures
 from toy_rlhf.enumeration import all_response_log_probs
-from toy_rlhf.executors import ExecutorConfig, executor, run_jobs
+from toy_rlhf.executors import ExecutorConfig, executor, run_kept_jobs
 from toy_rlhf.figures import MODEL_COLORS
 from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, PositiveInt, Seed
 from toy_rlhf.language import sample_prompts
@@ -47,6 +47,7 @@ class CollapseConfig(ExecutorConfig):
     beta: NonNegativeFloat = 1.0  # the KL strength of every run
     seed: Seed = 0  # random seed of every run and of the held-out prompts
     preference: str = ''  # the run's (its reward model's); name it only if it is module:function, imported only when named
+    fresh: bool = False  # train every run and path again, even those kept from an earlier call with the same settings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +149,8 @@ def collapse(run_dir, plots_dir, config, progress=True):
                  for label, configs in exact_paths(config)})
     histories = {}
     with executor(config) as pool:
-        run_jobs(pool, jobs, lambda label, made: histories.update({label: made[0]}), progress)
+        run_kept_jobs(pool, jobs, lambda label, made: histories.update({label: made[0]}),
+                      run.folder / 'collapse_runs.json', config, (run.sft_path, run.reward_path), progress)
     curves = [curve(label, start, histories[label]) for label in jobs]
     optimum = optimal_log_probs(tables.log_ref, tables.rewards, config.beta)
     exact = [c for c in curves if c['label'].startswith('exact')]

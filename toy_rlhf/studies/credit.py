@@ -30,7 +30,7 @@ from matplotlib.lines import Line2D
 
 from toy_rlhf import figures
 from toy_rlhf.enumeration import all_response_log_probs
-from toy_rlhf.executors import ExecutorConfig, executor, run_jobs
+from toy_rlhf.executors import ExecutorConfig, executor, run_kept_jobs
 from toy_rlhf.figures import DASHES, FIGURE_SIZES
 from toy_rlhf.flags import ExactPrompts, NonNegativeFloat, PositiveInt, Probability, Seed
 from toy_rlhf.language import sample_prompts
@@ -52,6 +52,7 @@ class CreditConfig(ExecutorConfig):
     target: Probability = 0.95  # samples to this fraction of pi*'s best-level rate are counted
     prompts: ExactPrompts = EXACT_PROMPTS  # prompts of the exact evaluation (each: all 10^4 responses)
     preference: str = ''  # the run's (its reward model's); name it only if it is module:function, imported only when named
+    fresh: bool = False  # train every run again, even those kept from an earlier call with the same settings
 
 
 def credit_variants():
@@ -124,10 +125,11 @@ def credit_assignment(run_dir, plots_dir, config, progress=True):
             for variant, _ in variants for seed in seeds}
     trained = {}  # (label, seed): (history, seconds)
     with executor(config) as pool:
-        run_jobs(pool, {key: (train_measured, seeded.method, seeded.config(), run.preference.name, run.sft_policy,
-                              run.reward_model, ExactMeasure(tables, gold, config.beta, config.measure_every,
-                                                             config.iters))
-                        for key, seeded in runs.items()}, trained.__setitem__, progress)
+        run_kept_jobs(pool, {key: (train_measured, seeded.method, seeded.config(), run.preference.name, run.sft_policy,
+                                   run.reward_model, ExactMeasure(tables, gold, config.beta, config.measure_every,
+                                                                  config.iters))
+                             for key, seeded in runs.items()}, trained.__setitem__,
+                      run_dir / 'credit_assignment_runs.json', config, (run.sft_path, run.reward_path), progress)
 
     curves, summary = [], {}  # curves: one record per variant and seed, {'variant', 'seed', 'rows'}
     for variant, _ in variants:
